@@ -24,6 +24,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless; nothing is rendered anywa
 
 import multiprocessing as mp
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -79,6 +80,87 @@ DTYPES = dict(
     observations=np.float32, actions=np.float32, terminals=bool, qpos=np.float32, qvel=np.float32, episode_success=bool
 )  # the dtypes of OGBench's own generator (terminals are stored as bool, the loader casts them)
 
+
+# ---- OGBench dataset resolution: the shared recipe. Every training script pastes this block unchanged
+# ---- (CleanRL duplicates instead of importing); tests/test_generate_dataset.py checks the copies match.
+# Order: --dataset-path if given; else ~/.ogbench/data/<dataset>.npz if present; else OGBench's download with
+# a bounded socket timeout; if that fails, one error with the exact command that regenerates the file.
+# Needs at module top: import os, re, socket / from typing import Optional
+OGBENCH_DATA_DIR = "~/.ogbench/data"
+CUBE_PLAY_EPISODES = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000}  # official sizes
+ORACLE_STEPS_PER_SEC = 200  # per CPU core, measured with bench/bench_generate.py (README, Data)
+
+
+def resolve_env_id(env: str, task: Optional[int] = None) -> str:
+    """'cube-triple-play' -> 'cube-triple-play-singletask-task2-v0'; full ids pass; --task N overrides."""
+    m = re.fullmatch(r"(cube-(single|double|triple|quadruple)-play)(-singletask)?(-task([1-5]))?(-v0)?", env)
+    if m is None:
+        valid = ", ".join(f"cube-{k}-play" for k in CUBE_PLAY_EPISODES)
+        raise SystemExit(f"error: unknown env '{env}'; valid: {valid} (or a full id like cube-double-play-singletask-task2-v0)")
+    if task is not None and not 1 <= task <= 5:
+        raise SystemExit(f"error: --task must be in 1..5, got {task}")
+    task = task if task is not None else int(m.group(5) or 2)  # task 2: the paper's default
+    return f"{m.group(1)}-singletask-task{task}-v0"
+
+
+def generate_command(dataset_file: str) -> str:
+    """The scripts/generate_ogbench_dataset.py command that regenerates `dataset_file`, and how long it takes."""
+    out_dir, name = os.path.split(os.path.abspath(os.path.expanduser(dataset_file)))
+    m = re.fullmatch(r"cube-(single|double|triple|quadruple)-(play|expert-task([1-5]))-v0\.npz", name)
+    if m is None:
+        return "python scripts/generate_ogbench_dataset.py --help  (no standard dataset name; see the README's Data section)"
+    cmd = f"python scripts/generate_ogbench_dataset.py --env cube-{m.group(1)}-play"
+    if m.group(3):
+        cmd += f" --kind expert --task {m.group(3)}"
+    if out_dir != os.path.abspath(os.path.expanduser(OGBENCH_DATA_DIR)):
+        cmd += f" --out-dir {out_dir}"
+    if m.group(3):
+        return cmd  # expert demos stop once solved: minutes, not hours
+    steps = int(CUBE_PLAY_EPISODES[m.group(1)] * 1.1) * 1001  # +10% validation episodes of 1001 steps
+    cores = os.cpu_count() or 1
+    minutes = steps / (ORACLE_STEPS_PER_SEC * cores) / 60
+    return f"{cmd}\n  ({steps / 1e6:.1f}M oracle steps: about {minutes:.0f} min on {cores} CPU cores, faster with more)"
+
+
+def load_ogbench(env_id: str, dataset_path: Optional[str] = None, compact: bool = False, timeout: float = 30.0):
+    """(env, train_dataset, val_dataset) for a singletask id such as cube-double-play-singletask-task2-v0."""
+    import ogbench
+
+    splits = env_id.split("-")
+    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])  # cube-double-play-v0
+    if dataset_path is not None:
+        dataset_path = os.path.abspath(os.path.expanduser(dataset_path))
+        val_path = dataset_path.replace(".npz", "-val.npz")  # ogbench's own rule for the -val twin
+        if not (os.path.isfile(dataset_path) and os.path.isfile(val_path)):
+            raise SystemExit(
+                f"error: --dataset-path {dataset_path} or its twin {os.path.basename(val_path)} does not exist. "
+                f"Create both with:\n  {generate_command(dataset_path)}"
+            )
+    else:
+        data_dir = os.path.expanduser(OGBENCH_DATA_DIR)
+        dataset_path = os.path.join(data_dir, f"{dataset_name}.npz")
+        val_path = os.path.join(data_dir, f"{dataset_name}-val.npz")
+        if not (os.path.isfile(dataset_path) and os.path.isfile(val_path)):
+            # ogbench's downloader sets no timeout; a default socket timeout bounds every connect and read,
+            # so a dead network fails after `timeout` seconds without progress instead of hanging.
+            old_timeout = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(timeout)
+            try:
+                ogbench.download_datasets([dataset_name], data_dir)
+            except (OSError, ValueError) as e:  # URLError, socket.timeout, ConnectionError are OSErrors
+                raise SystemExit(
+                    f"error: {dataset_name} is not in {data_dir} and downloading it failed "
+                    f"({type(e).__name__}: {e}). Regenerate it locally with:\n  {generate_command(dataset_path)}"
+                ) from None
+            finally:
+                socket.setdefaulttimeout(old_timeout)
+                for p in (dataset_path, val_path):  # the downloader's half-written <file>.tmp, if any
+                    if os.path.exists(p + ".tmp"):
+                        os.remove(p + ".tmp")
+    return ogbench.make_env_and_datasets(env_id, dataset_path=dataset_path, compact_dataset=compact)
+
+
+# ---- end of OGBench dataset resolution
 
 def fail(message: str) -> None:
     """Bad input: one line on stderr, exit code 2, before any work."""
