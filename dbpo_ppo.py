@@ -1,0 +1,784 @@
+"""DBPO: Drift-Based Policy Optimization, PPO fine-tuning of a pretrained one-step DBP generator (SPEC section 5).
+
+The pretrained generator `mu(s, z)` (from `dbp_bc.py --save-model`) becomes the mean of a Gaussian actor
+`pi(A | s, z) = N(mu_theta(s, z), diag(sigma(s)^2))`. A rollout draws `z ~ N(0, I)`, samples the chunk
+`A = mu + sigma * n` and stores `z` with the transition, so the PPO ratio is exact: the latent's density is
+the same in numerator and denominator and cancels. Only the executed prefix of the chunk enters the
+likelihood. An anchor `||mu_theta(s, z) - mu_frozen(s, z)||^2` (same stored z) keeps the generator near its
+pretrained manifold. Deployment is the mean path: one network evaluation per chunk.
+
+One PPO transition = one chunk decision: the env executes Ta actions (fewer if the episode ends), the reward
+of the transition is the SUM of the executed steps' rewards and gamma discounts per decision (as the
+reference code's multi-step wrapper). Layout follows CleanRL's ppo_continuous_action.py.
+"""
+
+import copy
+import os
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.distributions.normal import Normal
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanRL"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the evaluation episodes (first eval env, `videos/{run_name}`)"""
+    save_model: bool = False
+    """whether to save the fine-tuned model to `runs/{run_name}/dbpo_ppo.pt` (a dbp_bc.py-format checkpoint)"""
+
+    # Algorithm specific arguments
+    checkpoint: Optional[str] = None
+    """(required) the DBP checkpoint to fine-tune: `dbp_bc.py --save-model` output, or a `dbpo_ppo.py --save-model` output"""
+    env_id: Optional[str] = None
+    """the environment; default: the checkpoint's env (giving another one is refused)"""
+    max_episode_steps: Optional[int] = None
+    """override the env's time limit (default: OGBench's evaluation horizon / 1000 for locomotion)"""
+    num_iterations: int = 1500
+    """the number of PPO iterations (rollout + update); env steps per iteration ~ num_envs * num_steps * Ta"""
+    num_envs: int = 40
+    """the number of parallel environments"""
+    num_steps: int = 500
+    """chunk decisions per environment per rollout"""
+    actor_lr: float = 1e-5
+    """learning rate of the actor (generator and log-std head)"""
+    critic_lr: float = 1e-4
+    """learning rate of the critic"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay of both optimizers"""
+    gamma: float = 0.99
+    """the discount factor gamma, per chunk decision"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    minibatch_size: int = 50000
+    """the minibatch size (capped at the rollout size num_envs * num_steps)"""
+    update_epochs: int = 5
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """toggles advantages normalization (per minibatch)"""
+    clip_coef: float = 0.02
+    """the surrogate clipping coefficient"""
+    clip_vloss: Optional[float] = None
+    """if set, clip the value change to +-clip_vloss (off in the reference code)"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value loss"""
+    anchor_coef: float = 1.0
+    """coefficient of the anchor loss ||mu_ft(s,z) - mu_frozen(s,z)||^2 (0 disables it)"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping (actor and critic separately)"""
+    target_kl: Optional[float] = 0.02
+    """stop the update epochs early once the approximate KL exceeds this"""
+    critic_warmup_iters: int = 5
+    """the first iterations update only the critic"""
+    reward_scaling: bool = True
+    """divide rewards by the running std of the discounted return"""
+    init_std: float = 0.03
+    """initial exploration std (log-std head bias = log init_std, zero weights)"""
+    min_std: float = 0.03
+    """lower clamp of the std"""
+    max_std: float = 0.10
+    """upper clamp of the std"""
+    noise_clip: float = 3.0
+    """exploration noise n ~ N(0, I) is clipped to +-noise_clip before A = mu + std * n"""
+    normalize_logprob: bool = True
+    """divide the executed-prefix log-likelihood (and entropy) by the prefix dimension Ta * act_dim"""
+    eval_interval: int = 10
+    """evaluate (mean path) every this many iterations, and before the first and after the last"""
+    num_eval_episodes: int = 20
+    """episodes per evaluation"""
+    num_eval_envs: int = 10
+    """parallel environments of the evaluation"""
+    eval_latent: str = "sample"
+    """latent of the evaluation's mean path: 'sample' (z ~ N(0,I), as DBP deploys) or 'zero'"""
+    save_interval: int = 10
+    """write the resumable state `runs/{run_name}/state.pt` every this many iterations (0: only at the end)"""
+    resume: Optional[str] = None
+    """a `state.pt` to continue from (networks, optimizers, reward scaler, counters, RNG); envs restart episodes"""
+    eval_only: bool = False
+    """only evaluate the checkpoint's mean path for num_eval_episodes episodes and exit"""
+
+
+# ---- DBP networks: generators mu = gen(obs_hist, z), shared unchanged with dbpo_ppo.py (only torch imports)
+# Contract (see the checkpoint format in the README): obs_hist [B, To, obs_dim] and the returned chunk
+# [B, Tp, act_dim] are both *normalized* (obs_n = (obs - obs_offset) / obs_scale,
+# a = a_n * action_scale + action_offset); z ~ N(0, I) has the chunk's shape [B, Tp, act_dim].
+# One forward pass = one chunk (1 NFE); no time input anywhere.
+class MLPGenerator(nn.Module):
+    """mu = MLP(concat(flatten(obs_hist), flatten(z))): the default backbone for low-dimensional states."""
+
+    def __init__(self, obs_dim: int, action_dim: int, obs_horizon: int, pred_horizon: int, hidden_dim: int = 512, depth: int = 3):
+        super().__init__()
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.obs_horizon, self.pred_horizon = obs_horizon, pred_horizon
+        self.cond_dim = obs_horizon * obs_dim  # size of features(obs_hist), e.g. for DBPO's log-std head
+        layers, d_in = [], self.cond_dim + pred_horizon * action_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, hidden_dim), nn.Mish()]
+            d_in = hidden_dim
+        layers.append(nn.Linear(d_in, pred_horizon * action_dim))
+        self.net = nn.Sequential(*layers)
+
+    def features(self, obs_hist: torch.Tensor) -> torch.Tensor:
+        """The observation features the generator is conditioned on: flatten(obs_hist) [B, To*obs_dim]."""
+        return obs_hist.flatten(1)
+
+    def forward(self, obs_hist: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.features(obs_hist), z.flatten(1)], dim=-1)  # [B, To*obs_dim + Tp*act_dim]
+        return self.net(x).view(-1, self.pred_horizon, self.action_dim)  # [B, Tp, act_dim]
+
+
+class Conv1dBlock(nn.Module):
+    """Conv1d -> GroupNorm -> Mish, length preserving."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.GroupNorm(n_groups, c_out), nn.Mish())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class FiLMResBlock1d(nn.Module):
+    """Two conv blocks; between them FiLM from the condition: h <- scale(c) * h + bias(c); plus a residual."""
+
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel_size: int, n_groups: int):
+        super().__init__()
+        self.conv1 = Conv1dBlock(c_in, c_out, kernel_size, n_groups)
+        self.conv2 = Conv1dBlock(c_out, c_out, kernel_size, n_groups)
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)  # [B, c_out, T]
+        scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)  # [B, c_out, 1] each
+        h = self.conv2(scale * h + bias)
+        return h + self.skip(x)
+
+
+class UNetGenerator(nn.Module):
+    """mu = UNet1d(z; FiLM(flatten(obs_hist))): the paper's conditional 1-D U-Net over the chunk's time axis,
+    with no time embedding (z plays the role of the diffusion input, but there is only one pass)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, obs_horizon: int, pred_horizon: int, down_dims=(64, 128, 256), kernel_size: int = 5, n_groups: int = 8):
+        super().__init__()
+        down_dims = [int(d) for d in down_dims]
+        if pred_horizon % (2 ** (len(down_dims) - 1)) != 0:
+            raise ValueError(f"pred_horizon {pred_horizon} must be divisible by 2^(len(down_dims)-1) = {2 ** (len(down_dims) - 1)}")
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.obs_horizon, self.pred_horizon = obs_horizon, pred_horizon
+        self.cond_dim = cond_dim = obs_horizon * obs_dim
+        dims = [action_dim] + down_dims
+        self.down = nn.ModuleList()
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == len(down_dims) - 1
+            self.down.append(nn.ModuleList([
+                FiLMResBlock1d(c_in, c_out, cond_dim, kernel_size, n_groups),
+                FiLMResBlock1d(c_out, c_out, cond_dim, kernel_size, n_groups),
+                nn.Identity() if last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1),  # T -> T/2
+            ]))
+        self.mid = nn.ModuleList([FiLMResBlock1d(dims[-1], dims[-1], cond_dim, kernel_size, n_groups) for _ in range(2)])
+        self.up = nn.ModuleList()
+        for c_skip, c_out in reversed(list(zip(down_dims[:-1], down_dims[1:]))):  # skip widths, deepest first
+            self.up.append(nn.ModuleList([
+                FiLMResBlock1d(2 * c_out, c_skip, cond_dim, kernel_size, n_groups),
+                FiLMResBlock1d(c_skip, c_skip, cond_dim, kernel_size, n_groups),
+                nn.ConvTranspose1d(c_skip, c_skip, 4, stride=2, padding=1),  # T/2 -> T
+            ]))
+        self.final = nn.Sequential(Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups), nn.Conv1d(down_dims[0], action_dim, 1))
+
+    def features(self, obs_hist: torch.Tensor) -> torch.Tensor:
+        """The observation features the generator is conditioned on: flatten(obs_hist) [B, To*obs_dim]."""
+        return obs_hist.flatten(1)
+
+    def forward(self, obs_hist: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        cond = self.features(obs_hist)  # [B, To*obs_dim]
+        x = z.transpose(1, 2)  # [B, act_dim, Tp]: channels = action dims, length = chunk time
+        skips = []
+        for res1, res2, downsample in self.down:
+            x = res2(res1(x, cond), cond)
+            skips.append(x)
+            x = downsample(x)
+        for res in self.mid:
+            x = res(x, cond)
+        for res1, res2, upsample in self.up:  # the skip popped first is the deepest level, at x's resolution
+            x = upsample(res2(res1(torch.cat([x, skips.pop()], dim=1), cond), cond))
+        return self.final(x).transpose(1, 2)  # [B, Tp, act_dim]
+
+
+def make_generator(backbone: str, **kwargs) -> nn.Module:
+    """Rebuild a generator from a checkpoint: make_generator(ckpt["backbone"], **ckpt["generator_kwargs"])."""
+    classes = {"mlp": MLPGenerator, "unet": UNetGenerator}
+    if backbone not in classes:
+        raise ValueError(f"unknown backbone '{backbone}'; expected one of {sorted(classes)}")
+    return classes[backbone](**kwargs)
+
+
+# ---- end of DBP networks
+
+
+LOCOMOTION_ENVS = ("Hopper-v5", "Walker2d-v5", "Ant-v5")
+OGBENCH_ENV = re.compile(r"cube-(single|double|triple|quadruple)-play-singletask-task[1-5]-v0")
+
+
+def check_env_id(env_id: str) -> str:
+    """Supported: OGBench cube singletask ids (as dbp_bc.py writes them) and gymnasium MuJoCo locomotion."""
+    if env_id in LOCOMOTION_ENVS or OGBENCH_ENV.fullmatch(env_id):
+        return env_id
+    raise SystemExit(
+        f"error: unsupported env '{env_id}'; use an OGBench singletask id like cube-single-play-singletask-task1-v0 "
+        f"or one of {', '.join(LOCOMOTION_ENVS)}"
+    )
+
+
+def gym_env_id(env_id: str) -> str:
+    """cube-single-play-singletask-task1-v0 -> cube-single-singletask-task1-v0 (OGBench drops the dataset type)."""
+    return env_id.replace("-play-singletask", "-singletask") if OGBENCH_ENV.fullmatch(env_id) else env_id
+
+
+class ChunkEnv(gym.Wrapper):
+    """Receding-horizon control (SPEC 4) as an env: observation = the last To observations [To, obs_dim]
+    (at reset the first one repeated, as in dbp_bc.py's training); action = the executed prefix [Ta, act_dim];
+    reward = sum of the executed steps' rewards; stops early when the episode ends inside the chunk."""
+
+    def __init__(self, env: gym.Env, obs_horizon: int, action_horizon: int):
+        super().__init__(env)
+        self.obs_horizon = obs_horizon
+        obs_dim, act_space = env.observation_space.shape[0], env.action_space
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_horizon, obs_dim), np.float32)
+        self.action_space = gym.spaces.Box(
+            np.repeat(act_space.low[None], action_horizon, 0), np.repeat(act_space.high[None], action_horizon, 0), dtype=np.float32
+        )
+        self.executed_steps = 0  # env steps actually taken (an episode can end inside a chunk)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.history = deque([np.asarray(obs, np.float32)] * self.obs_horizon, maxlen=self.obs_horizon)
+        return np.stack(self.history), info
+
+    def step(self, chunk):
+        total_reward = 0.0
+        for action in chunk:  # [act_dim] each
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self.history.append(np.asarray(obs, np.float32))
+            total_reward += float(reward)
+            self.executed_steps += 1
+            if terminated or truncated:
+                break
+        return np.stack(self.history), total_reward, terminated, truncated, info
+
+
+def make_env(env_id, idx, obs_horizon, action_horizon, max_episode_steps=None, video_dir=None):
+    def thunk():
+        if OGBENCH_ENV.fullmatch(env_id):
+            import ogbench  # noqa: F401  (registers the cube envs with gymnasium)
+        kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+        if video_dir is not None and idx == 0:
+            if OGBENCH_ENV.fullmatch(env_id):  # OGBench renders rgb arrays but declares no render modes
+                env = gym.make(gym_env_id(env_id), disable_env_checker=True, **kwargs)
+                env.unwrapped.render_mode = "rgb_array"
+            else:
+                env = gym.make(gym_env_id(env_id), render_mode="rgb_array", **kwargs)
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: True, disable_logger=True)
+        else:
+            env = gym.make(gym_env_id(env_id), **kwargs)
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        return ChunkEnv(env, obs_horizon, action_horizon)
+
+    return thunk
+
+
+def load_checkpoint(path: Optional[str]) -> dict:
+    """Read and check a dbp_bc.py checkpoint (contract: format dbp-v1); one-line errors for anything else."""
+    if path is None:
+        raise SystemExit("error: --checkpoint is required: the DBP model to fine-tune (python dbp_bc.py --save-model writes runs/<run>/dbp_bc.pt)")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --checkpoint {path} does not exist; train one with python dbp_bc.py --save-model")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read --checkpoint {path} ({type(e).__name__}); pass the dbp_bc.pt written by dbp_bc.py --save-model") from None
+    keys = ("env_id", "backbone", "generator_kwargs", "model", "obs_dim", "action_dim", "obs_horizon", "pred_horizon",
+            "action_horizon", "obs_offset", "obs_scale", "action_offset", "action_scale", "action_low", "action_high")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "dbp-v1" or any(k not in ckpt for k in keys):
+        raise SystemExit(f"error: {path} is not a DBP checkpoint (format dbp-v1, written by dbp_bc.py --save-model)")
+    To, Tp, Ta = ckpt["obs_horizon"], ckpt["pred_horizon"], ckpt["action_horizon"]
+    if not (1 <= To <= Tp and 1 <= Ta and To - 1 + Ta <= Tp):
+        raise SystemExit(f"error: {path} has inconsistent horizons To={To}, Tp={Tp}, Ta={Ta} (need To-1+Ta <= Tp)")
+    return ckpt
+
+
+def build_generator(ckpt: dict, state_dict: dict) -> nn.Module:
+    generator = make_generator(ckpt["backbone"], **ckpt["generator_kwargs"])
+    try:
+        generator.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise SystemExit(f"error: the checkpoint's weights do not fit its generator_kwargs ({str(e).splitlines()[0]})") from None
+    return generator
+
+
+def executed(chunk: torch.Tensor, obs_horizon: int, action_horizon: int) -> torch.Tensor:
+    """The executed prefix A_exec = A[To-1 : To-1+Ta] of a chunk [B, Tp, act_dim] -> [B, Ta, act_dim]."""
+    return chunk[:, obs_horizon - 1 : obs_horizon - 1 + action_horizon]
+
+
+def prefix_log_prob(mu, std, chunk, obs_horizon, action_horizon, normalize=True):
+    """log pi(A_exec | s, z) = sum_{k in prefix} sum_j log N(A_kj; mu_kj(s,z), std_kj(s)^2)  -> [B]
+    (divided by Ta * act_dim with normalize). Unexecuted coordinates never enter."""
+    ex = lambda x: executed(x, obs_horizon, action_horizon)  # noqa: E731
+    logp = Normal(ex(mu), ex(std)).log_prob(ex(chunk)).sum((1, 2))
+    return logp / ex(chunk)[0].numel() if normalize else logp
+
+
+def prefix_entropy(std, obs_horizon, action_horizon, normalize=True):
+    """H = sum_{k in prefix} sum_j (0.5 + 0.5 log(2 pi) + log std_kj)  -> [B], normalized like the log-prob."""
+    ex = executed(std, obs_horizon, action_horizon)
+    ent = (0.5 + 0.5 * np.log(2 * np.pi) + ex.log()).sum((1, 2))
+    return ent / ex[0].numel() if normalize else ent
+
+
+class DBPOAgent(nn.Module):
+    """Gaussian actor around the pretrained generator, frozen anchor copy, critic, and the checkpoint's normalizers."""
+
+    def __init__(self, ckpt: dict, generator: nn.Module, anchor: nn.Module, init_std=0.03, min_std=0.03, max_std=0.10):
+        super().__init__()
+        self.obs_horizon, self.pred_horizon, self.action_horizon = ckpt["obs_horizon"], ckpt["pred_horizon"], ckpt["action_horizon"]
+        self.action_dim = ckpt["action_dim"]
+        self.generator = generator  # mu_theta(s, z), trainable
+        self.anchor = anchor.requires_grad_(False)  # mu_frozen(s, z): the pretrained weights, never updated
+        # log sigma(s) = W f(s) + b with W = 0, b = log init_std: starts state-independent at init_std
+        self.log_std_head = nn.Linear(generator.cond_dim, self.pred_horizon * self.action_dim)
+        nn.init.zeros_(self.log_std_head.weight)
+        nn.init.constant_(self.log_std_head.bias, float(np.log(init_std)))
+        self.log_std_min, self.log_std_max = float(np.log(min_std)), float(np.log(max_std))
+        # critic V(s): MLP 3x256 Mish on the normalized, flattened observation history (reference code)
+        layers, d = [], generator.cond_dim
+        for _ in range(3):
+            layers += [nn.Linear(d, 256), nn.Mish()]
+            d = 256
+        self.critic = nn.Sequential(*layers, nn.Linear(d, 1))
+        # an mse-trained DBP ignores z (it was trained with z = 0): keep z = 0 so mu is what was trained
+        self.zero_latent = ckpt.get("loss") == "mse"
+        f32 = lambda k: torch.as_tensor(ckpt[k], dtype=torch.float32)  # noqa: E731
+        self.register_buffer("obs_offset", f32("obs_offset"))
+        self.register_buffer("obs_scale", f32("obs_scale"))
+        self.register_buffer("action_offset", f32("action_offset"))
+        self.register_buffer("action_scale", f32("action_scale"))
+        # env action bounds in normalized units: clipping here = clipping the env action after unnormalizing
+        self.register_buffer("action_low_n", (f32("action_low") - self.action_offset) / self.action_scale)
+        self.register_buffer("action_high_n", (f32("action_high") - self.action_offset) / self.action_scale)
+
+    def actor_parameters(self):
+        return list(self.generator.parameters()) + list(self.log_std_head.parameters())
+
+    def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_offset) / self.obs_scale  # [B, To, obs_dim]
+
+    def unnormalize_action(self, a_n: torch.Tensor) -> torch.Tensor:
+        return a_n * self.action_scale + self.action_offset
+
+    def sample_latent(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        shape = (batch, self.pred_horizon, self.action_dim)  # dim(z) = dim(chunk)
+        if self.zero_latent:
+            return torch.zeros(shape, device=self.obs_offset.device)
+        return torch.randn(shape, device=self.obs_offset.device, generator=generator)
+
+    def get_value(self, obs_n: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs_n.flatten(1)).squeeze(-1)  # [B]
+
+    def dist_params(self, obs_n: torch.Tensor, z: torch.Tensor):
+        """mu(s, z) [B, Tp, act_dim] from one generator pass; std(s) = exp(clamp(log-std head(f(s))))."""
+        mu = self.generator(obs_n, z)
+        log_std = self.log_std_head(self.generator.features(obs_n)).view_as(mu)
+        return mu, log_std.clamp(self.log_std_min, self.log_std_max).exp()
+
+    @torch.no_grad()
+    def act(self, obs_n: torch.Tensor, z: torch.Tensor, deterministic=False, noise_clip=3.0, normalize_logprob=True):
+        """Rollout: A = clip(mu + std * clip(n, +-noise_clip)); deterministic: A = clip(mu) (the 1-NFE mean path).
+        Returns the normalized chunk [B, Tp, act_dim] and its executed-prefix log-likelihood [B]."""
+        mu, std = self.dist_params(obs_n, z)
+        chunk = mu if deterministic else mu + std * torch.randn_like(mu).clamp(-noise_clip, noise_clip)
+        chunk = torch.maximum(torch.minimum(chunk, self.action_high_n), self.action_low_n)
+        return chunk, prefix_log_prob(mu, std, chunk, self.obs_horizon, self.action_horizon, normalize_logprob)
+
+    def env_actions(self, chunk: torch.Tensor) -> np.ndarray:
+        """Normalized chunk -> the executed prefix in env units [B, Ta, act_dim] (numpy, for envs.step)."""
+        return self.unnormalize_action(executed(chunk, self.obs_horizon, self.action_horizon)).cpu().numpy()
+
+
+def dbpo_loss(agent: DBPOAgent, obs_n, z, chunk, old_logprob, advantages, returns, old_values, args: Args):
+    """L = L_clip + vf_coef * L_V - ent_coef * H + anchor_coef * L_anchor on one minibatch; returns (loss, info)."""
+    To, Ta = agent.obs_horizon, agent.action_horizon
+    mu, std = agent.dist_params(obs_n, z)  # the stored z: pi_theta(A|s,z) / pi_old(A|s,z) is the exact PPO ratio
+    new_logprob = prefix_log_prob(mu, std, chunk, To, Ta, args.normalize_logprob)
+    entropy = prefix_entropy(std, To, Ta, args.normalize_logprob)
+    logratio = new_logprob - old_logprob
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()  # http://joschu.net/blog/kl-approx.html
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    # clipped surrogate: max(-A r, -A clip(r, 1-eps, 1+eps))
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    new_values = agent.get_value(obs_n)
+    if args.clip_vloss is not None:
+        v_clipped = old_values + (new_values - old_values).clamp(-args.clip_vloss, args.clip_vloss)
+        v_loss = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((new_values - returns) ** 2).mean()
+    # anchor: ||mu_theta(s,z) - mu_frozen(s,z)||^2, same stored z, mean over the whole chunk (reference code: mse)
+    with torch.no_grad():
+        mu_frozen = agent.anchor(obs_n, z)
+    anchor_loss = ((mu - mu_frozen) ** 2).mean()
+    loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss + args.anchor_coef * anchor_loss
+    info = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy.mean().detach(),
+            "anchor_loss": anchor_loss.detach(), "approx_kl": approx_kl, "old_approx_kl": old_approx_kl,
+            "clipfrac": clipfrac, "std": executed(std, To, Ta).mean().detach(), "ratio": ratio.detach()}
+    return loss, info
+
+
+def update(agent: DBPOAgent, actor_optimizer, critic_optimizer, minibatch, args: Args, update_actor: bool):
+    """One gradient step on one minibatch; during the critic warm-up only the critic moves."""
+    loss, info = dbpo_loss(agent, *minibatch, args)
+    actor_optimizer.zero_grad()
+    critic_optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(agent.actor_parameters(), args.max_grad_norm)
+    nn.utils.clip_grad_norm_(agent.critic.parameters(), args.max_grad_norm)
+    critic_optimizer.step()
+    if update_actor:
+        actor_optimizer.step()
+    return info
+
+
+def compute_gae(rewards, values, dones, next_value, gamma, gae_lambda):
+    """GAE over one rollout. rewards, values, dones: [T, N]; dones[t] = 1 if the episode ended at decision t
+    (for a truncated episode the bootstrap gamma * V(final obs) is already inside rewards[t]); next_value [N]:
+    V of the observation after the last decision. Returns (advantages, returns), each [T, N]."""
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0.0
+    for t in reversed(range(rewards.shape[0])):
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        nextnonterminal = 1.0 - dones[t]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]  # delta_t = r_t + gamma V(s') - V(s)
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages, advantages + values
+
+
+class RewardScaler:
+    """Running reward scaling: r / std(G) with G_t = gamma * G_{t-1} + r_t per env, reset at episode ends."""
+
+    def __init__(self, num_envs: int, gamma: float, epsilon: float = 1e-8):
+        self.gamma, self.epsilon = gamma, epsilon
+        self.returns = np.zeros(num_envs)
+        self.mean, self.var, self.count = 0.0, 1.0, epsilon
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        batch_mean, batch_var, n = self.returns.mean(), self.returns.var(), len(self.returns)
+        delta, total = batch_mean - self.mean, self.count + n  # parallel mean/variance update (Chan et al.)
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+        self.returns[dones] = 0.0
+        return rewards / np.sqrt(self.var + self.epsilon)
+
+    def state_dict(self):
+        return {"returns": self.returns.copy(), "mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.returns, self.mean, self.var, self.count = state["returns"].copy(), state["mean"], state["var"], state["count"]
+
+
+@torch.no_grad()
+def evaluate(agent: DBPOAgent, envs, num_episodes: int, seed: int, zero_latent=False):
+    """Mean path (no exploration noise, 1 NFE per chunk). Every env runs a fixed quota of episodes, so short
+    (e.g. early-success) episodes are not over-counted. Same seed -> same initial states and latents."""
+    device = agent.obs_offset.device
+    quota = np.array([num_episodes // envs.num_envs + (i < num_episodes % envs.num_envs) for i in range(envs.num_envs)])
+    finished = np.zeros(envs.num_envs, dtype=int)
+    returns, lengths, successes = [], [], []
+    latent_rng = torch.Generator(device).manual_seed(seed)
+    obs, _ = envs.reset(seed=seed)
+    while (finished < quota).any():
+        obs_n = agent.normalize_obs(torch.as_tensor(obs, device=device))
+        z = agent.sample_latent(envs.num_envs, latent_rng)
+        if zero_latent:
+            z = torch.zeros_like(z)
+        chunk, _ = agent.act(obs_n, z, deterministic=True)
+        obs, _, _, _, infos = envs.step(agent.env_actions(chunk))
+        if "final_info" in infos:
+            final = infos["final_info"]
+            for i in np.flatnonzero(infos["_final_info"]):
+                if finished[i] < quota[i]:
+                    returns.append(float(final["episode"]["r"][i]))
+                    lengths.append(int(final["episode"]["l"][i]))
+                    if "success" in final and final["_success"][i]:
+                        successes.append(float(final["success"][i]))
+                finished[i] += 1
+    success = float(np.mean(successes)) if successes else float("nan")
+    return {"episodic_return": float(np.mean(returns)), "episodic_length": float(np.mean(lengths)), "success_rate": success}
+
+
+def save_atomic(obj, path: str):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated file behind
+
+
+def format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    ckpt = load_checkpoint(args.checkpoint)
+    env_id = check_env_id(ckpt["env_id"])
+    if args.env_id is not None and args.env_id != env_id:
+        raise SystemExit(f"error: the checkpoint was trained on {env_id}, not {args.env_id}; drop --env-id or pass a checkpoint trained on {args.env_id}")
+    if args.eval_latent not in ("sample", "zero"):
+        raise SystemExit(f"error: --eval-latent must be 'sample' or 'zero', got '{args.eval_latent}'")
+    for name in ("num_iterations", "num_envs", "num_steps", "update_epochs", "num_eval_episodes", "num_eval_envs", "minibatch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.min_std <= args.init_std <= args.max_std:
+        raise SystemExit(f"error: need 0 < --min-std <= --init-std <= --max-std, got {args.min_std}, {args.init_std}, {args.max_std}")
+    To, Tp, Ta = ckpt["obs_horizon"], ckpt["pred_horizon"], ckpt["action_horizon"]
+    resume_state = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume {args.resume} does not exist (it is runs/<run_name>/state.pt of an earlier run)")
+        resume_state = torch.load(args.resume, map_location="cpu", weights_only=False)
+    run_name = resume_state["run_name"] if resume_state else f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # env setup: SAME_STEP autoreset, so a finished episode's last observation arrives in infos["final_obs"]
+    # in the same step (needed to bootstrap truncated episodes) and the returned observation is the reset one
+    eval_envs = gym.vector.SyncVectorEnv(
+        [make_env(env_id, i, To, Ta, args.max_episode_steps, f"videos/{run_name}" if args.capture_video else None) for i in range(args.num_eval_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    obs_dim, act_dim = eval_envs.single_observation_space.shape[-1], eval_envs.single_action_space.shape[-1]
+    if (obs_dim, act_dim) != (ckpt["obs_dim"], ckpt["action_dim"]):
+        raise SystemExit(f"error: the checkpoint expects obs/action dims {ckpt['obs_dim']}/{ckpt['action_dim']} but {env_id} has {obs_dim}/{act_dim}")
+
+    generator = build_generator(ckpt, ckpt["model"])
+    anchor = build_generator(ckpt, ckpt.get("anchor_model", ckpt["model"]))  # a dbpo_ppo.py output anchors to the original DBP
+    agent = DBPOAgent(ckpt, generator, anchor, args.init_std, args.min_std, args.max_std).to(device)
+    if "dbpo" in ckpt:  # continuing from a dbpo_ppo.py --save-model output: keep its log-std head and critic
+        agent.log_std_head.load_state_dict(ckpt["dbpo"]["log_std_head"])
+        agent.critic.load_state_dict(ckpt["dbpo"]["critic"])
+    actor_optimizer = torch.optim.AdamW(agent.actor_parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
+    critic_optimizer = torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    reward_scaler = RewardScaler(args.num_envs, args.gamma)
+    start_iteration, global_step = 1, 0
+    if resume_state is not None:
+        agent.load_state_dict(resume_state["agent"])
+        actor_optimizer.load_state_dict(resume_state["actor_optimizer"])
+        critic_optimizer.load_state_dict(resume_state["critic_optimizer"])
+        reward_scaler.load_state_dict(resume_state["reward_scaler"])
+        start_iteration, global_step = resume_state["iteration"] + 1, resume_state["global_step"]
+        random.setstate(resume_state["rng"]["python"])
+        np.random.set_state(resume_state["rng"]["numpy"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        print(f"resumed {run_name} after iteration {resume_state['iteration']} ({global_step} env steps)")
+    eval_seed = args.seed + 100_000  # every evaluation sees the same initial states: before/after are paired
+
+    if args.eval_only:
+        result = evaluate(agent, eval_envs, args.num_eval_episodes, eval_seed, args.eval_latent == "zero")
+        print(f"eval {env_id} ({args.num_eval_episodes} episodes, mean path): return {result['episodic_return']:.2f} "
+              f"| length {result['episodic_length']:.1f} | success {result['success_rate']:.3f}")
+        eval_envs.close()
+        raise SystemExit(0)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, monitor_gym=True, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(env_id, i, To, Ta, args.max_episode_steps) for i in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    envs.action_space.seed(args.seed)
+
+    # ALGO Logic: Storage setup (one row per chunk decision)
+    T, N = args.num_steps, args.num_envs
+    obs_buf = torch.zeros((T, N, To, obs_dim), device=device)  # normalized observation histories
+    z_buf = torch.zeros((T, N, Tp, act_dim), device=device)  # the latents: stored so the ratio is exact
+    chunk_buf = torch.zeros((T, N, Tp, act_dim), device=device)  # sampled (clipped) normalized chunks
+    logprob_buf = torch.zeros((T, N), device=device)
+    reward_buf = torch.zeros((T, N), device=device)
+    done_buf = torch.zeros((T, N), device=device)
+    value_buf = torch.zeros((T, N), device=device)
+
+    def run_eval(iterations_done):
+        result = evaluate(agent, eval_envs, args.num_eval_episodes, eval_seed, args.eval_latent == "zero")
+        for key, value in result.items():
+            writer.add_scalar(f"eval/{key}", value, global_step)
+        print(f"eval after iteration {iterations_done}: return {result['episodic_return']:.2f} | "
+              f"length {result['episodic_length']:.1f} | success {result['success_rate']:.3f}")
+        return result
+
+    def training_state(iteration):
+        return {"run_name": run_name, "iteration": iteration, "global_step": global_step, "agent": agent.state_dict(),
+                "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
+                "reward_scaler": reward_scaler.state_dict(), "args": vars(args),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+
+    # TRY NOT TO MODIFY: start the game
+    start_time = time.time()
+    steps_at_start, rollout_time, update_time = global_step, 0.0, 0.0
+    next_obs, _ = envs.reset(seed=args.seed + start_iteration - 1)
+    if start_iteration == 1 and args.eval_interval > 0:
+        run_eval(0)
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        t0 = time.time()
+        steps_before = sum(envs.get_attr("executed_steps"))
+        episode_returns, episode_successes = [], []
+        for step in range(T):
+            obs_n = agent.normalize_obs(torch.as_tensor(next_obs, device=device))  # [N, To, obs_dim]
+            with torch.no_grad():
+                z = agent.sample_latent(N)  # [N, Tp, act_dim]
+                chunk, logprob = agent.act(obs_n, z, noise_clip=args.noise_clip, normalize_logprob=args.normalize_logprob)
+                value_buf[step] = agent.get_value(obs_n)
+            obs_buf[step], z_buf[step], chunk_buf[step], logprob_buf[step] = obs_n, z, chunk, logprob
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, reward, terminations, truncations, infos = envs.step(agent.env_actions(chunk))
+            dones = np.logical_or(terminations, truncations)
+            if args.reward_scaling:
+                reward = reward_scaler(reward, dones)
+            reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            if "final_obs" in infos:
+                # bootstrap on truncation, not on termination: r_t += gamma * V(final obs); the episode still ends here
+                truncated_only = np.flatnonzero(infos["_final_obs"] & truncations & ~terminations)
+                if truncated_only.size:
+                    final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated_only]), device=device)
+                    with torch.no_grad():
+                        reward[truncated_only] += args.gamma * agent.get_value(agent.normalize_obs(final_obs))
+                final = infos["final_info"]
+                for i in np.flatnonzero(final["_episode"]):
+                    episode_returns.append(float(final["episode"]["r"][i]))
+                    writer.add_scalar("charts/episodic_return", final["episode"]["r"][i], global_step)
+                    writer.add_scalar("charts/episodic_length", final["episode"]["l"][i], global_step)
+                    if "success" in final and final["_success"][i]:
+                        episode_successes.append(float(final["success"][i]))
+            reward_buf[step], done_buf[step] = reward, torch.as_tensor(dones, dtype=torch.float32, device=device)
+        iteration_steps = sum(envs.get_attr("executed_steps")) - steps_before
+        global_step += iteration_steps
+        t1 = time.time()
+
+        # bootstrap value if not done
+        with torch.no_grad():
+            next_value = agent.get_value(agent.normalize_obs(torch.as_tensor(next_obs, device=device)))
+            advantages, returns = compute_gae(reward_buf, value_buf, done_buf, next_value, args.gamma, args.gae_lambda)
+
+        # flatten the batch
+        b_obs, b_z, b_chunk = obs_buf.flatten(0, 1), z_buf.flatten(0, 1), chunk_buf.flatten(0, 1)
+        b_logprobs, b_advantages = logprob_buf.flatten(), advantages.flatten()
+        b_returns, b_values = returns.flatten(), value_buf.flatten()
+
+        # Optimizing the policy and value network
+        batch_size = T * N
+        minibatch_size = min(args.minibatch_size, batch_size)
+        update_actor = iteration > args.critic_warmup_iters
+        clipfracs, stop = [], False
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = b_inds[start : start + minibatch_size]
+                info = update(agent, actor_optimizer, critic_optimizer,
+                              (b_obs[mb], b_z[mb], b_chunk[mb], b_logprobs[mb], b_advantages[mb], b_returns[mb], b_values[mb]),
+                              args, update_actor)
+                clipfracs.append(info["clipfrac"])
+                if args.target_kl is not None and info["approx_kl"] > args.target_kl:
+                    stop = True  # the policy moved too far from the one that collected the data
+                    break
+            if stop:
+                break
+        t2 = time.time()
+        rollout_time, update_time = rollout_time + t1 - t0, update_time + t2 - t1
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        writer.add_scalar("charts/actor_learning_rate", actor_optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/std", info["std"].item(), global_step)
+        for key in ("value_loss", "policy_loss", "entropy", "anchor_loss", "old_approx_kl", "approx_kl"):
+            writer.add_scalar(f"losses/{key}", info[key].item(), global_step)
+        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("losses/update_epochs_done", epoch + 1, global_step)
+        if episode_successes:
+            writer.add_scalar("charts/success_rate", np.mean(episode_successes), global_step)
+        sps = int((global_step - steps_at_start) / (time.time() - start_time))
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/rollout_SPS", iteration_steps / (t1 - t0), global_step)
+        writer.add_scalar("charts/update_SPS", iteration_steps / max(t2 - t1, 1e-9), global_step)
+        done_iters = iteration - start_iteration + 1
+        eta = (time.time() - start_time) / done_iters * (args.num_iterations - iteration)
+        ret = f"{np.mean(episode_returns):.2f}" if episode_returns else "n/a"
+        succ = f" | success {np.mean(episode_successes):.3f}" if episode_successes else ""
+        print(f"iter {iteration}/{args.num_iterations} | env steps {global_step} | SPS {sps} | return {ret}{succ} | "
+              f"kl {info['approx_kl'].item():.4f} | anchor {info['anchor_loss'].item():.2e} | "
+              f"{'actor+critic' if update_actor else 'critic warm-up'} | ETA {format_seconds(eta)}", flush=True)
+
+        if args.eval_interval > 0 and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
+            run_eval(iteration)
+        if (args.save_interval > 0 and iteration % args.save_interval == 0) or iteration == args.num_iterations:
+            save_atomic(training_state(iteration), f"runs/{run_name}/state.pt")
+
+    print(f"timing: rollout {(global_step - steps_at_start) / max(rollout_time, 1e-9):.1f} env steps/s, "
+          f"update {(global_step - steps_at_start) / max(update_time, 1e-9):.1f} env steps/s "
+          f"({global_step - steps_at_start} env steps, {rollout_time:.1f}s rollout, {update_time:.1f}s update)")
+    if args.save_model:
+        # a dbp_bc.py-format checkpoint with the fine-tuned generator: dbp_bc.py and dbpo_ppo.py --eval-only load it
+        model = {k: v for k, v in ckpt.items() if k not in ("train_model", "optimizer", "ema_decay_step", "rng", "global_time", "dbpo")}
+        model["model"] = {k: v.cpu() for k, v in agent.generator.state_dict().items()}
+        model["anchor_model"] = {k: v.cpu() for k, v in agent.anchor.state_dict().items()}
+        model["dbpo"] = {"log_std_head": agent.log_std_head.state_dict(), "critic": agent.critic.state_dict(),
+                         "args": vars(args), "global_step": global_step}
+        save_atomic(model, f"runs/{run_name}/dbpo_ppo.pt")
+        print(f"model saved to runs/{run_name}/dbpo_ppo.pt")
+    envs.close()
+    eval_envs.close()
+    writer.close()
