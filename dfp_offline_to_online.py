@@ -1,0 +1,677 @@
+# Drifting Field Policy (DFP): offline-to-online RL with a one-step drifting policy over action chunks.
+# SPEC.md section 3; paper: Koo et al. 2026, "Drifting Field Policy" (papers/dfp_project_page.txt).
+#   python dfp_offline_to_online.py --env cube-triple-play --K 4 --N 16
+# Offline: drift the actor toward the data chunk (L_BC) while Q-chunking critics learn from the data.
+# Online: drift toward the top-K of N candidates of a slow EMA policy pi_old scored by the critic,
+#   L = lambda * L_topK + L_BC, with the replay buffer seeded by the offline data.
+import math
+import os
+import random
+import re
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+import drift_field
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (imported lazily)"""
+    wandb_project_name: str = "drift-policies"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, the first evaluation episode of every evaluation is saved as a video (MUJOCO_GL=egl)"""
+    save_model: bool = True
+    """if toggled, checkpoints go to runs/<run_name>/checkpoint.pt (every --save-interval, at the end, on Ctrl-C)"""
+
+    # Environment and data
+    env: str = "cube-triple-play"
+    """cube-{single,double,triple,quadruple}-play (task 2 unless --task) or a full OGBench singletask id"""
+    task: Optional[int] = None
+    """singletask task 1..5 (overrides the task in --env)"""
+    dataset_path: Optional[str] = None
+    """an OGBench .npz (with its -val twin); default: ~/.ogbench/data, then a bounded download"""
+    dataset_dir: Optional[str] = None
+    """a folder of dataset shards (*.npz with -val twins), one in memory at a time (cube-quadruple-play-100m)"""
+    shard_interval: int = 1000
+    """offline steps between shard rotations with --dataset-dir"""
+
+    # Algorithm specific arguments
+    offline_steps: int = 1_000_000
+    """gradient steps of the offline phase"""
+    online_steps: int = 1_000_000
+    """environment steps of the online phase"""
+    horizon: int = 5
+    """action chunk length h (executed open-loop)"""
+    batch_size: int = 256
+    """batch size B of every update"""
+    lr: float = 3e-4
+    """Adam learning rate of actor and critic"""
+    discount: float = 0.99
+    """discount gamma per environment step"""
+    tau: float = 0.005
+    """Polyak rate of the target critic"""
+    hidden_dim: int = 512
+    """width of actor and critic MLPs"""
+    num_layers: int = 4
+    """hidden layers of actor and critic MLPs"""
+    num_critics: int = 2
+    """critic ensemble size (aggregated by mean)"""
+    num_gen: int = 8
+    """generated samples per state for the drift losses"""
+    temperatures: Tuple[float, ...] = (0.1,)
+    """drift kernel temperatures R (official field)"""
+    drift_field: Literal["official", "gaussian"] = "official"
+    """official: SPEC 2.2 normalized multi-temperature loss; gaussian: SPEC 2.1 mean-shift field"""
+    bandwidth: float = 1.0
+    """Gaussian kernel bandwidth h_k for --drift-field gaussian"""
+    alpha: float = 1.0
+    """weight of the offline BC drift loss"""
+    N: int = 16
+    """online: candidates drawn from the EMA policy pi_old per state"""
+    K: int = 4
+    """online: top-K candidates by Q used as positives"""
+    topk_weight: float = 0.5
+    """online: lambda, the weight of the top-K drift loss"""
+    bc_weight: float = 1.0
+    """online: weight of the BC drift loss toward the batch chunk"""
+    online_mode: Literal["hard", "soft"] = "hard"
+    """hard: uniform top-K positives; soft: positives weighted by min-max normalized Q"""
+    ema_tau: float = 1e-4
+    """online: EMA rate of pi_old per update (reset to the actor at the switch)"""
+    q_best_of: int = 16
+    """actor samples scored by the critic to choose a' in the TD target"""
+    act_best_of: int = 16
+    """actor samples scored by the critic when acting (1: a single sample, no critic)"""
+    start_training: int = 5000
+    """online env steps before updates start"""
+    utd_ratio: int = 1
+    """online updates per env step"""
+    buffer_size: int = 2_000_000
+    """replay buffer capacity (offline data + online transitions)"""
+
+    # Logging, evaluation, checkpoints
+    eval_interval: int = 100_000
+    """steps between evaluations (also at step 1, at the end of the offline phase and at the end)"""
+    eval_episodes: int = 50
+    """episodes per evaluation"""
+    log_interval: int = 5000
+    """steps between loss logs and progress lines"""
+    save_interval: int = 100_000
+    """steps between checkpoints"""
+    resume: Optional[str] = None
+    """continue a run from this checkpoint"""
+    eval_only: bool = False
+    """only evaluate the policy of --checkpoint"""
+    checkpoint: Optional[str] = None
+    """checkpoint for --eval-only"""
+
+
+# ---- OGBench dataset resolution: the shared recipe. Every training script pastes this block unchanged
+# ---- (CleanRL duplicates instead of importing); tests/test_generate_dataset.py checks the copies match.
+# Order: --dataset-path if given; else ~/.ogbench/data/<dataset>.npz if present; else OGBench's download with
+# a bounded socket timeout; if that fails, one error with the exact command that regenerates the file.
+# Needs at module top: import os, re, socket / from typing import Optional
+OGBENCH_DATA_DIR = "~/.ogbench/data"
+CUBE_PLAY_EPISODES = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000}  # official sizes
+ORACLE_STEPS_PER_SEC = 200  # per CPU core, measured with bench/bench_generate.py (README, Data)
+
+
+def resolve_env_id(env: str, task: Optional[int] = None) -> str:
+    """'cube-triple-play' -> 'cube-triple-play-singletask-task2-v0'; full ids pass; --task N overrides."""
+    m = re.fullmatch(r"(cube-(single|double|triple|quadruple)-play)(-singletask)?(-task([1-5]))?(-v0)?", env)
+    if m is None:
+        valid = ", ".join(f"cube-{k}-play" for k in CUBE_PLAY_EPISODES)
+        raise SystemExit(f"error: unknown env '{env}'; valid: {valid} (or a full id like cube-double-play-singletask-task2-v0)")
+    if task is not None and not 1 <= task <= 5:
+        raise SystemExit(f"error: --task must be in 1..5, got {task}")
+    task = task if task is not None else int(m.group(5) or 2)  # task 2: the paper's default
+    return f"{m.group(1)}-singletask-task{task}-v0"
+
+
+def generate_command(dataset_file: str) -> str:
+    """The scripts/generate_ogbench_dataset.py command that regenerates `dataset_file`, and how long it takes."""
+    out_dir, name = os.path.split(os.path.abspath(os.path.expanduser(dataset_file)))
+    m = re.fullmatch(r"cube-(single|double|triple|quadruple)-(play|expert-task([1-5]))-v0\.npz", name)
+    if m is None:
+        return "python scripts/generate_ogbench_dataset.py --help  (no standard dataset name; see the README's Data section)"
+    cmd = f"python scripts/generate_ogbench_dataset.py --env cube-{m.group(1)}-play"
+    if m.group(3):
+        cmd += f" --kind expert --task {m.group(3)}"
+    if out_dir != os.path.abspath(os.path.expanduser(OGBENCH_DATA_DIR)):
+        cmd += f" --out-dir {out_dir}"
+    if m.group(3):
+        return cmd  # expert demos stop once solved: minutes, not hours
+    steps = int(CUBE_PLAY_EPISODES[m.group(1)] * 1.1) * 1001  # +10% validation episodes of 1001 steps
+    cores = os.cpu_count() or 1
+    minutes = steps / (ORACLE_STEPS_PER_SEC * cores) / 60
+    return f"{cmd}\n  ({steps / 1e6:.1f}M oracle steps: about {minutes:.0f} min on {cores} CPU cores, faster with more)"
+
+
+def load_ogbench(env_id: str, dataset_path: Optional[str] = None, compact: bool = False, timeout: float = 30.0):
+    """(env, train_dataset, val_dataset) for a singletask id such as cube-double-play-singletask-task2-v0."""
+    import ogbench
+
+    splits = env_id.split("-")
+    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])  # cube-double-play-v0
+    if dataset_path is not None:
+        dataset_path = os.path.abspath(os.path.expanduser(dataset_path))
+        val_path = dataset_path.replace(".npz", "-val.npz")  # ogbench's own rule for the -val twin
+        if not (os.path.isfile(dataset_path) and os.path.isfile(val_path)):
+            raise SystemExit(
+                f"error: --dataset-path {dataset_path} or its twin {os.path.basename(val_path)} does not exist. "
+                f"Create both with:\n  {generate_command(dataset_path)}"
+            )
+    else:
+        data_dir = os.path.expanduser(OGBENCH_DATA_DIR)
+        dataset_path = os.path.join(data_dir, f"{dataset_name}.npz")
+        val_path = os.path.join(data_dir, f"{dataset_name}-val.npz")
+        if not (os.path.isfile(dataset_path) and os.path.isfile(val_path)):
+            # ogbench's downloader sets no timeout; a default socket timeout bounds every connect and read,
+            # so a dead network fails after `timeout` seconds without progress instead of hanging.
+            old_timeout = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(timeout)
+            try:
+                ogbench.download_datasets([dataset_name], data_dir)
+            except (OSError, ValueError) as e:  # URLError, socket.timeout, ConnectionError are OSErrors
+                raise SystemExit(
+                    f"error: {dataset_name} is not in {data_dir} and downloading it failed "
+                    f"({type(e).__name__}: {e}). Regenerate it locally with:\n  {generate_command(dataset_path)}"
+                ) from None
+            finally:
+                socket.setdefaulttimeout(old_timeout)
+                for p in (dataset_path, val_path):  # the downloader's half-written <file>.tmp, if any
+                    if os.path.exists(p + ".tmp"):
+                        os.remove(p + ".tmp")
+    return ogbench.make_env_and_datasets(env_id, dataset_path=dataset_path, compact_dataset=compact)
+
+
+# ---- end of OGBench dataset resolution
+
+OTHER_ENV_RE = r"(scene|puzzle-(3x3|4x4|4x5|4x6))-play-singletask-task[1-5]-v0"  # ids beyond the cube names
+
+
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, layer_norm: bool) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(num_layers):
+        layers += [nn.Linear(d, hidden_dim), nn.GELU()] + ([nn.LayerNorm(hidden_dim)] if layer_norm else [])
+        d = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+class Actor(nn.Module):
+    """One-step pushforward policy a = f_theta(s, eps), eps ~ N(0, I), dim(eps) = dim(a) = h * action_dim."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp(obs_dim + act_dim, act_dim, hidden_dim, num_layers, layer_norm=False)
+
+    def forward(self, obs: torch.Tensor, n: int) -> torch.Tensor:
+        """n chunks per state: obs [B, O] -> actions [B, n, D], clipped to [-1, 1] (1 NFE each)."""
+        obs = obs[:, None, :].expand(-1, n, -1)  # [B, n, O]
+        eps = torch.randn(*obs.shape[:2], self.act_dim, device=obs.device)  # [B, n, D]
+        return self.net(torch.cat([obs, eps], -1)).clamp(-1.0, 1.0)
+
+
+class Critic(nn.Module):
+    """Ensemble of Q(s, a_chunk) MLPs with LayerNorm; returns [E, ...]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int):
+        super().__init__()
+        self.qs = nn.ModuleList(mlp(obs_dim + act_dim, 1, hidden_dim, num_layers, True) for _ in range(num_critics))
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, actions], -1)
+        return torch.stack([q(x).squeeze(-1) for q in self.qs])  # [E, ...]
+
+
+def q_mean(critic: Critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Mean-aggregated Q of n chunks per state: obs [B, O], actions [B, n, D] -> [B, n]."""
+    return critic(obs[:, None, :].expand(-1, actions.shape[1], -1), actions).mean(0)
+
+
+@torch.no_grad()
+def best_of_n(actor: Actor, critic: Critic, obs: torch.Tensor, n: int) -> torch.Tensor:
+    """Draw n chunks and keep the one the critic likes best: obs [B, O] -> [B, D]. n = 1: a plain sample."""
+    cand = actor(obs, n)  # [B, n, D]
+    if n == 1:
+        return cand[:, 0]
+    best, _ = drift_field.top_k(cand, q_mean(critic, obs, cand), 1)  # [B, 1, D]
+    return best[:, 0]
+
+
+class ReplayBuffer:
+    """Flat transitions (offline data first, online ones appended; a ring once full) sampled as h-step chunks."""
+
+    KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
+
+    def __init__(self, data: dict, capacity: int):
+        n = len(data["observations"])
+        self.capacity, self.size, self.ptr, self.num_offline = max(capacity, n + 1), n, n % max(capacity, n + 1), n
+        self.num_added = 0  # online transitions added so far
+        self.arrays = {}
+        for k in self.KEYS:
+            v = np.asarray(data[k], dtype=np.float32)
+            self.arrays[k] = np.empty((self.capacity,) + v.shape[1:], np.float32)
+            self.arrays[k][:n] = v
+
+    def add(self, **transition):
+        for k in self.KEYS:
+            self.arrays[k][self.ptr] = transition[k]
+        self.ptr, self.size, self.num_added = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity), self.num_added + 1
+
+    def online_part(self) -> dict:
+        """The last online transitions in insertion order (what a checkpoint stores)."""
+        n = min(self.num_added, self.capacity)
+        idx = (self.ptr - n + np.arange(n)) % self.capacity
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def sample(self, rng: np.random.Generator, batch_size: int, h: int, gamma: float) -> dict:
+        return sample_chunks(self.arrays, self.ptr - self.size, self.size, self.capacity, rng, batch_size, h, gamma)
+
+
+def sample_chunks(arr: dict, start: int, size: int, capacity: int, rng, batch_size: int, h: int, gamma: float) -> dict:
+    """Chunks s_t, a_t..a_{t+h-1} starting anywhere in the stored data (oldest entry at `start`, ring-wise).
+
+    reward = sum_k gamma^k r_{t+k}; mask = min_k mask_{t+k}; valid_k = 0 after a terminal (episode end)
+    inside the chunk; next_obs = s_{t+h}. Chunks never run past the newest entry.
+    """
+    idx = (start + rng.integers(0, size - h + 1, size=batch_size)) % capacity  # [B]
+    j = (idx[:, None] + np.arange(h)) % capacity  # [B, h]
+    rewards = (arr["rewards"][j] * gamma ** np.arange(h)).sum(1)  # [B]
+    masks = arr["masks"][j].min(1)  # [B]
+    terminals = arr["terminals"][j]  # [B, h]
+    ended = np.maximum.accumulate(terminals, axis=1)  # 1 from the episode's last step on
+    valid = np.concatenate([np.ones((batch_size, 1), np.float32), 1.0 - ended[:, :-1]], 1)  # [B, h]
+    return {
+        "observations": arr["observations"][idx],  # [B, O]
+        "actions": arr["actions"][j].reshape(batch_size, -1),  # [B, h * A]
+        "rewards": rewards.astype(np.float32),
+        "masks": masks,
+        "valid": valid[:, -1].copy(),  # [B]: the chunk stays inside one episode
+        "next_observations": arr["next_observations"][j[:, -1]],  # s_{t+h}, [B, O]
+    }
+
+
+def drift(args, gen: torch.Tensor, pos: torch.Tensor, pos_weight: Optional[torch.Tensor] = None):
+    """Drift loss of gen [B, G, D] toward pos [B, P, D] (the generated samples are the negatives)."""
+    if args.drift_field == "official":  # SPEC 2.2
+        loss, info = drift_field.drift_loss(gen, pos, temperatures=args.temperatures, pos_weight=pos_weight)
+        # The loss is ~1 per temperature by construction (the force is RMS-normalized); the raw force is informative.
+        return loss.mean(), info["scale"], sum(info[f"force_sq_{r}"] for r in args.temperatures)
+    x = gen.detach()  # SPEC 2.1: V(x) = V_p+(x) - V_q-(x), L = || x - sg(x + V(x)) ||^2
+    v = drift_field.mean_shift_field(x, pos, x, args.bandwidth, pos_weight=pos_weight)
+    return (gen - (x + v)).pow(2).mean(), v.norm(dim=-1).mean(), v.pow(2).mean()
+
+
+def critic_loss(args, actor, critic, target_critic, batch):
+    """Chunked TD: y = r_chunk + gamma^h * mask * Qtarget(s_{t+h}, a'), a' = best of q_best_of actor samples."""
+    with torch.no_grad():
+        next_a = best_of_n(actor, critic, batch["next_observations"], args.q_best_of)  # [B, D]
+        next_q = target_critic(batch["next_observations"], next_a).mean(0)  # [B]
+        y = batch["rewards"] + args.discount**args.horizon * batch["masks"] * next_q
+    q = critic(batch["observations"], batch["actions"])  # [E, B]
+    return ((q - y).pow(2) * batch["valid"]).mean(), q.mean()
+
+
+def actor_loss_offline(args, actor, batch):
+    """L = alpha * drift(gen = num_gen samples of pi_theta(.|s), pos = the data chunk)."""
+    gen = actor(batch["observations"], args.num_gen)  # [B, G, D]
+    loss, scale, force = drift(args, gen, batch["actions"][:, None, :])
+    return args.alpha * loss, loss, torch.zeros_like(loss), scale, force
+
+
+def actor_loss_online(args, actor, ema_actor, q_fn, batch):
+    """L = lambda * drift(gen, pos = top-K of N ~ pi_old by Q) + bc_weight * drift(gen, pos = the batch chunk)."""
+    obs = batch["observations"]
+    with torch.no_grad():
+        cand = ema_actor(obs, args.N)  # a^(1..N) ~ pi_old(.|s), [B, N, D]
+        q = q_fn(obs, cand)  # [B, N]
+        pos, idx = drift_field.top_k(cand, q, args.K)  # P_K(s), [B, K, D]
+        weight = None
+        if args.online_mode == "soft":  # u = (Q - min) / (max - min) -> [-1, 1], negative weights clipped (ref code)
+            q_min, q_max = q.min(1, keepdim=True).values, q.max(1, keepdim=True).values
+            u = torch.where(q_max - q_min > 1e-8, (q - q_min) / (q_max - q_min).clamp(min=1e-8), torch.ones_like(q))
+            weight = (2.0 * u - 1.0).gather(1, idx).clamp(min=0.0)  # [B, K], the best one has weight 1
+    gen = actor(obs, args.num_gen)  # fresh samples of pi_theta, reused by both terms, [B, G, D]
+    loss_topk, _, _ = drift(args, gen, pos, weight)
+    loss_bc, scale, force = drift(args, gen, batch["actions"][:, None, :])
+    return args.topk_weight * loss_topk + args.bc_weight * loss_bc, loss_bc, loss_topk, scale, force
+
+
+def make_update(args, actor, critic, target_critic, ema_actor, optimizer):
+    def update(batch: dict, online: bool) -> torch.Tensor:
+        """One gradient step on critic + actor (one Adam, as the ref code), Polyak target, EMA pi_old online."""
+        lc, q = critic_loss(args, actor, critic, target_critic, batch)
+        if online:
+            la, lbc, ltop, scale, force = actor_loss_online(args, actor, ema_actor, lambda o, a: q_mean(critic, o, a), batch)
+        else:
+            la, lbc, ltop, scale, force = actor_loss_offline(args, actor, batch)
+        optimizer.zero_grad(set_to_none=True)
+        (lc + la).backward()
+        optimizer.step()
+        with torch.no_grad():
+            for p, tp in zip(critic.parameters(), target_critic.parameters()):
+                tp.lerp_(p, args.tau)  # theta' <- (1 - tau) theta' + tau theta
+            if online:
+                for p, ep in zip(actor.parameters(), ema_actor.parameters()):
+                    ep.lerp_(p, args.ema_tau)  # pi_old <- (1 - tau_ema) pi_old + tau_ema pi_theta
+        return torch.stack([lc, lbc, ltop, q, scale, force]).detach()  # stays on device: no sync in the hot loop
+
+    return update
+
+
+LOSS_NAMES = ("losses/critic", "losses/drift_bc", "losses/drift_topk", "stats/q_mean", "stats/drift_scale",
+              "stats/drift_bc_force_sq")  # scale and force of the BC drift toward the data chunk
+
+
+def resolve_env(args) -> str:
+    if re.fullmatch(OTHER_ENV_RE, args.env):
+        if args.task is not None:
+            raise SystemExit("error: --task only applies to cube-* names; put the task in the full id instead")
+        return args.env
+    return resolve_env_id(args.env, args.task)
+
+
+def check_args(args):
+    for bad, msg in [
+        (args.horizon < 1, f"--horizon must be >= 1, got {args.horizon}"),
+        (not 1 <= args.K <= args.N, f"--K must be in 1..N = 1..{args.N}, got {args.K}"),
+        (min(args.batch_size, args.num_gen, args.q_best_of, args.act_best_of, args.utd_ratio) < 1,
+         "--batch-size, --num-gen, --q-best-of, --act-best-of and --utd-ratio must be >= 1"),
+        (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
+        (min(args.eval_interval, args.log_interval, args.save_interval, args.shard_interval, args.eval_episodes) < 1,
+         "intervals and --eval-episodes must be >= 1"),
+        (len(args.temperatures) == 0 or min(args.temperatures) <= 0, "--temperatures must be positive"),
+        (args.bandwidth <= 0, "--bandwidth must be > 0"),
+        (args.eval_only and args.checkpoint is None, "--eval-only needs --checkpoint PATH"),
+        (args.dataset_path is not None and args.dataset_dir is not None, "give --dataset-path or --dataset-dir, not both"),
+    ]:
+        if bad:
+            raise SystemExit(f"error: {msg}")
+
+
+def check_dataset(ds: dict, env, name: str, min_len: int):
+    """Refuse a dataset whose keys or shapes do not fit the environment, with the fix."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    need = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
+    for k, d in need.items():
+        if k not in ds or ds[k].ndim != 2 or ds[k].shape[1] != d:
+            got = tuple(ds[k].shape) if k in ds else "missing"
+            raise SystemExit(f"error: dataset {name}: '{k}' must have shape [N, {d}] for this env, got {got}; "
+                             "check --env/--task or regenerate the dataset")
+    n = len(ds["observations"])
+    for k in ("actions", "rewards", "masks", "terminals", "next_observations"):
+        if k not in ds or len(ds[k]) != n:
+            raise SystemExit(f"error: dataset {name}: '{k}' missing or not of length {n}")
+    if n < min_len:
+        raise SystemExit(f"error: dataset {name} has only {n} transitions, fewer than one chunk")
+
+
+def load_data(env_id: str, path: Optional[str], horizon: int, env=None):
+    """(env, train) for one dataset file, with clear errors for files that are not OGBench datasets."""
+    try:
+        if env is None:
+            env, train, _ = load_ogbench(env_id, path)
+        else:
+            import ogbench
+
+            train, _ = ogbench.make_env_and_datasets(env_id, dataset_path=path, dataset_only=True, cur_env=env)
+    except (KeyError, ValueError, OSError) as e:
+        raise SystemExit(f"error: could not read dataset {path or env_id} ({type(e).__name__}: {e}); it needs "
+                         "observations, actions, terminals, qpos, qvel (OGBench format) and a -val twin") from None
+    check_dataset(train, env, path or env_id, horizon + 1)
+    return env, train
+
+
+def evaluate(env, actor, critic, args, episodes: int, seed: int, device, video_path: Optional[str] = None):
+    """Success rate (info['success'] at the last step), mean return and length; chunks run open-loop."""
+    successes, returns, lengths, frames = [], [], [], []
+    act_dim = env.action_space.shape[0]
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done, ret, length, queue, info = False, 0.0, 0, [], {}
+        while not done:
+            if not queue:
+                o = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+                queue = list(best_of_n(actor, critic, o, args.act_best_of)[0].cpu().numpy().reshape(-1, act_dim))
+            obs, r, terminated, truncated, info = env.step(queue.pop(0))
+            done, ret, length = terminated or truncated, ret + r, length + 1
+            if video_path is not None and ep == 0:
+                frames.append(env.render())
+        successes.append(float(info.get("success", 0.0)))
+        returns.append(ret)
+        lengths.append(length)
+    if frames:
+        from moviepy import ImageSequenceClip
+
+        ImageSequenceClip(frames, fps=30).write_videofile(video_path, logger=None)
+    return float(np.mean(successes)), float(np.mean(returns)), float(np.mean(lengths))
+
+
+def save_checkpoint(path: str, state: dict):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken checkpoint
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    ckpt = None
+    if args.resume or args.eval_only:
+        path = args.resume or args.checkpoint
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: checkpoint {path} does not exist")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if args.eval_only:  # the network shapes and the env come from the checkpoint
+            for k in ("env", "task", "horizon", "hidden_dim", "num_layers", "num_critics"):
+                setattr(args, k, ckpt["args"][k])
+    env_id = resolve_env(args)
+    if ckpt is not None and ckpt["env_id"] != env_id:
+        raise SystemExit(f"error: checkpoint was made for {ckpt['env_id']}, not {env_id}; pass the same --env/--task")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    rng = np.random.default_rng(args.seed)  # chunk sampling
+
+    # ---- environment and data ----
+    import ogbench
+
+    if args.eval_only:
+        env, train, shards = None, None, []
+    elif args.dataset_dir is not None:
+        shards = sorted(p for p in (os.path.join(args.dataset_dir, f) for f in os.listdir(args.dataset_dir))
+                        if p.endswith(".npz") and not p.endswith("-val.npz")) if os.path.isdir(args.dataset_dir) else []
+        if not shards:
+            raise SystemExit(f"error: --dataset-dir {args.dataset_dir} holds no *.npz shards (with -val twins)")
+        shard_idx = ckpt["shard_idx"] if ckpt is not None else 0
+        env = ogbench.make_env_and_datasets(env_id, env_only=True)
+        env, train = load_data(env_id, shards[shard_idx], args.horizon, env)
+    else:
+        shards, shard_idx = [], 0
+        env, train = load_data(env_id, args.dataset_path, args.horizon)
+    eval_env = ogbench.make_env_and_datasets(env_id, env_only=True)
+    obs_dim, act_dim = eval_env.observation_space.shape[0], eval_env.action_space.shape[0]
+    D = act_dim * args.horizon  # flattened chunk dimension
+
+    # ---- networks ----
+    actor = Actor(obs_dim, D, args.hidden_dim, args.num_layers).to(device)
+    critic = Critic(obs_dim, D, args.hidden_dim, args.num_layers, args.num_critics).to(device)
+    target_critic = Critic(obs_dim, D, args.hidden_dim, args.num_layers, args.num_critics).to(device)
+    target_critic.load_state_dict(critic.state_dict())
+    ema_actor = Actor(obs_dim, D, args.hidden_dim, args.num_layers).to(device)  # pi_old, reset at the switch
+    ema_actor.load_state_dict(actor.state_dict())
+    optimizer = torch.optim.Adam(list(actor.parameters()) + list(critic.parameters()), lr=args.lr)
+    if ckpt is not None:
+        try:
+            for name, module in [("actor", actor), ("critic", critic), ("target_critic", target_critic),
+                                 ("ema_actor", ema_actor), ("optimizer", optimizer)]:
+                module.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: checkpoint does not match these networks ({str(e).splitlines()[0]}); "
+                             "use the --horizon/--hidden-dim/--num-layers/--num-critics it was made with") from None
+
+    if args.eval_only:
+        actor.eval()
+        video = os.path.splitext(args.checkpoint)[0] + "_eval.mp4" if args.capture_video else None
+        success, ret, length = evaluate(eval_env, actor, critic, args, args.eval_episodes, args.seed + 1000, device, video)
+        print(f"eval-only {env_id} step {ckpt['step']}: success {success:.3f} return {ret:.1f} "
+              f"length {length:.0f} over {args.eval_episodes} episodes")
+        raise SystemExit(0)
+
+    # ---- logging ----
+    run_name = ckpt["run_name"] if ckpt is not None else f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True, resume="allow", id=run_name[-40:])
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    update = make_update(args, actor, critic, target_critic, ema_actor, optimizer)
+    to_torch = lambda b: {k: torch.as_tensor(v, device=device) for k, v in b.items()}  # noqa: E731
+    total = args.offline_steps + args.online_steps
+    start_step, buffer, obs, queue = 1, None, None, []
+    ep_return, ep_length, last_success = 0.0, 0, float("nan")
+    if ckpt is not None:  # resume exactly: step, RNG states, replay buffer (the env restarts its episode)
+        start_step, last_success = ckpt["step"] + 1, ckpt["last_success"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        rng.bit_generator.state = ckpt["rng"]["sampler"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["phase"] == "online":
+            buffer = ReplayBuffer(train, min(args.buffer_size, len(train["observations"]) + args.online_steps))
+            online = ckpt["buffer_online"]
+            for t in range(len(online["observations"])):
+                buffer.add(**{k: v[t] for k, v in online.items()})
+            obs, _ = env.reset(seed=args.seed + ckpt["step"])
+        print(f"resumed {run_name} from {args.resume} at step {ckpt['step']} ({ckpt['phase']})")
+
+    stop_signal = []  # Ctrl-C / SIGTERM: finish the step, save, exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, f: stop_signal.append(s))
+
+    def checkpoint_state(step: int) -> dict:
+        return {
+            "args": asdict(args), "env_id": env_id, "run_name": run_name, "step": step,
+            "phase": "offline" if step <= args.offline_steps else "online", "last_success": last_success,
+            "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
+            "ema_actor": ema_actor.state_dict(), "optimizer": optimizer.state_dict(), "shard_idx": shard_idx,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "sampler": rng.bit_generator.state,
+                    "torch": torch.get_rng_state()},
+            "buffer_online": buffer.online_part() if buffer is not None else None,
+        }
+
+    nonfinite = torch.zeros(3, dtype=torch.bool, device=device)  # per loss, checked at log/save time only
+    stats, n_stats = torch.zeros(len(LOSS_NAMES), device=device), 0
+    t0, t0_step = time.time(), start_step
+
+    def check_finite(step: int):
+        if nonfinite.any():
+            name = LOSS_NAMES[int(nonfinite.nonzero()[0])]
+            kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+            raise SystemExit(f"error: {name} became non-finite by step {step}; stopping ({kept}). Try a lower --lr.")
+
+    for step in range(start_step, total + 1):
+        if step <= args.offline_steps:
+            # ---- offline: one gradient step on a batch of data chunks ----
+            if shards and step % args.shard_interval == 0 and len(shards) > 1:
+                shard_idx = (shard_idx + 1) % len(shards)
+                del train
+                env, train = load_data(env_id, shards[shard_idx], args.horizon, env)
+            batch = sample_chunks(train, 0, len(train["observations"]), len(train["observations"]), rng,
+                                  args.batch_size, args.horizon, args.discount)
+            out = update(to_torch(batch), online=False)
+            nonfinite |= ~torch.isfinite(out[:3])
+            stats, n_stats = stats + out, n_stats + 1
+        else:
+            if buffer is None:  # ---- the switch: seed the buffer with the offline data, reset pi_old ----
+                buffer = ReplayBuffer(train, min(args.buffer_size, len(train["observations"]) + args.online_steps))
+                ema_actor.load_state_dict(actor.state_dict())
+                obs, _ = env.reset(seed=args.seed)
+            # ---- online: act (best-of-N, open-loop chunk), store, update ----
+            if not queue:
+                o = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+                queue = list(best_of_n(actor, critic, o, args.act_best_of)[0].cpu().numpy().reshape(-1, act_dim))
+            action = queue.pop(0)
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            buffer.add(observations=obs, actions=action, rewards=reward, masks=1.0 - terminated,
+                       terminals=float(terminated or truncated), next_observations=next_obs)
+            ep_return, ep_length, obs = ep_return + reward, ep_length + 1, next_obs
+            if terminated or truncated:
+                writer.add_scalar("charts/episodic_return", ep_return, step)
+                writer.add_scalar("charts/episodic_length", ep_length, step)
+                writer.add_scalar("charts/success", float(info.get("success", 0.0)), step)
+                obs, _ = env.reset()
+                queue, ep_return, ep_length = [], 0.0, 0
+            if step - args.offline_steps >= args.start_training:
+                for _ in range(args.utd_ratio):
+                    out = update(to_torch(buffer.sample(rng, args.batch_size, args.horizon, args.discount)), online=True)
+                    nonfinite |= ~torch.isfinite(out[:3])
+                    stats, n_stats = stats + out, n_stats + 1
+
+        # ---- logging, evaluation, checkpoints ----
+        if step % args.log_interval == 0 or step == total:
+            check_finite(step)  # note: .tolist() is a device sync, once per log interval
+            if n_stats:
+                for name, v in zip(LOSS_NAMES, (stats / n_stats).tolist()):
+                    writer.add_scalar(name, v, step)
+            sps = (step - t0_step + 1) / (time.time() - t0)
+            writer.add_scalar("charts/SPS", sps, step)
+            eta = (total - step) / max(sps, 1e-9)
+            phase = "offline" if step <= args.offline_steps else "online"
+            vals = (stats / max(n_stats, 1)).tolist()
+            print(f"step {step}/{total} [{phase}] SPS {sps:.1f} ETA {eta / 60:.1f} min | critic {vals[0]:.4f} "
+                  f"drift_bc {vals[1]:.4f} drift_topk {vals[2]:.4f} q {vals[3]:.2f} | success {last_success:.2f}",
+                  flush=True)
+            stats, n_stats = torch.zeros_like(stats), 0
+        if step == 1 or step % args.eval_interval == 0 or step == args.offline_steps or step == total:
+            video = os.path.join(run_dir, f"eval_{step}.mp4") if args.capture_video else None
+            last_success, ret, length = evaluate(eval_env, actor, critic, args, args.eval_episodes, args.seed + 1000,
+                                                 device, video)
+            writer.add_scalar("eval/success", last_success, step)
+            writer.add_scalar("eval/episodic_return", ret, step)
+            writer.add_scalar("eval/episodic_length", length, step)
+            print(f"eval step {step}: success {last_success:.3f} return {ret:.1f} ({args.eval_episodes} episodes)",
+                  flush=True)
+        if args.save_model and (step % args.save_interval == 0 or step == total) or stop_signal:
+            check_finite(step)  # never overwrite a good checkpoint with non-finite weights
+            save_checkpoint(ckpt_path, checkpoint_state(step))
+        if stop_signal:
+            writer.close()
+            print(f"interrupted at step {step}; checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
+            raise SystemExit(128 + stop_signal[0])
+
+    writer.close()
+    print(f"final {env_id} step {total}: success {last_success:.3f} over {args.eval_episodes} episodes "
+          f"(runs/{run_name})")
