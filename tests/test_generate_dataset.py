@@ -7,9 +7,11 @@ a minute of CPU. Nothing touches ~/.ogbench: outputs go to pytest's tmp_path, HO
 import glob
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 
 import numpy as np
@@ -150,6 +152,16 @@ def test_existing_file_needs_overwrite(tmp_path):
     proc = generate(tmp_path, "--env", "cube-single-play", "--episodes", "1", "--episode-length", "10", check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert target.read_bytes() == b"keep me" and os.listdir(tmp_path) == ["cube-single-play-v0.npz"]
+
+
+def test_interrupted_run_leaves_no_file(tmp_path):
+    cmd = [sys.executable, SCRIPT, "--out-dir", str(tmp_path), "--env", "cube-single-play", "--episodes", "100", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    assert proc.stdout.readline().startswith("generating cube-single-play-v0")
+    time.sleep(2.0)  # mid-generation
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------
