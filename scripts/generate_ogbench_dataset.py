@@ -56,7 +56,7 @@ class Args:
     episode_length: Optional[int] = None
     """steps per episode; default 1001 for play (official); for expert the cap is the task's evaluation horizon (single 200, double 500, triple/quadruple 1000), episodes end once solved"""
     workers: int = num_cores()
-    """worker processes (default: all cores)"""
+    """worker processes, one per CPU core by default"""
     seed: int = 0
     """random seed; the files depend on the seed only, not on --workers"""
     out_dir: str = "~/.ogbench/data"
@@ -170,14 +170,17 @@ def fail(message: str) -> None:
 
 def check_args(args: Args) -> dict:
     """Validate everything up front and return the run's resolved settings."""
-    m = re.fullmatch(r"(?:cube-)?(single|double|triple|quadruple)(?:-play)?(?:-v0)?", args.env)
+    # Also accepted: a singletask id (cube-double-play-singletask-task2-v0), whose task serves --kind expert.
+    m = re.fullmatch(r"(?:cube-)?(single|double|triple|quadruple)(?:-play)?(?:-singletask)?(?:-task(\d+))?(?:-v0)?", args.env)
     if m is None:
         fail(f"unknown --env '{args.env}'; valid: " + ", ".join(f"cube-{s}-play" for s in SIZES))
     size = m.group(1)
     if args.kind == "expert":
-        if args.task is None or not 1 <= args.task <= 5:
-            fail(f"--kind expert needs --task in 1..5, got {args.task}")
-        name = f"cube-{size}-expert-task{args.task}-v0"
+        task = args.task if args.task is not None else (int(m.group(2)) if m.group(2) else None)
+        if task is None or not 1 <= task <= 5:
+            fail(f"--kind expert needs --task in 1..5, got {task}")
+        args.task = task
+        name = f"cube-{size}-expert-task{task}-v0"
     else:
         if args.task is not None:
             fail("--task only applies to --kind expert (play data serves every task)")

@@ -125,6 +125,8 @@ def test_expert_demos_single_task1_succeed(tmp_path):
         (["--env", "cube-octuple-play"], "unknown --env"),
         (["--env", "cube-single-play", "--kind", "expert", "--task", "6"], "--task in 1..5"),
         (["--env", "cube-single-play", "--kind", "expert"], "--task in 1..5"),
+        (["--env", "cube-double-play-singletask-task7-v0", "--kind", "expert"], "--task in 1..5"),
+        (["--env", "cube-single-play", "--task", "1"], "--task only applies to --kind expert"),
         (["--env", "cube-single-play", "--episodes", "0"], "--episodes must be positive"),
         (["--env", "cube-single-play", "--workers", "-1"], "--workers must be positive"),
         (["--env", "cube-single-play", "--episode-length", "0"], "--episode-length must be positive"),
