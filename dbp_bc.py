@@ -1,10 +1,228 @@
 """DBP: Drift-Based Policy, one-step imitation of action chunks (SPEC section 4).
 
-Placeholder header; the training script follows below the network block.
+A generator mu = f_theta(o_{t-To+1..t}, z), z ~ N(0, I) of the chunk's shape, maps an observation history
+to a whole action chunk of Tp steps in ONE forward pass (1 NFE). It is trained by drifting: for each
+observation draw G hypotheses x_1..x_G = f(o, z_g); the expert chunk y+ attracts them and they repel each
+other (the generated samples are the negatives), and each x regresses onto its frozen drifted copy:
+
+    L = E || x - sg(x + V(x)) ||^2        (drift_field.drift_loss: SPEC 2.2; or the Gaussian field of 2.1)
+
+At deployment: one z, one pass, and receding-horizon control: execute the Ta actions of the chunk that start
+at index To-1 (the chunk is aligned with the first observation of the history, so index To-1 is "now"),
+then replan. `--loss mse` trains the same network as a deterministic regressor (z = 0), the unimodal baseline.
+
+Data: OGBench singletask datasets (play, or expert demos from scripts/generate_ogbench_dataset.py --kind
+expert, via --dataset-path) or any D4RL-layout .npz with --env a gymnasium id (Hopper-v5).
+
+  python dbp_bc.py --env cube-single-play --task 1 --dataset-path ~/.ogbench/data/cube-single-expert-task1-v0.npz
+  python dbp_bc.py --eval-only --checkpoint runs/<run>/dbp_bc.pt
 """
 
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering (before mujoco is imported)
+
+import json
+import math
+import random
+import re
+import socket
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal, Optional, Tuple
+
+import gymnasium as gym
+import numpy as np
 import torch
 import torch.nn as nn
+import tyro
+
+import drift_field
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "drift-policies"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture a video of the first final-evaluation episode (runs/<run>/videos)"""
+    save_model: bool = False
+    """whether to save the checkpoint runs/<run>/dbp_bc.pt at the end (EMA weights + normalization)"""
+    num_threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+
+    # Data
+    env: str = "cube-single-play"
+    """OGBench dataset/env (cube-single-play, ..., or a full singletask id), or a gymnasium id (Hopper-v5) with a D4RL-layout --dataset-path"""
+    task: Optional[int] = None
+    """OGBench singletask task 1..5 (default: the id's task, else 2)"""
+    dataset_path: Optional[str] = None
+    """dataset .npz: an OGBench-format file (e.g. cube-single-expert-task1-v0.npz, needs its -val twin) or D4RL layout for gymnasium envs"""
+
+    # Algorithm specific arguments
+    loss: Literal["drift", "mse"] = "drift"
+    """drift: the DBP drift loss over G hypotheses; mse: deterministic regression with the same network (z = 0)"""
+    backbone: Literal["mlp", "unet"] = "mlp"
+    """generator: MLP on concat(obs history, z), or the 1-D conditional U-Net with FiLM (the paper's)"""
+    hidden_dim: int = 512
+    """MLP width"""
+    depth: int = 3
+    """MLP hidden layers"""
+    unet_dims: Tuple[int, ...] = (64, 128, 256)
+    """U-Net channel widths per level (the paper uses 256 512 1024); Tp must be divisible by 2^(levels-1)"""
+    unet_kernel_size: int = 5
+    """U-Net convolution kernel size"""
+    unet_groups: int = 8
+    """U-Net GroupNorm groups (must divide every width)"""
+    obs_horizon: int = 2
+    """To: observations in the history the policy conditions on"""
+    pred_horizon: int = 16
+    """Tp: actions per predicted chunk"""
+    action_horizon: int = 8
+    """Ta: actions executed per chunk (receding horizon), starting at chunk index To-1"""
+    num_hypotheses: int = 4
+    """G: hypotheses generated per observation in training (the paper's default 4; G=1 is much worse)"""
+    drift_mode: Literal["chunk", "step"] = "chunk"
+    """chunk: drift on the flattened Tp*da chunk (default, better); step: drift per time step, averaged"""
+    drift_field: Literal["official", "gaussian"] = "official"
+    """official: the normalized multi-temperature loss of the published code (SPEC 2.2); gaussian: the mean-shift field (SPEC 2.1)"""
+    temperatures: Tuple[float, ...] = (0.02, 0.05, 0.2)
+    """temperatures R of the official loss (code default; the paper's tuned value is 0.2 alone)"""
+    bandwidth: float = 1.0
+    """Gaussian kernel bandwidth h (normalized action units) for --drift-field gaussian"""
+    total_steps: int = 100_000
+    """gradient steps"""
+    batch_size: int = 64
+    """observations per batch (each gets G hypotheses)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate"""
+    adam_betas: Tuple[float, float] = (0.95, 0.999)
+    """AdamW betas"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    warmup_steps: int = 500
+    """linear learning-rate warmup steps"""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """after warmup: cosine decay to 0 at --total-steps (as Diffusion Policy), or constant"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    ema_max_decay: float = 0.9999
+    """EMA decay cap; decay_k = min(cap, 1 - (1 + k)^-power) (Diffusion Policy's EMAModel)"""
+    ema_power: float = 0.75
+    """EMA warmup power"""
+
+    # Evaluation, logging, checkpoints
+    eval_interval: int = 10_000
+    """evaluate the EMA policy every this many steps (0: only at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    log_interval: int = 500
+    """steps between progress lines / tensorboard scalars"""
+    checkpoint_interval: int = 0
+    """also write the checkpoint (atomically) every this many steps, for --resume (0: only at the end with --save-model)"""
+    resume: Optional[str] = None
+    """continue a run exactly from its checkpoint (runs/<run>/dbp_bc.pt); architecture and data flags must match"""
+    eval_only: bool = False
+    """only evaluate --checkpoint in its env and exit"""
+    checkpoint: Optional[str] = None
+    """checkpoint to evaluate with --eval-only"""
+    runs_dir: str = "runs"
+    """where run folders (tensorboard, checkpoint, videos) go"""
+
+
+# ---- OGBench dataset resolution: the shared recipe. Every training script pastes this block unchanged
+# ---- (CleanRL duplicates instead of importing); tests/test_generate_dataset.py checks the copies match.
+# Order: --dataset-path if given; else ~/.ogbench/data/<dataset>.npz if present; else OGBench's download with
+# a bounded socket timeout; if that fails, one error with the exact command that regenerates the file.
+# Needs at module top: import os, re, socket / from typing import Optional
+OGBENCH_DATA_DIR = "~/.ogbench/data"
+CUBE_PLAY_EPISODES = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000}  # official sizes
+ORACLE_STEPS_PER_SEC = 200  # per CPU core, measured with bench/bench_generate.py (README, Data)
+
+
+def resolve_env_id(env: str, task: Optional[int] = None) -> str:
+    """'cube-triple-play' -> 'cube-triple-play-singletask-task2-v0'; full ids pass; --task N overrides."""
+    m = re.fullmatch(r"(cube-(single|double|triple|quadruple)-play)(-singletask)?(-task([1-5]))?(-v0)?", env)
+    if m is None:
+        valid = ", ".join(f"cube-{k}-play" for k in CUBE_PLAY_EPISODES)
+        raise SystemExit(f"error: unknown env '{env}'; valid: {valid} (or a full id like cube-double-play-singletask-task2-v0)")
+    if task is not None and not 1 <= task <= 5:
+        raise SystemExit(f"error: --task must be in 1..5, got {task}")
+    task = task if task is not None else int(m.group(5) or 2)  # task 2: the paper's default
+    return f"{m.group(1)}-singletask-task{task}-v0"
+
+
+def generate_command(dataset_file: str) -> str:
+    """The scripts/generate_ogbench_dataset.py command that regenerates `dataset_file`, and how long it takes."""
+    out_dir, name = os.path.split(os.path.abspath(os.path.expanduser(dataset_file)))
+    m = re.fullmatch(r"cube-(single|double|triple|quadruple)-(play|expert-task([1-5]))-v0\.npz", name)
+    if m is None:
+        return "python scripts/generate_ogbench_dataset.py --help  (no standard dataset name; see the README's Data section)"
+    cmd = f"python scripts/generate_ogbench_dataset.py --env cube-{m.group(1)}-play"
+    if m.group(3):
+        cmd += f" --kind expert --task {m.group(3)}"
+    if out_dir != os.path.abspath(os.path.expanduser(OGBENCH_DATA_DIR)):
+        cmd += f" --out-dir {out_dir}"
+    if m.group(3):
+        return cmd  # expert demos stop once solved: minutes, not hours
+    steps = int(CUBE_PLAY_EPISODES[m.group(1)] * 1.1) * 1001  # +10% validation episodes of 1001 steps
+    cores = os.cpu_count() or 1
+    minutes = steps / (ORACLE_STEPS_PER_SEC * cores) / 60
+    return f"{cmd}\n  ({steps / 1e6:.1f}M oracle steps: about {minutes:.0f} min on {cores} CPU cores, faster with more)"
+
+
+def load_ogbench(env_id: str, dataset_path: Optional[str] = None, compact: bool = False, timeout: float = 30.0):
+    """(env, train_dataset, val_dataset) for a singletask id such as cube-double-play-singletask-task2-v0."""
+    import ogbench
+
+    splits = env_id.split("-")
+    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])  # cube-double-play-v0
+    if dataset_path is not None:
+        dataset_path = os.path.abspath(os.path.expanduser(dataset_path))
+        val_path = dataset_path.replace(".npz", "-val.npz")  # ogbench's own rule for the -val twin
+        if not (os.path.isfile(dataset_path) and os.path.isfile(val_path)):
+            raise SystemExit(
+                f"error: --dataset-path {dataset_path} or its twin {os.path.basename(val_path)} does not exist. "
+                f"Create both with:\n  {generate_command(dataset_path)}"
+            )
+    else:
+        data_dir = os.path.expanduser(OGBENCH_DATA_DIR)
+        dataset_path = os.path.join(data_dir, f"{dataset_name}.npz")
+        val_path = os.path.join(data_dir, f"{dataset_name}-val.npz")
+        if not (os.path.isfile(dataset_path) and os.path.isfile(val_path)):
+            # ogbench's downloader sets no timeout; a default socket timeout bounds every connect and read,
+            # so a dead network fails after `timeout` seconds without progress instead of hanging.
+            old_timeout = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(timeout)
+            try:
+                ogbench.download_datasets([dataset_name], data_dir)
+            except (OSError, ValueError) as e:  # URLError, socket.timeout, ConnectionError are OSErrors
+                raise SystemExit(
+                    f"error: {dataset_name} is not in {data_dir} and downloading it failed "
+                    f"({type(e).__name__}: {e}). Regenerate it locally with:\n  {generate_command(dataset_path)}"
+                ) from None
+            finally:
+                socket.setdefaulttimeout(old_timeout)
+                for p in (dataset_path, val_path):  # the downloader's half-written <file>.tmp, if any
+                    if os.path.exists(p + ".tmp"):
+                        os.remove(p + ".tmp")
+    return ogbench.make_env_and_datasets(env_id, dataset_path=dataset_path, compact_dataset=compact)
+
+
+# ---- end of OGBench dataset resolution
 
 
 # ---- DBP networks: generators mu = gen(obs_hist, z), shared unchanged with dbpo_ppo.py (only torch imports)
@@ -123,3 +341,440 @@ def make_generator(backbone: str, **kwargs) -> nn.Module:
 
 
 # ---- end of DBP networks
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization, chunk indexing, receding horizon: small functions the tests import
+# ---------------------------------------------------------------------------------------------
+def compute_normalization(observations: np.ndarray, actions: np.ndarray) -> dict:
+    """Per-dimension stats from the data: obs_n = (obs - obs_offset) / obs_scale (z-score),
+    a_n = (a - action_offset) / action_scale (min-max to [-1, 1], as Diffusion Policy)."""
+    a_min, a_max = actions.min(0), actions.max(0)
+    return {
+        "obs_offset": torch.as_tensor(observations.mean(0), dtype=torch.float32),
+        "obs_scale": torch.as_tensor(np.maximum(observations.std(0), 1e-2), dtype=torch.float32),
+        "action_offset": torch.as_tensor((a_max + a_min) / 2, dtype=torch.float32),
+        "action_scale": torch.as_tensor(np.maximum((a_max - a_min) / 2, 1e-2), dtype=torch.float32),
+    }
+
+
+def episode_bounds(episode_ends: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """For every step i: the first and last index of its episode. episode_ends[i] = True at an episode's last step."""
+    ends = episode_ends.astype(bool).copy()
+    ends[-1] = True  # a trailing unfinished episode ends with the data
+    last = np.flatnonzero(ends)
+    first = np.concatenate([[0], last[:-1] + 1])
+    lengths = last - first + 1
+    return np.repeat(first, lengths), np.repeat(last, lengths)
+
+
+def chunk_indices(t: torch.Tensor, ep_first: torch.Tensor, ep_last: torch.Tensor, obs_horizon: int, pred_horizon: int):
+    """Data indices of the sample at step t (Diffusion Policy's alignment): the obs history o_{t-To+1..t} and
+    the chunk a_{t-To+1..t-To+Tp}, whose index To-1 is the action taken at t. Indices are clamped to t's episode,
+    so they never cross a boundary: the history repeats the episode's first obs, the chunk repeats the first
+    action before the start and the LAST action after the end (padding)."""
+    t, lo, hi = t[:, None], ep_first[:, None], ep_last[:, None]  # [B, 1]
+    obs_idx = torch.clamp(t - (obs_horizon - 1) + torch.arange(obs_horizon, device=t.device), lo, hi)  # [B, To]
+    act_idx = torch.clamp(t - (obs_horizon - 1) + torch.arange(pred_horizon, device=t.device), lo, hi)  # [B, Tp]
+    return obs_idx, act_idx
+
+
+def executed_slice(chunk: torch.Tensor, obs_horizon: int, action_horizon: int) -> torch.Tensor:
+    """The receding-horizon prefix that is executed: chunk[:, To-1 : To-1+Ta] (SPEC 4). chunk [B, Tp, da]."""
+    return chunk[:, obs_horizon - 1 : obs_horizon - 1 + action_horizon]
+
+
+def check_horizons(obs_horizon: int, pred_horizon: int, action_horizon: int) -> None:
+    """The paper's validity conditions: To <= Tp and To - 1 + Ta <= Tp, all >= 1."""
+    if min(obs_horizon, pred_horizon, action_horizon) < 1 or obs_horizon > pred_horizon or obs_horizon - 1 + action_horizon > pred_horizon:
+        raise SystemExit(
+            f"error: need 1 <= --obs-horizon <= --pred-horizon and obs_horizon - 1 + action_horizon <= pred_horizon "
+            f"(the executed slice must lie in the chunk); got To={obs_horizon}, Tp={pred_horizon}, Ta={action_horizon}"
+        )
+
+
+class Policy(nn.Module):
+    """Generator + normalization: raw obs history -> raw action chunk, clipped to the env's bounds (1 NFE)."""
+
+    def __init__(self, gen: nn.Module, stats: dict, action_low, action_high):
+        super().__init__()
+        self.gen = gen
+        for k, v in stats.items():
+            self.register_buffer(k, torch.as_tensor(v, dtype=torch.float32).clone())
+        self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32).clone())
+        self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32).clone())
+
+    def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_offset) / self.obs_scale  # obs_n = (obs - offset) / scale
+
+    def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        return (action - self.action_offset) / self.action_scale
+
+    @torch.no_grad()
+    def forward(self, obs_hist: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        chunk_n = self.gen(self.normalize_obs(obs_hist), z)  # [B, Tp, da] normalized
+        chunk = chunk_n * self.action_scale + self.action_offset  # a = a_n * scale + offset
+        return torch.maximum(torch.minimum(chunk, self.action_high), self.action_low)
+
+    def stats(self) -> dict:
+        return {k: getattr(self, k).detach().cpu().clone() for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
+
+
+def load_policy(ckpt: dict) -> Policy:
+    """Rebuild the EMA policy stored in a checkpoint dict (see the README's checkpoint format)."""
+    gen = make_generator(ckpt["backbone"], **ckpt["generator_kwargs"])
+    gen.load_state_dict(ckpt["model"])
+    stats = {k: ckpt[k] for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
+    return Policy(gen, stats, ckpt["action_low"], ckpt["action_high"]).eval()
+
+
+def rollout(env, chunk_fn: Callable[[np.ndarray], np.ndarray], obs_horizon: int, action_horizon: int, seed: int, max_steps: Optional[int] = None) -> dict:
+    """One episode with receding-horizon control. chunk_fn(obs_hist [To, obs_dim]) -> chunk [Tp, da];
+    execute chunk[To-1 : To-1+Ta] step by step (stopping early if the episode ends), then replan."""
+    obs, info = env.reset(seed=seed)
+    history = deque([obs] * obs_horizon, maxlen=obs_horizon)  # at reset the first obs fills the history
+    ep_return, length, done = 0.0, 0, False
+    while not done:
+        chunk = chunk_fn(np.stack(history))  # [Tp, da]
+        for action in chunk[obs_horizon - 1 : obs_horizon - 1 + action_horizon]:  # the executed slice
+            obs, reward, terminated, truncated, info = env.step(action)
+            history.append(obs)
+            ep_return, length = ep_return + float(reward), length + 1
+            done = terminated or truncated or (max_steps is not None and length >= max_steps)
+            if done:
+                break
+    return {"return": ep_return, "length": length, "success": float(info.get("success", 0.0))}
+
+
+def evaluate(policy: Policy, env, episodes: int, obs_horizon: int, action_horizon: int, seed: int, device) -> dict:
+    """Mean return / success / length over `episodes` seeded episodes; z drawn from a generator seeded with
+    `seed`, so a policy and its reloaded copy act identically."""
+    z_rng = torch.Generator(device="cpu").manual_seed(seed)
+    gen = policy.gen
+
+    def chunk_fn(obs_hist: np.ndarray) -> np.ndarray:
+        z = torch.randn(1, gen.pred_horizon, gen.action_dim, generator=z_rng).to(device)  # [1, Tp, da]
+        obs_t = torch.as_tensor(obs_hist, dtype=torch.float32, device=device)[None]  # [1, To, obs_dim]
+        return policy(obs_t, z)[0].cpu().numpy()
+
+    results = [rollout(env, chunk_fn, obs_horizon, action_horizon, seed=seed + 10_000 + i) for i in range(episodes)]
+    return {k: float(np.mean([r[k] for r in results])) for k in ("return", "success", "length")}
+
+
+def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, loss: str = "drift", num_hypotheses: int = 4,
+                 drift_mode: str = "chunk", field: str = "official", temperatures=(0.02, 0.05, 0.2), bandwidth: float = 1.0):
+    """DBP loss for a batch of normalized obs histories [B, To, obs_dim] and expert chunks [B, Tp, da].
+    Returns (scalar loss, info dict of detached tensors)."""
+    B, Tp, da = chunk.shape
+    if loss == "mse":  # deterministic regression: one output per observation, z fixed to 0
+        pred = gen(obs_hist, torch.zeros_like(chunk))  # [B, Tp, da]
+        mse = (pred - chunk).pow(2).mean()
+        return mse, {"chunk_mse": mse.detach()}
+    G = num_hypotheses
+    z = torch.randn(B * G, Tp, da, device=chunk.device)  # z ~ N(0, I), one per hypothesis
+    x = gen(obs_hist.repeat_interleave(G, dim=0), z).view(B, G, Tp, da)  # G hypotheses per observation
+    info = {"chunk_mse": (x[:, 0] - chunk).pow(2).mean().detach(), "hypothesis_std": x.std(dim=1).mean().detach()}
+    if drift_mode == "chunk":  # one drift on the flattened chunk: S = Tp * da
+        gens, poss = [x.reshape(B, G, Tp * da)], [chunk.reshape(B, 1, Tp * da)]
+    else:  # step mode: the same objective on each step slice (S = da), averaged over the Tp steps
+        gens, poss = [x[:, :, t] for t in range(Tp)], [chunk[:, None, t] for t in range(Tp)]
+    if field == "gaussian":
+        # V = V_p+ - V_q-, Gaussian kernel of bandwidth h, negatives = the hypotheses themselves (SPEC 2.1).
+        # No global scale, so all step slices can go in one batched call.
+        g = torch.cat(gens, dim=0)  # [B or B*Tp, G, S]
+        V = drift_field.mean_shift_field(g, torch.cat(poss, dim=0), g.detach(), bandwidth)
+        total = (g - (g + V).detach()).pow(2).mean()  # L = || x - sg(x + V(x)) ||^2
+        info["drift_sq"] = V.pow(2).mean().detach()
+        return total, info
+    total = 0.0
+    for g, p in zip(gens, poss):  # official loss (SPEC 2.2): one call per drifting space (its own global scale)
+        l, inf = drift_field.drift_loss(g, p, temperatures=temperatures)  # [B]
+        total = total + l.mean() / len(gens)
+        for k, v in inf.items():
+            info[k] = info.get(k, 0.0) + v.detach() / len(gens)
+    return total, info
+
+
+def ema_decay(k: int, power: float, max_decay: float) -> float:
+    """Decay for the k-th EMA update (k = 0, 1, ...), as Diffusion Policy's EMAModel: 0 for the first two
+    updates (the EMA starts as a copy), then 1 - (1 + k - 1)^-power, capped."""
+    step = k - 1
+    return 0.0 if step <= 0 else min(max_decay, 1.0 - (1.0 + step) ** -power)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.mul_(decay).add_(p.detach(), alpha=1.0 - decay)  # theta_ema <- d theta_ema + (1 - d) theta
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup over `warmup` steps, then constant or cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fail(msg: str):
+    raise SystemExit(f"error: {msg}")
+
+
+def check_actions_in_bounds(actions: np.ndarray, space, env_id: str) -> None:
+    """Bad data check: every action inside the env's Box bounds (a dataset for another env usually is not)."""
+    low, high = np.asarray(space.low, np.float64), np.asarray(space.high, np.float64)
+    if actions.ndim != 2 or actions.shape[1] != low.shape[0]:
+        fail(f"dataset actions have shape {actions.shape}, but {env_id} has action dim {low.shape[0]}; is the dataset for this env?")
+    bad = np.flatnonzero(((actions < low - 1e-4) | (actions > high + 1e-4)).any(1))
+    if len(bad):
+        i = bad[0]
+        fail(f"{len(bad)} dataset actions lie outside {env_id}'s action bounds [{low.min():g}, {high.max():g}] "
+             f"(first at index {i}: {np.round(actions[i], 3).tolist()}); is the dataset for this env, and unnormalized?")
+
+
+def is_ogbench(env: str) -> bool:
+    return env.startswith("cube-")
+
+
+def make_eval_env(env_id: str, render: bool = False):
+    """The evaluation env: OGBench singletask (episodes end at success) or a gymnasium env."""
+    kwargs = {"render_mode": "rgb_array"} if render else {}
+    if "singletask" in env_id:
+        import ogbench
+
+        return ogbench.make_env_and_datasets(env_id, env_only=True, **kwargs)
+    return gym.make(env_id, **kwargs)
+
+
+def load_demonstrations(args: Args):
+    """(env, env_id, observations [N, obs_dim], actions [N, da], episode_ends [N]) with early, clear errors."""
+    if is_ogbench(args.env):
+        env_id = resolve_env_id(args.env, args.task)
+        if args.dataset_path is not None:  # check the keys first: ogbench would die with a bare KeyError
+            path = os.path.abspath(os.path.expanduser(args.dataset_path))
+            if os.path.isfile(path):
+                with np.load(path) as f:
+                    missing = [k for k in ("observations", "actions", "terminals") if k not in f.files]
+                if missing:
+                    fail(f"{path} lacks the keys {missing}; an OGBench dataset needs observations, actions, terminals")
+        env, train, _ = load_ogbench(env_id, args.dataset_path)
+        # ogbench drops each episode's final state (it has no next state) and marks the new last step terminal
+        obs, actions, ends = train["observations"], train["actions"], train["terminals"]
+    else:
+        env_id = args.env
+        if args.dataset_path is None:
+            fail(f"--env {args.env} is not an OGBench cube env, so it needs --dataset-path to a D4RL-layout .npz "
+                 f"(observations, actions, rewards, terminals, timeouts)")
+        path = os.path.abspath(os.path.expanduser(args.dataset_path))
+        if not os.path.isfile(path):
+            fail(f"--dataset-path {path} does not exist")
+        with np.load(path) as f:
+            missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f.files]
+            if missing:
+                fail(f"{path} lacks the keys {missing}; a D4RL-layout .npz has observations, actions, rewards, terminals, timeouts")
+            data = {k: f[k] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        try:
+            env = gym.make(env_id)
+        except gym.error.Error as e:
+            fail(f"cannot make gymnasium env '{env_id}' ({e}); use a gymnasium MuJoCo id like Hopper-v5 or an OGBench cube env")
+        obs, actions = data["observations"].astype(np.float32), data["actions"].astype(np.float32)
+        lengths = {k: len(v) for k, v in data.items()}
+        if len(set(lengths.values())) != 1:
+            fail(f"{path}: arrays have different lengths {lengths}; they must all have one entry per step")
+        ends = np.logical_or(data["terminals"] > 0, data["timeouts"] > 0)
+        obs_dim = env.observation_space.shape[0]
+        if obs.ndim != 2 or obs.shape[1] != obs_dim:
+            fail(f"dataset observations have shape {obs.shape}, but {env_id} observations have dim {obs_dim}")
+    if len(obs) == 0 or len(obs) != len(actions) or len(actions) != len(ends):
+        fail(f"dataset lengths disagree or are empty: observations {len(obs)}, actions {len(actions)}, episode markers {len(ends)}")
+    if not (np.isfinite(obs).all() and np.isfinite(actions).all()):
+        fail("dataset has NaN or infinite observations/actions")
+    check_actions_in_bounds(actions, env.action_space, env_id)
+    return env, env_id, obs.astype(np.float32), actions.astype(np.float32), np.asarray(ends).astype(bool)
+
+
+def save_checkpoint(path: str, ckpt: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+
+
+ARCH_KEYS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", "obs_horizon", "pred_horizon", "loss")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # ---- evaluation only: everything needed is in the checkpoint ----
+    if args.eval_only:
+        if args.checkpoint is None or not os.path.isfile(args.checkpoint):
+            fail(f"--eval-only needs --checkpoint PATH to an existing dbp_bc.pt (got {args.checkpoint})")
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        policy = load_policy(ckpt).to(device)
+        env = make_eval_env(ckpt["env_id"])
+        t0 = time.time()
+        res = evaluate(policy, env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
+        print(f"eval-only {ckpt['env_id']} step {ckpt['step']}: eval/success={res['success']:.4f} "
+              f"eval/episodic_return={res['return']:.4f} eval/episode_length={res['length']:.1f} "
+              f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)")
+        raise SystemExit(0)
+
+    # ---- checks that need no data ----
+    check_horizons(args.obs_horizon, args.pred_horizon, args.action_horizon)
+    if args.loss == "drift" and args.num_hypotheses < 2:
+        print("warning: --num-hypotheses 1 leaves the hypotheses nothing to repel; the paper finds G=1 much worse")
+    if args.backbone == "unet" and args.pred_horizon % (2 ** (len(args.unet_dims) - 1)) != 0:
+        fail(f"--backbone unet halves the chunk {len(args.unet_dims) - 1} times: --pred-horizon {args.pred_horizon} must be divisible by {2 ** (len(args.unet_dims) - 1)}")
+    if args.backbone == "unet" and any(d % args.unet_groups for d in args.unet_dims):
+        fail(f"--unet-groups {args.unet_groups} must divide every --unet-dims width {args.unet_dims}")
+    resume_ckpt = None
+    if args.resume is not None:
+        if not os.path.isfile(args.resume):
+            fail(f"--resume {args.resume} does not exist")
+        resume_ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        old = resume_ckpt["args"]
+        diff = {k: (old[k], getattr(args, k)) for k in ARCH_KEYS + ("env", "task", "dataset_path", "seed") if old[k] != (list(getattr(args, k)) if isinstance(getattr(args, k), tuple) else getattr(args, k))}
+        if diff:
+            fail(f"--resume: these flags differ from the checkpoint's run (checkpoint, now): {diff}")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # ---- data: normalized tensors + per-step episode bounds ----
+    env, env_id, observations, actions, episode_ends = load_demonstrations(args)
+    obs_dim, action_dim = observations.shape[1], actions.shape[1]
+    stats = compute_normalization(observations, actions)
+    obs_n = ((torch.as_tensor(observations) - stats["obs_offset"]) / stats["obs_scale"]).to(device)  # [N, obs_dim]
+    act_n = ((torch.as_tensor(actions) - stats["action_offset"]) / stats["action_scale"]).to(device)  # [N, da]
+    ep_first, ep_last = (torch.as_tensor(a, device=device) for a in episode_bounds(episode_ends))  # [N] each
+    num_episodes = int(episode_ends.sum() + (not episode_ends[-1]))
+    print(f"{env_id}: {len(observations)} steps in {num_episodes} episodes, obs dim {obs_dim}, action dim {action_dim}")
+
+    # ---- generator, its EMA copy, optimizer ----
+    To, Tp, Ta = args.obs_horizon, args.pred_horizon, args.action_horizon
+    gen_kwargs = dict(obs_dim=obs_dim, action_dim=action_dim, obs_horizon=To, pred_horizon=Tp)
+    if args.backbone == "mlp":
+        gen_kwargs.update(hidden_dim=args.hidden_dim, depth=args.depth)
+    else:
+        gen_kwargs.update(down_dims=list(args.unet_dims), kernel_size=args.unet_kernel_size, n_groups=args.unet_groups)
+    gen = make_generator(args.backbone, **gen_kwargs).to(device)
+    ema_gen = make_generator(args.backbone, **gen_kwargs).to(device)
+    ema_gen.load_state_dict(gen.state_dict())
+    ema_gen.requires_grad_(False)
+    optimizer = torch.optim.AdamW(gen.parameters(), lr=args.learning_rate, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
+    a_low, a_high = env.action_space.low, env.action_space.high
+    policy = Policy(ema_gen, stats, a_low, a_high).to(device).eval()  # what is evaluated and saved
+    start_step, global_time = 0, 0.0
+    if resume_ckpt is not None:
+        gen.load_state_dict(resume_ckpt["train_model"])
+        ema_gen.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        start_step, global_time = resume_ckpt["step"], resume_ckpt["global_time"]
+        random.setstate(resume_ckpt["rng"]["python"])
+        np.random.set_state(resume_ckpt["rng"]["numpy"])
+        torch.set_rng_state(resume_ckpt["rng"]["torch"])
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        run_name = os.path.basename(run_dir)
+        print(f"resuming {run_name} at step {start_step}")
+    else:
+        run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt_path = os.path.join(run_dir, "dbp_bc.pt")
+    print(f"generator: {args.backbone}, {sum(p.numel() for p in gen.parameters())} parameters; run dir {run_dir}")
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+
+    def make_checkpoint(step: int) -> dict:
+        return {
+            "format": "dbp-v1", "args": json.loads(json.dumps(asdict(args))), "env_id": env_id,
+            "obs_dim": obs_dim, "action_dim": action_dim, "obs_horizon": To, "pred_horizon": Tp, "action_horizon": Ta,
+            "backbone": args.backbone, "generator_kwargs": gen_kwargs, "loss": args.loss,
+            "model": {k: v.cpu() for k, v in ema_gen.state_dict().items()},
+            **{k: v.cpu() for k, v in policy.stats().items()},
+            "action_low": torch.as_tensor(a_low, dtype=torch.float32), "action_high": torch.as_tensor(a_high, dtype=torch.float32),
+            "step": step,
+            # training state, for an exact --resume
+            "train_model": {k: v.cpu() for k, v in gen.state_dict().items()}, "optimizer": optimizer.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "global_time": global_time,
+        }
+
+    def run_eval(step: int, capture_video: bool = False) -> dict:
+        eval_env = env
+        if capture_video:
+            eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True), os.path.join(run_dir, "videos"), episode_trigger=lambda i: i == 0)
+        t0 = time.time()
+        res = evaluate(policy, eval_env, args.eval_episodes, To, Ta, args.seed, device)
+        for k in ("success", "return", "length"):
+            writer.add_scalar("eval/episodic_return" if k == "return" else f"eval/{k}" if k == "success" else "eval/episode_length", res[k], step)
+        print(f"eval step {step}: eval/success={res['success']:.4f} eval/episodic_return={res['return']:.4f} "
+              f"eval/episode_length={res['length']:.1f} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)")
+        if capture_video:
+            eval_env.close()
+        return res
+
+    # ---- training loop: sample (obs history, expert chunk), drift G hypotheses toward it, EMA, repeat ----
+    N = len(obs_n)
+    t_start, step_start_time = time.time(), time.time()
+    for step in range(start_step, args.total_steps):
+        lr = args.learning_rate * lr_factor(step, args.warmup_steps, args.total_steps, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t = torch.randint(0, N, (args.batch_size,), device=device)  # [B] "now" indices
+        obs_idx, act_idx = chunk_indices(t, ep_first[t], ep_last[t], To, Tp)
+        obs_hist, chunk = obs_n[obs_idx], act_n[act_idx]  # [B, To, obs_dim], [B, Tp, da]
+        loss, info = compute_loss(gen, obs_hist, chunk, args.loss, args.num_hypotheses, args.drift_mode,
+                                  args.drift_field, args.temperatures, args.bandwidth)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(gen.parameters(), args.max_grad_norm)
+        optimizer.step()
+        decay = ema_decay(step, args.ema_power, args.ema_max_decay)
+        ema_update(ema_gen, gen, decay)
+        done_steps = step + 1
+
+        if done_steps % args.log_interval == 0 or done_steps == args.total_steps:
+            now = time.time()
+            sps = (done_steps - start_step) / max(now - t_start, 1e-9)
+            eta = (args.total_steps - done_steps) / max(sps, 1e-9)
+            writer.add_scalar("losses/loss", loss.item(), done_steps)  # .item(): a sync point, only every log_interval
+            writer.add_scalar("losses/grad_norm", grad_norm.item(), done_steps)
+            for k, v in info.items():
+                writer.add_scalar(f"losses/{k}", float(v), done_steps)
+            writer.add_scalar("charts/learning_rate", lr, done_steps)
+            writer.add_scalar("charts/ema_decay", decay, done_steps)
+            writer.add_scalar("charts/SPS", sps, done_steps)
+            print(f"step {done_steps}/{args.total_steps} | loss {loss.item():.4f} | chunk_mse {float(info['chunk_mse']):.4f} "
+                  f"| SPS {sps:.0f} | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+        if args.eval_interval > 0 and done_steps % args.eval_interval == 0 and done_steps != args.total_steps:
+            run_eval(done_steps)
+        if args.checkpoint_interval > 0 and done_steps % args.checkpoint_interval == 0 and done_steps != args.total_steps:
+            global_time += time.time() - step_start_time
+            step_start_time = time.time()
+            save_checkpoint(ckpt_path, make_checkpoint(done_steps))
+
+    global_time += time.time() - step_start_time
+    if args.save_model or args.checkpoint_interval > 0:
+        save_checkpoint(ckpt_path, make_checkpoint(args.total_steps))
+        print(f"saved {ckpt_path}")
+    res = run_eval(args.total_steps, capture_video=args.capture_video)
+    print(f"done: {args.total_steps} steps, train time {global_time / 60:.1f} min")
+    env.close()
+    writer.close()
