@@ -47,6 +47,8 @@ class Args:
     """the entity (team) of wandb's project"""
     capture_video: bool = False
     """whether to capture videos of the evaluation episodes (first eval env, `videos/{run_name}`)"""
+    num_threads: Optional[int] = None
+    """torch CPU threads (default: torch's choice; 1 is much faster on a busy shared CPU)"""
     save_model: bool = False
     """whether to save the fine-tuned model to `runs/{run_name}/dbpo_ppo.pt` (a dbp_bc.py-format checkpoint)"""
 
@@ -581,6 +583,8 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup: SAME_STEP autoreset, so a finished episode's last observation arrives in infos["final_obs"]
