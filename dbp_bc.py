@@ -546,7 +546,11 @@ def make_eval_env(env_id: str, render: bool = False):
     if "singletask" in env_id:
         import ogbench
 
-        return ogbench.make_env_and_datasets(env_id, env_only=True, **kwargs)
+        env = ogbench.make_env_and_datasets(env_id, env_only=True)
+        if render:  # OGBench's render() always returns an RGB array but leaves render_mode None
+            env.unwrapped.render_mode = "rgb_array"
+            env.unwrapped.metadata = {**env.unwrapped.metadata, "render_modes": ["rgb_array"], "render_fps": 20}
+        return env
     return gym.make(env_id, **kwargs)
 
 

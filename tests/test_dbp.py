@@ -220,7 +220,7 @@ def test_drift_covers_both_modes_mse_averages():
 # ---------------------------------------------------------------------------------------------
 def test_smoke_mlp_save_and_eval_only_acts_identically(d4rl_file, tmp_path):
     p = run(["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "30", "--save-model",
-             "--runs-dir", str(tmp_path), "--seed", "3"], tmp_path)
+             "--capture-video", "--runs-dir", str(tmp_path), "--seed", "3"], tmp_path)
     assert "SPS" in p.stdout and "ETA" in p.stdout
     run_dir = next(d for d in (tmp_path / x for x in os.listdir(tmp_path)) if d.is_dir() and d.name.startswith("InvertedPendulum"))
     ckpt = torch.load(run_dir / "dbp_bc.pt", weights_only=False)
@@ -229,6 +229,7 @@ def test_smoke_mlp_save_and_eval_only_acts_identically(d4rl_file, tmp_path):
         assert k in ckpt, k
     assert ckpt["step"] == 30 and ckpt["env_id"] == "InvertedPendulum-v5" and (ckpt["obs_dim"], ckpt["action_dim"]) == (4, 1)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
+    assert any(f.endswith(".mp4") for f in os.listdir(run_dir / "videos"))  # --capture-video
     # the reloaded checkpoint acts identically: same evaluation numbers as the training run's final eval
     q = run(["--eval-only", "--checkpoint", str(run_dir / "dbp_bc.pt"), "--eval-episodes", "2", "--seed", "3", "--num-threads", "1"], tmp_path)
     assert last_eval(q.stdout) == last_eval(p.stdout)
