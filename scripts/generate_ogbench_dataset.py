@@ -23,7 +23,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless; nothing is rendered anyway
 
 import multiprocessing as mp
+import hashlib
+import json
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -63,6 +66,8 @@ class Args:
     """output folder (OGBench's default data folder, where the training scripts look)"""
     overwrite: bool = False
     """replace existing output files"""
+    resume: bool = True
+    """keep finished episodes in a hidden folder in --out-dir, so rerunning an interrupted command continues it; --no-resume starts over"""
     noise: float = 0.1
     """oracle plan noise (official play recipe: 0.1)"""
     noise_smoothing: float = 0.5
@@ -250,6 +255,10 @@ def run_episode(episode: int) -> dict:
     return {k: np.asarray(v, dtype=DTYPES[k]) for k, v in ep.items()}  # compact arrays cross the process pipe
 
 
+def indexed_episode(episode: int) -> tuple[int, dict]:
+    return episode, run_episode(episode)
+
+
 def play_episode(env, oracle, size: str, env_seed: int) -> dict:
     """The official play recipe: follow the plan; when it is done, set a new random target."""
     ob, info = env.reset(seed=env_seed)  # random arm pose, cube poses and first target
@@ -417,28 +426,43 @@ if __name__ == "__main__":
         flush=True,
     )
 
+    # Finished episodes go to a hidden parts folder named after everything that determines them; a rerun
+    # of the same command reuses them (every episode is seeded by --seed and its index alone).
+    key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    parts_dir = os.path.join(os.path.dirname(run["paths"][0]), f".{run['name']}-{key}.parts")
+    if not args.resume:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    os.makedirs(parts_dir, exist_ok=True)
+    part = lambda i: os.path.join(parts_dir, f"{i:06d}.npz")  # noqa: E731
+    todo = [i for i in range(total_episodes) if not os.path.exists(part(i))]
+    if len(todo) < total_episodes:
+        print(f"resuming: {total_episodes - len(todo)} episodes already done in {parts_dir}", flush=True)
+
     start = time.time()
-    episodes, steps, last_print = [], 0, start
+    done, steps, last_print = total_episodes - len(todo), 0, start
+    workers = min(workers, max(len(todo), 1))
+    pool = None
     if workers == 1:
-        init_worker(cfg)
-        results = map(run_episode, range(total_episodes))
-        pool = None
+        if todo:
+            init_worker(cfg)
+        results = ((i, run_episode(i)) for i in todo)
     else:
-        # spawn: fresh interpreters (no MuJoCo state inherited through fork); imap keeps episode order,
-        # so the output is the same for any --workers.
+        # spawn: fresh interpreters (no MuJoCo state inherited through fork). Results arrive in any order;
+        # the files are assembled by episode index, so they are the same for any --workers.
         pool = mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(cfg,))
-        results = pool.imap(run_episode, range(total_episodes), chunksize=1)
+        results = pool.imap_unordered(indexed_episode, todo, chunksize=1)
     try:
-        for ep in results:
-            episodes.append(ep)
-            steps += len(ep["actions"])
+        for i, ep in results:
+            with open(part(i) + ".tmp", "wb") as f:
+                np.savez(f, **ep)
+            os.replace(part(i) + ".tmp", part(i))
+            done, steps = done + 1, steps + len(ep["actions"])
             now = time.time()
-            if now - last_print >= 10 or len(episodes) == total_episodes:
+            if now - last_print >= 10 or done == total_episodes:
                 last_print = now
-                sps = steps / (now - start)
-                eta = (now - start) / len(episodes) * (total_episodes - len(episodes))
+                eta = (now - start) / (done - total_episodes + len(todo)) * (total_episodes - done)
                 print(
-                    f"episodes {len(episodes)}/{total_episodes} | steps {steps} | {sps:.0f} steps/s | "
+                    f"episodes {done}/{total_episodes} | {steps / (now - start):.0f} steps/s | "
                     f"elapsed {fmt_time(now - start)} | ETA {fmt_time(eta)}",
                     flush=True,
                 )
@@ -449,6 +473,10 @@ if __name__ == "__main__":
     gen_time = time.time() - start
 
     # Concatenate in episode order; the last val_episodes episodes form the -val file (as OGBench does).
+    episodes = []
+    for i in range(total_episodes):
+        with np.load(part(i)) as f:
+            episodes.append({k: f[k] for k in f.files})
     splits = {"train": episodes[: run["episodes"]], "val": episodes[run["episodes"] :]}
     tmps = []
     try:
@@ -462,9 +490,10 @@ if __name__ == "__main__":
         for tmp, _ in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    shutil.rmtree(parts_dir)
 
     print(f"wrote {run['paths'][0]} and {run['paths'][1]}")
-    print(f"{steps} steps in {fmt_time(gen_time)} ({steps / gen_time:.0f} steps/s with {workers} worker(s))")
+    print(f"{steps} new steps in {fmt_time(gen_time)} ({steps / max(gen_time, 1e-9):.0f} steps/s with {workers} worker(s))")
     if args.kind == "expert":
         succ = np.array([e["episode_success"][0] for e in episodes])
         print(f"success rate: {succ.mean():.3f} ({succ.sum()}/{len(succ)} episodes solved task {args.task})")

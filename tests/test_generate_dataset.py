@@ -156,14 +156,25 @@ def test_existing_file_needs_overwrite(tmp_path):
     assert target.read_bytes() == b"keep me" and os.listdir(tmp_path) == ["cube-single-play-v0.npz"]
 
 
-def test_interrupted_run_leaves_no_file(tmp_path):
-    cmd = [sys.executable, SCRIPT, "--out-dir", str(tmp_path), "--env", "cube-single-play", "--episodes", "100", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
-    assert proc.stdout.readline().startswith("generating cube-single-play-v0")
-    time.sleep(2.0)  # mid-generation
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
-    assert os.listdir(tmp_path) == []
+def test_interrupted_run_leaves_no_file_and_resumes(play_single, tmp_path):
+    flags = ["--env", "cube-single-play", "--episodes", "3", "--episode-length", "60", "--workers", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--out-dir", str(tmp_path), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+    )
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:  # interrupt once the first episode is saved
+        if glob.glob(str(tmp_path / ".cube-single-play-v0-*.parts" / "*.npz")):
+            proc.send_signal(signal.SIGTERM)  # a killed run; Ctrl-C (SIGINT) also cleans up its workers
+            break
+        time.sleep(0.05)
+    if proc.wait(timeout=60) != 0:  # interrupted: hidden parts only, nothing that looks like a dataset
+        assert [f for f in os.listdir(tmp_path) if not f.startswith(".")] == []
+    proc = generate(tmp_path, *flags)  # the same command again finishes the job, with the same result
+    assert sorted(os.listdir(tmp_path)) == ["cube-single-play-v0-val.npz", "cube-single-play-v0.npz"]
+    for name in ("cube-single-play-v0.npz", "cube-single-play-v0-val.npz"):
+        a, b = load_npz(play_single / name), load_npz(tmp_path / name)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 # ---------------------------------------------------------------------------------------------
