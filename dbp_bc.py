@@ -384,6 +384,15 @@ def executed_slice(chunk: torch.Tensor, obs_horizon: int, action_horizon: int) -
     return chunk[:, obs_horizon - 1 : obs_horizon - 1 + action_horizon]
 
 
+def push_obs(obs_hist: np.ndarray, obs: np.ndarray, new_episode: Optional[np.ndarray] = None) -> np.ndarray:
+    """Vectorized history update for N envs: obs_hist [N, To, obs_dim] <- the last To observations after `obs`
+    [N, obs_dim]; rows with new_episode[i] (obs is a reset observation) are filled with obs, as at reset."""
+    out = np.concatenate([obs_hist[:, 1:], obs[:, None]], axis=1)  # drop the oldest, append the newest
+    if new_episode is not None and np.any(new_episode):
+        out[new_episode] = obs[new_episode, None]
+    return out
+
+
 def check_horizons(obs_horizon: int, pred_horizon: int, action_horizon: int) -> None:
     """The paper's validity conditions: To <= Tp and To - 1 + Ta <= Tp, all >= 1."""
     if min(obs_horizon, pred_horizon, action_horizon) < 1 or obs_horizon > pred_horizon or obs_horizon - 1 + action_horizon > pred_horizon:
@@ -540,10 +549,20 @@ def is_ogbench(env: str) -> bool:
     return env.startswith("cube-")
 
 
+def is_ogbench_id(env_id: str) -> bool:
+    return "singletask" in env_id
+
+
+def format_eval(res: dict, env_id: str) -> str:
+    """One parseable line: eval/success (OGBench singletask only), eval/episodic_return, eval/episode_length."""
+    success = f"eval/success={res['success']:.4f} " if is_ogbench_id(env_id) else ""
+    return f"{success}eval/episodic_return={res['return']:.4f} eval/episode_length={res['length']:.1f}"
+
+
 def make_eval_env(env_id: str, render: bool = False):
     """The evaluation env: OGBench singletask (episodes end at success) or a gymnasium env."""
     kwargs = {"render_mode": "rgb_array"} if render else {}
-    if "singletask" in env_id:
+    if is_ogbench_id(env_id):
         import ogbench
 
         env = ogbench.make_env_and_datasets(env_id, env_only=True)
@@ -607,7 +626,9 @@ def save_checkpoint(path: str, ckpt: dict) -> None:
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
 
 
-ARCH_KEYS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", "obs_horizon", "pred_horizon", "loss")
+# flags a --resume must share with the checkpoint's run (others, e.g. --total-steps or --eval-interval, may change)
+RESUME_KEYS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", "obs_horizon", "pred_horizon",
+               "action_horizon", "loss", "num_hypotheses", "drift_mode", "drift_field", "env", "task", "dataset_path", "seed")
 
 
 if __name__ == "__main__":
@@ -625,13 +646,16 @@ if __name__ == "__main__":
         env = make_eval_env(ckpt["env_id"])
         t0 = time.time()
         res = evaluate(policy, env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
-        print(f"eval-only {ckpt['env_id']} step {ckpt['step']}: eval/success={res['success']:.4f} "
-              f"eval/episodic_return={res['return']:.4f} eval/episode_length={res['length']:.1f} "
+        print(f"eval-only {ckpt['env_id']} step {ckpt['step']}: {format_eval(res, ckpt['env_id'])} "
               f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)")
         raise SystemExit(0)
 
     # ---- checks that need no data ----
     check_horizons(args.obs_horizon, args.pred_horizon, args.action_horizon)
+    if not (args.temperatures and all(r > 0 for r in args.temperatures)) or args.bandwidth <= 0:
+        fail(f"--temperatures must be positive numbers and --bandwidth positive; got {args.temperatures}, {args.bandwidth}")
+    if args.num_hypotheses < 1 or args.batch_size < 1:
+        fail("--num-hypotheses and --batch-size must be at least 1")
     if args.loss == "drift" and args.num_hypotheses < 2:
         print("warning: --num-hypotheses 1 leaves the hypotheses nothing to repel; the paper finds G=1 much worse")
     if args.backbone == "unet" and args.pred_horizon % (2 ** (len(args.unet_dims) - 1)) != 0:
@@ -643,8 +667,8 @@ if __name__ == "__main__":
         if not os.path.isfile(args.resume):
             fail(f"--resume {args.resume} does not exist")
         resume_ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        old = resume_ckpt["args"]
-        diff = {k: (old[k], getattr(args, k)) for k in ARCH_KEYS + ("env", "task", "dataset_path", "seed") if old[k] != (list(getattr(args, k)) if isinstance(getattr(args, k), tuple) else getattr(args, k))}
+        old, now = resume_ckpt["args"], json.loads(json.dumps(asdict(args)))  # json: tuples -> lists, as saved
+        diff = {k: (old[k], now[k]) for k in RESUME_KEYS if old[k] != now[k]}
         if diff:
             fail(f"--resume: these flags differ from the checkpoint's run (checkpoint, now): {diff}")
 
@@ -686,6 +710,8 @@ if __name__ == "__main__":
         random.setstate(resume_ckpt["rng"]["python"])
         np.random.set_state(resume_ckpt["rng"]["numpy"])
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
+        if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"])
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         run_name = os.path.basename(run_dir)
         print(f"resuming {run_name} at step {start_step}")
@@ -716,7 +742,8 @@ if __name__ == "__main__":
             "step": step,
             # training state, for an exact --resume
             "train_model": {k: v.cpu() for k, v in gen.state_dict().items()}, "optimizer": optimizer.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
             "global_time": global_time,
         }
 
@@ -726,10 +753,11 @@ if __name__ == "__main__":
             eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True), os.path.join(run_dir, "videos"), episode_trigger=lambda i: i == 0)
         t0 = time.time()
         res = evaluate(policy, eval_env, args.eval_episodes, To, Ta, args.seed, device)
-        for k in ("success", "return", "length"):
-            writer.add_scalar("eval/episodic_return" if k == "return" else f"eval/{k}" if k == "success" else "eval/episode_length", res[k], step)
-        print(f"eval step {step}: eval/success={res['success']:.4f} eval/episodic_return={res['return']:.4f} "
-              f"eval/episode_length={res['length']:.1f} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)")
+        writer.add_scalar("eval/episodic_return", res["return"], step)
+        writer.add_scalar("eval/episode_length", res["length"], step)
+        if is_ogbench_id(env_id):  # locomotion envs have no success signal
+            writer.add_scalar("eval/success", res["success"], step)
+        print(f"eval step {step}: {format_eval(res, env_id)} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)")
         if capture_video:
             eval_env.close()
         return res
