@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -438,6 +439,7 @@ if __name__ == "__main__":
     if len(todo) < total_episodes:
         print(f"resuming: {total_episodes - len(todo)} episodes already done in {parts_dir}", flush=True)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` unwinds like Ctrl-C: workers are stopped too
     start = time.time()
     done, steps, last_print = total_episodes - len(todo), 0, start
     workers = min(workers, max(len(todo), 1))
