@@ -609,6 +609,7 @@ if __name__ == "__main__":
                 shard_idx = (shard_idx + 1) % len(shards)
                 del train
                 env, train = load_data(env_id, shards[shard_idx], args.horizon, env)
+                writer.add_scalar("charts/shard", shard_idx, step)
             batch = sample_chunks(train, 0, len(train["observations"]), len(train["observations"]), rng,
                                   args.batch_size, args.horizon, args.discount)
             out = update(to_torch(batch), online=False)

@@ -93,15 +93,20 @@ def test_smoke_chunked_both_phases_checkpoint_and_eval_only(dataset, tmp_path):
     assert r.returncode != 0 and "checkpoint was made for cube-single-play-singletask-task1-v0" in r.stderr
 
 
-def test_smoke_horizon1_gaussian_soft_single_sample(dataset, tmp_path):
-    r = run([*ENV, *TINY, "--dataset-path", dataset, "--horizon", "1", "--drift-field", "gaussian", "--online-mode",
-             "soft", "--act-best-of", "1", "--offline-steps", "15", "--online-steps", "25", "--start-training", "5",
-             "--no-save-model"], tmp_path)
+def test_smoke_horizon1_gaussian_soft_single_sample_shards(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        write_dataset(str(shards / f"cube-single-play-v0-shard{i}.npz"), episodes=4, length=50, seed=10 + i)
+    r = run([*ENV, *TINY, "--dataset-dir", str(shards), "--shard-interval", "5", "--horizon", "1", "--drift-field",
+             "gaussian", "--online-mode", "soft", "--act-best-of", "1", "--offline-steps", "15", "--online-steps", "25",
+             "--start-training", "5", "--no-save-model"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "final cube-single-play-singletask-task1-v0 step 40: success" in r.stdout
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
     assert scalars(run_dir, "losses/drift_topk")[40] > 0
+    assert scalars(run_dir, "charts/shard") == {5: 1, 10: 0, 15: 1}  # one shard in memory, rotated
 
 
 def test_interrupt_and_resume_continue_the_run(dataset, tmp_path):
@@ -159,6 +164,9 @@ def test_bad_input_is_refused_with_a_clear_message(dataset, tmp_path):
     write_dataset(no_actions, 2, 30, 0, drop="actions")
     r = run([*ENV, "--dataset-path", no_actions], tmp_path)
     assert r.returncode != 0 and "could not read dataset" in r.stderr, r.stderr[-2000:]
+    r = run([*ENV, *TINY, "--dataset-path", dataset, "--offline-steps", "20", "--online-steps", "0", "--lr", "1e30"],
+            tmp_path)
+    assert r.returncode != 0 and "became non-finite by step" in r.stderr, r.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------ unit tests
