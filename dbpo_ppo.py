@@ -494,20 +494,26 @@ def compute_gae(rewards, values, dones, next_value, gamma, gae_lambda):
 
 
 class RewardScaler:
-    """Running reward scaling: r / std(G) with G_t = gamma * G_{t-1} + r_t per env, reset at episode ends."""
+    """Running reward scaling: r / std(G) with G_t = gamma * G_{t-1} + r_t per env, reset at episode ends.
+    The statistics take in a whole rollout before it is scaled, so the first rollout already gets a sensible
+    scale (updating per step would divide the first, identical returns by a near-zero std)."""
 
     def __init__(self, num_envs: int, gamma: float, epsilon: float = 1e-8):
         self.gamma, self.epsilon = gamma, epsilon
         self.returns = np.zeros(num_envs)
-        self.mean, self.var, self.count = 0.0, 1.0, epsilon
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
 
     def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        self.returns = self.returns * self.gamma + rewards
-        batch_mean, batch_var, n = self.returns.mean(), self.returns.var(), len(self.returns)
+        """rewards, dones: [T, N] of one rollout -> scaled rewards [T, N]."""
+        returns = np.zeros_like(rewards)
+        for t in range(len(rewards)):
+            self.returns = self.returns * self.gamma + rewards[t]
+            returns[t] = self.returns
+            self.returns[dones[t]] = 0.0
+        batch_mean, batch_var, n = returns.mean(), returns.var(), returns.size
         delta, total = batch_mean - self.mean, self.count + n  # parallel mean/variance update (Chan et al.)
         self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
         self.mean, self.count = self.mean + delta * n / total, total
-        self.returns[dones] = 0.0
         return rewards / np.sqrt(self.var + self.epsilon)
 
     def state_dict(self):
@@ -648,8 +654,8 @@ if __name__ == "__main__":
     z_buf = torch.zeros((T, N, Tp, act_dim), device=device)  # the latents: stored so the ratio is exact
     chunk_buf = torch.zeros((T, N, Tp, act_dim), device=device)  # sampled (clipped) normalized chunks
     logprob_buf = torch.zeros((T, N), device=device)
-    reward_buf = torch.zeros((T, N), device=device)
-    done_buf = torch.zeros((T, N), device=device)
+    raw_reward_buf, done_np = np.zeros((T, N)), np.zeros((T, N), dtype=bool)  # env rewards (summed over each chunk)
+    bootstrap_buf = torch.zeros((T, N), device=device)  # gamma * V(final obs) where an episode was truncated
     value_buf = torch.zeros((T, N), device=device)
 
     def run_eval(iterations_done):
@@ -687,16 +693,14 @@ if __name__ == "__main__":
             # TRY NOT TO MODIFY: execute the game and log data.
             next_obs, reward, terminations, truncations, infos = envs.step(agent.env_actions(chunk))
             dones = np.logical_or(terminations, truncations)
-            if args.reward_scaling:
-                reward = reward_scaler(reward, dones)
-            reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            raw_reward_buf[step], done_np[step], bootstrap_buf[step] = reward, dones, 0.0
             if "final_obs" in infos:
                 # bootstrap on truncation, not on termination: r_t += gamma * V(final obs); the episode still ends here
                 truncated_only = np.flatnonzero(infos["_final_obs"] & truncations & ~terminations)
                 if truncated_only.size:
                     final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated_only]), device=device)
                     with torch.no_grad():
-                        reward[truncated_only] += args.gamma * agent.get_value(agent.normalize_obs(final_obs))
+                        bootstrap_buf[step, truncated_only] = args.gamma * agent.get_value(agent.normalize_obs(final_obs))
                 final = infos["final_info"]
                 for i in np.flatnonzero(final["_episode"]):
                     episode_returns.append(float(final["episode"]["r"][i]))
@@ -704,7 +708,9 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_length", final["episode"]["l"][i], global_step)
                     if "success" in final and final["_success"][i]:
                         episode_successes.append(float(final["success"][i]))
-            reward_buf[step], done_buf[step] = reward, torch.as_tensor(dones, dtype=torch.float32, device=device)
+        rewards = reward_scaler(raw_reward_buf, done_np) if args.reward_scaling else raw_reward_buf
+        reward_buf = torch.as_tensor(rewards, dtype=torch.float32, device=device) + bootstrap_buf  # V is in scaled units
+        done_buf = torch.as_tensor(done_np, dtype=torch.float32, device=device)
         iteration_steps = sum(envs.get_attr("executed_steps")) - steps_before
         global_step += iteration_steps
         t1 = time.time()

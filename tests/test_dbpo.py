@@ -223,6 +223,26 @@ def test_gae_bootstraps_through_truncation_but_not_termination(D):
     torch.testing.assert_close(adv, expected - values)
 
 
+def test_reward_scaler_divides_by_the_std_of_discounted_returns_from_the_first_rollout(D):
+    gamma, T, N = 0.99, 25, 4
+    rewards, dones = -np.ones((T, N)), np.zeros((T, N), bool)
+    dones[9, 0] = True  # env 0's episode ends at decision 9
+    scaler = D.RewardScaler(N, gamma)
+    scaled = scaler(rewards, dones)
+    returns = np.zeros((T, N))
+    for i in range(N):
+        g = 0.0
+        for t in range(T):
+            g = gamma * g + rewards[t, i]
+            returns[t, i] = g
+            g = 0.0 if dones[t, i] else g
+    np.testing.assert_allclose(scaled, rewards / returns.std(), rtol=1e-6)  # identical per-step returns are no problem
+    np.testing.assert_allclose(scaler.returns, returns[-1])  # carried into the next rollout
+    second = scaler(rewards, np.zeros((T, N), bool))
+    both = np.concatenate([returns.ravel(), (returns[-1] * gamma ** np.arange(1, T + 1)[:, None] - np.cumsum(gamma ** np.arange(T))[:, None]).ravel()])
+    np.testing.assert_allclose(second, rewards / both.std(), rtol=1e-6)  # running statistics over both rollouts
+
+
 class CountingEnv(gym.Env):
     """obs = [t], reward = t + 1 at step t, terminates after `length` steps."""
 
