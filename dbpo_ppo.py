@@ -614,6 +614,8 @@ if __name__ == "__main__":
     reward_scaler = RewardScaler(args.num_envs, args.gamma)
     start_iteration, global_step = 1, 0
     if resume_state is not None:
+        if len(resume_state["reward_scaler"]["returns"]) != args.num_envs:
+            raise SystemExit(f"error: --resume {args.resume} ran with --num-envs {len(resume_state['reward_scaler']['returns'])}; resume with the same value")
         agent.load_state_dict(resume_state["agent"])
         actor_optimizer.load_state_dict(resume_state["actor_optimizer"])
         critic_optimizer.load_state_dict(resume_state["critic_optimizer"])
