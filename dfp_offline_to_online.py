@@ -4,7 +4,6 @@
 # Offline: drift the actor toward the data chunk (L_BC) while Q-chunking critics learn from the data.
 # Online: drift toward the top-K of N candidates of a slow EMA policy pi_old scored by the critic,
 #   L = lambda * L_topK + L_BC, with the replay buffer seeded by the offline data.
-import math
 import os
 import random
 import re
