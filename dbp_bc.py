@@ -141,6 +141,8 @@ class Args:
     """checkpoint to evaluate with --eval-only"""
     runs_dir: str = "runs"
     """where run folders (tensorboard, checkpoint, videos) go"""
+    run_name: Optional[str] = None
+    """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
 
 # ---- OGBench dataset resolution: the shared recipe. Every training script pastes this block unchanged
@@ -716,7 +718,7 @@ if __name__ == "__main__":
         run_name = os.path.basename(run_dir)
         print(f"resuming {run_name} at step {start_step}")
     else:
-        run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join(args.runs_dir, run_name)
     os.makedirs(run_dir, exist_ok=True)
     ckpt_path = os.path.join(run_dir, "dbp_bc.pt")

@@ -41,12 +41,12 @@ class Args:
     """if toggled, cuda will be enabled when available"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "cleanRL"
+    wandb_project_name: str = "drift-policies"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """whether to capture videos of the evaluation episodes (first eval env, `videos/{run_name}`)"""
+    """whether to capture videos of the evaluation episodes (first eval env, runs/<run>/videos)"""
     num_threads: Optional[int] = None
     """torch CPU threads (default: torch's choice; 1 is much faster on a busy shared CPU)"""
     save_model: bool = False
@@ -123,6 +123,10 @@ class Args:
     """a `state.pt` to continue from (networks, optimizers, reward scaler, counters, RNG); envs restart episodes"""
     eval_only: bool = False
     """only evaluate the checkpoint's mean path for num_eval_episodes episodes and exit"""
+    runs_dir: str = "runs"
+    """where run folders (tensorboard, state, model, videos) go"""
+    run_name: Optional[str] = None
+    """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
 
 # ---- DBP networks: generators mu = gen(obs_hist, z), shared unchanged with dbpo_ppo.py (only torch imports)
@@ -582,7 +586,8 @@ if __name__ == "__main__":
         if not os.path.isfile(args.resume):
             raise SystemExit(f"error: --resume {args.resume} does not exist (it is runs/<run_name>/state.pt of an earlier run)")
         resume_state = torch.load(args.resume, map_location="cpu", weights_only=False)
-    run_name = resume_state["run_name"] if resume_state else f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = resume_state["run_name"] if resume_state else args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if resume_state else os.path.join(args.runs_dir, run_name)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -596,7 +601,7 @@ if __name__ == "__main__":
     # env setup: SAME_STEP autoreset, so a finished episode's last observation arrives in infos["final_obs"]
     # in the same step (needed to bootstrap truncated episodes) and the returned observation is the reset one
     eval_envs = gym.vector.SyncVectorEnv(
-        [make_env(env_id, i, To, Ta, args.max_episode_steps, f"videos/{run_name}" if args.capture_video else None) for i in range(args.num_eval_envs)],
+        [make_env(env_id, i, To, Ta, args.max_episode_steps, os.path.join(run_dir, "videos") if args.capture_video else None) for i in range(args.num_eval_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     obs_dim, act_dim = eval_envs.single_observation_space.shape[-1], eval_envs.single_action_space.shape[-1]
@@ -641,7 +646,7 @@ if __name__ == "__main__":
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, monitor_gym=True, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
 
     envs = gym.vector.SyncVectorEnv(
@@ -777,7 +782,7 @@ if __name__ == "__main__":
         if args.eval_interval > 0 and (iteration % args.eval_interval == 0 or iteration == args.num_iterations):
             run_eval(iteration)
         if (args.save_interval > 0 and iteration % args.save_interval == 0) or iteration == args.num_iterations:
-            save_atomic(training_state(iteration), f"runs/{run_name}/state.pt")
+            save_atomic(training_state(iteration), os.path.join(run_dir, "state.pt"))
 
     print(f"timing: rollout {(global_step - steps_at_start) / max(rollout_time, 1e-9):.1f} env steps/s, "
           f"update {(global_step - steps_at_start) / max(update_time, 1e-9):.1f} env steps/s "
@@ -789,8 +794,8 @@ if __name__ == "__main__":
         model["anchor_model"] = {k: v.cpu() for k, v in agent.anchor.state_dict().items()}
         model["dbpo"] = {"log_std_head": agent.log_std_head.state_dict(), "critic": agent.critic.state_dict(),
                          "args": vars(args), "global_step": global_step}
-        save_atomic(model, f"runs/{run_name}/dbpo_ppo.pt")
-        print(f"model saved to runs/{run_name}/dbpo_ppo.pt")
+        save_atomic(model, os.path.join(run_dir, "dbpo_ppo.pt"))
+        print(f"model saved to {os.path.join(run_dir, 'dbpo_ppo.pt')}")
     envs.close()
     eval_envs.close()
     writer.close()

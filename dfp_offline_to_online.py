@@ -123,6 +123,10 @@ class Args:
     """only evaluate the policy of --checkpoint"""
     checkpoint: Optional[str] = None
     """checkpoint for --eval-only"""
+    runs_dir: str = "runs"
+    """where run folders (tensorboard, checkpoint, videos) go"""
+    run_name: Optional[str] = None
+    """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
 
 # ---- OGBench dataset resolution: the shared recipe. Every training script pastes this block unchanged
@@ -543,8 +547,8 @@ if __name__ == "__main__":
         raise SystemExit(0)
 
     # ---- logging ----
-    run_name = ckpt["run_name"] if ckpt is not None else f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    run_name = ckpt["run_name"] if ckpt is not None else args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name) if ckpt is None else os.path.dirname(os.path.abspath(args.resume))
     os.makedirs(run_dir, exist_ok=True)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if args.track:
