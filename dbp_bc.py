@@ -1,21 +1,23 @@
-"""DBP: Drift-Based Policy, one-step imitation of action chunks (SPEC section 4).
+"""DBP: Drift-Based Policy, one-step imitation of action chunks (arXiv 2604.03540; docs/algorithms.md §4).
 
 A generator mu = f_theta(o_{t-To+1..t}, z), z ~ N(0, I) of the chunk's shape, maps an observation history
 to a whole action chunk of Tp steps in ONE forward pass (1 NFE). It is trained by drifting: for each
 observation draw G hypotheses x_1..x_G = f(o, z_g); the expert chunk y+ attracts them and they repel each
 other (the generated samples are the negatives), and each x regresses onto its frozen drifted copy:
 
-    L = E || x - sg(x + V(x)) ||^2        (drift_field.drift_loss: SPEC 2.2; or the Gaussian field of 2.1)
+    L = E || x - sg(x + V(x)) ||^2        (drift_field.drift_loss, docs/algorithms.md §2; or the field of §1)
 
 At deployment: one z, one pass, and receding-horizon control: execute the Ta actions of the chunk that start
 at index To-1 (the chunk is aligned with the first observation of the history, so index To-1 is "now"),
 then replan. `--loss mse` trains the same network as a deterministic regressor (z = 0), the unimodal baseline.
+The defaults are the authors' training recipe (per-epoch schedule, EMA, min-max scaling, padding, 2% hold-out,
+U-Net 512-1024-2048); docs/dbp.md lists them and a CPU-sized recipe (--backbone mlp, fewer epochs).
 
 Data: OGBench singletask datasets (play, or expert demos from scripts/generate_ogbench_dataset.py --kind
 expert, via --dataset-path) or any D4RL-layout .npz with --env a gymnasium id (Hopper-v5).
 
   python dbp_bc.py --env cube-single-play --task 1 --dataset-path ~/.ogbench/data/cube-single-expert-task1-v0.npz
-  python dbp_bc.py --eval-only --checkpoint runs/<run>/dbp_bc.pt
+  python dbp_bc.py --eval-only --checkpoint runs/<run>/dbp_bc_*.pt
 """
 
 import os
@@ -26,7 +28,10 @@ import json
 import math
 import random
 import re
+import shlex
+import signal
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -46,7 +51,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (training, the 2% hold-out, and the evaluation episodes and latents)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -58,11 +63,19 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """whether to capture a video of the first final-evaluation episode (runs/<run>/videos)"""
-    save_model: bool = False
-    """whether to save the checkpoint runs/<run>/dbp_bc.pt at the end (EMA weights + normalization)"""
+    """record the first episode of the final evaluation to <run dir>/videos/"""
+    save_model: bool = True
+    """write <run dir>/dbp_bc.pt (atomically) every --save-interval steps, at the end and on SIGINT/SIGTERM"""
+    save_interval: int = 10_000
+    """gradient steps between checkpoints (0: only at the end and on a signal)"""
+    keep_checkpoints: int = 10
+    """also keep the policies of the last N saves as dbp_bc_<step>.pt (the paper averages the last 10; 0: none)"""
     num_threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    runs_dir: str = "runs"
+    """where run folders (tensorboard, checkpoints, videos) go"""
+    run_name: Optional[str] = None
+    """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
     # Data
     env: str = "cube-single-play"
@@ -71,78 +84,80 @@ class Args:
     """OGBench singletask task 1..5 (default: the id's task, else 2)"""
     dataset_path: Optional[str] = None
     """dataset .npz: an OGBench-format file (e.g. cube-single-expert-task1-v0.npz, needs its -val twin) or D4RL layout for gymnasium envs"""
+    val_ratio: float = 0.02
+    """fraction of the episodes held out for losses/val_loss (authors: 2%, at least one episode when > 0)"""
 
     # Algorithm specific arguments
     loss: Literal["drift", "mse"] = "drift"
     """drift: the DBP drift loss over G hypotheses; mse: deterministic regression with the same network (z = 0)"""
-    backbone: Literal["mlp", "unet"] = "mlp"
-    """generator: MLP on concat(obs history, z), or the 1-D conditional U-Net with FiLM (the paper's)"""
+    backbone: Literal["unet", "mlp"] = "unet"
+    """generator: the paper's 1-D conditional U-Net with FiLM, or an MLP on concat(obs history, z) (CPU-sized runs)"""
     hidden_dim: int = 512
     """MLP width"""
     depth: int = 3
     """MLP hidden layers"""
-    unet_dims: Tuple[int, ...] = (64, 128, 256)
-    """U-Net channel widths per level (the paper uses 256 512 1024); Tp must be divisible by 2^(levels-1)"""
+    unet_dims: Tuple[int, ...] = (512, 1024, 2048)
+    """U-Net channel widths per level (authors' code); Tp must be divisible by 2^(levels-1)"""
     unet_kernel_size: int = 5
-    """U-Net convolution kernel size"""
+    """U-Net convolution kernel size (odd)"""
     unet_groups: int = 8
     """U-Net GroupNorm groups (must divide every width)"""
-    obs_horizon: int = 2
-    """To: observations in the history the policy conditions on"""
-    pred_horizon: int = 16
-    """Tp: actions per predicted chunk"""
-    action_horizon: int = 8
-    """Ta: actions executed per chunk (receding horizon), starting at chunk index To-1"""
+    obs_horizon: Optional[int] = None
+    """To: observations in the history (default by env family: manipulation 2, locomotion 1)"""
+    pred_horizon: Optional[int] = None
+    """Tp: actions per predicted chunk (default: manipulation 16, locomotion 4)"""
+    action_horizon: Optional[int] = None
+    """Ta: actions executed per chunk from index To-1 (default: manipulation 8, locomotion 4)"""
     num_hypotheses: int = 4
     """G: hypotheses generated per observation in training (the paper's default 4; G=1 is much worse)"""
     drift_mode: Literal["chunk", "step"] = "chunk"
     """chunk: drift on the flattened Tp*da chunk (default, better); step: drift per time step, averaged"""
     drift_field: Literal["official", "gaussian"] = "official"
-    """official: the normalized multi-temperature loss of the published code (SPEC 2.2); gaussian: the mean-shift field (SPEC 2.1)"""
+    """official: the normalized multi-temperature loss of the published code (docs/algorithms.md §2); gaussian: the mean-shift field (§1)"""
     temperatures: Tuple[float, ...] = (0.02, 0.05, 0.2)
     """temperatures R of the official loss (code default; the paper's tuned value is 0.2 alone)"""
     bandwidth: float = 1.0
     """Gaussian kernel bandwidth h (normalized action units) for --drift-field gaussian"""
-    total_steps: int = 100_000
-    """gradient steps"""
+    num_epochs: int = 500
+    """training budget in epochs over the training samples (an epoch = floor(samples / batch size) gradient steps)"""
+    total_steps: Optional[int] = None
+    """training budget in gradient steps; overrides --num-epochs (the lr schedule then ends at the last epoch begun)"""
     batch_size: int = 64
     """observations per batch (each gets G hypotheses)"""
     learning_rate: float = 1e-4
-    """AdamW learning rate"""
-    adam_betas: Tuple[float, float] = (0.95, 0.999)
+    """peak AdamW learning rate, reached after --warmup-epochs"""
+    min_lr: float = 1e-5
+    """learning rate at the first epoch and at the end of the cosine decay"""
+    warmup_epochs: int = 100
+    """epochs of linear warmup from --min-lr to --learning-rate (the lr changes once per epoch, as the authors')"""
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
     """AdamW betas"""
     weight_decay: float = 1e-6
     """AdamW weight decay"""
-    warmup_steps: int = 500
-    """linear learning-rate warmup steps"""
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    """after warmup: cosine decay to 0 at --total-steps (as Diffusion Policy), or constant"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 10.0
     """gradient clipping norm"""
-    ema_max_decay: float = 0.9999
-    """EMA decay cap; decay_k = min(cap, 1 - (1 + k)^-power) (Diffusion Policy's EMAModel)"""
+    ema_every: int = 10
+    """update the EMA weights (what is evaluated and saved) every this many gradient steps"""
+    ema_start_epoch: int = 20
+    """before this epoch the EMA is a plain copy of the weights; then decay_k = min(max, 1 - (1 + k)^-power)"""
     ema_power: float = 0.75
     """EMA warmup power"""
+    ema_max_decay: float = 0.9999
+    """EMA decay cap"""
 
     # Evaluation, logging, checkpoints
     eval_interval: int = 10_000
-    """evaluate the EMA policy every this many steps (0: only at the end)"""
+    """evaluate the EMA policy every this many gradient steps (0: only at the end)"""
     eval_episodes: int = 10
     """episodes per evaluation"""
     log_interval: int = 500
-    """steps between progress lines / tensorboard scalars"""
-    checkpoint_interval: int = 0
-    """also write the checkpoint (atomically) every this many steps, for --resume (0: only at the end with --save-model)"""
+    """gradient steps between progress lines / tensorboard scalars (and the validation loss)"""
     resume: Optional[str] = None
     """continue a run exactly from its checkpoint (runs/<run>/dbp_bc.pt); architecture and data flags must match"""
     eval_only: bool = False
-    """only evaluate --checkpoint in its env and exit"""
-    checkpoint: Optional[str] = None
-    """checkpoint to evaluate with --eval-only"""
-    runs_dir: str = "runs"
-    """where run folders (tensorboard, checkpoint, videos) go"""
-    run_name: Optional[str] = None
-    """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
+    """only evaluate --checkpoint(s) and exit"""
+    checkpoint: Tuple[str, ...] = ()
+    """checkpoint(s) for --eval-only; several (e.g. the last 10 of 3 seeds): each one's result, then mean +- std and stderr"""
 
 
 # ---- OGBench dataset resolution: the shared recipe. Every training script pastes this block unchanged
@@ -346,18 +361,60 @@ def make_generator(backbone: str, **kwargs) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Normalization, chunk indexing, receding horizon: small functions the tests import
+# Bad input, signals
 # ---------------------------------------------------------------------------------------------
-def compute_normalization(observations: np.ndarray, actions: np.ndarray) -> dict:
-    """Per-dimension stats from the data: obs_n = (obs - obs_offset) / obs_scale (z-score),
-    a_n = (a - action_offset) / action_scale (min-max to [-1, 1], as Diffusion Policy)."""
-    a_min, a_max = actions.min(0), actions.max(0)
-    return {
-        "obs_offset": torch.as_tensor(observations.mean(0), dtype=torch.float32),
-        "obs_scale": torch.as_tensor(np.maximum(observations.std(0), 1e-2), dtype=torch.float32),
-        "action_offset": torch.as_tensor((a_max + a_min) / 2, dtype=torch.float32),
-        "action_scale": torch.as_tensor(np.maximum((a_max - a_min) / 2, 1e-2), dtype=torch.float32),
-    }
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check(cond, msg: str) -> None:
+    if not cond:
+        fail(msg)
+
+
+class Interrupted(Exception):
+    """Raised at a step boundary (or an env step in evaluation) after SIGINT/SIGTERM, so the run saves and exits."""
+
+
+STOP = {"signum": None, "raise_now": True}  # raise_now: before training nothing needs saving, so unwind at once
+
+
+def on_signal(signum, frame):
+    if STOP["signum"] is not None:
+        os._exit(128 + signum)  # a second signal: exit at once
+    STOP["signum"] = signum
+    if STOP["raise_now"]:
+        print(f"interrupted by {signal.Signals(signum).name} before training; nothing was saved", flush=True)
+        sys.exit(128 + signum)
+
+
+def check_stop() -> None:
+    if STOP["signum"] is not None:
+        raise Interrupted()
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization, sampling, schedules: small functions the tests import
+# ---------------------------------------------------------------------------------------------
+HORIZONS = {"manipulation": (2, 16, 8), "locomotion": (1, 4, 4)}  # (To, Tp, Ta) of the authors' task configs
+
+
+def default_horizons(env: str) -> Tuple[int, int, int]:
+    """OGBench cube (manipulation, as PushT/BlockPush/Kitchen) or a gymnasium locomotion env (as D4RL Hopper)."""
+    return HORIZONS["manipulation" if is_ogbench(env) else "locomotion"]
+
+
+def compute_normalization(observations: np.ndarray, actions: np.ndarray, range_eps: float = 1e-4) -> dict:
+    """Per-dimension min-max scaling to [-1, 1] of observations and actions (the authors' normalizer):
+    x_n = (x - offset) / scale, offset = (max + min) / 2, scale = (max - min) / 2; a constant dimension
+    (range < range_eps) gets scale 1, so it maps to 0."""
+    stats = {}
+    for name, x in (("obs", observations), ("action", actions)):
+        lo, hi = x.min(0).astype(np.float64), x.max(0).astype(np.float64)
+        stats[f"{name}_offset"] = torch.as_tensor((hi + lo) / 2, dtype=torch.float32)
+        stats[f"{name}_scale"] = torch.as_tensor(np.where(hi - lo < range_eps, 1.0, (hi - lo) / 2), dtype=torch.float32)
+    return stats
 
 
 def episode_bounds(episode_ends: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -368,6 +425,25 @@ def episode_bounds(episode_ends: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     first = np.concatenate([[0], last[:-1] + 1])
     lengths = last - first + 1
     return np.repeat(first, lengths), np.repeat(last, lengths)
+
+
+def holdout_episodes(num_episodes: int, val_ratio: float, seed: int) -> np.ndarray:
+    """Validation mask over episodes (the authors' split): round(ratio * n) episodes, at least 1 and at most
+    n - 1 (none for ratio 0 or a single episode), drawn with a generator seeded by `seed`."""
+    val = np.zeros(num_episodes, dtype=bool)
+    if val_ratio > 0 and num_episodes > 1:
+        k = min(max(1, round(num_episodes * val_ratio)), num_episodes - 1)
+        val[np.random.default_rng(seed).choice(num_episodes, size=k, replace=False)] = True
+    return val
+
+
+def sample_steps(episode_ends: np.ndarray, obs_horizon: int, pred_horizon: int, action_horizon: int) -> np.ndarray:
+    """The "now" steps t that can be samples (the authors' sequence sampler, pad_before = To-1, pad_after = Ta-1):
+    every t whose chunk a_{t-To+1 .. t-To+Tp} runs at most Ta-1 steps past its episode's last step. The history
+    may reach To-1 steps before the episode's start. Both are padded by repetition (chunk_indices)."""
+    _, last = episode_bounds(episode_ends)
+    t = np.arange(len(episode_ends))
+    return t[t - obs_horizon + pred_horizon - last <= action_horizon - 1]
 
 
 def chunk_indices(t: torch.Tensor, ep_first: torch.Tensor, ep_last: torch.Tensor, obs_horizon: int, pred_horizon: int):
@@ -382,7 +458,7 @@ def chunk_indices(t: torch.Tensor, ep_first: torch.Tensor, ep_last: torch.Tensor
 
 
 def executed_slice(chunk: torch.Tensor, obs_horizon: int, action_horizon: int) -> torch.Tensor:
-    """The receding-horizon prefix that is executed: chunk[:, To-1 : To-1+Ta] (SPEC 4). chunk [B, Tp, da]."""
+    """The receding-horizon prefix that is executed: chunk[:, To-1 : To-1+Ta] (docs/algorithms.md §4). chunk [B, Tp, da]."""
     return chunk[:, obs_horizon - 1 : obs_horizon - 1 + action_horizon]
 
 
@@ -397,11 +473,41 @@ def push_obs(obs_hist: np.ndarray, obs: np.ndarray, new_episode: Optional[np.nda
 
 def check_horizons(obs_horizon: int, pred_horizon: int, action_horizon: int) -> None:
     """The paper's validity conditions: To <= Tp and To - 1 + Ta <= Tp, all >= 1."""
-    if min(obs_horizon, pred_horizon, action_horizon) < 1 or obs_horizon > pred_horizon or obs_horizon - 1 + action_horizon > pred_horizon:
-        raise SystemExit(
-            f"error: need 1 <= --obs-horizon <= --pred-horizon and obs_horizon - 1 + action_horizon <= pred_horizon "
-            f"(the executed slice must lie in the chunk); got To={obs_horizon}, Tp={pred_horizon}, Ta={action_horizon}"
-        )
+    check(min(obs_horizon, pred_horizon, action_horizon) >= 1 and obs_horizon - 1 + action_horizon <= pred_horizon,
+          f"need 1 <= --obs-horizon, --action-horizon and obs_horizon - 1 + action_horizon <= pred_horizon "
+          f"(the executed slice must lie in the chunk); got To={obs_horizon}, Tp={pred_horizon}, Ta={action_horizon}")
+
+
+def lr_at(epoch: int, lr: float, min_lr: float, warmup_epochs: int, num_epochs: int) -> float:
+    """The authors' per-epoch schedule: linear min_lr -> lr over warmup_epochs, then cosine back to min_lr at num_epochs."""
+    if epoch < warmup_epochs:
+        return min_lr + (lr - min_lr) * epoch / warmup_epochs
+    progress = min(1.0, (epoch - warmup_epochs) / max(1, num_epochs - warmup_epochs))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_decay(k: int, power: float, max_decay: float) -> float:
+    """Decay for the k-th EMA update (k = 0, 1, ...), as Diffusion Policy's EMAModel: 0 for the first two
+    updates, then 1 - (1 + k - 1)^-power, capped."""
+    step = k - 1
+    return 0.0 if step <= 0 else min(max_decay, 1.0 - (1.0 + step) ** -power)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.mul_(decay).add_(p.detach(), alpha=1.0 - decay)  # theta_ema <- d theta_ema + (1 - d) theta
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def ema_schedule(step: int, steps_per_epoch: int, every: int, start_epoch: int) -> Optional[int]:
+    """What the EMA does after gradient step `step` (0-based): None (no update), -1 (plain copy, before
+    start_epoch) or k, the index of this decayed update since start_epoch (for ema_decay)."""
+    if step % every:
+        return None
+    start = start_epoch * steps_per_epoch
+    return -1 if step < start else step // every - (start + every - 1) // every
 
 
 class Policy(nn.Module):
@@ -432,7 +538,7 @@ class Policy(nn.Module):
 
 
 def load_policy(ckpt: dict) -> Policy:
-    """Rebuild the EMA policy stored in a checkpoint dict (see the README's checkpoint format)."""
+    """Rebuild the EMA policy stored in a checkpoint dict (format dbp-v1, docs/dbp.md)."""
     gen = make_generator(ckpt["backbone"], **ckpt["generator_kwargs"])
     gen.load_state_dict(ckpt["model"])
     stats = {k: ckpt[k] for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
@@ -448,6 +554,7 @@ def rollout(env, chunk_fn: Callable[[np.ndarray], np.ndarray], obs_horizon: int,
     while not done:
         chunk = chunk_fn(np.stack(history))  # [Tp, da]
         for action in chunk[obs_horizon - 1 : obs_horizon - 1 + action_horizon]:  # the executed slice
+            check_stop()  # a signal is honoured within one env step
             obs, reward, terminated, truncated, info = env.step(action)
             history.append(obs)
             ep_return, length = ep_return + float(reward), length + 1
@@ -458,8 +565,9 @@ def rollout(env, chunk_fn: Callable[[np.ndarray], np.ndarray], obs_horizon: int,
 
 
 def evaluate(policy: Policy, env, episodes: int, obs_horizon: int, action_horizon: int, seed: int, device) -> dict:
-    """Mean return / success / length over `episodes` seeded episodes; z drawn from a generator seeded with
-    `seed`, so a policy and its reloaded copy act identically."""
+    """Mean return / success / length over `episodes` episodes with their own seeds (env: seed + 10000 + i;
+    z: a generator seeded with `seed`), independent of the training RNG: --eval-only on a checkpoint
+    reproduces the evaluation logged at its step."""
     z_rng = torch.Generator(device="cpu").manual_seed(seed)
     gen = policy.gen
 
@@ -490,7 +598,7 @@ def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, lo
     else:  # step mode: the same objective on each step slice (S = da), averaged over the Tp steps
         gens, poss = [x[:, :, t] for t in range(Tp)], [chunk[:, None, t] for t in range(Tp)]
     if field == "gaussian":
-        # V = V_p+ - V_q-, Gaussian kernel of bandwidth h, negatives = the hypotheses themselves (SPEC 2.1).
+        # V = V_p+ - V_q-, Gaussian kernel of bandwidth h, negatives = the hypotheses themselves (docs/algorithms.md §1).
         # No global scale, so all step slices can go in one batched call.
         g = torch.cat(gens, dim=0)  # [B or B*Tp, G, S]
         V = drift_field.mean_shift_field(g, torch.cat(poss, dim=0), g.detach(), bandwidth)
@@ -498,7 +606,7 @@ def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, lo
         info["drift_sq"] = V.pow(2).mean().detach()
         return total, info
     total = 0.0
-    for g, p in zip(gens, poss):  # official loss (SPEC 2.2): one call per drifting space (its own global scale)
+    for g, p in zip(gens, poss):  # normalized loss (docs/algorithms.md §2): one call per drifting space (own scale)
         l, inf = drift_field.drift_loss(g, p, temperatures=temperatures)  # [B]
         total = total + l.mean() / len(gens)
         for k, v in inf.items():
@@ -506,47 +614,9 @@ def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, lo
     return total, info
 
 
-def ema_decay(k: int, power: float, max_decay: float) -> float:
-    """Decay for the k-th EMA update (k = 0, 1, ...), as Diffusion Policy's EMAModel: 0 for the first two
-    updates (the EMA starts as a copy), then 1 - (1 + k - 1)^-power, capped."""
-    step = k - 1
-    return 0.0 if step <= 0 else min(max_decay, 1.0 - (1.0 + step) ** -power)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.mul_(decay).add_(p.detach(), alpha=1.0 - decay)  # theta_ema <- d theta_ema + (1 - d) theta
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup over `warmup` steps, then constant or cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def fail(msg: str):
-    raise SystemExit(f"error: {msg}")
-
-
-def check_actions_in_bounds(actions: np.ndarray, space, env_id: str) -> None:
-    """Bad data check: every action inside the env's Box bounds (a dataset for another env usually is not)."""
-    low, high = np.asarray(space.low, np.float64), np.asarray(space.high, np.float64)
-    if actions.ndim != 2 or actions.shape[1] != low.shape[0]:
-        fail(f"dataset actions have shape {actions.shape}, but {env_id} has action dim {low.shape[0]}; is the dataset for this env?")
-    bad = np.flatnonzero(((actions < low - 1e-4) | (actions > high + 1e-4)).any(1))
-    if len(bad):
-        i = bad[0]
-        fail(f"{len(bad)} dataset actions lie outside {env_id}'s action bounds [{low.min():g}, {high.max():g}] "
-             f"(first at index {i}: {np.round(actions[i], 3).tolist()}); is the dataset for this env, and unnormalized?")
-
-
+# ---------------------------------------------------------------------------------------------
+# Envs, data, checkpoints: every check before any work
+# ---------------------------------------------------------------------------------------------
 def is_ogbench(env: str) -> bool:
     return env.startswith("cube-")
 
@@ -561,9 +631,18 @@ def format_eval(res: dict, env_id: str) -> str:
     return f"{success}eval/episodic_return={res['return']:.4f} eval/episode_length={res['length']:.1f}"
 
 
+def block_call(fn, *a, **kw):
+    """Call a shared-block function whose errors are SystemExit('error: ...') (exit 1) and turn them into fail()."""
+    try:
+        return fn(*a, **kw)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            fail(e.code.removeprefix("error: "))
+        raise
+
+
 def make_eval_env(env_id: str, render: bool = False):
     """The evaluation env: OGBench singletask (episodes end at success) or a gymnasium env."""
-    kwargs = {"render_mode": "rgb_array"} if render else {}
     if is_ogbench_id(env_id):
         import ogbench
 
@@ -572,54 +651,81 @@ def make_eval_env(env_id: str, render: bool = False):
             env.unwrapped.render_mode = "rgb_array"
             env.unwrapped.metadata = {**env.unwrapped.metadata, "render_modes": ["rgb_array"], "render_fps": 20}
         return env
-    return gym.make(env_id, **kwargs)
+    try:
+        return gym.make(env_id, **({"render_mode": "rgb_array"} if render else {}))
+    except gym.error.Error as e:
+        fail(f"cannot make gymnasium env '{env_id}' ({type(e).__name__}); use a MuJoCo id like Hopper-v5 or an OGBench cube env")
 
 
 def load_demonstrations(args: Args):
-    """(env, env_id, observations [N, obs_dim], actions [N, da], episode_ends [N]) with early, clear errors."""
+    """(env, env_id, observations [N, obs_dim], actions [N, da], episode_ends [N]), every problem a one-line error."""
+    path = None if args.dataset_path is None else os.path.abspath(os.path.expanduser(args.dataset_path))
+    check(path is None or os.path.isfile(path), f"--dataset-path {path} does not exist")
     if is_ogbench(args.env):
-        env_id = resolve_env_id(args.env, args.task)
-        if args.dataset_path is not None:  # check the keys first: ogbench would die with a bare KeyError
-            path = os.path.abspath(os.path.expanduser(args.dataset_path))
-            if os.path.isfile(path):
-                with np.load(path) as f:
-                    missing = [k for k in ("observations", "actions", "terminals") if k not in f.files]
-                if missing:
-                    fail(f"{path} lacks the keys {missing}; an OGBench dataset needs observations, actions, terminals")
-        env, train, _ = load_ogbench(env_id, args.dataset_path)
-        # ogbench drops each episode's final state (it has no next state) and marks the new last step terminal
-        obs, actions, ends = train["observations"], train["actions"], train["terminals"]
+        env_id = block_call(resolve_env_id, args.env, args.task)
+        keys = ("observations", "actions", "terminals")
     else:
-        env_id = args.env
-        if args.dataset_path is None:
-            fail(f"--env {args.env} is not an OGBench cube env, so it needs --dataset-path to a D4RL-layout .npz "
-                 f"(observations, actions, rewards, terminals, timeouts)")
-        path = os.path.abspath(os.path.expanduser(args.dataset_path))
-        if not os.path.isfile(path):
-            fail(f"--dataset-path {path} does not exist")
-        with np.load(path) as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f.files]
-            if missing:
-                fail(f"{path} lacks the keys {missing}; a D4RL-layout .npz has observations, actions, rewards, terminals, timeouts")
-            data = {k: f[k] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        env_id, keys = args.env, ("observations", "actions", "rewards", "terminals", "timeouts")
+        check(path is not None, f"--env {args.env} is not an OGBench cube env, so it needs --dataset-path to a D4RL-layout "
+                                f".npz (observations, actions, rewards, terminals, timeouts)")
+    if path is not None:  # readable, with the keys, before anything heavier (ogbench would die with a bare KeyError)
         try:
-            env = gym.make(env_id)
-        except gym.error.Error as e:
-            fail(f"cannot make gymnasium env '{env_id}' ({e}); use a gymnasium MuJoCo id like Hopper-v5 or an OGBench cube env")
-        obs, actions = data["observations"].astype(np.float32), data["actions"].astype(np.float32)
-        lengths = {k: len(v) for k, v in data.items()}
-        if len(set(lengths.values())) != 1:
-            fail(f"{path}: arrays have different lengths {lengths}; they must all have one entry per step")
-        ends = np.logical_or(data["terminals"] > 0, data["timeouts"] > 0)
-        obs_dim = env.observation_space.shape[0]
-        if obs.ndim != 2 or obs.shape[1] != obs_dim:
-            fail(f"dataset observations have shape {obs.shape}, but {env_id} observations have dim {obs_dim}")
-    if len(obs) == 0 or len(obs) != len(actions) or len(actions) != len(ends):
-        fail(f"dataset lengths disagree or are empty: observations {len(obs)}, actions {len(actions)}, episode markers {len(ends)}")
-    if not (np.isfinite(obs).all() and np.isfinite(actions).all()):
-        fail("dataset has NaN or infinite observations/actions")
-    check_actions_in_bounds(actions, env.action_space, env_id)
+            with np.load(path) as f:
+                missing = [k for k in keys if k not in f.files]
+        except Exception as e:
+            fail(f"cannot read --dataset-path {path} as .npz ({type(e).__name__}); is it complete and a NumPy .npz?")
+        check(not missing, f"{path} lacks the keys {missing}; the dataset needs {', '.join(keys)}")
+    try:
+        if is_ogbench(args.env):
+            env, train, _ = block_call(load_ogbench, env_id, path)
+            # ogbench drops each episode's final state (it has no next state) and marks the new last step terminal
+            obs, actions, ends = train["observations"], train["actions"], train["terminals"] > 0
+        else:
+            with np.load(path) as f:
+                data = {k: f[k] for k in keys}
+            env = make_eval_env(env_id)
+            obs, actions = data["observations"], data["actions"]
+            lengths = {k: len(v) for k, v in data.items()}
+            check(len(set(lengths.values())) == 1, f"{path}: arrays have different lengths {lengths}; they must all have one entry per step")
+            ends = np.logical_or(data["terminals"] > 0, data["timeouts"] > 0)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        fail(f"cannot read the dataset {path or env_id} ({type(e).__name__}: {str(e)[:120]}); is the file complete?")
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    check(obs.ndim == 2 and obs.shape[1] == obs_dim and len(obs) > 0,
+          f"dataset observations have shape {obs.shape}, but {env_id} observations have dim {obs_dim}; is the dataset for this env?")
+    check(actions.ndim == 2 and actions.shape[1] == act_dim and len(actions) == len(obs) == len(ends),
+          f"dataset actions have shape {actions.shape} ({len(obs)} observations), but {env_id} has action dim {act_dim}")
+    check(np.isfinite(obs).all() and np.isfinite(actions).all(), f"dataset {path or env_id} has NaN or infinite observations/actions")
+    low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
+    bad = np.flatnonzero(((actions < low - 1e-4) | (actions > high + 1e-4)).any(1))
+    check(len(bad) == 0, f"{len(bad)} dataset actions lie outside {env_id}'s action bounds [{low.min():g}, {high.max():g}] "
+                         f"(first at index {bad[:1].tolist()}); is the dataset for this env, and unnormalized?")
     return env, env_id, obs.astype(np.float32), actions.astype(np.float32), np.asarray(ends).astype(bool)
+
+
+CKPT_KEYS = ("env_id", "backbone", "generator_kwargs", "model", "obs_dim", "action_dim", "obs_horizon", "pred_horizon",
+             "action_horizon", "obs_offset", "obs_scale", "action_offset", "action_scale", "action_low", "action_high")
+# flags a --resume must share with the checkpoint's run (others, e.g. --total-steps or --eval-interval, may change)
+RESUME_KEYS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", "obs_horizon", "pred_horizon",
+               "action_horizon", "loss", "num_hypotheses", "drift_mode", "drift_field", "env", "task", "dataset_path", "seed",
+               "val_ratio", "batch_size")
+
+
+def read_checkpoint(path: str, flag: str, train_state: bool = False) -> dict:
+    """A dbp-v1 checkpoint, or a one-line error (missing, truncated, another script's, a policy-only snapshot)."""
+    check(os.path.isfile(path), f"{flag} {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"cannot read {flag} {path} ({type(e).__name__}); is it a complete dbp_bc.pt?")
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    check(fmt == "dbp-v1", f"{flag} {path} is not a DBP checkpoint (format {fmt!r}, expected 'dbp-v1' as dbp_bc.py writes)")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    check(not missing, f"{flag} {path} lacks the keys {missing} of the dbp-v1 format")
+    check(not train_state or "train_model" in ckpt, f"{flag} {path} holds only a policy (a dbp_bc_<step>.pt snapshot); resume from the run's dbp_bc.pt")
+    return ckpt
 
 
 def save_checkpoint(path: str, ckpt: dict) -> None:
@@ -628,69 +734,149 @@ def save_checkpoint(path: str, ckpt: dict) -> None:
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
 
 
-# flags a --resume must share with the checkpoint's run (others, e.g. --total-steps or --eval-interval, may change)
-RESUME_KEYS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", "obs_horizon", "pred_horizon",
-               "action_horizon", "loss", "num_hypotheses", "drift_mode", "drift_field", "env", "task", "dataset_path", "seed")
+def validate_args(args: Args) -> None:
+    """Every flag's range, before any work (exit 2 with one line)."""
+    ints = {"--num-epochs": (args.num_epochs, 1), "--batch-size": (args.batch_size, 1), "--eval-episodes": (args.eval_episodes, 1),
+            "--log-interval": (args.log_interval, 1), "--eval-interval": (args.eval_interval, 0), "--save-interval": (args.save_interval, 0),
+            "--keep-checkpoints": (args.keep_checkpoints, 0), "--num-threads": (args.num_threads, 0), "--num-hypotheses": (args.num_hypotheses, 1),
+            "--hidden-dim": (args.hidden_dim, 1), "--depth": (args.depth, 1), "--warmup-epochs": (args.warmup_epochs, 0),
+            "--ema-every": (args.ema_every, 1), "--ema-start-epoch": (args.ema_start_epoch, 0), "--unet-groups": (args.unet_groups, 1),
+            "--total-steps": (1 if args.total_steps is None else args.total_steps, 1)}
+    for flag, (value, lo) in ints.items():
+        check(value >= lo, f"{flag} must be at least {lo}, got {value}")
+    positive = {"--learning-rate": args.learning_rate, "--min-lr": args.min_lr, "--max-grad-norm": args.max_grad_norm,
+                "--ema-power": args.ema_power, "--bandwidth": args.bandwidth}
+    for flag, value in positive.items():
+        check(math.isfinite(value) and value > 0, f"{flag} must be a positive finite number, got {value}")
+    check(args.min_lr <= args.learning_rate, f"--min-lr {args.min_lr} must not exceed --learning-rate {args.learning_rate}")
+    check(math.isfinite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
+    check(all(0 <= b < 1 for b in args.adam_betas), f"--adam-betas must lie in [0, 1), got {args.adam_betas}")
+    check(0 <= args.ema_max_decay <= 1, f"--ema-max-decay must lie in [0, 1], got {args.ema_max_decay}")
+    check(0 <= args.val_ratio < 0.5, f"--val-ratio must lie in [0, 0.5), got {args.val_ratio}")
+    check(args.temperatures and all(math.isfinite(r) and r > 0 for r in args.temperatures), f"--temperatures must be positive numbers, got {args.temperatures}")
+    check(args.unet_kernel_size >= 1 and args.unet_kernel_size % 2 == 1, f"--unet-kernel-size must be odd, got {args.unet_kernel_size}")
+    check(args.task is None or 1 <= args.task <= 5, f"--task must be in 1..5, got {args.task}")
+    To, Tp, Ta = (v if v is not None else d for v, d in zip((args.obs_horizon, args.pred_horizon, args.action_horizon), default_horizons(args.env)))
+    args.obs_horizon, args.pred_horizon, args.action_horizon = To, Tp, Ta  # chosen by env family unless given
+    check_horizons(To, Tp, Ta)
+    if args.backbone == "unet":
+        check(len(args.unet_dims) >= 1 and min(args.unet_dims) >= 1, f"--unet-dims must be positive widths, got {args.unet_dims}")
+        check(Tp % (2 ** (len(args.unet_dims) - 1)) == 0, f"--backbone unet halves the chunk {len(args.unet_dims) - 1} times: "
+                                                          f"--pred-horizon {Tp} must be divisible by {2 ** (len(args.unet_dims) - 1)} (or pass fewer --unet-dims)")
+        check(all(d % args.unet_groups == 0 for d in args.unet_dims), f"--unet-groups {args.unet_groups} must divide every --unet-dims width {args.unet_dims}")
+    check(args.run_name is None or (args.run_name and "/" not in args.run_name and args.run_name not in (".", "..")), f"--run-name must be a plain folder name, got {args.run_name!r}")
+    check(not os.path.exists(args.runs_dir) or os.path.isdir(args.runs_dir), f"--runs-dir {args.runs_dir} exists and is not a folder; pass another --runs-dir")
+    parent = os.path.abspath(args.runs_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    check(os.path.isdir(parent) and os.access(parent, os.W_OK), f"--runs-dir {args.runs_dir} cannot be created ({parent} is not a writable folder)")
+    if args.loss == "drift" and args.num_hypotheses < 2:
+        print("warning: --num-hypotheses 1 leaves the hypotheses nothing to repel; the paper finds G=1 much worse")
 
+
+def resume_command(ckpt_path: str) -> str:
+    """This command line with --resume <ckpt_path> (replacing any --resume / --run-name / --runs-dir given)."""
+    argv, out, skip = sys.argv[1:], [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--resume", "--run-name", "--runs-dir"):
+            skip = True
+        elif not a.startswith(("--resume=", "--run-name=", "--runs-dir=")):
+            out.append(a)
+    return shlex.join(["python", sys.argv[0], *out, "--resume", ckpt_path])
+
+
+TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # ---- evaluation only: everything needed is in the checkpoint ----
+    # ---- evaluation only: everything needed is in the checkpoint(s) ----
     if args.eval_only:
-        if args.checkpoint is None or not os.path.isfile(args.checkpoint):
-            fail(f"--eval-only needs --checkpoint PATH to an existing dbp_bc.pt (got {args.checkpoint})")
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        policy = load_policy(ckpt).to(device)
-        env = make_eval_env(ckpt["env_id"])
-        t0 = time.time()
-        res = evaluate(policy, env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
-        print(f"eval-only {ckpt['env_id']} step {ckpt['step']}: {format_eval(res, ckpt['env_id'])} "
-              f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)")
-        raise SystemExit(0)
+        check(len(args.checkpoint) > 0, "--eval-only needs --checkpoint PATH [PATH ...] (dbp_bc.pt or dbp_bc_<step>.pt files)")
+        check(args.eval_episodes >= 1 and args.num_threads >= 0, f"--eval-episodes must be >= 1 and --num-threads >= 0")
+        ckpts = [read_checkpoint(p, "--checkpoint") for p in args.checkpoint]
+        if args.num_threads > 0:
+            torch.set_num_threads(args.num_threads)
+        print(f"start: eval-only of {len(ckpts)} checkpoint(s) | device {device} | threads {torch.get_num_threads()}", flush=True)
+        envs, results = {}, []
+        for path, ckpt in zip(args.checkpoint, ckpts):
+            env_id, t0 = ckpt["env_id"], time.time()
+            env = envs[env_id] if env_id in envs else envs.setdefault(env_id, make_eval_env(env_id))
+            res = evaluate(load_policy(ckpt).to(device), env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
+            results.append(res)
+            print(f"eval-only {path} ({env_id} step {ckpt.get('step')}): {format_eval(res, env_id)} "
+                  f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
+        key = "success" if all(is_ogbench_id(c["env_id"]) for c in ckpts) else "return"
+        v = np.array([r[key] for r in results])
+        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        print(f"final eval-only over {len(v)} checkpoint(s): eval/{key} mean {v.mean():.4f} +- std {std:.4f} "
+              f"(stderr {std / math.sqrt(len(v)):.4f}, {args.eval_episodes} episodes each)")
+        sys.exit(0)
 
-    # ---- checks that need no data ----
-    check_horizons(args.obs_horizon, args.pred_horizon, args.action_horizon)
-    if not (args.temperatures and all(r > 0 for r in args.temperatures)) or args.bandwidth <= 0:
-        fail(f"--temperatures must be positive numbers and --bandwidth positive; got {args.temperatures}, {args.bandwidth}")
-    if args.num_hypotheses < 1 or args.batch_size < 1:
-        fail("--num-hypotheses and --batch-size must be at least 1")
-    if args.loss == "drift" and args.num_hypotheses < 2:
-        print("warning: --num-hypotheses 1 leaves the hypotheses nothing to repel; the paper finds G=1 much worse")
-    if args.backbone == "unet" and args.pred_horizon % (2 ** (len(args.unet_dims) - 1)) != 0:
-        fail(f"--backbone unet halves the chunk {len(args.unet_dims) - 1} times: --pred-horizon {args.pred_horizon} must be divisible by {2 ** (len(args.unet_dims) - 1)}")
-    if args.backbone == "unet" and any(d % args.unet_groups for d in args.unet_dims):
-        fail(f"--unet-groups {args.unet_groups} must divide every --unet-dims width {args.unet_dims}")
+    # ---- every check before any work: flags, the resumed checkpoint, the run folder, the data ----
+    validate_args(args)  # also fills in To, Tp, Ta by env family
     resume_ckpt = None
     if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"--resume {args.resume} does not exist")
-        resume_ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        old, now = resume_ckpt["args"], json.loads(json.dumps(asdict(args)))  # json: tuples -> lists, as saved
-        diff = {k: (old[k], now[k]) for k in RESUME_KEYS if old[k] != now[k]}
-        if diff:
-            fail(f"--resume: these flags differ from the checkpoint's run (checkpoint, now): {diff}")
-
+        resume_ckpt = read_checkpoint(args.resume, "--resume", train_state=True)
+        old, now = resume_ckpt.get("args", {}), json.loads(json.dumps(asdict(args)))  # json: tuples -> lists, as saved
+        diff = {k: (old.get(k), now[k]) for k in RESUME_KEYS if old.get(k) != now[k]}
+        check(not diff, f"--resume: these flags differ from the checkpoint's run (checkpoint, now): {diff}")
+    elif args.run_name is not None:
+        check(not os.path.exists(os.path.join(args.runs_dir, args.run_name, "dbp_bc.pt")),
+              f"{os.path.join(args.runs_dir, args.run_name)} already holds a run: continue it with --resume, or pass another --run-name")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    # ---- data: normalized tensors + per-step episode bounds ----
     env, env_id, observations, actions, episode_ends = load_demonstrations(args)
     obs_dim, action_dim = observations.shape[1], actions.shape[1]
+    if resume_ckpt is not None:
+        check((resume_ckpt["obs_dim"], resume_ckpt["action_dim"]) == (obs_dim, action_dim),
+              f"--resume: the checkpoint has obs/action dims {resume_ckpt['obs_dim']}/{resume_ckpt['action_dim']}, the data {obs_dim}/{action_dim}")
+    To, Tp, Ta = args.obs_horizon, args.pred_horizon, args.action_horizon
+    # samples: "now" steps with at most Ta-1 padded chunk steps, split by episode into train / 2% validation
+    ep_first, ep_last = episode_bounds(episode_ends)  # [N] each
+    episode_of = np.searchsorted(np.unique(ep_first), ep_first)  # [N] episode index of every step
+    val_episode = holdout_episodes(int(episode_of[-1]) + 1, args.val_ratio, args.seed)
+    steps = sample_steps(episode_ends, To, Tp, Ta)
+    train_t, val_t = steps[~val_episode[episode_of[steps]]], steps[val_episode[episode_of[steps]]]
+    check(len(train_t) > 0, f"no training samples: every training episode is shorter than Tp - To - Ta + 2 = {Tp - To - Ta + 2} steps")
+    steps_per_epoch = max(1, len(train_t) // args.batch_size)  # the authors drop the last partial batch
+    total_steps = args.total_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)  # the lr schedule's length
+
+    if resume_ckpt is not None:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        run_name = os.path.basename(run_dir)
+    else:
+        run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.runs_dir, run_name)
+    ckpt_path = os.path.join(run_dir, "dbp_bc.pt")
+    print(f"start: env {env_id} | data {args.dataset_path or 'OGBench default'}: {len(observations)} steps, {len(val_episode)} episodes "
+          f"({int(val_episode.sum())} held out), {len(train_t)} train / {len(val_t)} val samples | {total_steps} steps = {num_epochs} epochs "
+          f"of {steps_per_epoch} | device {device} | threads {torch.get_num_threads()} | run dir {run_dir}", flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+
+    # ---- data on the device, normalized: min-max to [-1, 1] with statistics of all demonstrations ----
     stats = compute_normalization(observations, actions)
     obs_n = ((torch.as_tensor(observations) - stats["obs_offset"]) / stats["obs_scale"]).to(device)  # [N, obs_dim]
     act_n = ((torch.as_tensor(actions) - stats["action_offset"]) / stats["action_scale"]).to(device)  # [N, da]
-    ep_first, ep_last = (torch.as_tensor(a, device=device) for a in episode_bounds(episode_ends))  # [N] each
-    num_episodes = int(episode_ends.sum() + (not episode_ends[-1]))
-    print(f"{env_id}: {len(observations)} steps in {num_episodes} episodes, obs dim {obs_dim}, action dim {action_dim}")
+    ep_first, ep_last = torch.as_tensor(ep_first, device=device), torch.as_tensor(ep_last, device=device)
+    train_t, val_t = torch.as_tensor(train_t, device=device), torch.as_tensor(val_t[:1024], device=device)  # val: a fixed subset
+
+    def batch(t: torch.Tensor):
+        obs_idx, act_idx = chunk_indices(t, ep_first[t], ep_last[t], To, Tp)
+        return obs_n[obs_idx], act_n[act_idx]  # [B, To, obs_dim], [B, Tp, da]
 
     # ---- generator, its EMA copy, optimizer ----
-    To, Tp, Ta = args.obs_horizon, args.pred_horizon, args.action_horizon
     gen_kwargs = dict(obs_dim=obs_dim, action_dim=action_dim, obs_horizon=To, pred_horizon=Tp)
     if args.backbone == "mlp":
         gen_kwargs.update(hidden_dim=args.hidden_dim, depth=args.depth)
@@ -700,29 +886,22 @@ if __name__ == "__main__":
     ema_gen = make_generator(args.backbone, **gen_kwargs).to(device)
     ema_gen.load_state_dict(gen.state_dict())
     ema_gen.requires_grad_(False)
-    optimizer = torch.optim.AdamW(gen.parameters(), lr=args.learning_rate, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(gen.parameters(), lr=args.min_lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
     a_low, a_high = env.action_space.low, env.action_space.high
     policy = Policy(ema_gen, stats, a_low, a_high).to(device).eval()  # what is evaluated and saved
-    start_step, global_time = 0, 0.0
+    start_step, wall_time = 0, 0.0
     if resume_ckpt is not None:
         gen.load_state_dict(resume_ckpt["train_model"])
         ema_gen.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
-        start_step, global_time = resume_ckpt["step"], resume_ckpt["global_time"]
+        start_step, wall_time = resume_ckpt["step"], resume_ckpt["wall_time"]
         random.setstate(resume_ckpt["rng"]["python"])
         np.random.set_state(resume_ckpt["rng"]["numpy"])
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"])
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        run_name = os.path.basename(run_dir)
         print(f"resuming {run_name} at step {start_step}")
-    else:
-        run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    ckpt_path = os.path.join(run_dir, "dbp_bc.pt")
-    print(f"generator: {args.backbone}, {sum(p.numel() for p in gen.parameters())} parameters; run dir {run_dir}")
+    print(f"generator: {args.backbone}, {sum(p.numel() for p in gen.parameters())} parameters; To={To} Tp={Tp} Ta={Ta}", flush=True)
 
     if args.track:
         import wandb
@@ -730,8 +909,21 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name, save_code=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    # purge_step: on resume, drop whatever the interrupted run logged after its checkpoint, so no step is written twice
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resume_ckpt is not None else None)
+    if resume_ckpt is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    nonfinite = torch.zeros(2, dtype=torch.bool, device=device)  # [loss, grad norm] was non-finite at some step
+    t_start = time.time()
+
+    def assert_finite(step: int) -> None:
+        """Stop (exit 1) naming the first non-finite quantity, before anything is saved: a good checkpoint stays."""
+        names = [n for n, bad in zip(("loss", "gradient norm"), nonfinite.tolist()) if bad]
+        names += [f"parameter {n}" for m in (gen, ema_gen) for n, p in m.named_parameters() if not torch.isfinite(p).all()]
+        if names:
+            kept = f"{ckpt_path} keeps the last finite state" if os.path.exists(ckpt_path) else "nothing was saved"
+            print(f"error: non-finite {names[0]} by step {step} (try a lower --learning-rate); stopped, {kept}", file=sys.stderr)
+            sys.exit(1)
 
     def make_checkpoint(step: int) -> dict:
         return {
@@ -742,73 +934,109 @@ if __name__ == "__main__":
             **{k: v.cpu() for k, v in policy.stats().items()},
             "action_low": torch.as_tensor(a_low, dtype=torch.float32), "action_high": torch.as_tensor(a_high, dtype=torch.float32),
             "step": step,
-            # training state, for an exact --resume
+            # training state, for an exact --resume (not in the dbp_bc_<step>.pt snapshots)
             "train_model": {k: v.cpu() for k, v in gen.state_dict().items()}, "optimizer": optimizer.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-            "global_time": global_time,
+            "wall_time": wall_time + time.time() - t_start,
         }
+
+    def save(step: int) -> None:
+        """dbp_bc.pt (for --resume) and the policy snapshot dbp_bc_<step>.pt, keeping the last --keep-checkpoints."""
+        assert_finite(step)
+        ckpt = make_checkpoint(step)
+        save_checkpoint(ckpt_path, ckpt)
+        if args.keep_checkpoints > 0:
+            save_checkpoint(os.path.join(run_dir, f"dbp_bc_{step}.pt"), {k: v for k, v in ckpt.items() if k not in TRAIN_STATE})
+            snaps = sorted((int(m.group(1)), f) for f in os.listdir(run_dir) if (m := re.fullmatch(r"dbp_bc_(\d+)\.pt", f)))
+            for _, f in snaps[: -args.keep_checkpoints]:
+                os.remove(os.path.join(run_dir, f))
+
+    @torch.no_grad()
+    def validation_loss() -> Optional[Tuple[float, float]]:
+        """(loss, chunk_mse) of the trained generator on the held-out samples, with its own seeded latents."""
+        if len(val_t) == 0:
+            return None
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)  # fork_rng: the training RNG stream is untouched
+            out = [compute_loss(gen, *batch(val_t[i : i + args.batch_size]), args.loss, args.num_hypotheses, args.drift_mode,
+                                args.drift_field, args.temperatures, args.bandwidth) for i in range(0, len(val_t), args.batch_size)]
+        return float(np.mean([o[0].item() for o in out])), float(np.mean([o[1]["chunk_mse"].item() for o in out]))
 
     def run_eval(step: int, capture_video: bool = False) -> dict:
         eval_env = env
         if capture_video:
             eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True), os.path.join(run_dir, "videos"), episode_trigger=lambda i: i == 0)
+        print(f"evaluating step {step} ({args.eval_episodes} episodes)", flush=True)
         t0 = time.time()
         res = evaluate(policy, eval_env, args.eval_episodes, To, Ta, args.seed, device)
-        writer.add_scalar("eval/episodic_return", res["return"], step)
-        writer.add_scalar("eval/episode_length", res["length"], step)
-        if is_ogbench_id(env_id):  # locomotion envs have no success signal
-            writer.add_scalar("eval/success", res["success"], step)
-        print(f"eval step {step}: {format_eval(res, env_id)} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)")
+        for k in ("return", "length") + (("success",) if is_ogbench_id(env_id) else ()):  # locomotion has no success
+            writer.add_scalar({"return": "eval/episodic_return", "length": "eval/episode_length", "success": "eval/success"}[k], res[k], step)
+        print(f"eval step {step}: {format_eval(res, env_id)} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
         if capture_video:
             eval_env.close()
         return res
 
-    # ---- training loop: sample (obs history, expert chunk), drift G hypotheses toward it, EMA, repeat ----
-    N = len(obs_n)
-    t_start, step_start_time = time.time(), time.time()
-    for step in range(start_step, args.total_steps):
-        lr = args.learning_rate * lr_factor(step, args.warmup_steps, args.total_steps, args.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t = torch.randint(0, N, (args.batch_size,), device=device)  # [B] "now" indices
-        obs_idx, act_idx = chunk_indices(t, ep_first[t], ep_last[t], To, Tp)
-        obs_hist, chunk = obs_n[obs_idx], act_n[act_idx]  # [B, To, obs_dim], [B, Tp, da]
-        loss, info = compute_loss(gen, obs_hist, chunk, args.loss, args.num_hypotheses, args.drift_mode,
-                                  args.drift_field, args.temperatures, args.bandwidth)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(gen.parameters(), args.max_grad_norm)
-        optimizer.step()
-        decay = ema_decay(step, args.ema_power, args.ema_max_decay)
-        ema_update(ema_gen, gen, decay)
-        done_steps = step + 1
+    # ---- training loop: per-epoch shuffled batches, drift G hypotheses toward the expert chunk, EMA, repeat ----
+    STOP["raise_now"] = False  # from here a signal is honoured at the next gradient step or env step, and saved
+    done, perm, decay = start_step, None, 0.0
+    try:
+        for step in range(start_step, total_steps):
+            check_stop()
+            epoch, i = divmod(step, steps_per_epoch)
+            if perm is None or i == 0:  # the epoch's shuffle is a function of (seed, epoch): a resume continues it
+                order = torch.randperm(len(train_t), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+                perm = train_t[order.to(device)]
+            lr = lr_at(epoch, args.learning_rate, args.min_lr, args.warmup_epochs, num_epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            obs_hist, chunk = batch(perm[i * args.batch_size : (i + 1) * args.batch_size])
+            loss, info = compute_loss(gen, obs_hist, chunk, args.loss, args.num_hypotheses, args.drift_mode,
+                                      args.drift_field, args.temperatures, args.bandwidth)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(gen.parameters(), args.max_grad_norm)
+            optimizer.step()
+            nonfinite |= torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm)])  # no sync here
+            k = ema_schedule(step, steps_per_epoch, args.ema_every, args.ema_start_epoch)
+            if k == -1:  # before --ema-start-epoch: a plain copy
+                ema_gen.load_state_dict(gen.state_dict())
+            elif k is not None:
+                decay = ema_decay(k, args.ema_power, args.ema_max_decay)
+                ema_update(ema_gen, gen, decay)
+            done = step + 1
 
-        if done_steps % args.log_interval == 0 or done_steps == args.total_steps:
-            now = time.time()
-            sps = (done_steps - start_step) / max(now - t_start, 1e-9)
-            eta = (args.total_steps - done_steps) / max(sps, 1e-9)
-            writer.add_scalar("losses/loss", loss.item(), done_steps)  # .item(): a sync point, only every log_interval
-            writer.add_scalar("losses/grad_norm", grad_norm.item(), done_steps)
-            for k, v in info.items():
-                writer.add_scalar(f"losses/{k}", float(v), done_steps)
-            writer.add_scalar("charts/learning_rate", lr, done_steps)
-            writer.add_scalar("charts/ema_decay", decay, done_steps)
-            writer.add_scalar("charts/SPS", sps, done_steps)
-            print(f"step {done_steps}/{args.total_steps} | loss {loss.item():.4f} | chunk_mse {float(info['chunk_mse']):.4f} "
-                  f"| SPS {sps:.0f} | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-        if args.eval_interval > 0 and done_steps % args.eval_interval == 0 and done_steps != args.total_steps:
-            run_eval(done_steps)
-        if args.checkpoint_interval > 0 and done_steps % args.checkpoint_interval == 0 and done_steps != args.total_steps:
-            global_time += time.time() - step_start_time
-            step_start_time = time.time()
-            save_checkpoint(ckpt_path, make_checkpoint(done_steps))
-
-    global_time += time.time() - step_start_time
-    if args.save_model or args.checkpoint_interval > 0:
-        save_checkpoint(ckpt_path, make_checkpoint(args.total_steps))
-        print(f"saved {ckpt_path}")
-    res = run_eval(args.total_steps, capture_video=args.capture_video)
-    print(f"done: {args.total_steps} steps, train time {global_time / 60:.1f} min")
+            if done % args.log_interval == 0 or done == total_steps:
+                assert_finite(done)
+                sps = (done - start_step) / max(time.time() - t_start, 1e-9)
+                eta = (total_steps - done) / max(sps, 1e-9)
+                for name, value in [("losses/loss", loss.item()), ("losses/grad_norm", grad_norm.item()),  # .item(): sync, only here
+                                    *[(f"losses/{k}", float(v)) for k, v in info.items()],
+                                    ("charts/learning_rate", lr), ("charts/ema_decay", decay), ("charts/epoch", epoch), ("charts/SPS", sps)]:
+                    writer.add_scalar(name, value, done)
+                val = validation_loss()
+                if val is not None:
+                    writer.add_scalar("losses/val_loss", val[0], done)
+                    writer.add_scalar("losses/val_chunk_mse", val[1], done)
+                print(f"step {done}/{total_steps} | epoch {epoch} | loss {loss.item():.4f} | chunk_mse {float(info['chunk_mse']):.4f} "
+                      + (f"| val_loss {val[0]:.4f} " if val else "") + f"| SPS {sps:.0f} | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            if args.eval_interval > 0 and done % args.eval_interval == 0 and done != total_steps:
+                assert_finite(done)
+                run_eval(done)
+            if args.save_model and args.save_interval > 0 and done % args.save_interval == 0 and done != total_steps:
+                save(done)
+        if args.save_model:
+            save(total_steps)
+            print(f"saved {ckpt_path}")
+        res = run_eval(total_steps, capture_video=args.capture_video)
+    except Interrupted:
+        name = signal.Signals(STOP["signum"]).name
+        if args.save_model:
+            save(done)
+            print(f"interrupted by {name} at step {done}; saved {ckpt_path}; continue with:\n  {resume_command(ckpt_path)}", flush=True)
+        else:
+            print(f"interrupted by {name} at step {done}; nothing saved (--no-save-model)", flush=True)
+        sys.exit(128 + STOP["signum"])
     env.close()
     writer.close()
+    print(f"final: {total_steps} steps, {format_eval(res, env_id)}, wall time {(wall_time + time.time() - t_start) / 60:.1f} min")
