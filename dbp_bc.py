@@ -457,20 +457,6 @@ def chunk_indices(t: torch.Tensor, ep_first: torch.Tensor, ep_last: torch.Tensor
     return obs_idx, act_idx
 
 
-def executed_slice(chunk: torch.Tensor, obs_horizon: int, action_horizon: int) -> torch.Tensor:
-    """The receding-horizon prefix that is executed: chunk[:, To-1 : To-1+Ta] (docs/algorithms.md §4). chunk [B, Tp, da]."""
-    return chunk[:, obs_horizon - 1 : obs_horizon - 1 + action_horizon]
-
-
-def push_obs(obs_hist: np.ndarray, obs: np.ndarray, new_episode: Optional[np.ndarray] = None) -> np.ndarray:
-    """Vectorized history update for N envs: obs_hist [N, To, obs_dim] <- the last To observations after `obs`
-    [N, obs_dim]; rows with new_episode[i] (obs is a reset observation) are filled with obs, as at reset."""
-    out = np.concatenate([obs_hist[:, 1:], obs[:, None]], axis=1)  # drop the oldest, append the newest
-    if new_episode is not None and np.any(new_episode):
-        out[new_episode] = obs[new_episode, None]
-    return out
-
-
 def check_horizons(obs_horizon: int, pred_horizon: int, action_horizon: int) -> None:
     """The paper's validity conditions: To <= Tp and To - 1 + Ta <= Tp, all >= 1."""
     check(min(obs_horizon, pred_horizon, action_horizon) >= 1 and obs_horizon - 1 + action_horizon <= pred_horizon,
@@ -523,9 +509,6 @@ class Policy(nn.Module):
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_offset) / self.obs_scale  # obs_n = (obs - offset) / scale
-
-    def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
-        return (action - self.action_offset) / self.action_scale
 
     @torch.no_grad()
     def forward(self, obs_hist: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -663,7 +646,7 @@ def load_demonstrations(args: Args):
     check(path is None or os.path.isfile(path), f"--dataset-path {path} does not exist")
     if is_ogbench(args.env):
         env_id = block_call(resolve_env_id, args.env, args.task)
-        keys = ("observations", "actions", "terminals")
+        keys = ("observations", "actions", "terminals", "qpos", "qvel")  # ogbench reads qpos, qvel for singletask
     else:
         env_id, keys = args.env, ("observations", "actions", "rewards", "terminals", "timeouts")
         check(path is not None, f"--env {args.env} is not an OGBench cube env, so it needs --dataset-path to a D4RL-layout "
@@ -1039,4 +1022,4 @@ if __name__ == "__main__":
         sys.exit(128 + STOP["signum"])
     env.close()
     writer.close()
-    print(f"final: {total_steps} steps, {format_eval(res, env_id)}, wall time {(wall_time + time.time() - t_start) / 60:.1f} min")
+    print(f"final: {total_steps} steps, wall time {(wall_time + time.time() - t_start) / 60:.1f} min, {format_eval(res, env_id)}")

@@ -1,10 +1,16 @@
-"""Tests for dbp_bc.py: indexing and receding horizon, padding, normalization round-trip, multimodality,
-and smoke runs of the script (tiny networks, tiny data) including save / resume / eval-only and bad data."""
+"""Tests for dbp_bc.py: the authors' presets (against independent re-statements of their sampler, schedule and
+EMA), indexing and receding horizon, normalization, multimodality, bad input, signals, the non-finite guard,
+reproducible evaluation, tensorboard across a resume, and smoke runs (tiny MLP, tiny data, CPU-sized flags)."""
 
+import math
 import os
 import re
+import runpy
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -16,14 +22,15 @@ sys.path.insert(0, ROOT)
 import dbp_bc  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "dbp_bc.py")
-TINY = ["--hidden-dim", "32", "--depth", "2", "--batch-size", "16", "--num-hypotheses", "4", "--pred-horizon", "8",
-        "--action-horizon", "4", "--num-threads", "1", "--log-interval", "10", "--eval-interval", "0", "--eval-episodes", "2"]
+ENV = dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1")
+TINY = ["--backbone", "mlp", "--hidden-dim", "32", "--depth", "2", "--batch-size", "16", "--num-hypotheses", "4",
+        "--obs-horizon", "2", "--pred-horizon", "8", "--action-horizon", "4", "--num-threads", "1", "--log-interval", "10",
+        "--eval-interval", "0", "--eval-episodes", "2"]
 EVAL_RE = re.compile(r"(?:eval/success=(\S+) )?eval/episodic_return=(\S+) eval/episode_length=(\S+)")
 
 
 def run(args, cwd, expect_ok=True):
-    env = dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=300)
     if expect_ok:
         assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
@@ -33,6 +40,11 @@ def last_eval(stdout):
     m = EVAL_RE.findall(stdout)
     assert m, stdout[-2000:]
     return tuple(float(x) if x else None for x in m[-1])  # (success or None, return, length)
+
+
+def the_run_dir(runs):
+    (name,) = [d for d in os.listdir(runs) if os.path.isdir(os.path.join(runs, d))]
+    return os.path.join(runs, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +80,118 @@ def d4rl_file(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
-# unit tests: indexing, padding, receding horizon
+# the authors' presets: defaults of the built config, and the schedule / EMA / sampler / split rules
+# ---------------------------------------------------------------------------------------------
+def test_preset_defaults_are_the_authors():
+    a = dbp_bc.Args()
+    assert (a.backbone, a.unet_dims, a.unet_kernel_size, a.unet_groups) == ("unet", (512, 1024, 2048), 5, 8)
+    assert (a.num_epochs, a.total_steps, a.batch_size) == (500, None, 64)
+    assert (a.learning_rate, a.min_lr, a.warmup_epochs) == (1e-4, 1e-5, 100)
+    assert (a.adam_betas, a.weight_decay, a.max_grad_norm) == ((0.9, 0.999), 1e-6, 10.0)
+    assert (a.ema_every, a.ema_start_epoch, a.ema_power, a.ema_max_decay) == (10, 20, 0.75, 0.9999)
+    assert (a.val_ratio, a.num_hypotheses, a.temperatures, a.drift_mode) == (0.02, 4, (0.02, 0.05, 0.2), "chunk")
+    assert (a.save_model, a.keep_checkpoints, a.wandb_project_name) == (True, 10, "drift-policies")
+    # horizons by env family, filled in when not given, overridable
+    for env, expected in [("cube-single-play", (2, 16, 8)), ("cube-double-play-singletask-task2-v0", (2, 16, 8)), ("Hopper-v5", (1, 4, 4))]:
+        a = dbp_bc.Args(env=env)
+        dbp_bc.validate_args(a)
+        assert (a.obs_horizon, a.pred_horizon, a.action_horizon) == expected
+    a = dbp_bc.Args(env="Hopper-v5", pred_horizon=8)
+    dbp_bc.validate_args(a)
+    assert (a.obs_horizon, a.pred_horizon, a.action_horizon) == (1, 8, 4)
+
+
+def test_lr_schedule_per_epoch():
+    lr = lambda e: dbp_bc.lr_at(e, 1e-4, 1e-5, 100, 500)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-5) and lr(50) == pytest.approx(5.5e-5) and lr(100) == pytest.approx(1e-4)
+    assert lr(300) == pytest.approx(5.5e-5) and lr(500) == pytest.approx(1e-5) and lr(499) == pytest.approx(1e-5, rel=1e-3)
+    # the authors' CosineAnnealingWarmupRestarts(first_cycle_steps=500, warmup 100), stepped once per epoch
+    ref = [1e-5 + 9e-5 * e / 100 if e < 100 else 1e-5 + 9e-5 * (1 + math.cos(math.pi * (e - 100) / 400)) / 2 for e in range(500)]
+    assert np.allclose([lr(e) for e in range(500)], ref, rtol=1e-12)
+
+
+def test_ema_copy_until_epoch_20_then_every_10_steps():
+    spe = 7  # steps per epoch
+    # the authors' loop: at global step s, if s % 10 == 0: copy before epoch 20, else EMAModel.step (own counter)
+    ref, counter = [], 0
+    for s in range(40 * spe):
+        if s % 10:
+            ref.append(None)
+        elif s // spe < 20:
+            ref.append("copy")
+        else:
+            opt_step = max(0, counter - 1)  # EMAModel.get_decay(optimization_step) with update_after_step 0
+            ref.append(0.0 if opt_step <= 0 else min(0.9999, 1 - (1 + opt_step) ** -0.75))
+            counter += 1
+    ours = []
+    for s in range(40 * spe):
+        k = dbp_bc.ema_schedule(s, spe, 10, 20)
+        ours.append(None if k is None else "copy" if k == -1 else dbp_bc.ema_decay(k, 0.75, 0.9999))
+    assert ours == ref
+    assert dbp_bc.ema_decay(10**9, 0.75, 0.9999) == 0.9999
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    dbp_bc.ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
+
+
+def test_padding_rule_matches_the_authors_sampler():
+    """Diffusion Policy's SequenceSampler with pad_before = To-1, pad_after = Ta-1: start indices
+    -pad_before .. L - Tp + pad_after of each episode; the sample's "now" is start + To - 1."""
+    lengths = [3, 10, 25, 16]
+    ends = np.zeros(sum(lengths), dtype=bool)
+    ends[np.cumsum(lengths) - 1] = True
+    for To, Tp, Ta in [(2, 16, 8), (1, 4, 4), (3, 8, 2)]:
+        ref, offset = [], 0
+        for L in lengths:
+            ref += [offset + start + To - 1 for start in range(-(To - 1), L - Tp + (Ta - 1) + 1)]
+            offset += L
+        assert dbp_bc.sample_steps(ends, To, Tp, Ta).tolist() == ref, (To, Tp, Ta)
+        # and never more than Ta-1 padded steps after the end
+        first, last = dbp_bc.episode_bounds(ends)
+        t = torch.as_tensor(dbp_bc.sample_steps(ends, To, Tp, Ta))
+        _, act_idx = dbp_bc.chunk_indices(t, torch.as_tensor(first)[t], torch.as_tensor(last)[t], To, Tp)
+        raw_end = t - (To - 1) + Tp - 1  # the chunk's last index before clamping
+        assert (raw_end - torch.as_tensor(last)[t]).max() <= Ta - 1
+
+
+def test_holdout_two_percent_of_episodes():
+    assert dbp_bc.holdout_episodes(100, 0.02, 0).sum() == 2 and dbp_bc.holdout_episodes(200, 0.02, 0).sum() == 4
+    assert dbp_bc.holdout_episodes(10, 0.02, 0).sum() == 1  # at least one
+    assert dbp_bc.holdout_episodes(1, 0.02, 0).sum() == 0 and dbp_bc.holdout_episodes(50, 0.0, 0).sum() == 0
+    assert (dbp_bc.holdout_episodes(100, 0.02, 3) == dbp_bc.holdout_episodes(100, 0.02, 3)).all()  # seeded
+
+
+def test_minmax_normalization_and_checkpoint_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    obs = (rng.normal(size=(500, 4)) * [1, 10, 0.1, 100] + [5, -3, 0, 50]).astype(np.float32)
+    obs[:, 2] = 7.0  # a constant dimension
+    act = rng.uniform([-1, 0], [3, 0.5], size=(500, 2)).astype(np.float32)
+    stats = dbp_bc.compute_normalization(obs, act)
+    obs_n = (torch.as_tensor(obs) - stats["obs_offset"]) / stats["obs_scale"]
+    act_n = (torch.as_tensor(act) - stats["action_offset"]) / stats["action_scale"]
+    for x, dims in ((obs_n, [0, 1, 3]), (act_n, [0, 1])):
+        assert torch.allclose(x[:, dims].min(0).values, -torch.ones(len(dims)), atol=1e-5)
+        assert torch.allclose(x[:, dims].max(0).values, torch.ones(len(dims)), atol=1e-5)
+    assert torch.all(obs_n[:, 2] == 0) and stats["obs_scale"][2] == 1  # constant dim -> 0, scale 1
+    torch.manual_seed(0)
+    kw = dict(obs_dim=4, action_dim=2, obs_horizon=2, pred_horizon=4, hidden_dim=16, depth=2)
+    gen = dbp_bc.make_generator("mlp", **kw)
+    policy = dbp_bc.Policy(gen, stats, [-1, 0], [3, 0.5])
+    ckpt = {"backbone": "mlp", "generator_kwargs": kw, "model": gen.state_dict(), "action_low": torch.tensor([-1.0, 0.0]),
+            "action_high": torch.tensor([3.0, 0.5]), **policy.stats()}
+    torch.save(ckpt, tmp_path / "c.pt")
+    reloaded = dbp_bc.load_policy(torch.load(tmp_path / "c.pt", weights_only=False))
+    raw_hist, z = torch.as_tensor(obs[:20]).view(10, 2, 4), torch.randn(10, 4, 2)
+    a1, a2 = policy(raw_hist, z), reloaded(raw_hist, z)
+    assert torch.equal(a1, a2)
+    assert (a1 >= torch.tensor([-1.0, 0.0])).all() and (a1 <= torch.tensor([3.0, 0.5])).all()
+    ident = dbp_bc.Policy(gen, {"obs_offset": torch.zeros(4), "obs_scale": torch.ones(4), "action_offset": torch.zeros(2), "action_scale": torch.ones(2)}, [-1, 0], [3, 0.5])
+    assert not torch.allclose(ident(raw_hist, z), a1)  # the stats are really used
+
+
+# ---------------------------------------------------------------------------------------------
+# indexing, receding horizon, networks
 # ---------------------------------------------------------------------------------------------
 def test_episode_bounds_and_chunk_padding():
     ends = np.array([0, 0, 0, 0, 1, 0, 0, 1], dtype=bool)  # episodes [0..4] and [5..7]
@@ -76,23 +199,15 @@ def test_episode_bounds_and_chunk_padding():
     assert first.tolist() == [0] * 5 + [5] * 3 and last.tolist() == [4] * 5 + [7] * 3
     t = torch.arange(8)
     obs_idx, act_idx = dbp_bc.chunk_indices(t, torch.as_tensor(first), torch.as_tensor(last), obs_horizon=2, pred_horizon=4)
-    # history o_{t-1}, o_t; the first obs repeats at an episode start
     assert obs_idx.tolist() == [[0, 0], [0, 1], [1, 2], [2, 3], [3, 4], [5, 5], [5, 6], [6, 7]]
-    # chunk a_{t-1..t+2}: index To-1 = 1 is a_t; repeats the last action at the end, never crosses episodes
     assert act_idx.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 4], [3, 4, 4, 4],
                                 [5, 5, 6, 7], [5, 6, 7, 7], [6, 7, 7, 7]]
     assert (act_idx[:, 1] == t).all()  # chunk index To-1 is the current step's action
-    # an unterminated tail is its own episode
-    first, last = dbp_bc.episode_bounds(np.array([0, 1, 0, 0], dtype=bool))
+    first, last = dbp_bc.episode_bounds(np.array([0, 1, 0, 0], dtype=bool))  # an unterminated tail is an episode
     assert first.tolist() == [0, 0, 2, 2] and last.tolist() == [1, 1, 3, 3]
 
 
-def test_executed_slice_and_horizon_checks():
-    chunk = torch.arange(16.0).view(1, 16, 1).expand(2, 16, 3)  # chunk[:, j] = j
-    ex = dbp_bc.executed_slice(chunk, obs_horizon=2, action_horizon=8)
-    assert ex.shape == (2, 8, 3) and ex[0, :, 0].tolist() == list(range(1, 9))
-    ex = dbp_bc.executed_slice(chunk, obs_horizon=3, action_horizon=14)
-    assert ex[0, :, 0].tolist() == list(range(2, 16))
+def test_horizon_checks():
     dbp_bc.check_horizons(2, 16, 8)
     dbp_bc.check_horizons(3, 16, 14)
     for bad in [(3, 16, 15), (17, 16, 1), (2, 16, 0)]:
@@ -122,37 +237,12 @@ def test_rollout_receding_horizon():
 
     def chunk_fn(obs_hist):
         histories.append(obs_hist[:, 0].tolist())
-        k = len(histories) - 1
-        return (100.0 * k + np.arange(Tp, dtype=np.float64))[:, None]  # chunk[j] = 100 * replan + j
+        return (100.0 * (len(histories) - 1) + np.arange(Tp, dtype=np.float64))[:, None]  # chunk[j] = 100 * replan + j
 
     res = dbp_bc.rollout(env, chunk_fn, To, Ta, seed=0)
-    # replans at steps 0, 8, 16; history = the last To observations (first obs repeated at reset)
-    assert histories == [[0.0, 0.0], [7.0, 8.0], [15.0, 16.0]]
-    expected = [100 * k + j for k in range(3) for j in range(To - 1, To - 1 + Ta)][:20]
-    assert env.actions == expected  # executed exactly chunk[To-1 : To-1+Ta] of each chunk, in order
+    assert histories == [[0.0, 0.0], [7.0, 8.0], [15.0, 16.0]]  # replans at 0, 8, 16; first obs repeated at reset
+    assert env.actions == [100 * k + j for k in range(3) for j in range(To - 1, To - 1 + Ta)][:20]  # chunk[To-1 : To-1+Ta]
     assert res == {"return": 20.0, "length": 20, "success": 1.0}
-
-
-def test_push_obs_vectorized_history():
-    hist = np.zeros((2, 2, 1))
-    hist = dbp_bc.push_obs(hist, np.array([[1.0], [5.0]]), new_episode=np.array([False, True]))
-    assert hist[:, :, 0].tolist() == [[0.0, 1.0], [5.0, 5.0]]  # env 1 reset: its first obs fills the history
-    hist = dbp_bc.push_obs(hist, np.array([[2.0], [6.0]]))
-    assert hist[:, :, 0].tolist() == [[1.0, 2.0], [5.0, 6.0]]
-
-
-def test_ema_and_lr_schedule():
-    assert dbp_bc.ema_decay(0, 0.75, 0.9999) == 0.0 and dbp_bc.ema_decay(1, 0.75, 0.9999) == 0.0
-    assert dbp_bc.ema_decay(2, 0.75, 0.9999) == pytest.approx(1 - 2 ** -0.75)
-    assert dbp_bc.ema_decay(10**9, 0.75, 0.9999) == 0.9999
-    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    before = a.weight.detach().clone()
-    dbp_bc.ema_update(a, b, 0.9)
-    assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
-    assert dbp_bc.lr_factor(0, 500, 1000, "cosine") == pytest.approx(1 / 500)
-    assert dbp_bc.lr_factor(500, 500, 1000, "cosine") == pytest.approx(1.0)
-    assert dbp_bc.lr_factor(1000, 500, 1000, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert dbp_bc.lr_factor(999, 500, 1000, "constant") == 1.0
 
 
 @pytest.mark.parametrize("backbone", ["mlp", "unet"])
@@ -165,43 +255,11 @@ def test_generator_shapes_and_z_dependence(backbone):
     assert gen.features(obs).shape == (5, gen.cond_dim) == (5, 14)
 
 
-# ---------------------------------------------------------------------------------------------
-# normalization round-trip through a checkpoint
-# ---------------------------------------------------------------------------------------------
-def test_normalization_roundtrip_through_checkpoint(tmp_path):
-    rng = np.random.default_rng(0)
-    obs = (rng.normal(size=(500, 4)) * [1, 10, 0.1, 100] + [5, -3, 0, 50]).astype(np.float32)
-    act = rng.uniform([-1, 0], [3, 0.5], size=(500, 2)).astype(np.float32)
-    stats = dbp_bc.compute_normalization(obs, act)
-    obs_n = (torch.as_tensor(obs) - stats["obs_offset"]) / stats["obs_scale"]
-    act_n = (torch.as_tensor(act) - stats["action_offset"]) / stats["action_scale"]
-    assert torch.allclose(obs_n.mean(0), torch.zeros(4), atol=1e-4) and torch.allclose(obs_n.std(0), torch.ones(4), atol=1e-2)
-    assert act_n.min() >= -1 - 1e-5 and act_n.max() <= 1 + 1e-5 and torch.allclose(act_n.min(0).values, -torch.ones(2))
-    torch.manual_seed(0)
-    gen = dbp_bc.make_generator("mlp", obs_dim=4, action_dim=2, obs_horizon=2, pred_horizon=4, hidden_dim=16, depth=2)
-    policy = dbp_bc.Policy(gen, stats, [-1, 0], [3, 0.5])
-    assert torch.allclose(policy.normalize_action(torch.as_tensor(act)) * stats["action_scale"] + stats["action_offset"], torch.as_tensor(act), atol=1e-5)
-    ckpt = {"backbone": "mlp", "generator_kwargs": dict(obs_dim=4, action_dim=2, obs_horizon=2, pred_horizon=4, hidden_dim=16, depth=2),
-            "model": gen.state_dict(), "action_low": torch.tensor([-1.0, 0.0]), "action_high": torch.tensor([3.0, 0.5]), **policy.stats()}
-    torch.save(ckpt, tmp_path / "c.pt")
-    reloaded = dbp_bc.load_policy(torch.load(tmp_path / "c.pt", weights_only=False))
-    raw_hist, z = torch.as_tensor(obs[:20]).view(10, 2, 4), torch.randn(10, 4, 2)
-    a1, a2 = policy(raw_hist, z), reloaded(raw_hist, z)
-    assert torch.equal(a1, a2)
-    assert (a1 >= torch.tensor([-1.0, 0.0])).all() and (a1 <= torch.tensor([3.0, 0.5])).all()
-    # the stats are really used: identity statistics give different actions
-    ident = dbp_bc.Policy(gen, {"obs_offset": torch.zeros(4), "obs_scale": torch.ones(4), "action_offset": torch.zeros(2), "action_scale": torch.ones(2)}, [-1, 0], [3, 0.5])
-    assert not torch.allclose(ident(raw_hist, z), a1)
-
-
-# ---------------------------------------------------------------------------------------------
-# multimodality: action | state is +1 or -1 with equal odds
-# ---------------------------------------------------------------------------------------------
 def test_drift_covers_both_modes_mse_averages():
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     states = torch.rand(2048, 1, 1, generator=g) * 2 - 1  # [N, To=1, obs_dim=1]
-    actions = torch.where(torch.rand(2048, 1, 1, generator=g) < 0.5, -1.0, 1.0)  # [N, Tp=1, da=1]
+    actions = torch.where(torch.rand(2048, 1, 1, generator=g) < 0.5, -1.0, 1.0)  # [N, Tp=1, da=1]: +-1 with equal odds
     probe = torch.linspace(-0.9, 0.9, 5).repeat_interleave(200).view(-1, 1, 1)
     out = {}
     for loss in ("drift", "mse"):
@@ -224,36 +282,151 @@ def test_drift_covers_both_modes_mse_averages():
 
 
 # ---------------------------------------------------------------------------------------------
-# smoke runs of the script
+# bad input: exit 2, one error line, no traceback, nothing written
 # ---------------------------------------------------------------------------------------------
-def test_smoke_mlp_save_and_eval_only_acts_identically(d4rl_file, tmp_path):
-    p = run(["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "30", "--save-model",
-             "--capture-video", "--runs-dir", str(tmp_path), "--seed", "3"], tmp_path)
-    assert "SPS" in p.stdout and "ETA" in p.stdout
-    run_dir = next(d for d in (tmp_path / x for x in os.listdir(tmp_path)) if d.is_dir() and d.name.startswith("InvertedPendulum"))
-    ckpt = torch.load(run_dir / "dbp_bc.pt", weights_only=False)
-    for k in ("args", "env_id", "obs_dim", "action_dim", "obs_horizon", "pred_horizon", "action_horizon", "backbone",
-              "generator_kwargs", "model", "obs_offset", "obs_scale", "action_offset", "action_scale", "action_low", "action_high", "step"):
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, d4rl_file):
+    d = tmp_path_factory.mktemp("bad")
+    good = dict(np.load(d4rl_file))
+    files = {"good": d4rl_file}
+    for name, override in {"missing_key": {"timeouts": None}, "lengths": {"rewards": good["rewards"][:-3]},
+                           "bounds": {"actions": good["actions"] * 0 + 5.0}, "nan": {"observations": good["observations"] * np.nan},
+                           "hopper": {"observations": np.zeros((len(good["actions"]), 11), np.float32)}}.items():
+        files[name] = str(d / f"{name}.npz")
+        np.savez(files[name], **{k: v for k, v in {**good, **override}.items() if v is not None})
+    raw = open(d4rl_file, "rb").read()
+    files["truncated"] = str(d / "truncated.npz")
+    open(files["truncated"], "wb").write(raw[: len(raw) // 2])
+    files["text"] = str(d / "text.npz")
+    open(files["text"], "w").write("observations,actions\n1,2\n")
+    files["afile"] = str(d / "afile")
+    open(files["afile"], "w").write("not a folder")
+    torch.save({"format": "dfp-v1", "model": {}}, d / "dfp.pt")
+    files["dfp_ckpt"] = str(d / "dfp.pt")
+    files["trunc_ckpt"] = str(d / "trunc.pt")
+    torch.save({"format": "dbp-v1", "model": {"w": torch.zeros(1000)}}, d / "full.pt")
+    open(files["trunc_ckpt"], "wb").write(open(d / "full.pt", "rb").read()[:300])
+    # an OGBench-format dataset of cube-double's observation size (37) given for cube-single (28)
+    n = 60
+    terminals = np.zeros(n, np.float32)
+    terminals[[29, 59]] = 1
+    for suffix in ("", "-val"):
+        np.savez(d / f"cube-double-expert-task1-v0{suffix}.npz", observations=np.zeros((n, 37), np.float32),
+                 actions=np.zeros((n, 5), np.float32), terminals=terminals, qpos=np.zeros((n, 18)), qvel=np.zeros((n, 18)))
+    files["cube_double"] = str(d / "cube-double-expert-task1-v0.npz")
+    os.makedirs(d / "runs" / "taken")
+    open(d / "runs" / "taken" / "dbp_bc.pt", "w").write("x")
+    files["runs"] = str(d / "runs")
+    return files
+
+
+IP = ["--env", "InvertedPendulum-v5", "--backbone", "mlp"]
+BAD_CASES = {  # name: (argv with {file} placeholders, message fragment)
+    "negative steps": (["--total-steps", "-5"], "--total-steps must be at least 1"),
+    "zero epochs": (["--num-epochs", "0"], "--num-epochs must be at least 1"),
+    "eval episodes 0": (["--eval-episodes", "0"], "--eval-episodes must be at least 1"),
+    "lr nan": (["--learning-rate", "nan"], "--learning-rate must be a positive finite number"),
+    "log interval 0": (["--log-interval", "0"], "--log-interval must be at least 1"),
+    "batch 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "keep -1": (["--keep-checkpoints", "-1"], "--keep-checkpoints must be at least 0"),
+    "temperature 0": (["--temperatures", "0"], "--temperatures must be positive"),
+    "horizons": (["--pred-horizon", "4", "--action-horizon", "8"], "executed slice must lie in the chunk"),
+    "unet groups": (["--unet-dims", "12", "24"], "must divide every --unet-dims width"),
+    "val ratio": (["--val-ratio", "1.5"], "--val-ratio must lie in [0, 0.5)"),
+    "min lr > lr": (["--min-lr", "1e-3"], "--min-lr 0.001 must not exceed"),
+    "task 9": (["--task", "9"], "--task must be in 1..5"),
+    "unknown env": (["--env", "cube-foo-play"], "unknown env 'cube-foo-play'"),
+    "no dataset": (IP, "needs --dataset-path"),
+    "missing dataset": ([*IP, "--dataset-path", "nope.npz"], "does not exist"),
+    "truncated npz": ([*IP, "--dataset-path", "{truncated}"], "cannot read --dataset-path"),
+    "text as npz": ([*IP, "--dataset-path", "{text}"], "cannot read --dataset-path"),
+    "missing key": ([*IP, "--dataset-path", "{missing_key}"], "lacks the keys ['timeouts']"),
+    "lengths": ([*IP, "--dataset-path", "{lengths}"], "different lengths"),
+    "action bounds": ([*IP, "--dataset-path", "{bounds}"], "outside InvertedPendulum-v5's action bounds"),
+    "nan data": ([*IP, "--dataset-path", "{nan}"], "NaN or infinite"),
+    "other env (d4rl)": ([*IP, "--dataset-path", "{hopper}"], "have dim 4; is the dataset for this env?"),
+    "other env (ogbench 37 vs 28)": (["--env", "cube-single-play", "--task", "1", "--dataset-path", "{cube_double}", "--backbone", "mlp"], "have dim 28"),
+    "runs dir is a file": ([*IP, "--dataset-path", "{good}", "--runs-dir", "{afile}"], "exists and is not a folder"),
+    "run exists": ([*IP, "--dataset-path", "{good}", "--runs-dir", "{runs}", "--run-name", "taken"], "already holds a run"),
+    "resume missing": ([*IP, "--dataset-path", "{good}", "--resume", "nope.pt"], "--resume nope.pt does not exist"),
+    "resume other script": ([*IP, "--dataset-path", "{good}", "--resume", "{dfp_ckpt}"], "is not a DBP checkpoint (format 'dfp-v1'"),
+    "eval-only no checkpoint": (["--eval-only"], "--eval-only needs --checkpoint"),
+    "eval-only truncated": (["--eval-only", "--checkpoint", "{trunc_ckpt}"], "cannot read --checkpoint"),
+    "eval-only text": (["--eval-only", "--checkpoint", "{text}"], "cannot read --checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_exit_2_one_line_nothing_written(case, bad_files, tmp_path, monkeypatch, capsys):
+    """In-process (runpy, as __main__) to keep it fast; test_bad_input_subprocess checks the real process."""
+    argv, message = BAD_CASES[case]
+    argv = [a.format(**bad_files) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(SCRIPT, run_name="__main__")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []  # nothing created (no run folder)
+
+
+def test_bad_input_subprocess(tmp_path, bad_files):
+    for argv in (["--eval-episodes", "0"], [*IP, "--dataset-path", bad_files["truncated"]]):
+        p = run(argv, tmp_path, expect_ok=False)
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+        assert len([x for x in p.stderr.splitlines() if x.startswith("error:")]) == 1
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# smoke runs, reproducible evaluation, resume
+# ---------------------------------------------------------------------------------------------
+def test_smoke_eval_only_reproduces_training_evaluations(d4rl_file, tmp_path):
+    p = run(["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "30", "--eval-interval", "10",
+             "--save-interval", "10", "--keep-checkpoints", "2", "--warmup-epochs", "0", "--learning-rate", "3e-3",
+             "--ema-start-epoch", "0", "--ema-every", "1", "--capture-video", "--runs-dir", str(tmp_path / "runs"), "--seed", "3"], tmp_path)
+    assert "SPS" in p.stdout and "ETA" in p.stdout and "val_loss" in p.stdout and p.stdout.splitlines()[-1].startswith("final")
+    assert p.stdout.splitlines()[0].startswith("start: env InvertedPendulum-v5")
+    run_dir = the_run_dir(tmp_path / "runs")
+    files = os.listdir(run_dir)
+    assert sorted(f for f in files if f.startswith("dbp_bc")) == ["dbp_bc.pt", "dbp_bc_20.pt", "dbp_bc_30.pt"]  # last 2 kept
+    ckpt = torch.load(os.path.join(run_dir, "dbp_bc.pt"), weights_only=False)
+    for k in dbp_bc.CKPT_KEYS + ("format", "args", "step", "train_model", "optimizer"):
         assert k in ckpt, k
-    assert ckpt["step"] == 30 and ckpt["env_id"] == "InvertedPendulum-v5" and (ckpt["obs_dim"], ckpt["action_dim"]) == (4, 1)
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
-    assert any(f.endswith(".mp4") for f in os.listdir(run_dir / "videos"))  # --capture-video
-    # the reloaded checkpoint acts identically: same evaluation numbers as the training run's final eval
-    q = run(["--eval-only", "--checkpoint", str(run_dir / "dbp_bc.pt"), "--eval-episodes", "2", "--seed", "3", "--num-threads", "1"], tmp_path)
-    assert last_eval(q.stdout) == last_eval(p.stdout)
-    assert last_eval(p.stdout)[0] is None and "eval/success" not in p.stdout  # locomotion: no success signal
+    assert ckpt["step"] == 30 and ckpt["format"] == "dbp-v1" and (ckpt["obs_dim"], ckpt["action_dim"]) == (4, 1)
+    assert "train_model" not in torch.load(os.path.join(run_dir, "dbp_bc_20.pt"), weights_only=False)  # policy only
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert any(f.endswith(".mp4") for f in os.listdir(os.path.join(run_dir, "videos")))
+    logged = {int(s): EVAL_RE.search(line).groups() for s, line in re.findall(r"eval step (\d+): (.*)", p.stdout)}
+    assert sorted(logged) == [10, 20, 30]
+    # --eval-only on the step-20 and step-30 snapshots reproduces the evaluations logged at those steps
+    q = run(["--eval-only", "--checkpoint", os.path.join(run_dir, "dbp_bc_20.pt"), os.path.join(run_dir, "dbp_bc_30.pt"),
+             "--eval-episodes", "2", "--seed", "3", "--num-threads", "1"], tmp_path)
+    lines = [line for line in q.stdout.splitlines() if line.startswith("eval-only")]
+    assert [EVAL_RE.search(line).groups() for line in lines] == [logged[20], logged[30]]
+    returns = np.array([float(logged[20][1]), float(logged[30][1])])
+    final = q.stdout.splitlines()[-1]
+    assert final.startswith("final eval-only over 2") and f"mean {returns.mean():.4f} +- std {returns.std(ddof=1):.4f}" in final
+    assert "eval/success" not in p.stdout  # locomotion: no success signal
 
 
 def test_smoke_unet_step_gaussian_and_exact_resume(d4rl_file, tmp_path):
     base = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--backbone", "unet", "--unet-dims", "8", "16",
-            "--drift-mode", "step", "--lr-schedule", "constant", "--warmup-steps", "5", "--save-model"]
+            "--drift-mode", "step", "--ema-start-epoch", "1", "--ema-every", "3"]
     run([*base, "--total-steps", "20", "--runs-dir", str(tmp_path / "a")], tmp_path)
     run([*base, "--total-steps", "10", "--runs-dir", str(tmp_path / "b")], tmp_path)
-    (b_dir,) = os.listdir(tmp_path / "b")
-    run([*base, "--total-steps", "20", "--resume", str(tmp_path / "b" / b_dir / "dbp_bc.pt")], tmp_path)
-    (a_dir,) = os.listdir(tmp_path / "a")
-    ca = torch.load(tmp_path / "a" / a_dir / "dbp_bc.pt", weights_only=False)
-    cb = torch.load(tmp_path / "b" / b_dir / "dbp_bc.pt", weights_only=False)
+    b_dir = the_run_dir(tmp_path / "b")
+    run([*base, "--total-steps", "20", "--resume", os.path.join(b_dir, "dbp_bc.pt")], tmp_path)
+    ca = torch.load(os.path.join(the_run_dir(tmp_path / "a"), "dbp_bc.pt"), weights_only=False)
+    cb = torch.load(os.path.join(b_dir, "dbp_bc.pt"), weights_only=False)
     assert ca["step"] == cb["step"] == 20
     for key in ("model", "train_model"):  # 10 + 10 resumed steps == 20 straight steps, bit for bit
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
@@ -265,30 +438,81 @@ def test_smoke_unet_step_gaussian_and_exact_resume(d4rl_file, tmp_path):
 def test_smoke_ogbench_expert_data(tmp_path):
     gen = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate_ogbench_dataset.py"), "--env", "cube-single-play",
                           "--kind", "expert", "--task", "1", "--episodes", "3", "--episode-length", "40", "--workers", "1",
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=ENV)
     assert gen.returncode == 0, gen.stderr[-2000:]
     path = str(tmp_path / "cube-single-expert-task1-v0.npz")
     p = run(["--env", "cube-single-play", "--task", "1", "--dataset-path", path, *TINY, "--backbone", "unet", "--unet-dims", "8", "16",
              "--total-steps", "10", "--eval-episodes", "1", "--runs-dir", str(tmp_path / "runs")], tmp_path)
     assert "cube-single-play-singletask-task1-v0" in p.stdout
-    success = last_eval(p.stdout)[0]
-    assert success in (0.0, 1.0)  # OGBench singletask reports eval/success
+    assert last_eval(p.stdout)[0] in (0.0, 1.0)  # OGBench singletask reports eval/success
 
 
-def test_bad_data_clear_errors(tmp_path, d4rl_file):
-    good = dict(np.load(d4rl_file))
-    cases = {
-        "missing": ({"timeouts": None}, "lacks the keys ['timeouts']"),
-        "length": ({"rewards": good["rewards"][:-3]}, "different lengths"),
-        "bounds": ({"actions": good["actions"] * 0 + 5.0}, "outside InvertedPendulum-v5's action bounds"),
-    }
-    for name, (override, message) in cases.items():
-        path = str(tmp_path / f"{name}.npz")
-        np.savez(path, **{k: v for k, v in {**good, **override}.items() if v is not None})
-        args = dbp_bc.Args(env="InvertedPendulum-v5", dataset_path=path)
-        with pytest.raises(SystemExit, match=re.escape(message)):
-            dbp_bc.load_demonstrations(args)
-    with pytest.raises(SystemExit, match="needs --dataset-path"):
-        dbp_bc.load_demonstrations(dbp_bc.Args(env="Hopper-v5"))
-    p = run(["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, "--pred-horizon", "4", "--action-horizon", "8"], tmp_path, expect_ok=False)
-    assert p.returncode != 0 and "executed slice must lie in the chunk" in p.stderr
+# ---------------------------------------------------------------------------------------------
+# signals, non-finite guard, tensorboard across a resume
+# ---------------------------------------------------------------------------------------------
+def start_and_signal(args, cwd, marker):
+    """Start the script, send SIGTERM once `marker` appears on stdout; return (exit code, seconds to exit, stdout)."""
+    p = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if marker in line:
+            break
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=30)
+    return p.returncode, time.time() - t0, "".join(out) + rest + err
+
+
+@pytest.mark.parametrize("phase", ["training", "evaluation"])
+def test_sigterm_saves_and_resumes(phase, d4rl_file, tmp_path):
+    runs = str(tmp_path / "runs")
+    if phase == "training":
+        args = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "1000000", "--runs-dir", runs]
+        rc, dt, out = start_and_signal(args, tmp_path, "step 20/")
+    else:
+        args = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "20", "--eval-interval", "10",
+                "--eval-episodes", "1000000", "--runs-dir", runs]
+        rc, dt, out = start_and_signal(args, tmp_path, "evaluating step 10")
+    assert rc == 128 + signal.SIGTERM and dt < 5, (rc, dt, out[-2000:])
+    done = int(re.search(r"interrupted by SIGTERM at step (\d+)", out).group(1))
+    assert (done >= 20) if phase == "training" else (done == 10)
+    ckpt_path = os.path.join(the_run_dir(runs), "dbp_bc.pt")
+    assert torch.load(ckpt_path, weights_only=False)["step"] == done
+    cmd = shlex.split(out.split("continue with:\n")[1].splitlines()[0])  # the printed command resumes the run
+    assert cmd[:2] == ["python", SCRIPT] and cmd[-2:] == ["--resume", ckpt_path]
+    p = run([*cmd[2:], "--total-steps", str(done + 10), "--eval-interval", "0", "--eval-episodes", "1"], tmp_path)
+    assert f"resuming" in p.stdout and p.stdout.splitlines()[-1].startswith(f"final: {done + 10} steps")
+    assert torch.load(ckpt_path, weights_only=False)["step"] == done + 10
+
+
+def test_nonfinite_stops_and_keeps_the_good_checkpoint(d4rl_file, tmp_path):
+    base = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--save-interval", "5", "--log-interval", "5"]
+    run([*base, "--total-steps", "10", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    run_dir = the_run_dir(tmp_path / "runs")
+    before = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".pt")}
+    p = run([*base, "--total-steps", "30", "--learning-rate", "1e30", "--min-lr", "1e30", "--resume", os.path.join(run_dir, "dbp_bc.pt")],
+            tmp_path, expect_ok=False)
+    assert p.returncode == 1 and "error: non-finite" in p.stderr and "keeps the last finite state" in p.stderr, p.stderr[-2000:]
+    after = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".pt")}
+    assert after == before  # byte-identical, and no new snapshot
+
+
+def test_tensorboard_steps_strictly_increase_across_resume(d4rl_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--log-interval", "5", "--keep-checkpoints", "0"]
+    run([*base, "--total-steps", "20", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    run_dir = the_run_dir(tmp_path / "runs")
+    old = os.path.join(run_dir, "at20.pt")
+    os.replace(os.path.join(run_dir, "dbp_bc.pt"), old)
+    open(os.path.join(run_dir, "dbp_bc.pt"), "wb").write(open(old, "rb").read())
+    run([*base, "--total-steps", "40", "--resume", os.path.join(run_dir, "dbp_bc.pt")], tmp_path)
+    time.sleep(1.1)  # a new event file name (its timestamp) for the second resume
+    run([*base, "--total-steps", "40", "--resume", old], tmp_path)  # from step 20 again: steps 25..40 are logged twice
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    for tag in ("losses/loss", "eval/episodic_return"):
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)
+    assert [e.step for e in acc.Scalars("losses/loss")] == list(range(5, 45, 5))
