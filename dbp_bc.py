@@ -385,7 +385,7 @@ def on_signal(signum, frame):
         os._exit(128 + signum)  # a second signal: exit at once
     STOP["signum"] = signum
     if STOP["raise_now"]:
-        print(f"interrupted by {signal.Signals(signum).name} before training; nothing was saved", flush=True)
+        print(f"interrupted by {signal.Signals(signum).name} (not training: nothing to save)", flush=True)
         sys.exit(128 + signum)
 
 
@@ -528,23 +528,21 @@ def load_policy(ckpt: dict) -> Policy:
     return Policy(gen, stats, ckpt["action_low"], ckpt["action_high"]).eval()
 
 
-def rollout(env, chunk_fn: Callable[[np.ndarray], np.ndarray], obs_horizon: int, action_horizon: int, seed: int, max_steps: Optional[int] = None) -> dict:
+def rollout(env, chunk_fn: Callable[[np.ndarray], np.ndarray], obs_horizon: int, action_horizon: int, seed: int) -> dict:
     """One episode with receding-horizon control. chunk_fn(obs_hist [To, obs_dim]) -> chunk [Tp, da];
     execute chunk[To-1 : To-1+Ta] step by step (stopping early if the episode ends), then replan."""
     obs, info = env.reset(seed=seed)
     history = deque([obs] * obs_horizon, maxlen=obs_horizon)  # at reset the first obs fills the history
-    ep_return, length, done = 0.0, 0, False
-    while not done:
+    ep_return, length = 0.0, 0
+    while True:
         chunk = chunk_fn(np.stack(history))  # [Tp, da]
         for action in chunk[obs_horizon - 1 : obs_horizon - 1 + action_horizon]:  # the executed slice
             check_stop()  # a signal is honoured within one env step
             obs, reward, terminated, truncated, info = env.step(action)
             history.append(obs)
             ep_return, length = ep_return + float(reward), length + 1
-            done = terminated or truncated or (max_steps is not None and length >= max_steps)
-            if done:
-                break
-    return {"return": ep_return, "length": length, "success": float(info.get("success", 0.0))}
+            if terminated or truncated:
+                return {"return": ep_return, "length": length, "success": float(info.get("success", 0.0))}
 
 
 def evaluate(policy: Policy, env, episodes: int, obs_horizon: int, action_horizon: int, seed: int, device) -> dict:
@@ -758,16 +756,10 @@ def validate_args(args: Args) -> None:
 
 
 def resume_command(ckpt_path: str) -> str:
-    """This command line with --resume <ckpt_path> (replacing any --resume / --run-name / --runs-dir given)."""
-    argv, out, skip = sys.argv[1:], [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--resume", "--run-name", "--runs-dir"):
-            skip = True
-        elif not a.startswith(("--resume=", "--run-name=", "--runs-dir=")):
-            out.append(a)
-    return shlex.join(["python", sys.argv[0], *out, "--resume", ckpt_path])
+    """This command line with --resume <ckpt_path> in place of any --resume / --run-name / --runs-dir given."""
+    argv, drop = sys.argv[1:], ("--resume", "--run-name", "--runs-dir")
+    keep = [a for i, a in enumerate(argv) if a.split("=")[0] not in drop and (i == 0 or argv[i - 1] not in drop)]
+    return shlex.join(["python", sys.argv[0], *keep, "--resume", ckpt_path])
 
 
 TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
@@ -953,8 +945,10 @@ if __name__ == "__main__":
         print(f"evaluating step {step} ({args.eval_episodes} episodes)", flush=True)
         t0 = time.time()
         res = evaluate(policy, eval_env, args.eval_episodes, To, Ta, args.seed, device)
-        for k in ("return", "length") + (("success",) if is_ogbench_id(env_id) else ()):  # locomotion has no success
-            writer.add_scalar({"return": "eval/episodic_return", "length": "eval/episode_length", "success": "eval/success"}[k], res[k], step)
+        writer.add_scalar("eval/episodic_return", res["return"], step)
+        writer.add_scalar("eval/episode_length", res["length"], step)
+        if is_ogbench_id(env_id):  # locomotion envs have no success signal
+            writer.add_scalar("eval/success", res["success"], step)
         print(f"eval step {step}: {format_eval(res, env_id)} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
         if capture_video:
             eval_env.close()

@@ -404,7 +404,10 @@ def test_smoke_eval_only_reproduces_training_evaluations(d4rl_file, tmp_path):
     assert ckpt["step"] == 30 and ckpt["format"] == "dbp-v1" and (ckpt["obs_dim"], ckpt["action_dim"]) == (4, 1)
     assert "train_model" not in torch.load(os.path.join(run_dir, "dbp_bc_20.pt"), weights_only=False)  # policy only
     assert any(f.startswith("events.out.tfevents") for f in files)
-    assert any(f.endswith(".mp4") for f in os.listdir(os.path.join(run_dir, "videos")))
+    videos = [os.path.join(run_dir, "videos", f) for f in os.listdir(os.path.join(run_dir, "videos")) if f.endswith(".mp4")]
+    import imageio.v3 as iio
+
+    assert len(videos) == 1 and len(list(iio.imiter(videos[0]))) > 1  # the first final-eval episode, never a 1-frame file
     logged = {int(s): EVAL_RE.search(line).groups() for s, line in re.findall(r"eval step (\d+): (.*)", p.stdout)}
     assert sorted(logged) == [10, 20, 30]
     # --eval-only on the step-20 and step-30 snapshots reproduces the evaluations logged at those steps
