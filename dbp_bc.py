@@ -773,7 +773,7 @@ if __name__ == "__main__":
     # ---- evaluation only: everything needed is in the checkpoint(s) ----
     if args.eval_only:
         check(len(args.checkpoint) > 0, "--eval-only needs --checkpoint PATH [PATH ...] (dbp_bc.pt or dbp_bc_<step>.pt files)")
-        check(args.eval_episodes >= 1 and args.num_threads >= 0, f"--eval-episodes must be >= 1 and --num-threads >= 0")
+        check(args.eval_episodes >= 1 and args.num_threads >= 0, "--eval-episodes must be >= 1 and --num-threads >= 0")
         ckpts = [read_checkpoint(p, "--checkpoint") for p in args.checkpoint]
         if args.num_threads > 0:
             torch.set_num_threads(args.num_threads)

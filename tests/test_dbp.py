@@ -485,7 +485,7 @@ def test_sigterm_saves_and_resumes(phase, d4rl_file, tmp_path):
     cmd = shlex.split(out.split("continue with:\n")[1].splitlines()[0])  # the printed command resumes the run
     assert cmd[:2] == ["python", SCRIPT] and cmd[-2:] == ["--resume", ckpt_path]
     p = run([*cmd[2:], "--total-steps", str(done + 10), "--eval-interval", "0", "--eval-episodes", "1"], tmp_path)
-    assert f"resuming" in p.stdout and p.stdout.splitlines()[-1].startswith(f"final: {done + 10} steps")
+    assert "resuming" in p.stdout and p.stdout.splitlines()[-1].startswith(f"final: {done + 10} steps")
     assert torch.load(ckpt_path, weights_only=False)["step"] == done + 10
 
 
