@@ -487,11 +487,12 @@ def cmd_report(a) -> int:
         finals = [100 * r[max(k for k in r if k != "_info")] for r in runs]
         steps = sorted({max(k for k in r if k != "_info") for r in runs})
         m, se = mean_se(finals)
-        paper = PAPER_DFP.get(env) if runs[0]["_info"]["script"] in ("dfp_offline_to_online.py", "?") or variant.startswith("dfp") else None
+        info = runs[0]["_info"]
+        paper = PAPER_DFP.get(env) if "dfp" in info["script"] or variant.startswith("dfp") else None
         pm = f"{m:.1f} ± {se:.1f}" if len(finals) > 1 else f"{m:.1f}"
         lines.append(f"| {variant} | {env} | {len(finals)} | {'/'.join(map(str, steps))} | {pm} | "
                      f"{'' if paper is None else f'{paper:.1f}'} |")
-        flags = runs[0]["_info"]["flags"]
+        flags = info["flags"]
         if paper is not None and flags.get("K") and flags.get("N", "16") == "16":
             kofn.setdefault(int(flags["K"]), []).append(m)
     if kofn:

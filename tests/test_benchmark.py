@@ -181,3 +181,29 @@ def test_flags_are_parsed_from_the_scripts_help():
     assert benchmark.flag_args("dfp_offline_to_online.py", "save_model", "false") == ["--no-save-model"]
     assert benchmark.flag_args("dfp_offline_to_online.py", "temperatures", "0.1 0.2") == ["--temperatures", "0.1", "0.2"]
     assert "--sweep" in benchmark.script_flags("scripts/benchmark.py run")
+
+
+def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
+    """Fake DFP K-of-N runs (tensorboard logs written here): the table has mean +- standard error over seeds, the
+    paper's per-task number and the K-of-N average beside the paper's."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    finals = {("dfp-K4", 1): 1.0, ("dfp-K4", 2): 0.5, ("dfp-K1", 1): 0.25}
+    for (variant, seed), final in finals.items():
+        run_id = f"{variant}__cube-double-play-task2__s{seed}"
+        d = tmp_path / run_id
+        d.mkdir()
+        benchmark.write_json(str(d / benchmark.SPEC_FILE), dict(
+            id=run_id, script="dfp_offline_to_online.py", variant=variant, env="cube-double-play-task2", seed=seed,
+            args=[], flags={"K": variant[-1], "N": "16"}))
+        w = SummaryWriter(str(d))
+        for step, v in ((1, 0.0), (100, final)):
+            w.add_scalar("eval/success", v, step)
+        w.close()
+    assert benchmark.main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--name", "kofn"]) == 0
+    table = (tmp_path / "out" / "kofn.md").read_text()
+    assert "| dfp-K4 | cube-double-play-task2 | 2 | 100 | 75.0 ± 25.0 | 100.0 |" in table  # s.e. = std / sqrt(2)
+    assert "| dfp-K1 | cube-double-play-task2 | 1 | 100 | 25.0 | 100.0 |" in table
+    assert "| 4 | 1 | 75.0 | 95.6 |" in table and "| 1 | 1 | 25.0 | 85.8 |" in table
+    assert json.loads((tmp_path / "out" / "kofn.json").read_text())["lines"] == {
+        "cube-double-play-task2": ["dfp-K1", "dfp-K4"]}
