@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALIASES = {"dfp": "dfp_offline_to_online.py", "dbp": "dbp_bc.py", "dbpo": "dbpo_ppo.py"}
 SHORT = {v: k for k, v in ALIASES.items()}
 CHECKPOINT = {"dfp_offline_to_online.py": "checkpoint.pt", "dbp_bc.py": "dbp_bc.pt", "dbpo_ppo.py": "state.pt"}
-SPEC_FILE, LOG_FILE, DONE_FILE = "benchmark.json", "benchmark.log", "benchmark.done.json"
+RUN_FILE, LOG_FILE, DONE_FILE = "benchmark.json", "benchmark.log", "benchmark.done.json"
 GRID_FLAGS = {"seed", "env", "env-id", "runs-dir", "run-name", "resume"}  # set by the grid, not by --set
 
 # Environment names the grid accepts (whether a script supports one, and has its data, is the script's check).
@@ -243,13 +243,16 @@ def tail(path: str, n: int = 15) -> str:
 
 
 # ------------------------------------------------------------------------------------------ one run (a Ray task)
-def _die_with_parent():  # in the child, before exec: SIGTERM it if the Ray worker that started it dies
+def die_with_parent():
+    """A preexec_fn that makes the child get SIGTERM (and save) if the Ray worker that started it dies.
+    libc is loaded here, in the parent: the function run in the forked child only makes the system call."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:  # not Linux
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def execute(spec: dict, term_timeout: float) -> dict:
@@ -267,7 +270,7 @@ def execute(spec: dict, term_timeout: float) -> dict:
                   f"{socket.gethostname()}: {shlex.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=spec["cwd"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent())
         cancelled = False
         try:
             while proc.poll() is None:
@@ -324,7 +327,7 @@ def cmd_run(a) -> int:
     out_dir = os.path.abspath(a.out or os.path.join("runs", a.preset or "grid"))
     cwd = os.getcwd()
     for run in runs:  # a folder made with other flags is never mixed into this grid
-        old = os.path.join(out_dir, run["id"], SPEC_FILE)
+        old = os.path.join(out_dir, run["id"], RUN_FILE)
         if os.path.isfile(old):
             with open(old) as f:
                 prev = json.load(f)
@@ -357,7 +360,7 @@ def cmd_run(a) -> int:
     for r in todo:
         run_dir = os.path.join(out_dir, r["id"])
         os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, SPEC_FILE), {k: r[k] for k in ("id", "script", "variant", "env", "seed", "args", "flags")})
+        write_json(os.path.join(run_dir, RUN_FILE), {k: r[k] for k in ("id", "script", "variant", "env", "seed", "args", "flags")})
         spec = dict(id=r["id"], dir=run_dir, cwd=cwd, checkpoint=r["checkpoint"],
                     command=command(r, out_dir, a.cpus_per_run), threads=max(1, int(a.cpus_per_run)))
         pending[task.remote(spec, a.term_timeout)] = r
@@ -402,11 +405,14 @@ def cmd_run(a) -> int:
     except KeyboardInterrupt:
         print(f"[grid] stopping: cancelling {len(pending)} runs; running ones save their checkpoint "
               f"(Ctrl-C again to quit at once)", flush=True)
-        for ref in pending:
-            ray.cancel(ref)
-        ray.wait(list(pending), num_returns=len(pending), timeout=a.term_timeout + 10)
-        print(f"[grid] stopped: {len(done) + len(skipped)}/{len(runs)} done. Rerun the same command to continue.",
-              flush=True)
+        try:
+            for ref in pending:
+                ray.cancel(ref)  # a running task gets KeyboardInterrupt: execute() sends SIGTERM and waits
+            ray.wait(list(pending), num_returns=len(pending), timeout=a.term_timeout + 10)
+            print(f"[grid] stopped: {len(done) + len(skipped)}/{len(runs)} done. Rerun the same command to continue.",
+                  flush=True)
+        except KeyboardInterrupt:
+            print("[grid] quit at once (runs still saving get a second signal and stop without saving)", flush=True)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous_term)
@@ -425,7 +431,7 @@ REPORT_TAGS = (*SUCCESS_TAGS, "eval/episodic_return")
 def run_info(run_dir: str) -> dict:
     """script, variant, env, seed of a run folder: from benchmark.json, else from the scripts' default run name
     <env_id>__<exp_name>__<seed>__<unix time>."""
-    spec = os.path.join(run_dir, SPEC_FILE)
+    spec = os.path.join(run_dir, RUN_FILE)
     if os.path.isfile(spec):
         with open(spec) as f:
             s = json.load(f)

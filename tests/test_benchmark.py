@@ -193,7 +193,7 @@ def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
         run_id = f"{variant}__cube-double-play-task2__s{seed}"
         d = tmp_path / run_id
         d.mkdir()
-        benchmark.write_json(str(d / benchmark.SPEC_FILE), dict(
+        benchmark.write_json(str(d / benchmark.RUN_FILE), dict(
             id=run_id, script="dfp_offline_to_online.py", variant=variant, env="cube-double-play-task2", seed=seed,
             args=[], flags={"K": variant[-1], "N": "16"}))
         w = SummaryWriter(str(d))
