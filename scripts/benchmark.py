@@ -475,7 +475,7 @@ def cmd_report(a) -> int:
         info, scalars = run_info(d), read_scalars(d)
         name = os.path.relpath(d, a.runs_dir)
         for tag, series in scalars.items():
-            rows += [(name, info["script"], info["env"], info["seed"], s, tag, v) for s, v in sorted(series.items())]
+            rows += [(name, info["script"], info["env"], info["seed"], s, tag, f"{v:.6g}") for s, v in sorted(series.items())]
         success = next((scalars[t] for t in SUCCESS_TAGS if t in scalars), None)
         if success:
             curves.setdefault((info["variant"], info["env"]), []).append(dict(success, _info=info))
