@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -308,9 +309,8 @@ def connect(a):
                  "start one with `ray start --head` or check the address")
     if ray.is_initialized():  # e.g. the tests' shared instance
         return ray
-    # SIGINT must not be ignored in Ray's processes (ray.cancel interrupts a running task with it)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if a.address is None:
+    if a.address is None:  # (cmd_run made SIGINT raise KeyboardInterrupt: Ray's processes inherit it, and
+        # ray.cancel interrupts a running task with SIGINT, which must not be ignored there)
         ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 * 2**20)
     else:
@@ -339,7 +339,9 @@ def cmd_run(a) -> int:
         for r in runs:
             print(f"{states[r['id']]:6s} {r['id']}: {shlex.join(command(r, out_dir, a.cpus_per_run))}")
         return 0
-    ray = connect(a)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
+    ray = connect(a)  # Ctrl-C works even where a parent ignores SIGINT (and Ray's processes inherit that)
     total = ray.cluster_resources()
     check(total.get("CPU", 0) >= a.cpus_per_run, f"the cluster has {total.get('CPU', 0):g} CPUs, fewer than --cpus-per-run")
     check(total.get("GPU", 0) >= a.gpus_per_run,
@@ -392,7 +394,7 @@ def cmd_run(a) -> int:
             print(f"[grid] FAILED {res['id']} (exit code {res['rc']}); log {log}, last lines:\n"
                   + "".join("    " + line + "\n" for line in res["log_tail"].rstrip().splitlines()), flush=True)
 
-    previous_term = signal.signal(signal.SIGTERM, lambda s, f: signal.default_int_handler(s, f))
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         last = time.time()
         while pending:
@@ -415,7 +417,9 @@ def cmd_run(a) -> int:
             print("[grid] quit at once (runs still saving get a second signal and stop without saving)", flush=True)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
+            signal.signal(signal.SIGINT, previous_int)
     print(f"[grid] all {len(runs)} runs ended in {(time.time() - t0) / 60:.1f} min: {len(done) + len(skipped)} done "
           f"({len(skipped)} skipped), {len(failed)} failed" + (f": {', '.join(f['id'] for f in failed)}" if failed else ""),
           flush=True)

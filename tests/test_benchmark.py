@@ -6,6 +6,7 @@ import csv
 import glob
 import json
 import os
+import signal
 import struct
 import sys
 import threading
@@ -43,9 +44,13 @@ def write_dataset(path, episodes=6, length=60, seed=0):
 @pytest.fixture(scope="module")
 def local_ray():
     os.environ.setdefault("MUJOCO_GL", "egl")
+    # Ray's workers inherit SIGINT's disposition, and ray.cancel interrupts a running task with SIGINT: it must
+    # not be ignored (pytest-xdist workers ignore it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
     yield
     ray.shutdown()
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
