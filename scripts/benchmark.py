@@ -513,6 +513,12 @@ def cmd_report(a) -> int:
         f.write("\n".join(lines) + "\n")
     os.replace(md_path + ".tmp", md_path)
 
+    print("\n".join(lines))
+    if not curves:
+        print(f"wrote {csv_path} ({len(rows)} rows) and {md_path} from {len(run_dirs)} runs; no figure: no run logged "
+              f"{' or '.join(SUCCESS_TAGS)}")
+        return 0
+
     # ---- learning curves: one panel per env, one line per variant (mean over seeds, band = +- s.e.) ----
     import matplotlib
 
@@ -521,7 +527,7 @@ def cmd_report(a) -> int:
 
     envs = sorted({env for _, env in curves})
     cols = min(len(envs), 4)
-    rows_n = math.ceil(len(envs) / cols) if envs else 1
+    rows_n = math.ceil(len(envs) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
     for ax, env in zip(axes.flat, envs):
         for (variant, e), runs in sorted(curves.items()):
@@ -548,7 +554,6 @@ def cmd_report(a) -> int:
     write_json(os.path.join(out_dir, f"{a.name}.json"),
                dict(panels=envs, size_px=[int(v) for v in fig.get_size_inches() * 100], runs=len(run_dirs),
                     lines={env: sorted(v for v, e in curves if e == env) for env in envs}))
-    print("\n".join(lines))
     print(f"wrote {csv_path} ({len(rows)} rows), {md_path}, {png_path} ({len(envs)} panels) from {len(run_dirs)} runs")
     return 0
 
