@@ -212,3 +212,18 @@ def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
     assert "| 4 | 1 | 75.0 | 95.6 |" in table and "| 1 | 1 | 25.0 | 85.8 |" in table
     assert json.loads((tmp_path / "out" / "kofn.json").read_text())["lines"] == {
         "cube-double-play-task2": ["dfp-K1", "dfp-K4"]}
+
+
+def test_presets_expand_to_the_papers_grids(tmp_path, capsys):
+    """--dry-run lists every run with its command and writes nothing."""
+    out = tmp_path / "grid"
+    assert benchmark.main(["run", "--preset", "dfp-kofn", "--out", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 * 12 * 5 and not out.exists()  # K in 1,2,4,8 x 12 tasks x 5 seeds
+    assert all(line.startswith("new") for line in lines)
+    k4 = [line for line in lines if "dfp-K4__cube-triple-play-task3__s5:" in line]
+    assert len(k4) == 1 and "--env cube-triple-play-task3 --seed 5 --K 4 --N 16" in k4[0]
+    assert f"--runs-dir {out} --run-name dfp-K4__cube-triple-play-task3__s5" in k4[0]
+    assert benchmark.main(["run", "--preset", "dfp-table", "--envs", "lift-mh", "--seeds", "1", "2", "--dry-run"]) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "new    dfp__lift-mh__s1", "new    dfp__lift-mh__s2"]
