@@ -10,8 +10,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import benchmark  # noqa: E402  (its --help parser serves here too)
