@@ -1,0 +1,229 @@
+"""Tests of scripts/benchmark.py: a grid of tiny DFP runs on a local Ray instance (finishes, is skipped when
+rerun, a failed run does not stop the others, Ctrl-C stops the grid and a rerun resumes the interrupted runs
+from their checkpoints), the report (CSV, table, figure), and bad input refused before any work."""
+import _thread
+import csv
+import glob
+import json
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import benchmark  # noqa: E402
+
+ray = pytest.importorskip("ray")
+TINY = ["--set", "hidden_dim=32", "--set", "num_layers=2", "--set", "batch_size=16", "--set", "num_gen=4",
+        "--set", "N=8", "--set", "K=2", "--set", "q_best_of=4", "--set", "act_best_of=4", "--set", "eval_episodes=1",
+        "--set", "online_steps=0", "--set", "log_interval=10"]
+
+
+def write_dataset(path, episodes=6, length=60, seed=0):
+    """A minimal official-format cube-single play file (random states; rewards come from qpos via ogbench)."""
+    rng = np.random.default_rng(seed)
+    n = episodes * length
+    terminals = np.zeros(n, np.float32)
+    terminals[length - 1 :: length] = 1.0
+    qpos = rng.normal(0, 0.05, (n, 21)).astype(np.float32)
+    qpos[:, 14:17] += [0.45, 0.0, 0.02]
+    data = dict(observations=rng.normal(size=(n, 28)).astype(np.float32),
+                actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32), terminals=terminals, qpos=qpos,
+                qvel=rng.normal(size=(n, 20)).astype(np.float32))
+    np.savez(path, **data)
+    np.savez(path.replace(".npz", "-val.npz"), **data)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    # Ray's workers inherit SIGINT's disposition, and ray.cancel interrupts a running task with SIGINT: it must
+    # not be ignored (pytest-xdist workers ignore it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
+    yield
+    ray.shutdown()
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "cube-single-play-v0.npz")
+    write_dataset(path)
+    return path
+
+
+def grid(out, dataset, *extra):
+    return ["run", "--script", "dfp", "--out", str(out), "--set", f"dataset_path={dataset}", *TINY,
+            "--progress-interval", "5", *extra]
+
+
+def scalars(run_dir, tag):
+    return benchmark.read_scalars(run_dir).get(tag, {})
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_grid_finishes_skips_when_rerun_and_reports(local_ray, dataset, tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = grid(out, dataset, "--envs", "cube-single-play-task1", "cube-single-play-task2", "--seeds", "1", "2",
+                "--set", "offline_steps=20")
+    assert benchmark.main(args) == 0
+    runs = sorted(os.listdir(out))
+    assert runs == ["dfp__cube-single-play-task1__s1", "dfp__cube-single-play-task1__s2",
+                    "dfp__cube-single-play-task2__s1", "dfp__cube-single-play-task2__s2"]
+    for r in runs:
+        d = out / r
+        done = json.loads((d / benchmark.DONE_FILE).read_text())
+        assert done["rc"] == 0 and done["status"] == "done"
+        assert torch.load(d / "checkpoint.pt", weights_only=False)["step"] == 20
+        assert sorted(scalars(str(d), "eval/success")) == [1, 20]
+        assert "final cube-single-play-singletask-task" in (d / benchmark.LOG_FILE).read_text()
+    logs = {r: (out / r / benchmark.LOG_FILE).read_text() for r in runs}
+
+    capsys.readouterr()
+    assert benchmark.main(args) == 0  # rerun: everything is finished, nothing runs again
+    assert "4 runs in" in capsys.readouterr().out and logs == {r: (out / r / benchmark.LOG_FILE).read_text() for r in runs}
+
+    assert benchmark.main(["report", str(out)]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["env"], r["seed"]) for r in rows} == {(e, s) for e in ("cube-single-play-task1", "cube-single-play-task2")
+                                                      for s in ("1", "2")}
+    assert {r["tag"] for r in rows} == {"eval/success", "eval/episodic_return"}
+    assert len(rows) == 4 * 2 * 2  # 4 runs x 2 tags x 2 evaluations (steps 1 and 20)
+    table = (out / "results.md").read_text()
+    for env in ("cube-single-play-task1", "cube-single-play-task2"):
+        assert f"| dfp | {env} | 2 | 20 |" in table
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["panels"] == ["cube-single-play-task1", "cube-single-play-task2"] and meta["runs"] == 4
+    assert png_size(out / "results.png") == tuple(meta["size_px"]) == (800, 300)
+
+
+def test_a_failed_run_is_reported_and_the_others_finish(local_ray, dataset, tmp_path, capsys):
+    missing = str(tmp_path / "nowhere" / "cube-single-play-v0.npz")
+    out = tmp_path / "grid"
+    args = ["run", "--script", "dfp", "--out", str(out), "--envs", "cube-single-play-task1", *TINY,
+            "--set", "offline_steps=10", "--sweep", f"dataset_path={dataset},{missing}"]
+    assert benchmark.main(args) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "does not exist" in printed  # the script's own error, from the log tail
+    finished = glob.glob(str(out / "*" / benchmark.DONE_FILE))
+    assert len(finished) == 1 and len(os.listdir(out)) == 2
+
+
+def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ray, dataset, tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = grid(out, dataset, "--envs", "cube-single-play-task1", "--seeds", "1", "2", "--set", "offline_steps=400",
+                "--set", "save_interval=10", "--set", "eval_interval=100000")
+    ckpts = [out / f"dfp__cube-single-play-task1__s{s}" / "checkpoint.pt" for s in (1, 2)]
+
+    def interrupt_after_first_checkpoints():
+        t0 = time.time()
+        while not all(c.exists() for c in ckpts) and time.time() - t0 < 120:
+            time.sleep(0.05)
+        _thread.interrupt_main()  # = Ctrl-C in the grid's terminal
+
+    threading.Thread(target=interrupt_after_first_checkpoints, daemon=True).start()
+    assert benchmark.main(args) == 130
+    assert "stopping: cancelling" in capsys.readouterr().out
+    stops = [torch.load(c, weights_only=False)["step"] for c in ckpts]
+    assert all(10 <= s < 400 for s in stops), stops  # saved on SIGTERM, before the end
+    assert not glob.glob(str(out / "*" / benchmark.DONE_FILE))
+
+    assert benchmark.main(args) == 0
+    assert "2 to resume" in capsys.readouterr().out
+    for c, stop in zip(ckpts, stops):
+        assert torch.load(c, weights_only=False)["step"] == 400
+        log = (c.parent / benchmark.LOG_FILE).read_text()
+        assert "--resume" in log and f"at step {stop}" in log and "final cube-single-play" in log
+        assert sorted(scalars(str(c.parent), "eval/success")) == [1, 400]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--preset", "dfp-tabel"], "unknown preset 'dfp-tabel'"),
+    (["--script", "dfp", "--envs", "cube-seven-play"], "unknown env 'cube-seven-play'"),
+    (["--script", "dfp", "--envs", "cube-single-play", "--set", "hiden_dim=8"], "unknown flag --hiden-dim"),
+    (["--script", "dfp", "--envs", "cube-single-play", "--set", "online_mode=medium"], "choose from hard, soft"),
+    (["--script", "dfp", "--envs", "cube-single-play", "--set", "seed=3"], "the grid sets this itself"),
+    (["--script", "dfp", "--envs"], "expected at least one argument"),  # a grid with no runs
+    (["--script", "dfp", "--envs", "cube-single-play", "cube-single-play"], "would share a folder"),
+    (["--script", "nope.py", "--envs", "cube-single-play"], "unknown script 'nope.py'"),
+    (["--script", "dfp", "--envs", "cube-single-play", "--address", "127.0.0.1:1", "--connect-timeout", "3"],
+     "cannot reach a Ray cluster at 127.0.0.1:1"),
+])
+def test_bad_input_is_refused_before_any_work(args, msg, tmp_path, capsys):
+    out = tmp_path / "grid"
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["run", *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_report_refuses_a_folder_without_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["report", str(tmp_path)])
+    assert e.value.code == 2 and "no tensorboard logs" in capsys.readouterr().err
+
+
+def test_flags_are_parsed_from_the_scripts_help():
+    flags = benchmark.script_flags("dfp_offline_to_online.py")
+    assert flags["--K"] == "INT" and flags["--save-model"] == flags["--no-save-model"] == "BOOL"
+    assert flags["--online-mode"] == "{hard,soft}" and flags["--temperatures"].startswith("[FLOAT")
+    assert benchmark.flag_args("dfp_offline_to_online.py", "save_model", "false") == ["--no-save-model"]
+    assert benchmark.flag_args("dfp_offline_to_online.py", "temperatures", "0.1 0.2") == ["--temperatures", "0.1", "0.2"]
+    assert "--sweep" in benchmark.script_flags("scripts/benchmark.py run")
+
+
+def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
+    """Fake DFP K-of-N runs (tensorboard logs written here): the table has mean +- standard error over seeds, the
+    paper's per-task number and the K-of-N average beside the paper's."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    finals = {("dfp-K4", 1): 1.0, ("dfp-K4", 2): 0.5, ("dfp-K1", 1): 0.25}
+    for (variant, seed), final in finals.items():
+        run_id = f"{variant}__cube-double-play-task2__s{seed}"
+        d = tmp_path / run_id
+        d.mkdir()
+        benchmark.write_json(str(d / benchmark.RUN_FILE), dict(
+            id=run_id, script="dfp_offline_to_online.py", variant=variant, env="cube-double-play-task2", seed=seed,
+            args=[], flags={"K": variant[-1], "N": "16"}))
+        w = SummaryWriter(str(d))
+        for step, v in ((1, 0.0), (100, final)):
+            w.add_scalar("eval/success", v, step)
+        w.close()
+    assert benchmark.main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--name", "kofn"]) == 0
+    table = (tmp_path / "out" / "kofn.md").read_text()
+    assert "| dfp-K4 | cube-double-play-task2 | 2 | 100 | 75.0 ± 25.0 | 100.0 |" in table  # s.e. = std / sqrt(2)
+    assert "| dfp-K1 | cube-double-play-task2 | 1 | 100 | 25.0 | 100.0 |" in table
+    assert "| 4 | 1 | 75.0 | 95.6 |" in table and "| 1 | 1 | 25.0 | 85.8 |" in table
+    assert json.loads((tmp_path / "out" / "kofn.json").read_text())["lines"] == {
+        "cube-double-play-task2": ["dfp-K1", "dfp-K4"]}
+
+
+def test_presets_expand_to_the_papers_grids(tmp_path, capsys):
+    """--dry-run lists every run with its command and writes nothing."""
+    out = tmp_path / "grid"
+    assert benchmark.main(["run", "--preset", "dfp-kofn", "--out", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 * 12 * 5 and not out.exists()  # K in 1,2,4,8 x 12 tasks x 5 seeds
+    assert all(line.startswith("new") for line in lines)
+    k4 = [line for line in lines if "dfp-K4__cube-triple-play-task3__s5:" in line]
+    assert len(k4) == 1 and "--env cube-triple-play-task3 --seed 5 --K 4 --N 16" in k4[0]
+    assert f"--runs-dir {out} --run-name dfp-K4__cube-triple-play-task3__s5" in k4[0]
+    assert benchmark.main(["run", "--preset", "dfp-table", "--envs", "lift-mh", "--seeds", "1", "2", "--dry-run"]) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "new    dfp__lift-mh__s1", "new    dfp__lift-mh__s2"]
