@@ -244,60 +244,31 @@ class Actor(nn.Module):
         return self.net(torch.cat([obs, eps], -1)).clamp(-1.0, 1.0)
 
 
-class EnsembleLinear(nn.Module):
-    """E independent nn.Linear(d_in, d_out) layers as one batched matmul: x [E, N, d_in] -> [E, N, d_out]."""
-
-    def __init__(self, E: int, d_in: int, d_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(E, d_in, d_out))  # member e's nn.Linear weight, transposed
-        self.bias = nn.Parameter(torch.empty(E, 1, d_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)  # b_e + x_e @ W_e for every member e at once
-
-
-class EnsembleLayerNorm(nn.Module):
-    """E independent nn.LayerNorm(d): normalize the last dim, then each member's own scale and shift."""
-
-    def __init__(self, E: int, d: int):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(E, 1, d)), nn.Parameter(torch.zeros(E, 1, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
-
-
 class Critic(nn.Module):
-    """Ensemble of E Q(s, a_chunk) MLPs (GELU, LayerNorm) run as one batched network; returns [E, ...].
-
-    Member e equals mlp(obs_dim + act_dim, 1, hidden_dim, num_layers, layer_norm=True) holding slice e of the
-    stacked weights (tests/test_dfp.py checks forward and gradients against such a loop of MLPs)."""
+    """Ensemble of E Q(s, a_chunk) MLPs (Linear, GELU, LayerNorm) run as one batched network; returns [E, ...].
+    Member e is mlp(O + D, 1, hidden_dim, num_layers, layer_norm=True) with slice e of the stacked weights: one
+    batched matmul per layer instead of E small ones (tests/test_dfp.py checks it against a loop of such MLPs)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int):
         super().__init__()
-        dims = [obs_dim + act_dim] + [hidden_dim] * num_layers + [1]
-        self.linears = nn.ModuleList(EnsembleLinear(num_critics, i, o) for i, o in zip(dims[:-1], dims[1:]))
-        self.norms = nn.ModuleList(EnsembleLayerNorm(num_critics, hidden_dim) for _ in range(num_layers))
-        # nn.Linear's initialization (kaiming-uniform), member by member: draw E ordinary MLPs and stack them
-        self.load_members([mlp(obs_dim + act_dim, 1, hidden_dim, num_layers, True) for _ in range(num_critics)])
-
-    @torch.no_grad()
-    def load_members(self, mlps):
-        """Copy the weights of E ordinary mlp(..., layer_norm=True) Sequentials into the stacked parameters."""
-        for kind, stacked in ((nn.Linear, self.linears), (nn.LayerNorm, self.norms)):
-            layers = [[m for m in q if isinstance(m, kind)] for q in mlps]  # [E][layer]
-            for i, layer in enumerate(stacked):
-                w = torch.stack([q[i].weight for q in layers])  # [E, out, in] or [E, d]
-                layer.weight.copy_(w.transpose(1, 2) if kind is nn.Linear else w[:, None])
-                layer.bias.copy_(torch.stack([q[i].bias for q in layers])[:, None])
+        E, dims = num_critics, [obs_dim + act_dim] + [hidden_dim] * num_layers + [1]
+        bound = lambda d_in: 1.0 / d_in**0.5  # noqa: E731  nn.Linear's init: U(-1/sqrt(d_in), 1/sqrt(d_in))
+        self.weights = nn.ParameterList(nn.init.uniform_(torch.empty(E, i, o), -bound(i), bound(i))  # W_e^T
+                                        for i, o in zip(dims[:-1], dims[1:]))
+        self.biases = nn.ParameterList(nn.init.uniform_(torch.empty(E, 1, o), -bound(i), bound(i))
+                                       for i, o in zip(dims[:-1], dims[1:]))
+        self.norm_weights = nn.ParameterList(torch.ones(E, 1, hidden_dim) for _ in range(num_layers))
+        self.norm_biases = nn.ParameterList(torch.zeros(E, 1, hidden_dim) for _ in range(num_layers))
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, actions], -1)  # [..., O + D]
-        E, lead = self.linears[0].weight.shape[0], x.shape[:-1]
+        E, lead = len(self.weights[0]), x.shape[:-1]
         x = x.reshape(1, -1, x.shape[-1]).expand(E, -1, -1)  # the same inputs for every member, [E, N, O + D]
-        for linear, norm in zip(self.linears[:-1], self.norms):
-            x = norm(F.gelu(linear(x)))  # [E, N, hidden]
-        return self.linears[-1](x).reshape(E, *lead)  # [E, ...]
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.bmm(x, w) + b  # x_e @ W_e^T + b_e for every member e at once, [E, N, out]
+            if i < len(self.norm_weights):  # GELU, then LayerNorm with each member's own scale and shift
+                x = torch.addcmul(self.norm_biases[i], F.layer_norm(F.gelu(x), x.shape[-1:]), self.norm_weights[i])
+        return x.reshape(E, *lead)  # [E, ...]
 
 
 def q_mean(critic: Critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -337,13 +308,11 @@ class ReplayBuffer:
             self.tensors[k][:n] = v
 
     def add(self, **transition):
-        """One transition (host values); a few small host-to-device copies per environment step."""
-        for k in KEYS:
-            self.tensors[k][self.ptr] = torch.as_tensor(np.asarray(transition[k], dtype=np.float32))
-        self.ptr, self.size, self.num_added = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity), self.num_added + 1
+        """One transition of host values (an environment step)."""
+        self.extend({k: torch.as_tensor(np.asarray(transition[k], dtype=np.float32))[None] for k in KEYS})
 
     def extend(self, part: dict):
-        """Many transitions at once, in order (a checkpoint's online part on resume)."""
+        """Transitions [n, ...] in order: one copy per key (a checkpoint's online part on resume)."""
         n = len(part["observations"])
         idx = (self.ptr + torch.arange(n)) % self.capacity
         for k in KEYS:

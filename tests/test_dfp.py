@@ -236,23 +236,30 @@ def test_buffer_and_sampler_restored_from_a_checkpoint_give_the_same_batches():
 
 def constant_critic(obs_dim, act_dim, value):
     c = dfp.Critic(obs_dim, act_dim, 8, 1, 2)
-    torch.nn.init.zeros_(c.linears[-1].weight)
-    torch.nn.init.constant_(c.linears[-1].bias, value)
+    torch.nn.init.zeros_(c.weights[-1])
+    torch.nn.init.constant_(c.biases[-1], value)
     return c
 
 
 def test_batched_critic_ensemble_equals_a_loop_of_ordinary_mlps():
     """The stacked ensemble (one batched matmul per layer) computes what E separate nn.Linear/GELU/LayerNorm MLPs
-    with the same weights compute: forward values and every parameter's gradient."""
+    with the same weights compute: forward values and every parameter's gradient; its init is nn.Linear's."""
     torch.manual_seed(0)
     O, D, H, L, E = 5, 6, 16, 3, 3
     mlps = [dfp.mlp(O + D, 1, H, L, layer_norm=True) for _ in range(E)]
-    for q in mlps:  # non-trivial LayerNorm affine parameters
-        for m in q:
-            if isinstance(m, torch.nn.LayerNorm):
-                torch.nn.init.normal_(m.weight, 1.0, 0.3), torch.nn.init.normal_(m.bias, 0.0, 0.3)
+    linears = [[m for m in q if isinstance(m, torch.nn.Linear)] for q in mlps]  # [E][layer]
+    norms = [[m for m in q if isinstance(m, torch.nn.LayerNorm)] for q in mlps]
     critic = dfp.Critic(O, D, H, L, E)
-    critic.load_members(mlps)
+    stacked = [(critic.weights, critic.biases, linears), (critic.norm_weights, critic.norm_biases, norms)]
+    with torch.no_grad():
+        for q in norms:  # non-trivial LayerNorm scales and shifts
+            for m in q:
+                m.weight.normal_(1.0, 0.3), m.bias.normal_(0.0, 0.3)
+        for weights, biases, layers in stacked:  # load the E MLPs' weights into the stacked parameters
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                w_e = torch.stack([q[i].weight for q in layers])  # [E, out, in] or [E, d]
+                w.copy_(w_e.transpose(1, 2) if w_e.dim() == 3 else w_e[:, None])
+                b.copy_(torch.stack([q[i].bias for q in layers])[:, None])
     obs, act = torch.randn(7, 4, O), torch.randn(7, 4, D)  # any leading shape
     q = critic(obs, act)  # [E, 7, 4]
     ref = torch.stack([m(torch.cat([obs, act], -1)).squeeze(-1) for m in mlps])
@@ -260,20 +267,17 @@ def test_batched_critic_ensemble_equals_a_loop_of_ordinary_mlps():
     w = torch.randn_like(q)
     (q * w).sum().backward()
     (ref * w).sum().backward()
-    for i, layer in enumerate(critic.linears):
-        ref_w = torch.stack([[m for m in q if isinstance(m, torch.nn.Linear)][i].weight.grad for q in mlps])
-        ref_b = torch.stack([[m for m in q if isinstance(m, torch.nn.Linear)][i].bias.grad for q in mlps])
-        torch.testing.assert_close(layer.weight.grad, ref_w.transpose(1, 2), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(layer.bias.grad[:, 0], ref_b, rtol=1e-4, atol=1e-5)
-    for i, norm in enumerate(critic.norms):
-        ref_w = torch.stack([[m for m in q if isinstance(m, torch.nn.LayerNorm)][i].weight.grad for q in mlps])
-        torch.testing.assert_close(norm.weight.grad[:, 0], ref_w, rtol=1e-4, atol=1e-5)
-    # a fresh ensemble draws its members exactly as E ordinary MLPs would (nn.Linear's init, same RNG stream)
-    torch.manual_seed(1)
-    fresh = dfp.Critic(O, D, H, L, E)
-    torch.manual_seed(1)
-    drawn = [dfp.mlp(O + D, 1, H, L, layer_norm=True) for _ in range(E)]
-    torch.testing.assert_close(fresh.linears[0].weight[2], drawn[2][0].weight.T, rtol=0, atol=0)
+    for weights, biases, layers in stacked:
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            g = torch.stack([q[i].weight.grad for q in layers])
+            torch.testing.assert_close(w.grad, g.transpose(1, 2) if g.dim() == 3 else g[:, None], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b.grad[:, 0], torch.stack([q[i].bias.grad for q in layers]), rtol=1e-4, atol=1e-5)
+    # initialization: nn.Linear's U(-1/sqrt(d_in), 1/sqrt(d_in)) for weights and biases, members independent
+    big = dfp.Critic(40, 24, 256, 2, 2)
+    for w in (big.weights[1], big.biases[1]):
+        bound = 1 / 256**0.5
+        assert w.abs().max() <= bound and abs(w.std().item() - bound / 3**0.5) < 0.1 * bound
+    assert not torch.equal(big.weights[1][0], big.weights[1][1])
 
 
 def tiny_update_setup(seed=0, device="cpu", capturable=False):
