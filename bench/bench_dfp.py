@@ -9,7 +9,8 @@ action 5). The limit of one update is its matrix products alone (forward and bac
   actor forward + backward on B x num_gen = 2048 rows, critic ensemble forward + backward on B = 256 rows,
   the TD target's best-of-16: actor + critic forwards on 4096 rows (+ target critic on 256 rows),
   online also: pi_old candidates, actor + critic forwards on B x N = 4096 rows.
-ratio = update time / limit time (1.0 = nothing but matrix products).
+ratio = update time / limit time (1.0 = nothing but matrix products); the limit's timed blocks alternate with the
+update's, so both see the same load on a shared machine, and the best block of each counts.
 Acting: latency at batch 1 of one chunk (1 NFE), best-of-16 (1 NFE + critic), and, with the same network, a
 10-step flow sampler and a 100-step diffusion sampler (10 / 100 sequential NFEs): the "1 NFE vs 10/100" figure.
 Needs only torch and numpy (gymnasium/ogbench only for the optional evaluation row). Timings depend on the machine
@@ -47,17 +48,21 @@ def parse():
     return p.parse_args()
 
 
-def best_time(fn, n: int, repeats: int, sync) -> float:
-    """Seconds per call of fn: the best of `repeats` blocks of n calls (fn is warmed up by the caller)."""
-    best = float("inf")
+def best_time(fn, n: int, repeats: int, sync, paired=None):
+    """Seconds per call of fn: the best of `repeats` blocks of n calls (fn is warmed up by the caller).
+    paired = (fn2, n2): blocks of fn2 alternate with fn's, so that both see the same load on a shared machine;
+    returns (fn's time, fn2's time)."""
+    fns = [(fn, n)] + ([paired] if paired else [])
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t) / n)
-    return best
+        for i, (f, k) in enumerate(fns):
+            sync()
+            t = time.perf_counter()
+            for _ in range(k):
+                f()
+            sync()
+            best[i] = min(best[i], (time.perf_counter() - t) / k)
+    return tuple(best) if paired else best[0]
 
 
 def gemm_chain(dims, E: int, rows: int, backward: bool, device):
@@ -122,11 +127,10 @@ def main():
                    gemm_chain(actor_dims, 1, B * Q, False, dev), gemm_chain(critic_dims, E, B * Q, False, dev),
                    gemm_chain(critic_dims, E, B, False, dev)]
         online = offline + [gemm_chain(actor_dims, 1, B * N, False, dev), gemm_chain(critic_dims, E, B * N, False, dev)]
-        limits = {}
-        for phase, chain in (("offline", offline), ("online", online)):
-            run_all = lambda chain=chain: [f() for f in chain]  # noqa: E731
-            run_all()
-            limits[phase] = best_time(run_all, max(b.updates // 2, 3), b.repeats, sync)
+        limits = {phase: lambda chain=chain: [f() for f in chain] for phase, chain in (("offline", offline),
+                                                                                     ("online", online))}
+        for run_limit in limits.values():
+            run_limit()  # warm-up
 
         for mode in modes:
             torch.manual_seed(0)
@@ -149,14 +153,14 @@ def main():
                     step()
                 sync()
                 warm = time.perf_counter() - t
-                dt = best_time(step, b.updates, b.repeats, sync)
+                dt, limit = best_time(step, b.updates, b.repeats, sync, paired=(limits[phase], b.updates))
                 row = {"net": net, "phase": phase, "mode": mode, "updates_per_s": 1 / dt, "ms_per_update": dt * 1e3,
-                       "limit_ms": limits[phase] * 1e3, "ratio": dt / limits[phase]}
+                       "limit_ms": limit * 1e3, "ratio": dt / limit}
                 if "compile" in mode:
                     row["warmup_s"] = warm
                 results["training"].append(row)
-                print(f"{net:<6} {phase:<8} {mode:<19} {1 / dt:9.1f} {dt * 1e3:9.2f} {limits[phase] * 1e3:8.2f} "
-                      f"{dt / limits[phase]:6.2f}" + (f"   ({warm:.0f})" if "compile" in mode else ""), flush=True)
+                print(f"{net:<6} {phase:<8} {mode:<19} {1 / dt:9.1f} {dt * 1e3:9.2f} {limit * 1e3:8.2f} "
+                      f"{dt / limit:6.2f}" + (f"   ({warm:.0f})" if "compile" in mode else ""), flush=True)
             torch._dynamo.reset()
 
         # acting at batch 1: 1 NFE (and best-of-16 by the critic) vs 10 / 100 sequential NFEs of the same network

@@ -299,9 +299,13 @@ def tiny_update_setup(seed=0, device="cpu", capturable=False):
     return dfp.make_update(args, actor, critic, target, ema, opt), nets, batches
 
 
-def run_updates(update, batches, seed=123):
-    torch.manual_seed(seed)
-    return [update(b, online=i > 0) for i, b in enumerate(batches)]  # offline, then online (both graphs)
+def run_updates(update, batches, n_offline, seed=123):
+    """Offline updates, then online ones (both paths); the RNG is seeded before each, so both runs draw alike."""
+    outs = []
+    for i, b in enumerate(batches):
+        torch.manual_seed(seed + i)
+        outs.append(update(b, online=i >= n_offline))
+    return outs
 
 
 def assert_same_training(outs, nets, ref_outs, ref_nets, rtol, atol):
@@ -318,9 +322,9 @@ def test_compiled_update_matches_eager(monkeypatch):
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # compiled randn draws eager's numbers
     update, nets, batches = tiny_update_setup()
-    ref_outs = run_updates(update, batches)
+    ref_outs = run_updates(update, batches, n_offline=2)
     update_c, nets_c, batches_c = tiny_update_setup()
-    outs = run_updates(torch.compile(update_c), batches_c)
+    outs = run_updates(torch.compile(update_c), batches_c, n_offline=2)
     assert_same_training(outs, nets_c, ref_outs, nets, rtol=1e-4, atol=1e-5)
 
 
@@ -328,10 +332,10 @@ def test_compiled_update_matches_eager(monkeypatch):
 def test_cuda_graph_update_matches_eager():
     """--cudagraphs: 3 eager warm-up calls, then capture + replays; the same results as the eager update on CUDA."""
     update, nets, batches = tiny_update_setup(device="cuda", capturable=True)
-    batches = batches * 3  # per phase: warm-up calls, then the captured graph's replays
-    ref_outs = run_updates(update, batches)
+    batches = batches * 3  # per phase: 2 warm-up calls, then capture + replay, then replays
+    ref_outs = run_updates(update, batches, n_offline=4)
     update_g, nets_g, batches_g = tiny_update_setup(device="cuda", capturable=True)
-    outs = run_updates(dfp.CudaGraphUpdate(update_g, warmup=2), batches_g * 3)
+    outs = run_updates(dfp.CudaGraphUpdate(update_g, warmup=2), batches_g * 3, n_offline=4)
     assert_same_training(outs, nets_g, ref_outs, nets, rtol=1e-4, atol=1e-5)
 
 
