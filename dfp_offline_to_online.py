@@ -302,10 +302,7 @@ class ReplayBuffer:
         n = len(data["observations"])
         self.capacity, self.size, self.ptr = max(capacity, n + 1), n, n % max(capacity, n + 1)
         self.num_added = 0  # online transitions added so far
-        self.tensors = {}
-        for k, v in data.items():
-            self.tensors[k] = v.new_empty((self.capacity,) + v.shape[1:])
-            self.tensors[k][:n] = v
+        self.tensors = {k: torch.cat([v, v.new_empty((self.capacity - n,) + v.shape[1:])]) for k, v in data.items()}
 
     def add(self, **transition):
         """One transition of host values (an environment step)."""
