@@ -9,6 +9,7 @@ import random
 import re
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Tuple
@@ -16,6 +17,7 @@ from typing import Literal, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 
 import drift_field
@@ -107,6 +109,12 @@ class Args:
     """online updates per env step"""
     buffer_size: int = 2_000_000
     """replay buffer capacity (offline data + online transitions)"""
+
+    # Speed (off by default: the same update, wrapped; see docs/dfp.md, Performance)
+    compile: bool = False
+    """if toggled, the update (losses, backward, Adam, Polyak/EMA) is wrapped in torch.compile"""
+    cudagraphs: bool = False
+    """if toggled, the whole update is captured as a CUDA graph and replayed (needs CUDA; combines with --compile)"""
 
     # Logging, evaluation, checkpoints
     eval_interval: int = 100_000
@@ -237,15 +245,30 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """Ensemble of Q(s, a_chunk) MLPs with LayerNorm; returns [E, ...]."""
+    """Ensemble of E Q(s, a_chunk) MLPs (Linear, GELU, LayerNorm) run as one batched network; returns [E, ...].
+    Member e is mlp(O + D, 1, hidden_dim, num_layers, layer_norm=True) with slice e of the stacked weights: one
+    batched matmul per layer instead of E small ones (tests/test_dfp.py checks it against a loop of such MLPs)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int):
         super().__init__()
-        self.qs = nn.ModuleList(mlp(obs_dim + act_dim, 1, hidden_dim, num_layers, True) for _ in range(num_critics))
+        E, dims = num_critics, [obs_dim + act_dim] + [hidden_dim] * num_layers + [1]
+        bound = lambda d_in: 1.0 / d_in**0.5  # noqa: E731  nn.Linear's init: U(-1/sqrt(d_in), 1/sqrt(d_in))
+        self.weights = nn.ParameterList(nn.init.uniform_(torch.empty(E, i, o), -bound(i), bound(i))  # W_e^T
+                                        for i, o in zip(dims[:-1], dims[1:]))
+        self.biases = nn.ParameterList(nn.init.uniform_(torch.empty(E, 1, o), -bound(i), bound(i))
+                                       for i, o in zip(dims[:-1], dims[1:]))
+        self.norm_weights = nn.ParameterList(torch.ones(E, 1, hidden_dim) for _ in range(num_layers))
+        self.norm_biases = nn.ParameterList(torch.zeros(E, 1, hidden_dim) for _ in range(num_layers))
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, actions], -1)
-        return torch.stack([q(x).squeeze(-1) for q in self.qs])  # [E, ...]
+        x = torch.cat([obs, actions], -1)  # [..., O + D]
+        E, lead = len(self.weights[0]), x.shape[:-1]
+        x = x.reshape(1, -1, x.shape[-1]).expand(E, -1, -1)  # the same inputs for every member, [E, N, O + D]
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.bmm(x, w) + b  # x_e @ W_e^T + b_e for every member e at once, [E, N, out]
+            if i < len(self.norm_weights):  # GELU, then LayerNorm with each member's own scale and shift
+                x = torch.addcmul(self.norm_biases[i], F.layer_norm(F.gelu(x), x.shape[-1:]), self.norm_weights[i])
+        return x.reshape(E, *lead)  # [E, ...]
 
 
 def q_mean(critic: Critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -263,56 +286,65 @@ def best_of_n(actor: Actor, critic: Critic, obs: torch.Tensor, n: int) -> torch.
     return best[:, 0]
 
 
-class ReplayBuffer:
-    """Flat transitions (offline data first, online ones appended; a ring once full) sampled as h-step chunks."""
+KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
 
-    KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
+
+def to_tensors(data: dict, device) -> dict:
+    """The transition arrays a sampler needs, as float32 tensors on the training device."""
+    return {k: torch.as_tensor(np.asarray(data[k], dtype=np.float32), device=device) for k in KEYS}
+
+
+class ReplayBuffer:
+    """Flat transitions on the training device (offline data first, online ones appended; a ring once full),
+    sampled as h-step chunks."""
 
     def __init__(self, data: dict, capacity: int):
         n = len(data["observations"])
-        self.capacity, self.size, self.ptr, self.num_offline = max(capacity, n + 1), n, n % max(capacity, n + 1), n
+        self.capacity, self.size, self.ptr = max(capacity, n + 1), n, n % max(capacity, n + 1)
         self.num_added = 0  # online transitions added so far
-        self.arrays = {}
-        for k in self.KEYS:
-            v = np.asarray(data[k], dtype=np.float32)
-            self.arrays[k] = np.empty((self.capacity,) + v.shape[1:], np.float32)
-            self.arrays[k][:n] = v
+        self.tensors = {k: torch.cat([v, v.new_empty((self.capacity - n,) + v.shape[1:])]) for k, v in data.items()}
 
     def add(self, **transition):
-        for k in self.KEYS:
-            self.arrays[k][self.ptr] = transition[k]
-        self.ptr, self.size, self.num_added = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity), self.num_added + 1
+        """One transition of host values (an environment step)."""
+        self.extend({k: torch.as_tensor(np.asarray(transition[k], dtype=np.float32))[None] for k in KEYS})
+
+    def extend(self, part: dict):
+        """Transitions [n, ...] in order: one copy per key (a checkpoint's online part on resume)."""
+        n = len(part["observations"])
+        idx = (self.ptr + torch.arange(n)) % self.capacity
+        for k in KEYS:
+            self.tensors[k][idx.to(self.tensors[k].device)] = part[k].to(self.tensors[k].device)
+        self.ptr, self.size, self.num_added = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity), self.num_added + n
 
     def online_part(self) -> dict:
-        """The last online transitions in insertion order (what a checkpoint stores)."""
+        """The last online transitions in insertion order, on the CPU (what a checkpoint stores)."""
         n = min(self.num_added, self.capacity)
-        idx = (self.ptr - n + np.arange(n)) % self.capacity
-        return {k: v[idx] for k, v in self.arrays.items()}
+        idx = (self.ptr - n + torch.arange(n)) % self.capacity
+        return {k: v[idx.to(v.device)].cpu() for k, v in self.tensors.items()}
 
-    def sample(self, rng: np.random.Generator, batch_size: int, h: int, gamma: float) -> dict:
-        return sample_chunks(self.arrays, self.ptr - self.size, self.size, self.capacity, rng, batch_size, h, gamma)
+    def sample(self, gen: torch.Generator, batch_size: int, h: int, gamma: float) -> dict:
+        return sample_chunks(self.tensors, self.ptr - self.size, self.size, self.capacity, gen, batch_size, h, gamma)
 
 
-def sample_chunks(arr: dict, start: int, size: int, capacity: int, rng, batch_size: int, h: int, gamma: float) -> dict:
+def sample_chunks(data: dict, start: int, size: int, capacity: int, gen: torch.Generator, batch_size: int, h: int,
+                  gamma: float) -> dict:
     """Chunks s_t, a_t..a_{t+h-1} starting anywhere in the stored data (oldest entry at `start`, ring-wise).
 
-    reward = sum_k gamma^k r_{t+k}; mask = min_k mask_{t+k}; valid_k = 0 after a terminal (episode end)
-    inside the chunk; next_obs = s_{t+h}. Chunks never run past the newest entry.
+    reward = sum_k gamma^k r_{t+k}; mask = min_k mask_{t+k}; valid = 0 if an episode ends (terminal) before the
+    chunk's last step; next_obs = s_{t+h}. Chunks never run past the newest entry. Pure device indexing with the
+    device generator `gen`: no host copy, no sync (docs/algorithms.md §3).
     """
-    idx = (start + rng.integers(0, size - h + 1, size=batch_size)) % capacity  # [B]
-    j = (idx[:, None] + np.arange(h)) % capacity  # [B, h]
-    rewards = (arr["rewards"][j] * gamma ** np.arange(h)).sum(1)  # [B]
-    masks = arr["masks"][j].min(1)  # [B]
-    terminals = arr["terminals"][j]  # [B, h]
-    ended = np.maximum.accumulate(terminals, axis=1)  # 1 from the episode's last step on
-    valid = np.concatenate([np.ones((batch_size, 1), np.float32), 1.0 - ended[:, :-1]], 1)  # [B, h]
+    dev = data["rewards"].device
+    idx = (start + torch.randint(0, size - h + 1, (batch_size,), device=dev, generator=gen)) % capacity  # [B]
+    j = (idx[:, None] + torch.arange(h, device=dev)) % capacity  # [B, h]
+    discounts = gamma ** torch.arange(h, device=dev, dtype=torch.float32)  # [h]
     return {
-        "observations": arr["observations"][idx],  # [B, O]
-        "actions": arr["actions"][j].reshape(batch_size, -1),  # [B, h * A]
-        "rewards": rewards.astype(np.float32),
-        "masks": masks,
-        "valid": valid[:, -1].copy(),  # [B]: the chunk stays inside one episode
-        "next_observations": arr["next_observations"][j[:, -1]],  # s_{t+h}, [B, O]
+        "observations": data["observations"][idx],  # [B, O]
+        "actions": data["actions"][j].reshape(batch_size, -1),  # [B, h * A]
+        "rewards": data["rewards"][j] @ discounts,  # [B]
+        "masks": data["masks"][j].amin(1),  # [B]
+        "valid": (data["terminals"][j[:, :-1]].sum(1) == 0).float(),  # [B]: the chunk stays inside one episode
+        "next_observations": data["next_observations"][j[:, -1]],  # s_{t+h}, [B, O]
     }
 
 
@@ -363,25 +395,55 @@ def actor_loss_online(args, actor, ema_actor, q_fn, batch):
 
 
 def make_update(args, actor, critic, target_critic, ema_actor, optimizer):
+    critic_params, target_params = list(critic.parameters()), list(target_critic.parameters())
+    actor_params, ema_params = list(actor.parameters()), list(ema_actor.parameters())
+
     def update(batch: dict, online: bool) -> torch.Tensor:
-        """One gradient step on critic + actor (one Adam, as the ref code), Polyak target, EMA pi_old online."""
+        """One gradient step on critic + actor (one Adam, as the ref code), Polyak target, EMA pi_old online.
+        No host sync inside (no .item(), no branch on tensor values): --compile and --cudagraphs wrap it whole."""
+        optimizer.zero_grad(set_to_none=True)
         lc, q = critic_loss(args, actor, critic, target_critic, batch)
         if online:
             la, lbc, ltop, scale, force = actor_loss_online(args, actor, ema_actor, lambda o, a: q_mean(critic, o, a), batch)
         else:
             la, lbc, ltop, scale, force = actor_loss_offline(args, actor, batch)
-        optimizer.zero_grad(set_to_none=True)
         (lc + la).backward()
         optimizer.step()
         with torch.no_grad():
-            for p, tp in zip(critic.parameters(), target_critic.parameters()):
-                tp.lerp_(p, args.tau)  # theta' <- (1 - tau) theta' + tau theta
-            if online:
-                for p, ep in zip(actor.parameters(), ema_actor.parameters()):
-                    ep.lerp_(p, args.ema_tau)  # pi_old <- (1 - tau_ema) pi_old + tau_ema pi_theta
+            torch._foreach_lerp_(target_params, critic_params, args.tau)  # theta' <- (1 - tau) theta' + tau theta
+            if online:  # pi_old <- (1 - tau_ema) pi_old + tau_ema pi_theta
+                torch._foreach_lerp_(ema_params, actor_params, args.ema_tau)
         return torch.stack([lc, lbc, ltop, q, scale, force]).detach()  # stays on device: no sync in the hot loop
 
     return update
+
+
+class CudaGraphUpdate:
+    """--cudagraphs: the whole update (forward, backward, Adam, Polyak/EMA) captured once per phase as a CUDA graph
+    and replayed on each new batch, copied into static input tensors. The first `warmup` calls of a phase run
+    eagerly on a side stream (they allocate Adam's state and the gradients); every call is one real update."""
+
+    def __init__(self, update, warmup: int = 3):
+        self.update, self.warmup, self.phases = update, warmup, {}
+
+    def __call__(self, batch: dict, online: bool) -> torch.Tensor:
+        p = self.phases.setdefault(online, {"calls": 0, "inputs": {k: torch.empty_like(v) for k, v in batch.items()}})
+        for k, v in batch.items():
+            p["inputs"][k].copy_(v)  # the graph reads its inputs from these fixed addresses
+        p["calls"] += 1
+        if p["calls"] <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.update(p["inputs"], online)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if "graph" not in p:  # capture records the kernels without running them; the replay below runs them
+            p["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(p["graph"]):
+                p["out"] = self.update(p["inputs"], online)
+        p["graph"].replay()
+        return p["out"].clone()
 
 
 LOSS_NAMES = ("losses/critic", "losses/drift_bc", "losses/drift_topk", "stats/q_mean", "stats/drift_scale",
@@ -499,7 +561,10 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    rng = np.random.default_rng(args.seed)  # chunk sampling
+    if args.cudagraphs and device.type != "cuda":
+        print("error: --cudagraphs needs a CUDA device (and no --no-cuda); drop the flag on CPU", file=sys.stderr)
+        sys.exit(2)
+    sampler = torch.Generator(device=device).manual_seed(args.seed)  # chunk sampling, on the training device
 
     # ---- environment and data ----
     import ogbench
@@ -520,6 +585,7 @@ if __name__ == "__main__":
     eval_env = ogbench.make_env_and_datasets(env_id, env_only=True)
     obs_dim, act_dim = eval_env.observation_space.shape[0], eval_env.action_space.shape[0]
     D = act_dim * args.horizon  # flattened chunk dimension
+    data = to_tensors(train, device) if train is not None else None  # the offline data on the training device
 
     # ---- networks ----
     actor = Actor(obs_dim, D, args.hidden_dim, args.num_layers).to(device)
@@ -528,7 +594,9 @@ if __name__ == "__main__":
     target_critic.load_state_dict(critic.state_dict())
     ema_actor = Actor(obs_dim, D, args.hidden_dim, args.num_layers).to(device)  # pi_old, reset at the switch
     ema_actor.load_state_dict(actor.state_dict())
-    optimizer = torch.optim.Adam(list(actor.parameters()) + list(critic.parameters()), lr=args.lr)
+    # capturable: Adam's step counters live on the GPU, so a CUDA graph can replay the optimizer step too
+    optimizer = torch.optim.Adam(list(actor.parameters()) + list(critic.parameters()), lr=args.lr,
+                                 capturable=args.cudagraphs)
     if ckpt is not None:
         try:
             for name, module in [("actor", actor), ("critic", critic), ("target_critic", target_critic),
@@ -562,7 +630,10 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     update = make_update(args, actor, critic, target_critic, ema_actor, optimizer)
-    to_torch = lambda b: {k: torch.as_tensor(v, device=device) for k, v in b.items()}  # noqa: E731
+    if args.compile:
+        update = torch.compile(update)
+    if args.cudagraphs:
+        update = CudaGraphUpdate(update)
     total = args.offline_steps + args.online_steps
     start_step, buffer, obs, queue = 1, None, None, []
     ep_return, ep_length, last_success = 0.0, 0, float("nan")
@@ -570,13 +641,11 @@ if __name__ == "__main__":
         start_step, last_success = ckpt["step"] + 1, ckpt["last_success"]
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(ckpt["rng"]["numpy"])
-        rng.bit_generator.state = ckpt["rng"]["sampler"]
+        sampler.set_state(ckpt["rng"]["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["phase"] == "online":
-            buffer = ReplayBuffer(train, min(args.buffer_size, len(train["observations"]) + args.online_steps))
-            online = ckpt["buffer_online"]
-            for t in range(len(online["observations"])):
-                buffer.add(**{k: v[t] for k, v in online.items()})
+            buffer = ReplayBuffer(data, min(args.buffer_size, len(data["observations"]) + args.online_steps))
+            buffer.extend(ckpt["buffer_online"])
             obs, _ = env.reset(seed=args.seed + ckpt["step"])
         print(f"resumed {run_name} from {args.resume} at step {ckpt['step']} ({ckpt['phase']})")
 
@@ -590,7 +659,7 @@ if __name__ == "__main__":
             "phase": "offline" if step <= args.offline_steps else "online", "last_success": last_success,
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "ema_actor": ema_actor.state_dict(), "optimizer": optimizer.state_dict(), "shard_idx": shard_idx,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "sampler": rng.bit_generator.state,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "sampler": sampler.get_state(),
                     "torch": torch.get_rng_state()},
             "buffer_online": buffer.online_part() if buffer is not None else None,
         }
@@ -612,19 +681,20 @@ if __name__ == "__main__":
                 shard_idx = (shard_idx + 1) % len(shards)
                 del train
                 env, train = load_data(env_id, shards[shard_idx], args.horizon, env)
+                data = to_tensors(train, device)
                 writer.add_scalar("charts/shard", shard_idx, step)
-            batch = sample_chunks(train, 0, len(train["observations"]), len(train["observations"]), rng,
-                                  args.batch_size, args.horizon, args.discount)
-            out = update(to_torch(batch), online=False)
+            n = len(data["observations"])
+            batch = sample_chunks(data, 0, n, n, sampler, args.batch_size, args.horizon, args.discount)
+            out = update(batch, online=False)
             nonfinite |= ~torch.isfinite(out[:3])
             stats, n_stats = stats + out, n_stats + 1
         else:
             if buffer is None:  # ---- the switch: seed the buffer with the offline data, reset pi_old ----
-                buffer = ReplayBuffer(train, min(args.buffer_size, len(train["observations"]) + args.online_steps))
+                buffer = ReplayBuffer(data, min(args.buffer_size, len(data["observations"]) + args.online_steps))
                 ema_actor.load_state_dict(actor.state_dict())
                 obs, _ = env.reset(seed=args.seed)
             # ---- online: act (best-of-N, open-loop chunk), store, update ----
-            if not queue:
+            if not queue:  # one host-to-device and one device-to-host copy per chunk of h steps
                 o = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
                 queue = list(best_of_n(actor, critic, o, args.act_best_of)[0].cpu().numpy().reshape(-1, act_dim))
             action = queue.pop(0)
@@ -640,7 +710,7 @@ if __name__ == "__main__":
                 queue, ep_return, ep_length = [], 0.0, 0
             if step - args.offline_steps >= args.start_training:
                 for _ in range(args.utd_ratio):
-                    out = update(to_torch(buffer.sample(rng, args.batch_size, args.horizon, args.discount)), online=True)
+                    out = update(buffer.sample(sampler, args.batch_size, args.horizon, args.discount), online=True)
                     nonfinite |= ~torch.isfinite(out[:3])
                     stats, n_stats = stats + out, n_stats + 1
 

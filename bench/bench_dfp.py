@@ -1,100 +1,228 @@
-"""Speed of dfp_offline_to_online.py: training updates per second (offline and online phase) and per-action
-inference latency at batch 1 (1 NFE, and best-of-N by the critic), on random data of a cube env's shapes.
+"""Speed of dfp_offline_to_online.py beside its limit: the same matrix products alone, timed in the same run.
 
-    python bench/bench_dfp.py                      # default networks (4x512), cube-triple shapes
-    python bench/bench_dfp.py --hidden-dim 256 --obs-dim 28 --device cuda
-Numbers depend on the machine and on what else runs on it: report them with `uptime`'s load average.
+    python bench/bench_dfp.py                          # CPU, 1 thread: writes bench/results/dfp_cpu.json
+    python bench/bench_dfp.py --device cuda            # adds --cudagraphs: bench/results/dfp_cuda.json
+
+Training: updates/s of the offline and the online update (chunk sampling on the device included), eager and
+--compile (and --cudagraphs on CUDA), for 4x512 and 4x256 networks, batch 256, h = 5, cube-triple shapes (obs 46,
+action 5). The limit of one update is its matrix products alone (forward and backward GEMMs of the same shapes):
+  actor forward + backward on B x num_gen = 2048 rows, critic ensemble forward + backward on B = 256 rows,
+  the TD target's best-of-16: actor + critic forwards on 4096 rows (+ target critic on 256 rows),
+  online also: pi_old candidates, actor + critic forwards on B x N = 4096 rows.
+ratio = update time / limit time (1.0 = nothing but matrix products); the limit's timed blocks alternate with the
+update's, so both see the same load on a shared machine, and the best block of each counts.
+Acting: latency at batch 1 of one chunk (1 NFE), best-of-16 (1 NFE + critic), and, with the same network, a
+10-step flow sampler and a 100-step diffusion sampler (10 / 100 sequential NFEs): the "1 NFE vs 10/100" figure.
+Needs only torch and numpy (gymnasium/ogbench only for the optional evaluation row). Timings depend on the machine
+and on what else runs on it: pass --label to say what the machine was.
 """
+import argparse
+import inspect
+import json
 import os
+import shlex
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
 
-import numpy as np
 import torch
-import tyro
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import dfp_offline_to_online as dfp  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-@dataclass
-class BenchArgs:
-    obs_dim: int = 46
-    """observation dim (cube-single 28, double 37, triple 46, quadruple 55)"""
-    act_dim: int = 5
-    """per-step action dim"""
-    horizon: int = 5
-    """action chunk length h"""
-    hidden_dim: int = 512
-    """network width"""
-    num_layers: int = 4
-    """hidden layers"""
-    batch_size: int = 256
-    """training batch size"""
-    updates: int = 20
-    """timed updates per phase (after 3 warm-up updates)"""
-    actions: int = 200
-    """timed action selections per inference mode"""
-    threads: Optional[int] = None
-    """torch CPU threads (default: torch's choice)"""
-    device: str = "cpu"
-    """cpu or cuda"""
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
+    p.add_argument("--hidden-dims", type=int, nargs="+", default=[512, 256], help="network widths (4 layers each)")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--obs-dim", type=int, default=46, help="cube-single 28, double 37, triple 46, quadruple 55")
+    p.add_argument("--act-dim", type=int, default=5)
+    p.add_argument("--horizon", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--updates", type=int, default=8, help="timed updates per block, phase and mode (after warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks per measurement; the best one counts")
+    p.add_argument("--actions", type=int, default=50, help="timed action selections per acting mode")
+    p.add_argument("--no-compile", action="store_true", help="skip the --compile rows (compiling takes minutes)")
+    p.add_argument("--eval-episodes", type=int, default=50, help="episodes of the evaluation-time row (0: skip)")
+    p.add_argument("--label", default="", help="what the machine was (e.g. 'busy shared 2-core CPU')")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/dfp_<device>.json)")
+    return p.parse_args()
+
+
+def best_time(fn, n: int, repeats: int, sync, paired=None):
+    """Seconds per call of fn: the best of `repeats` blocks of n calls (fn is warmed up by the caller).
+    paired = (fn2, n2): blocks of fn2 alternate with fn's, so that both see the same load on a shared machine;
+    returns (fn's time, fn2's time)."""
+    fns = [(fn, n)] + ([paired] if paired else [])
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, (f, k) in enumerate(fns):
+            sync()
+            t = time.perf_counter()
+            for _ in range(k):
+                f()
+            sync()
+            best[i] = min(best[i], (time.perf_counter() - t) / k)
+    return tuple(best) if paired else best[0]
+
+
+def gemm_chain(dims, E: int, rows: int, backward: bool, device):
+    """The matrix products of an MLP alone (dims [d_in, H, .., d_out], E members): per layer x @ W forward, and
+    backward dY @ W^T (not for the first layer, whose input needs no gradient) and X^T @ dY. No bias, activation,
+    norm, loss or optimizer: what the update would cost if it were nothing but its matrix products."""
+    r = lambda *s: torch.randn(*s, device=device)  # noqa: E731
+    xs = [r(E, rows, d) for d in dims[:-1]]  # layer inputs
+    ws = [r(E, i, o) for i, o in zip(dims[:-1], dims[1:])]
+    dys = [r(E, rows, o) for o in dims[1:]]
+
+    def run():
+        for x, w in zip(xs, ws):
+            torch.bmm(x, w)
+        if backward:
+            for i, (x, w, dy) in enumerate(zip(xs, ws, dys)):
+                if i > 0:
+                    torch.bmm(dy, w.transpose(1, 2))
+                torch.bmm(x.transpose(1, 2), dy)
+
+    return run
 
 
 def main():
-    b = tyro.cli(BenchArgs)
+    b = parse()
     if b.threads:
         torch.set_num_threads(b.threads)
+    if b.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        sys.exit(2)
+    sys.path.insert(0, ROOT)
+    import dfp_offline_to_online as dfp  # after the checks; needs torch, numpy (no tyro, gymnasium, ogbench)
+
     dev = torch.device(b.device)
-    args = dfp.Args(horizon=b.horizon, hidden_dim=b.hidden_dim, num_layers=b.num_layers, batch_size=b.batch_size)
-    D = b.act_dim * b.horizon
-    actor = dfp.Actor(b.obs_dim, D, b.hidden_dim, b.num_layers).to(dev)
-    critic = dfp.Critic(b.obs_dim, D, b.hidden_dim, b.num_layers, args.num_critics).to(dev)
-    target = dfp.Critic(b.obs_dim, D, b.hidden_dim, b.num_layers, args.num_critics).to(dev)
-    ema = dfp.Actor(b.obs_dim, D, b.hidden_dim, b.num_layers).to(dev)
-    opt = torch.optim.Adam(list(actor.parameters()) + list(critic.parameters()), lr=args.lr)
-    update = dfp.make_update(args, actor, critic, target, ema, opt)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    modes = ["eager"] + ([] if b.no_compile else ["compile"]) + (["cudagraphs", "compile+cudagraphs"]
+                                                                 if dev.type == "cuda" else [])
+    O, D = b.obs_dim, b.act_dim * b.horizon
+    load = os.getloadavg()
+    print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), threads "
+          f"{torch.get_num_threads()}, torch {torch.__version__}, obs {O}, chunk {b.horizon}x{b.act_dim}, batch "
+          f"{b.batch_size}, load average {load[0]:.2f} {b.label}", flush=True)
+    results = {"command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]), "label": b.label,
+               "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "load_average_start": load, "training": [], "acting": [], "evaluation": None}
 
-    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
     n = 10_000
-    data = {
-        "observations": rng.normal(size=(n, b.obs_dim)).astype(np.float32),
-        "next_observations": rng.normal(size=(n, b.obs_dim)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, (n, b.act_dim)).astype(np.float32),
-        "rewards": -np.ones(n, np.float32),
-        "masks": np.ones(n, np.float32),
-        "terminals": (np.arange(n) % 1000 == 999).astype(np.float32),
-    }
+    data = dfp.to_tensors({
+        "observations": torch.randn(n, O, generator=g), "next_observations": torch.randn(n, O, generator=g),
+        "actions": torch.rand(n, b.act_dim, generator=g) * 2 - 1, "rewards": -torch.ones(n), "masks": torch.ones(n),
+        "terminals": (torch.arange(n) % 1000 == 999).float()}, dev)
+    print(f"{'net':<6} {'phase':<8} {'mode':<19} {'updates/s':>9} {'ms/update':>9} {'limit ms':>8} {'ratio':>6}"
+          f"   (compile s)", flush=True)
+    for H in b.hidden_dims:
+        args = dfp.Args(horizon=b.horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size)
+        net = f"{b.num_layers}x{H}"
+        actor_dims, critic_dims = [O + D] + [H] * b.num_layers + [D], [O + D] + [H] * b.num_layers + [1]
+        E, B, G, N, Q = args.num_critics, b.batch_size, args.num_gen, args.N, args.q_best_of
+        # the limit: the update's matrix products alone (shapes in the module docstring)
+        offline = [gemm_chain(actor_dims, 1, B * G, True, dev), gemm_chain(critic_dims, E, B, True, dev),
+                   gemm_chain(actor_dims, 1, B * Q, False, dev), gemm_chain(critic_dims, E, B * Q, False, dev),
+                   gemm_chain(critic_dims, E, B, False, dev)]
+        online = offline + [gemm_chain(actor_dims, 1, B * N, False, dev), gemm_chain(critic_dims, E, B * N, False, dev)]
+        limits = {phase: lambda chain=chain: [f() for f in chain] for phase, chain in (("offline", offline),
+                                                                                     ("online", online))}
+        for run_limit in limits.values():
+            run_limit()  # warm-up
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    print(f"device {dev}, threads {torch.get_num_threads()}, networks {b.num_layers}x{b.hidden_dim}, "
-          f"obs {b.obs_dim}, chunk {b.horizon}x{b.act_dim}, batch {b.batch_size}, load average {os.getloadavg()}")
-    for online in (False, True):
-        for i in range(3 + b.updates):
-            if i == 3:
-                sync()
+        for mode in modes:
+            torch.manual_seed(0)
+            actor, ema = dfp.Actor(O, D, H, b.num_layers).to(dev), dfp.Actor(O, D, H, b.num_layers).to(dev)
+            critic = dfp.Critic(O, D, H, b.num_layers, E).to(dev)
+            target = dfp.Critic(O, D, H, b.num_layers, E).to(dev)
+            opt = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=args.lr,
+                                   capturable="cudagraphs" in mode)
+            update = dfp.make_update(args, actor, critic, target, ema, opt)  # exactly the script's wrapping
+            if "compile" in mode:
+                update = torch.compile(update)
+            if "cudagraphs" in mode:
+                update = dfp.CudaGraphUpdate(update)
+            sampler = torch.Generator(device=dev).manual_seed(0)
+            for phase in ("offline", "online"):
+                step = lambda: update(dfp.sample_chunks(data, 0, n, n, sampler, B, b.horizon, args.discount),  # noqa
+                                      online=phase == "online")
                 t = time.perf_counter()
-            batch = dfp.sample_chunks(data, 0, n, n, rng, b.batch_size, b.horizon, args.discount)
-            out = update({k: torch.as_tensor(v, device=dev) for k, v in batch.items()}, online=online)
-        out.tolist()  # sync
-        dt = (time.perf_counter() - t) / b.updates
-        print(f"train {'online ' if online else 'offline'}: {1 / dt:7.2f} updates/s ({dt * 1e3:.1f} ms/update)")
-
-    obs = torch.randn(1, b.obs_dim, device=dev)
-    for n_best in (1, 16):
-        for i in range(10 + b.actions):
-            if i == 10:
+                for _ in range(4):  # warm-up (compiles, captures the graph)
+                    step()
                 sync()
-                t = time.perf_counter()
-            a = dfp.best_of_n(actor, critic, obs, n_best)[0].cpu().numpy()
-        dt = (time.perf_counter() - t) / b.actions
-        print(f"act best-of-{n_best:<2d}: {dt * 1e3:6.2f} ms per chunk ({dt * 1e3 / b.horizon:.2f} ms per env step), "
-              f"chunk shape {a.shape}")
+                warm = time.perf_counter() - t
+                dt, limit = best_time(step, b.updates, b.repeats, sync, paired=(limits[phase], b.updates))
+                row = {"net": net, "phase": phase, "mode": mode, "updates_per_s": 1 / dt, "ms_per_update": dt * 1e3,
+                       "limit_ms": limit * 1e3, "ratio": dt / limit}
+                if "compile" in mode:
+                    row["warmup_s"] = warm
+                results["training"].append(row)
+                print(f"{net:<6} {phase:<8} {mode:<19} {1 / dt:9.1f} {dt * 1e3:9.2f} {limit * 1e3:8.2f} "
+                      f"{dt / limit:6.2f}" + (f"   ({warm:.0f})" if "compile" in mode else ""), flush=True)
+            torch._dynamo.reset()
+
+        # acting at batch 1: 1 NFE (and best-of-16 by the critic) vs 10 / 100 sequential NFEs of the same network
+        obs = torch.randn(1, O, device=dev)
+
+        @torch.no_grad()
+        def euler(steps):  # x <- x + dt * f(s, x): a flow / diffusion sampler's cost with this network
+            x = torch.randn(1, D, device=dev)
+            for _ in range(steps):
+                x = x + actor.net(torch.cat([obs, x], -1)) / steps
+            return x
+
+        samplers = {"1 sample (1 NFE)": lambda: dfp.best_of_n(actor, critic, obs, 1),
+                    "best-of-16 (1 NFE + critic)": lambda: dfp.best_of_n(actor, critic, obs, 16),
+                    "flow, 10 NFE": lambda: euler(10), "diffusion, 100 NFE": lambda: euler(100)}
+        for name, fn in samplers.items():
+            fn().cpu()
+            dt = best_time(lambda: fn().cpu(), b.actions, b.repeats, sync)  # the chunk comes back to the host
+            results["acting"].append({"net": net, "sampler": name, "ms_per_chunk": dt * 1e3})
+            print(f"{net:<6} act batch 1: {name:<28} {dt * 1e3:8.3f} ms per chunk", flush=True)
+
+    results["evaluation"] = eval_row(dfp, b, dev)
+    print(f"evaluation, {b.eval_episodes} episodes, sequential vs --eval-envs: {results['evaluation']}")
+    out = b.out or os.path.join(ROOT, "bench", "results", f"dfp_{dev.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"saved {os.path.relpath(out)}")
+
+
+def eval_row(dfp, b, dev):
+    """Hook: wall time of `eval_episodes` evaluation episodes, sequential vs vectorized, once dfp's evaluate()
+    takes a number of parallel environments (--eval-envs); 'n/a ...' until then or without ogbench."""
+    params = inspect.signature(dfp.evaluate).parameters
+    name = next((p for p in ("eval_envs", "num_envs") if p in params), None)
+    if name is None:
+        return "n/a (needs --eval-envs)"
+    if b.eval_episodes <= 0:
+        return "skipped (--eval-episodes 0)"
+    try:
+        import ogbench
+
+        env_id = "cube-triple-play-singletask-task2-v0"
+        env = ogbench.make_env_and_datasets(env_id, env_only=True)
+    except Exception as e:  # no gymnasium/ogbench/mujoco here
+        return f"n/a (no OGBench env: {type(e).__name__})"
+    args = dfp.Args(horizon=b.horizon)
+    O, D = env.observation_space.shape[0], env.action_space.shape[0] * b.horizon
+    actor, critic = dfp.Actor(O, D, args.hidden_dim, args.num_layers).to(dev), dfp.Critic(
+        O, D, args.hidden_dim, args.num_layers, args.num_critics).to(dev)
+    times = {}
+    for m in (1, 10):
+        setattr(args, name, m)
+        t = time.perf_counter()
+        try:  # the hook guesses evaluate()'s call; adapt it here once --eval-envs has landed
+            dfp.evaluate(env, actor, critic, args, b.eval_episodes, 0, dev, **{name: m})
+        except Exception as e:
+            return f"n/a (evaluate(..., {name}={m}) failed: {type(e).__name__}: {e})"
+        times[f"{name}={m}"] = time.perf_counter() - t
+    return {k: f"{v:.1f} s" for k, v in times.items()}
 
 
 if __name__ == "__main__":

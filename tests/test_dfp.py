@@ -173,47 +173,176 @@ def test_bad_input_is_refused_with_a_clear_message(dataset, tmp_path):
 def test_chunk_sampling_rewards_masks_valid_next_obs():
     n, length, h, gamma = 30, 10, 4, 0.9
     arr = {
-        "observations": np.arange(n, dtype=np.float32)[:, None],  # observation = its index t
-        "next_observations": np.arange(1, n + 1, dtype=np.float32)[:, None],
-        "actions": np.stack([np.arange(n), -np.arange(n)], 1).astype(np.float32),
-        "rewards": np.random.default_rng(0).normal(size=n).astype(np.float32),
-        "masks": np.ones(n, np.float32),
-        "terminals": (np.arange(n) % length == length - 1).astype(np.float32),
+        "observations": torch.arange(n, dtype=torch.float32)[:, None],  # observation = its index t
+        "next_observations": torch.arange(1, n + 1, dtype=torch.float32)[:, None],
+        "actions": torch.stack([torch.arange(n), -torch.arange(n)], 1).float(),
+        "rewards": torch.randn(n, generator=torch.Generator().manual_seed(0)),
+        "masks": torch.ones(n),
+        "terminals": (torch.arange(n) % length == length - 1).float(),
     }
     arr["masks"][[6, 17]] = 0.0  # success states
-    b = dfp.sample_chunks(arr, 0, n, n, np.random.default_rng(1), 500, h, gamma)
-    t = b["observations"][:, 0].astype(int)
+    b = dfp.sample_chunks(arr, 0, n, n, torch.Generator().manual_seed(1), 500, h, gamma)
+    t = b["observations"][:, 0].long().tolist()
     assert set(t) == set(range(n - h + 1))  # every start that fits is drawn, no chunk runs past the data
     for i, ti in enumerate(t):
-        steps = np.arange(ti, ti + h)
+        steps = torch.arange(ti, ti + h)
         assert np.isclose(b["rewards"][i], sum(gamma**k * arr["rewards"][ti + k] for k in range(h)), atol=1e-5)
         assert b["masks"][i] == arr["masks"][steps].min()
         crosses = arr["terminals"][steps[:-1]].any()  # an episode ends before the chunk's last step
         assert b["valid"][i] == (0.0 if crosses else 1.0)
         assert b["next_observations"][i, 0] == ti + h  # s_{t+h}
-        np.testing.assert_array_equal(b["actions"][i], np.stack([steps, -steps], 1).reshape(-1))
+        torch.testing.assert_close(b["actions"][i], torch.stack([steps, -steps], 1).reshape(-1).float())
+    one = dfp.sample_chunks(arr, 0, n, n, torch.Generator().manual_seed(1), 50, 1, gamma)  # h = 1: always valid
+    t1 = one["observations"][:, 0].long()
+    assert torch.all(one["valid"] == 1.0) and torch.equal(one["rewards"], arr["rewards"][t1])
+    assert torch.equal(one["masks"], arr["masks"][t1]) and torch.equal(one["next_observations"][:, 0], t1 + 1.0)
+
+
+def tiny_buffer(capacity=8):
+    data = {k: torch.zeros(5, 1) if k in ("observations", "actions", "next_observations") else torch.zeros(5)
+            for k in dfp.KEYS}
+    return dfp.ReplayBuffer(data, capacity=capacity)
 
 
 def test_ring_buffer_chunks_stay_in_insertion_order():
-    data = {k: np.zeros((5, 1), np.float32) if "obs" in k else np.zeros(5, np.float32) for k in dfp.ReplayBuffer.KEYS}
-    data["actions"] = np.zeros((5, 1), np.float32)
-    buf = dfp.ReplayBuffer(data, capacity=8)
+    buf = tiny_buffer()
     for t in range(1, 12):  # wraps: the oldest entries are overwritten
         buf.add(observations=[t], actions=[t], rewards=0.0, masks=1.0, terminals=0.0, next_observations=[t + 1])
     assert buf.size == 8 and buf.num_added == 11
     np.testing.assert_array_equal(buf.online_part()["observations"][:, 0], np.arange(4, 12))
-    b = buf.sample(np.random.default_rng(0), 200, 3, 0.99)
+    b = buf.sample(torch.Generator().manual_seed(0), 200, 3, 0.99)
     t = b["observations"][:, 0]
-    np.testing.assert_array_equal(b["actions"], np.stack([t, t + 1, t + 2], 1))  # consecutive, never across the head
+    torch.testing.assert_close(b["actions"], torch.stack([t, t + 1, t + 2], 1))  # consecutive, never across the head
     assert t.min() >= 4 and t.max() <= 9
+
+
+def test_buffer_and_sampler_restored_from_a_checkpoint_give_the_same_batches():
+    """What --resume restores (the online part + the sampler state) reproduces the next batches exactly."""
+    buf, gen = tiny_buffer(capacity=12), torch.Generator().manual_seed(3)
+    for t in range(1, 10):
+        buf.add(observations=[t], actions=[-t], rewards=0.1 * t, masks=1.0, terminals=float(t % 4 == 0),
+                next_observations=[t + 1])
+    buf.sample(gen, 4, 2, 0.9)
+    saved = {"online": buf.online_part(), "sampler": gen.get_state()}  # what checkpoint_state() keeps
+    restored, gen2 = tiny_buffer(capacity=12), torch.Generator()
+    restored.extend(saved["online"])
+    gen2.set_state(saved["sampler"])
+    assert (restored.ptr, restored.size, restored.num_added) == (buf.ptr, buf.size, buf.num_added)
+    for _ in range(3):
+        a, b = buf.sample(gen, 16, 3, 0.9), restored.sample(gen2, 16, 3, 0.9)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
 
 
 def constant_critic(obs_dim, act_dim, value):
     c = dfp.Critic(obs_dim, act_dim, 8, 1, 2)
-    for q in c.qs:
-        torch.nn.init.zeros_(q[-1].weight)
-        torch.nn.init.constant_(q[-1].bias, value)
+    torch.nn.init.zeros_(c.weights[-1])
+    torch.nn.init.constant_(c.biases[-1], value)
     return c
+
+
+def test_batched_critic_ensemble_equals_a_loop_of_ordinary_mlps():
+    """The stacked ensemble (one batched matmul per layer) computes what E separate nn.Linear/GELU/LayerNorm MLPs
+    with the same weights compute: forward values and every parameter's gradient; its init is nn.Linear's."""
+    torch.manual_seed(0)
+    O, D, H, L, E = 5, 6, 16, 3, 3
+    mlps = [dfp.mlp(O + D, 1, H, L, layer_norm=True) for _ in range(E)]
+    linears = [[m for m in q if isinstance(m, torch.nn.Linear)] for q in mlps]  # [E][layer]
+    norms = [[m for m in q if isinstance(m, torch.nn.LayerNorm)] for q in mlps]
+    critic = dfp.Critic(O, D, H, L, E)
+    stacked = [(critic.weights, critic.biases, linears), (critic.norm_weights, critic.norm_biases, norms)]
+    with torch.no_grad():
+        for q in norms:  # non-trivial LayerNorm scales and shifts
+            for m in q:
+                m.weight.normal_(1.0, 0.3), m.bias.normal_(0.0, 0.3)
+        for weights, biases, layers in stacked:  # load the E MLPs' weights into the stacked parameters
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                w_e = torch.stack([q[i].weight for q in layers])  # [E, out, in] or [E, d]
+                w.copy_(w_e.transpose(1, 2) if w_e.dim() == 3 else w_e[:, None])
+                b.copy_(torch.stack([q[i].bias for q in layers])[:, None])
+    obs, act = torch.randn(7, 4, O), torch.randn(7, 4, D)  # any leading shape
+    q = critic(obs, act)  # [E, 7, 4]
+    ref = torch.stack([m(torch.cat([obs, act], -1)).squeeze(-1) for m in mlps])
+    torch.testing.assert_close(q, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(q)
+    (q * w).sum().backward()
+    (ref * w).sum().backward()
+    for weights, biases, layers in stacked:
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            g = torch.stack([q[i].weight.grad for q in layers])
+            torch.testing.assert_close(w.grad, g.transpose(1, 2) if g.dim() == 3 else g[:, None], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b.grad[:, 0], torch.stack([q[i].bias.grad for q in layers]), rtol=1e-4, atol=1e-5)
+    # initialization: nn.Linear's U(-1/sqrt(d_in), 1/sqrt(d_in)) for weights and biases, members independent
+    big = dfp.Critic(40, 24, 256, 2, 2)
+    for w in (big.weights[1], big.biases[1]):
+        bound = 1 / 256**0.5
+        assert w.abs().max() <= bound and abs(w.std().item() - bound / 3**0.5) < 0.1 * bound
+    assert not torch.equal(big.weights[1][0], big.weights[1][1])
+
+
+def tiny_update_setup(seed=0, device="cpu", capturable=False):
+    """Tiny nets, optimizer and batches for comparing update paths; identical for equal seeds."""
+    torch.manual_seed(seed)
+    args = dfp.Args(horizon=2, hidden_dim=16, num_layers=2, batch_size=8, num_gen=4, N=6, K=2, q_best_of=3)
+    O, D = 5, 2 * 3
+    actor, ema = dfp.Actor(O, D, 16, 2).to(device), dfp.Actor(O, D, 16, 2).to(device)
+    critic, target = dfp.Critic(O, D, 16, 2, 2).to(device), dfp.Critic(O, D, 16, 2, 2).to(device)
+    ema.load_state_dict(actor.state_dict())
+    target.load_state_dict(critic.state_dict())
+    opt = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=1e-3, capturable=capturable)
+    g = torch.Generator().manual_seed(seed)
+    batches = [{"observations": torch.randn(8, O, generator=g), "next_observations": torch.randn(8, O, generator=g),
+                "actions": torch.rand(8, D, generator=g) * 2 - 1, "rewards": -torch.rand(8, generator=g),
+                "masks": torch.ones(8), "valid": (torch.rand(8, generator=g) > 0.2).float()} for _ in range(3)]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    nets = (actor, critic, target, ema)
+    return dfp.make_update(args, actor, critic, target, ema, opt), nets, batches
+
+
+def run_updates(update, batches, n_offline, seed=123):
+    """Offline updates, then online ones (both paths); the RNG is seeded before each, so both runs draw alike."""
+    outs = []
+    for i, b in enumerate(batches):
+        torch.manual_seed(seed + i)
+        outs.append(update(b, online=i >= n_offline))
+    return outs
+
+
+def assert_same_training(outs, nets, ref_outs, ref_nets, rtol, atol):
+    for o, r in zip(outs, ref_outs):
+        torch.testing.assert_close(o.cpu(), r.cpu(), rtol=rtol, atol=atol)
+    for net, ref in zip(nets, ref_nets):
+        for (name, p), rp in zip(net.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.detach().cpu(), rp.detach().cpu(), rtol=rtol, atol=atol, msg=name)
+
+
+def test_compiled_update_matches_eager(monkeypatch):
+    """--compile: torch.compile(update) gives the losses and parameters of the eager update (same random draws)."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # compiled randn draws eager's numbers
+    update, nets, batches = tiny_update_setup()
+    ref_outs = run_updates(update, batches, n_offline=2)
+    update_c, nets_c, batches_c = tiny_update_setup()
+    outs = run_updates(torch.compile(update_c), batches_c, n_offline=2)
+    assert_same_training(outs, nets_c, ref_outs, nets, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_update_matches_eager():
+    """--cudagraphs: 3 eager warm-up calls, then capture + replays; the same results as the eager update on CUDA."""
+    update, nets, batches = tiny_update_setup(device="cuda", capturable=True)
+    batches = batches * 3  # per phase: 2 warm-up calls, then capture + replay, then replays
+    ref_outs = run_updates(update, batches, n_offline=4)
+    update_g, nets_g, batches_g = tiny_update_setup(device="cuda", capturable=True)
+    outs = run_updates(dfp.CudaGraphUpdate(update_g, warmup=2), batches_g * 3, n_offline=4)
+    assert_same_training(outs, nets_g, ref_outs, nets, rtol=1e-4, atol=1e-5)
+
+
+def test_cudagraphs_without_cuda_is_refused(tmp_path):
+    r = run([*ENV, "--cudagraphs", "--no-cuda"], tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --cudagraphs needs a CUDA device"), r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "runs")
 
 
 def test_td_target_uses_gamma_h_mask_and_valid():
@@ -297,3 +426,25 @@ def test_online_drift_moves_the_policy_toward_the_critic_optimum():
     torch.set_num_threads(threads)
     assert q1 > q0 + 0.2 * abs(q0), (q0, q1)
     assert d1 < 0.9 * d0, (d0, d1)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def test_bench_runs_without_the_environment_stack(tmp_path):
+    """bench/bench_dfp.py (tiniest settings) runs with gymnasium, ogbench and mujoco unimportable and writes its
+    table as JSON: every row present, every limit and ratio positive."""
+    out = tmp_path / "dfp.json"
+    argv = ["bench_dfp.py", "--no-compile", "--hidden-dims", "16", "--num-layers", "1", "--batch-size", "4",
+            "--updates", "1", "--repeats", "1", "--actions", "1", "--out", str(out)]
+    code = ("import runpy, sys\n"
+            "for m in ('gymnasium', 'ogbench', 'mujoco'):\n    sys.modules[m] = None  # import m -> ImportError\n"
+            f"sys.argv = {argv!r}\n"
+            f"runpy.run_path({os.path.join(ROOT, 'bench', 'bench_dfp.py')!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=SUBENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    res = json.loads(out.read_text())
+    assert [(t["phase"], t["mode"]) for t in res["training"]] == [("offline", "eager"), ("online", "eager")]
+    assert all(t["limit_ms"] > 0 and t["ratio"] > 0 and t["updates_per_s"] > 0 for t in res["training"])
+    assert len(res["acting"]) == 4 and res["evaluation"] is not None
