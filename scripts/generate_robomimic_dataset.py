@@ -11,7 +11,7 @@ and dbp_bc.py read exactly as an official file:
 
 Experts: lift = reach above the cube, descend, close, lift; can = the same grasp, carry over the target bin,
 lower, release, move away. Each episode draws a noise level (Gaussian noise added to the translation actions):
-  --kind mh  "multi-human": thirds at noise 0.1, 0.3, 0.6 (better / okay / worse), failures kept
+  --kind mh  "multi-human": thirds at noise 0.1, 0.5, 1.2 (better / okay / worse), failures kept
   --kind ph  "proficient-human": all at noise 0.05
 Episodes end a few steps after the first success (rewards = success per step, dones = success or last step,
 robomimic's done_mode 2) or, failing, after the task's episode length (lift 300, can 300).
@@ -73,7 +73,7 @@ class Args:
     """one noise level for every episode instead of the --kind mix (0 = the noise-free expert)"""
 
 
-NOISE_MIX = {"mh": (0.1, 0.3, 0.6), "ph": (0.05,)}  # per-episode translation-noise std, drawn in turn
+NOISE_MIX = {"mh": (0.1, 0.5, 1.2), "ph": (0.05,)}  # per-episode translation-noise std, drawn in turn
 POST_SUCCESS_STEPS = 5  # steps recorded after the first success (the expert keeps holding)
 OSC_POSE_1_4 = {  # the controller of the official files, in robosuite <= 1.4's format
     "type": "OSC_POSE", "input_max": 1, "input_min": -1, "output_max": [0.05, 0.05, 0.05, 0.5, 0.5, 0.5],
