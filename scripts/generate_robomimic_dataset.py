@@ -287,9 +287,11 @@ def check_args(args: Args) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Scripted experts: state machines on the low-dim observation, translation by a P-controller.
-# obs = [eef_pos 3, eef_quat 4, gripper_qpos 2, object ...]; object[:3] = the cube / can position.
+# obs = [eef_pos 3, eef_quat 4, gripper_qpos 2, object ...]; where the object block holds the cube / can position:
+# lift: cube_pos first; can (robosuite 1.5 order): Can_to_robot0_eef_pos 3, Can_to_robot0_eef_quat 4, Can_pos 3, ...
 # ---------------------------------------------------------------------------------------------
 OPEN, CLOSED = -1.0, 1.0
+OBJECT_POS = {"lift": slice(9, 12), "can": slice(16, 19)}
 
 
 def move(eef: np.ndarray, target: np.ndarray, gain: float = 10.0) -> np.ndarray:
@@ -303,7 +305,7 @@ class Expert:
         self.task, self.place_xyz, self.phase, self.count = task, place_xyz, "above", 0
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        eef, obj = obs[0:3], obs[9:12]
+        eef, obj = obs[0:3], obs[OBJECT_POS[self.task]]
         grip, a = OPEN, np.zeros(3)
         hover = obj + np.array([0.0, 0.0, 0.08])
         grasp = obj + np.array([0.0, 0.0, 0.0 if self.task == "lift" else 0.02])
