@@ -298,17 +298,23 @@ def resolve_robomimic_file(env_id: str, dataset_path: Optional[str] = None, time
     if os.path.isfile(path):
         return path
     url, tmp = ROBOMIMIC_URL.format(task, kind), f"{path}.{os.getpid()}.part"
+    kind_dir = os.path.dirname(path)
+    created = [d for d in (kind_dir, os.path.dirname(kind_dir), os.path.dirname(os.path.dirname(kind_dir))) if not os.path.isdir(d)]
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f)  # the timeout bounds the connect and every read
         os.replace(tmp, path)
     except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
-        robomimic_fail(f"{path} is missing and downloading {url} failed ({type(e).__name__}); "
-                       f"generate it with: {robomimic_generate_command(env_id, path)}")
-    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        for d in created:  # deepest first: remove the folders made for the download (only if still empty)
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        robomimic_fail(f"{path} is missing and downloading {url} failed ({type(e).__name__}: {e}); "
+                       f"generate it with: {robomimic_generate_command(env_id, path)}")
     return path
 
 

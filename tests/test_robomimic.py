@@ -172,6 +172,34 @@ def test_missing_file_names_the_generator_command(gen, tmp_path, capsys):
     assert e.value.code == 2 and f"generate_robomimic_dataset.py --task can --kind ph --out {tmp_path}" in err, err
 
 
+def test_default_folder_then_bounded_download_then_one_error(gen, tmp_path, monkeypatch, capsys):
+    import io
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    calls = []
+
+    def offline(url, timeout):
+        calls.append((url, timeout))
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit) as e:
+        gen.resolve_robomimic_file("square-mh")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "generate it with: python scripts/generate_robomimic_dataset.py --task square --kind mh\n" in err
+    assert calls == [(gen.ROBOMIMIC_URL.format("square", "mh"), 30.0)]  # one bounded attempt
+    assert os.listdir(tmp_path) == []  # the folders made for the download are gone again
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"hdf5 bytes"))
+    path = gen.resolve_robomimic_file("square-mh")
+    assert path == str(tmp_path / ".robomimic" / "square" / "mh" / "low_dim_v15.hdf5")
+    assert open(path, "rb").read() == b"hdf5 bytes" and os.listdir(os.path.dirname(path)) == ["low_dim_v15.hdf5"]
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert gen.resolve_robomimic_file("square-mh") == path and len(calls) == 1  # found: no download
+
+
 @pytest.mark.parametrize("script", [DFP, DBP])
 def test_scripts_refuse_a_can_file_for_lift_before_any_work(tmp_path, script):
     path = str(tmp_path / "can.hdf5")
