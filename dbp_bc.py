@@ -79,11 +79,11 @@ class Args:
 
     # Data
     env: str = "cube-single-play"
-    """OGBench dataset/env (cube-single-play, ..., or a full singletask id), or a gymnasium id (Hopper-v5) with a D4RL-layout --dataset-path"""
+    """OGBench dataset/env (cube-single-play, ..., or a full singletask id), Robomimic {lift,can,square}-{mh,ph}, or a gymnasium id (Hopper-v5) with a D4RL-layout --dataset-path"""
     task: Optional[int] = None
     """OGBench singletask task 1..5 (default: the id's task, else 2)"""
     dataset_path: Optional[str] = None
-    """dataset .npz: an OGBench-format file (e.g. cube-single-expert-task1-v0.npz, needs its -val twin) or D4RL layout for gymnasium envs"""
+    """dataset: an OGBench-format .npz (e.g. cube-single-expert-task1-v0.npz, needs its -val twin), a D4RL-layout .npz for gymnasium envs, or a Robomimic low_dim_v15.hdf5"""
     val_ratio: float = 0.02
     """fraction of the episodes held out for losses/val_loss (authors: 2%, at least one episode when > 0)"""
 
@@ -240,6 +240,179 @@ def load_ogbench(env_id: str, dataset_path: Optional[str] = None, compact: bool 
 
 
 # ---- end of OGBench dataset resolution
+
+# ---- Robomimic: the shared recipe for lift, can and square low-dim files. Every script that reads them pastes
+# ---- this block unchanged (as the OGBench block); tests/test_robomimic.py checks the copies match.
+# Order: --dataset-path if given; else ~/.robomimic/<task>/<mh|ph>/low_dim_v15.hdf5 if present; else a download
+# with a bounded timeout; if that fails, one error naming the file and the command that generates it.
+# Needs at module top: import json, os, re / import numpy as np / import gymnasium as gym (h5py, robosuite lazily)
+ROBOMIMIC_DATA_DIR = "~/.robomimic"
+ROBOMIMIC_TASKS = {"lift": ("Lift", 300), "can": ("PickPlaceCan", 300), "square": ("NutAssemblySquare", 400)}  # env, length
+ROBOMIMIC_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")  # concatenated in this order
+ROBOMIMIC_URL = "https://huggingface.co/datasets/robomimic/robomimic_datasets/resolve/main/v1.5/{}/{}/low_dim_v15.hdf5"
+
+
+def is_robomimic(env: str) -> bool:
+    """lift-mh, can-ph, square-mh, ... (also the authors' spelling lift-mh-low_dim)."""
+    return re.fullmatch(r"(lift|can|square)-(mh|ph)(-low_dim)?", env) is not None
+
+
+def robomimic_env_id(env: str) -> str:
+    return env.removesuffix("-low_dim")  # lift-mh-low_dim -> lift-mh
+
+
+def robomimic_fail(msg: str):
+    import sys
+
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def robomimic_generate_command(env_id: str, path: str) -> str:
+    """The scripts/generate_robomimic_dataset.py command that writes `path` for env_id."""
+    task, kind = robomimic_env_id(env_id).split("-")
+    cmd = f"python scripts/generate_robomimic_dataset.py --task {task} --kind {kind}"
+    if os.path.abspath(os.path.expanduser(path)) != os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5"):
+        cmd += f" --out {path}"
+    return cmd
+
+
+def resolve_robomimic_file(env_id: str, dataset_path: Optional[str] = None, timeout: float = 30.0) -> str:
+    """The low-dim hdf5 for env_id: the given path, the default folder, or a bounded download (else one error)."""
+    import shutil
+    import urllib.request
+
+    task, kind = robomimic_env_id(env_id).split("-")
+    if dataset_path is not None:
+        path = os.path.abspath(os.path.expanduser(dataset_path))
+        if not os.path.isfile(path):
+            robomimic_fail(f"--dataset-path {path} does not exist; create it with: {robomimic_generate_command(env_id, path)}")
+        return path
+    path = os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
+    if os.path.isfile(path):
+        return path
+    url, tmp = ROBOMIMIC_URL.format(task, kind), f"{path}.{os.getpid()}.part"
+    kind_dir = os.path.dirname(path)
+    created = [d for d in (kind_dir, os.path.dirname(kind_dir), os.path.dirname(os.path.dirname(kind_dir))) if not os.path.isdir(d)]
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f)  # the timeout bounds the connect and every read
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        for d in created:  # deepest first: remove the folders made for the download (only if still empty)
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        robomimic_fail(f"{path} is missing and downloading {url} failed ({type(e).__name__}: {e}); "
+                       f"generate it with: {robomimic_generate_command(env_id, path)}")
+    return path
+
+
+def load_robomimic(env_id: str, path: str):
+    """(data, episode_ends, env_args) from data/demo_N/{actions, rewards, dones, obs/*, next_obs/*}, demos in numeric
+    order. data has observations, actions, rewards (shifted by -1, as the authors), masks = 1 - dones, terminals =
+    dones (and 1 at each demo's last step), next_observations; episode_ends marks each demo's last step."""
+    import h5py
+
+    task = robomimic_env_id(env_id).split("-")[0]
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        robomimic_fail(f"{path} is not a readable HDF5 file ({e}); regenerate it with: {robomimic_generate_command(env_id, path)}")
+    with f:
+        if "data" not in f or "env_args" not in f["data"].attrs:
+            robomimic_fail(f"{path} has no 'data' group with an env_args attribute; it is not a robomimic dataset")
+        try:
+            env_args = json.loads(f["data"].attrs["env_args"])
+            env_name = env_args["env_name"]
+        except (ValueError, KeyError, TypeError):
+            robomimic_fail(f"{path}: data.attrs['env_args'] is not JSON with env_name and env_kwargs")
+        owner = {v[0]: k for k, v in ROBOMIMIC_TASKS.items()}.get(env_name)
+        if owner != task:
+            robomimic_fail(f"{path} holds robosuite env '{env_name}' ({owner or 'not lift, can or square'}), but --env "
+                           f"{env_id} needs {ROBOMIMIC_TASKS[task][0]}; pass the file for this task")
+        demos = sorted((k for k in f["data"] if re.fullmatch(r"demo_\d+", k)), key=lambda k: int(k[5:]))  # demo_10 after demo_9
+        if not demos:
+            robomimic_fail(f"{path} has no data/demo_N groups")
+        need = ["actions", "rewards", "dones"] + [f"{o}/{k}" for o in ("obs", "next_obs") for k in ROBOMIMIC_OBS_KEYS]
+        parts = {k: [] for k in ("observations", "actions", "rewards", "dones", "next_observations")}
+        for demo in demos:
+            g = f["data"][demo]
+            missing = [k for k in need if k not in g]
+            if missing:
+                robomimic_fail(f"{path}: data/{demo} lacks {missing}; low-dim observations need {list(ROBOMIMIC_OBS_KEYS)}")
+            parts["observations"].append(np.concatenate([g["obs"][k][()] for k in ROBOMIMIC_OBS_KEYS], -1))  # [T, O]
+            parts["next_observations"].append(np.concatenate([g["next_obs"][k][()] for k in ROBOMIMIC_OBS_KEYS], -1))
+            for k in ("actions", "rewards", "dones"):
+                parts[k].append(g[k][()])
+    lengths = [len(a) for a in parts["actions"]]
+    ends = np.zeros(sum(lengths), bool)
+    ends[np.cumsum(lengths) - 1] = True  # [N] last step of each demo
+    cat = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+    if any(len(v) != len(ends) for v in cat.values()) or cat["actions"].ndim != 2:
+        robomimic_fail(f"{path}: per-demo arrays of different lengths (actions, rewards, dones, obs, next_obs)")
+    data = {
+        "observations": cat["observations"], "actions": cat["actions"],
+        "rewards": cat["rewards"] - 1.0,  # sparse 0/1 -> -1/0 (offline and online)
+        "masks": 1.0 - cat["dones"],  # no bootstrap after done (success, or a demo's end)
+        "terminals": np.maximum(cat["dones"], ends).astype(np.float32),  # chunks never cross demos
+        "next_observations": cat["next_observations"],
+    }
+    return data, ends, env_args
+
+
+class RobomimicEnv(gym.Env):
+    """A robosuite 1.5 env built from a file's env_args, as a gymnasium env: obs = concat of ROBOMIMIC_OBS_KEYS,
+    reward = success (0/1) + reward_shift, terminated at success, truncated after the task's episode length
+    (or a shorter env_kwargs['horizon'] / max_episode_steps); info['success']."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, env_id: str, env_args, reward_shift: float = 0.0, max_episode_steps: Optional[int] = None,
+                 render_mode: Optional[str] = None):
+        import robosuite
+        from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
+
+        self.env_args = json.loads(env_args) if isinstance(env_args, str) else env_args
+        kwargs = dict(self.env_args["env_kwargs"])
+        if "controller_configs" in kwargs:  # robosuite <= 1.4 format (an OSC_POSE dict) -> 1.5 composite; 1.5 passes
+            kwargs["controller_configs"] = refactor_composite_controller_config(kwargs["controller_configs"], "Panda", ["right"])
+        kwargs.update(has_renderer=False, has_offscreen_renderer=render_mode == "rgb_array", use_camera_obs=False,
+                      ignore_done=True)  # episodes end here, not in robosuite
+        self.env = robosuite.make(self.env_args["env_name"], **kwargs)
+        length = ROBOMIMIC_TASKS[robomimic_env_id(env_id).split("-")[0]][1]
+        self.max_episode_steps = max_episode_steps or min(length, kwargs.get("horizon", length))
+        self.reward_shift, self.render_mode, self.t = reward_shift, render_mode, 0
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.env.action_dim,), np.float32)
+        obs_dim = len(self._obs(self.env.reset()))
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+
+    def _obs(self, raw: dict) -> np.ndarray:
+        raw = {**raw, "object": raw["object-state"]}  # robomimic's name for robosuite's object-state
+        return np.concatenate([raw[k] for k in ROBOMIMIC_OBS_KEYS]).astype(np.float32)
+
+    def reset(self, *, seed: Optional[int] = None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:  # robosuite draws placements and arm noise from env.rng (shared with its samplers)
+            self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        self.t = 0
+        return self._obs(self.env.reset()), {}
+
+    def step(self, action):
+        raw, _, _, _ = self.env.step(np.clip(np.asarray(action, np.float64), -1.0, 1.0))
+        self.t += 1
+        success = float(self.env._check_success())
+        return self._obs(raw), success + self.reward_shift, bool(success), self.t >= self.max_episode_steps, {"success": success}
+
+    def render(self):
+        return self.env.sim.render(width=256, height=256, camera_name="agentview")[::-1]  # mujoco images are upside down
+
+
+# ---- end of Robomimic
 
 
 # ---- DBP networks: generators mu = gen(obs_hist, z), shared unchanged with dbpo_ppo.py (only torch imports)
@@ -401,8 +574,8 @@ HORIZONS = {"manipulation": (2, 16, 8), "locomotion": (1, 4, 4)}  # (To, Tp, Ta)
 
 
 def default_horizons(env: str) -> Tuple[int, int, int]:
-    """OGBench cube (manipulation, as PushT/BlockPush/Kitchen) or a gymnasium locomotion env (as D4RL Hopper)."""
-    return HORIZONS["manipulation" if is_ogbench(env) else "locomotion"]
+    """OGBench cube and Robomimic (manipulation, as PushT/BlockPush/Kitchen) or a gymnasium locomotion env (as D4RL Hopper)."""
+    return HORIZONS["manipulation" if is_ogbench(env) or is_robomimic(env) else "locomotion"]
 
 
 def compute_normalization(observations: np.ndarray, actions: np.ndarray, range_eps: float = 1e-4) -> dict:
@@ -608,7 +781,7 @@ def is_ogbench_id(env_id: str) -> bool:
 
 def format_eval(res: dict, env_id: str) -> str:
     """One parseable line: eval/success (OGBench singletask only), eval/episodic_return, eval/episode_length."""
-    success = f"eval/success={res['success']:.4f} " if is_ogbench_id(env_id) else ""
+    success = f"eval/success={res['success']:.4f} " if is_ogbench_id(env_id) or is_robomimic(env_id) else ""
     return f"{success}eval/episodic_return={res['return']:.4f} eval/episode_length={res['length']:.1f}"
 
 
@@ -622,8 +795,10 @@ def block_call(fn, *a, **kw):
         raise
 
 
-def make_eval_env(env_id: str, render: bool = False):
-    """The evaluation env: OGBench singletask (episodes end at success) or a gymnasium env."""
+def make_eval_env(env_id: str, render: bool = False, env_args: Optional[str] = None):
+    """The evaluation env: OGBench singletask or Robomimic (episodes end at success) or a gymnasium env."""
+    if is_robomimic(env_id):  # rebuilt from the env_args JSON the checkpoint stores
+        return RobomimicEnv(env_id, env_args, **({"render_mode": "rgb_array"} if render else {}))
     if is_ogbench_id(env_id):
         import ogbench
 
@@ -642,14 +817,16 @@ def load_demonstrations(args: Args):
     """(env, env_id, observations [N, obs_dim], actions [N, da], episode_ends [N]), every problem a one-line error."""
     path = None if args.dataset_path is None else os.path.abspath(os.path.expanduser(args.dataset_path))
     check(path is None or os.path.isfile(path), f"--dataset-path {path} does not exist")
-    if is_ogbench(args.env):
+    if is_robomimic(args.env):  # read by the Robomimic block, which checks the file itself
+        env_id, keys = robomimic_env_id(args.env), ()
+    elif is_ogbench(args.env):
         env_id = block_call(resolve_env_id, args.env, args.task)
         keys = ("observations", "actions", "terminals", "qpos", "qvel")  # ogbench reads qpos, qvel for singletask
     else:
         env_id, keys = args.env, ("observations", "actions", "rewards", "terminals", "timeouts")
         check(path is not None, f"--env {args.env} is not an OGBench cube env, so it needs --dataset-path to a D4RL-layout "
                                 f".npz (observations, actions, rewards, terminals, timeouts)")
-    if path is not None:  # readable, with the keys, before anything heavier (ogbench would die with a bare KeyError)
+    if path is not None and keys:  # readable, with the keys, before anything heavier (ogbench would die with a bare KeyError)
         try:
             with np.load(path) as f:
                 missing = [k for k in keys if k not in f.files]
@@ -657,7 +834,10 @@ def load_demonstrations(args: Args):
             fail(f"cannot read --dataset-path {path} as .npz ({type(e).__name__}); is it complete and a NumPy .npz?")
         check(not missing, f"{path} lacks the keys {missing}; the dataset needs {', '.join(keys)}")
     try:
-        if is_ogbench(args.env):
+        if is_robomimic(args.env):  # data/demo_N of a low-dim file; the env from the file's env_args
+            train, ends, env_args = load_robomimic(env_id, resolve_robomimic_file(env_id, args.dataset_path))
+            env, obs, actions = RobomimicEnv(env_id, env_args), train["observations"], train["actions"]
+        elif is_ogbench(args.env):
             env, train, _ = block_call(load_ogbench, env_id, path)
             # ogbench drops each episode's final state (it has no next state) and marks the new last step terminal
             obs, actions, ends = train["observations"], train["actions"], train["terminals"] > 0
@@ -781,7 +961,7 @@ if __name__ == "__main__":
         envs, results = {}, []
         for path, ckpt in zip(args.checkpoint, ckpts):
             env_id, t0 = ckpt["env_id"], time.time()
-            env = envs[env_id] if env_id in envs else envs.setdefault(env_id, make_eval_env(env_id))
+            env = envs[env_id] if env_id in envs else envs.setdefault(env_id, make_eval_env(env_id, env_args=ckpt.get("env_args")))
             res = evaluate(load_policy(ckpt).to(device), env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
             results.append(res)
             print(f"eval-only {path} ({env_id} step {ckpt.get('step')}): {format_eval(res, env_id)} "
@@ -905,6 +1085,7 @@ if __name__ == "__main__":
             "format": "dbp-v1", "args": json.loads(json.dumps(asdict(args))), "env_id": env_id,
             "obs_dim": obs_dim, "action_dim": action_dim, "obs_horizon": To, "pred_horizon": Tp, "action_horizon": Ta,
             "backbone": args.backbone, "generator_kwargs": gen_kwargs, "loss": args.loss,
+            "env_args": json.dumps(env.env_args) if is_robomimic(env_id) else None,  # Robomimic: how to rebuild the env
             "model": {k: v.cpu() for k, v in ema_gen.state_dict().items()},
             **{k: v.cpu() for k, v in policy.stats().items()},
             "action_low": torch.as_tensor(a_low, dtype=torch.float32), "action_high": torch.as_tensor(a_high, dtype=torch.float32),
@@ -941,13 +1122,14 @@ if __name__ == "__main__":
     def run_eval(step: int, capture_video: bool = False) -> dict:
         eval_env = env
         if capture_video:
-            eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True), os.path.join(run_dir, "videos"), episode_trigger=lambda i: i == 0)
+            eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True, env_args=env.env_args if is_robomimic(env_id) else None),
+                                                os.path.join(run_dir, "videos"), episode_trigger=lambda i: i == 0)
         print(f"evaluating step {step} ({args.eval_episodes} episodes)", flush=True)
         t0 = time.time()
         res = evaluate(policy, eval_env, args.eval_episodes, To, Ta, args.seed, device)
         writer.add_scalar("eval/episodic_return", res["return"], step)
         writer.add_scalar("eval/episode_length", res["length"], step)
-        if is_ogbench_id(env_id):  # locomotion envs have no success signal
+        if is_ogbench_id(env_id) or is_robomimic(env_id):  # locomotion envs have no success signal
             writer.add_scalar("eval/success", res["success"], step)
         print(f"eval step {step}: {format_eval(res, env_id)} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
         if capture_video:
