@@ -270,9 +270,9 @@ def q_mean(critic: Critic, obs: torch.Tensor, actions: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def best_of_n(actor: Actor, critic: Critic, obs: torch.Tensor, n: int, generator=None) -> torch.Tensor:
+def best_of_n(actor: Actor, critic: Critic, obs: torch.Tensor, n: int) -> torch.Tensor:
     """Draw n chunks and keep the one the critic likes best: obs [B, O] -> [B, D]. n = 1: a plain sample."""
-    cand = actor(obs, n, generator)  # [B, n, D]
+    cand = actor(obs, n)  # [B, n, D]
     if n == 1:
         return cand[:, 0]
     best, _ = drift_field.top_k(cand, q_mean(critic, obs, cand), 1)  # [B, 1, D]
@@ -434,8 +434,9 @@ def parse_args() -> Args:
     except SystemExit as e:
         if e.code in (0, None):
             raise
-        lines = [line.strip("│╭╮╰╯─ ") for line in buf.getvalue().splitlines()][1:]  # below the box's title
-        fail(" ".join(itertools.takewhile(bool, lines)) + "; see --help")
+        lines = [line.strip(" │|") for line in buf.getvalue().splitlines()[1:]]  # below the box's title,
+        body = itertools.takewhile(lambda line: not re.fullmatch(r"[─\-+╰╯]*", line), lines)  # up to a rule
+        fail(" ".join(body) + "; see --help")
 
 
 def check_args(args: Args):
@@ -515,7 +516,8 @@ def load_checkpoint(path: str, flag: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, not a torch file, ...
-        fail(f"{flag} {path} cannot be read as a checkpoint ({type(e).__name__}); pass a checkpoint.pt of this script")
+        fail(f"{flag} {path} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:100]}); "
+             "pass a checkpoint.pt of this script")
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     check(fmt == CKPT_FORMAT, f"{flag} {path} is not a checkpoint of dfp_offline_to_online.py (format {fmt!r}, "
           f"expected {CKPT_FORMAT!r}); pass the checkpoint.pt of a DFP run")
@@ -607,12 +609,13 @@ class Interrupt:
         return self.signum != 0
 
 
-def make_eval_env(env_id: str, worker: bool = False):
+def make_eval_env(env_id: str):
+    import multiprocessing
     import ogbench
 
-    if worker:  # only the main process handles SIGINT/SIGTERM (a Ctrl-C reaches the whole process group)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
+    if multiprocessing.parent_process() is not None:  # a worker: Ctrl-C reaches the whole process group, and only
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process acts on it (it closes the workers);
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # SIGTERM ends the worker (not the handler of the main process)
     return ogbench.make_env_and_datasets(env_id, env_only=True)
 
 
@@ -623,7 +626,7 @@ def make_eval_envs(env_id: str, num_envs: int):
 
     if num_envs == 1:
         return SyncVectorEnv([functools.partial(make_eval_env, env_id)], autoreset_mode=AutoresetMode.DISABLED)
-    envs = AsyncVectorEnv([functools.partial(make_eval_env, env_id, True)] * num_envs,
+    envs = AsyncVectorEnv([functools.partial(make_eval_env, env_id)] * num_envs,
                           autoreset_mode=AutoresetMode.DISABLED)
     atexit.register(envs.close)  # before multiprocessing's own exit handler, which would wait on the workers
     return envs
@@ -634,15 +637,17 @@ def episode_generator(seed: int, episode: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, episode]).generate_state(1)[0]))
 
 
+@torch.no_grad()
 def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, device, video_path: Optional[str] = None,
              stop=lambda: False):
-    """(success rate, mean return, mean length) over `episodes` episodes on the M envs of a vector env `envs`;
-    success = info['success'] at the episode's last step. Episode i runs with env seed seed + i and the noise
+    """(success rate, mean return, mean length, mean critic value of the chosen chunks) over `episodes` episodes
+    on the M envs of a vector env `envs`; success = info['success'] at the episode's last step. Episode i runs with env seed seed + i and the noise
     generator episode_generator(seed, i), so the result does not depend on M. One best-of-N call acts for every
     env whose chunk is used up; each env runs its own chunk open-loop. None if stop() (abandoned, not a result)."""
     M, act_dim = envs.num_envs, envs.single_action_space.shape[0]
     episode = np.full(M, -1)  # the episode each env runs, -1: none left
     ret, length, queue, gens = np.zeros(M), np.zeros(M, int), [[] for _ in range(M)], [None] * M
+    q_sum, n_chunks = np.zeros(M), np.zeros(M, int)
     obs = np.zeros((M,) + envs.single_observation_space.shape, np.float32)
     results, frames, next_episode = {}, [], 0
 
@@ -653,7 +658,8 @@ def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, de
             episode[j] = next_episode if next_episode < episodes else -1
             if episode[j] >= 0:
                 mask[j], seeds[j], gens[j] = True, seed + next_episode, episode_generator(seed, next_episode)
-                ret[j], length[j], queue[j], next_episode = 0.0, 0, [], next_episode + 1
+                ret[j], length[j], queue[j], q_sum[j], n_chunks[j] = 0.0, 0, [], 0.0, 0
+                next_episode += 1
         if mask.any():
             o, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
             obs[mask] = o[mask]
@@ -665,9 +671,12 @@ def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, de
         need = [j for j in range(M) if episode[j] >= 0 and not queue[j]]
         if need:  # [len(need), O] -> chunks [len(need), h, A]
             o = torch.as_tensor(obs[need], device=device)
-            chunks = best_of_n(actor, critic, o, act_best_of, [gens[j] for j in need]).cpu().numpy()
-            for j, c in zip(need, chunks.reshape(len(need), -1, act_dim)):
-                queue[j] = list(c)
+            cand = actor(o, act_best_of, [gens[j] for j in need])  # best-of-N as best_of_n, [len(need), N, D]
+            q = q_mean(critic, o, cand)  # [len(need), N]
+            chunks, idx = drift_field.top_k(cand, q, 1)  # [len(need), 1, D]: the chunk the critic likes best
+            q = q.gather(1, idx)[:, 0].cpu().numpy()  # its value, logged as eval/q_chosen
+            for j, c, qj in zip(need, chunks.cpu().numpy().reshape(len(need), -1, act_dim), q):
+                queue[j], q_sum[j], n_chunks[j] = list(c), q_sum[j] + qj, n_chunks[j] + 1
         actions = np.stack([queue[j].pop(0) if episode[j] >= 0 else np.zeros(act_dim, np.float32) for j in range(M)])
         next_obs, r, terminated, truncated, info = envs.step(actions)  # idle envs (no episode left) step unused
         if video_path is not None and episode[0] == 0:
@@ -676,7 +685,8 @@ def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, de
         for j in np.flatnonzero(episode >= 0):
             ret[j], length[j], obs[j] = ret[j] + r[j], length[j] + 1, next_obs[j]
             if terminated[j] or truncated[j]:
-                results[episode[j]] = (float(info["success"][j]) if "success" in info else 0.0, ret[j], length[j])
+                success = float(info["success"][j]) if "success" in info else 0.0
+                results[episode[j]] = (success, ret[j], length[j], q_sum[j] / n_chunks[j])
                 ended.append(j)
         if ended:
             start(ended)
@@ -687,8 +697,7 @@ def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, de
         tmp = video_path[: -len(".mp4")] + ".tmp.mp4"
         ImageSequenceClip(frames, fps=30).write_videofile(tmp, logger=None)
         os.replace(tmp, video_path)
-    success, returns, lengths = np.array([results[i] for i in range(episodes)]).T
-    return float(success.mean()), float(returns.mean()), float(lengths.mean())
+    return tuple(float(v) for v in np.mean([results[i] for i in range(episodes)], 0))
 
 
 def first_nonfinite(modules: dict) -> Optional[str]:
@@ -704,6 +713,20 @@ def save_checkpoint(path: str, state: dict):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken checkpoint
+
+
+def leave(code: int, envs, track: bool = False):
+    """Exit now, after a signal, all saved: the interpreter's own teardown (torch, MuJoCo) takes seconds on a busy
+    machine, so close what holds resources and skip it."""
+    if track:
+        import wandb
+
+        wandb.finish()
+    with contextlib.suppress(Exception):  # its workers may be gone already (a signal to the process group)
+        envs.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resume_command(ckpt_path: str) -> str:
@@ -746,8 +769,10 @@ if __name__ == "__main__":
     # ---- environment and data (validated: a refusal here still writes nothing) ----
     import ogbench
 
-    shards, shard_idx, env, train = [], 0, None, None
-    if args.dataset_dir is not None and not args.eval_only:
+    shards, shard_idx, train = [], 0, None
+    if args.eval_only:
+        env = make_eval_env(env_id)  # for its sizes
+    elif args.dataset_dir is not None:
         shards = shard_paths(args.dataset_dir)
         shard_idx = ckpt["shard_idx"] if ckpt is not None else 0
         check(shard_idx < len(shards), f"the checkpoint reads shard {shard_idx} but --dataset-dir holds {len(shards)}")
@@ -755,13 +780,11 @@ if __name__ == "__main__":
         print(f"loading {shards[shard_idx]} ...", flush=True)
         env = ogbench.make_env_and_datasets(env_id, env_only=True)
         env, train = load_data(env_id, shards[shard_idx], args.horizon, env)
-    elif not args.eval_only:
+    else:
         data_name = args.dataset_path or f"{OGBENCH_DATA_DIR}/{env_id.split('-singletask')[0]}-v0.npz"
         print(f"loading {data_name} ...", flush=True)
         env, train = load_data(env_id, args.dataset_path, args.horizon)
-    num_eval_envs = min(args.eval_envs or os.cpu_count() or 1, args.eval_episodes)
-    envs = make_eval_envs(env_id, num_eval_envs)
-    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     check(ckpt is None or (ckpt["obs_dim"], ckpt["act_dim"]) == (obs_dim, act_dim),
           f"the checkpoint's observation/action sizes {ckpt and (ckpt['obs_dim'], ckpt['act_dim'])} differ from "
           f"{env_id}'s {(obs_dim, act_dim)}; pass the env it was made for")
@@ -786,17 +809,25 @@ if __name__ == "__main__":
         for group in optimizer.param_groups:
             group["lr"] = args.lr  # --lr applies on resume (e.g. a lower one after a non-finite loss)
 
+    num_eval_envs = min(args.eval_envs or os.cpu_count() or 1, args.eval_episodes)
+    envs = make_eval_envs(env_id, num_eval_envs)  # after every check: worker processes start here
+
     def run_evaluation(step: int):
         """(success, return, length) of the policy now, or None if a signal abandoned the evaluation."""
         video = os.path.join(run_dir, "videos", f"eval_{step}.mp4") if args.capture_video else None
         print(f"evaluating step {step}: {args.eval_episodes} episodes on {num_eval_envs} envs", flush=True)
         t = time.time()
-        res = evaluate(envs, actor, critic, args.act_best_of, args.eval_episodes, args.seed + 1000, device, video,
-                       stop.requested)
+        try:
+            res = evaluate(envs, actor, critic, args.act_best_of, args.eval_episodes, args.seed + 1000, device, video,
+                           stop.requested)
+        except (EOFError, ConnectionError):  # workers ended by a SIGTERM sent to the whole process group
+            if not stop.requested():
+                raise
+            res = None
         if res is None:
             print(f"evaluation at step {step} interrupted: no result", flush=True)
             return None
-        print(f"eval step {step}: success {res[0]:.3f} return {res[1]:.3f} length {res[2]:.1f} "
+        print(f"eval step {step}: success {res[0]:.3f} return {res[1]:.3f} length {res[2]:.1f} q {res[3]:.6f} "
               f"({args.eval_episodes} episodes, {time.time() - t:.1f} s)", flush=True)
         return res
 
@@ -807,11 +838,10 @@ if __name__ == "__main__":
         actor.eval()
         stop.armed = True  # a signal abandons the evaluation: no result
         res = run_evaluation(ckpt["step"])
-        envs.close()
         if res is None:
-            sys.exit(128 + stop.signum)
+            leave(128 + stop.signum, envs)
         print(f"eval-only {env_id} step {ckpt['step']}: success {res[0]:.3f} return {res[1]:.3f} "
-              f"length {res[2]:.1f} over {args.eval_episodes} episodes")
+              f"length {res[2]:.1f} q {res[3]:.6f} over {args.eval_episodes} episodes")
         sys.exit(0)
 
     total = args.offline_steps + args.online_steps
@@ -884,7 +914,7 @@ if __name__ == "__main__":
         if res is None:
             return False
         last_success = res[0]
-        for tag, v in zip(("eval/success", "eval/episodic_return", "eval/episodic_length"), res):
+        for tag, v in zip(("eval/success", "eval/episodic_return", "eval/episodic_length", "eval/q_chosen"), res):
             writer.add_scalar(tag, v, step)
         return True
 
@@ -897,8 +927,7 @@ if __name__ == "__main__":
                   f"{resume_command(ckpt_path)}", flush=True)
         else:
             print(f"interrupted at step {step}; no checkpoint (--no-save-model)", flush=True)
-        envs.close()
-        sys.exit(128 + stop.signum)
+        leave(128 + stop.signum, envs, args.track)
 
     stop.armed = True  # from here on a signal stops the run at the next step, with a checkpoint
     if ckpt is not None and ckpt["eval_pending"] and not evaluate_and_log(ckpt["step"]):
