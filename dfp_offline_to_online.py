@@ -48,7 +48,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, the first episode of every evaluation is saved as <run folder>/videos/eval_<step>.mp4 (MUJOCO_GL=egl)"""
+    """if toggled, each evaluation's first episode is saved as <run folder>/videos/eval_<step>.mp4 (MUJOCO_GL=egl)"""
     save_model: bool = True
     """if toggled, checkpoints go to <run folder>/checkpoint.pt (every --save-interval, at the end, on Ctrl-C)"""
     num_threads: int = 0
@@ -440,21 +440,23 @@ def parse_args() -> Args:
 
 
 def check_args(args: Args):
-    """The range of every flag."""
-    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
-    for k in ("horizon", "batch_size", "hidden_dim", "num_layers", "num_critics", "num_gen", "N", "q_best_of",
-              "act_best_of", "utd_ratio", "buffer_size", "eval_interval", "eval_episodes", "log_interval",
-              "save_interval", "shard_interval"):
-        check(getattr(args, k) >= 1, f"{flag(k)} must be >= 1, got {getattr(args, k)}")
-    for k in ("seed", "offline_steps", "online_steps", "start_training", "num_threads"):
-        check(getattr(args, k) >= 0, f"{flag(k)} must be >= 0, got {getattr(args, k)}")
-    for k in ("lr", "bandwidth"):
-        check(math.isfinite(getattr(args, k)) and getattr(args, k) > 0, f"{flag(k)} must be a finite number > 0, got {getattr(args, k)}")
-    for k in ("alpha", "topk_weight", "bc_weight"):
-        check(math.isfinite(getattr(args, k)) and getattr(args, k) >= 0, f"{flag(k)} must be a finite number >= 0, got {getattr(args, k)}")
-    for k, lo_open in (("discount", True), ("tau", True), ("ema_tau", False)):
-        v = getattr(args, k)
-        check((0 < v <= 1) if lo_open else (0 <= v <= 1), f"{flag(k)} must be in {'(0' if lo_open else '[0'}, 1], got {v}")
+    """The range of every flag (a NaN fails every comparison, so it is refused too)."""
+    ranges = {  # rule: flags
+        ">= 1": ("horizon", "batch_size", "hidden_dim", "num_layers", "num_critics", "num_gen", "N", "q_best_of",
+                 "act_best_of", "utd_ratio", "buffer_size", "eval_interval", "eval_episodes", "log_interval",
+                 "save_interval", "shard_interval"),
+        ">= 0": ("seed", "offline_steps", "online_steps", "start_training", "num_threads"),
+        "a finite number > 0": ("lr", "bandwidth"),
+        "a finite number >= 0": ("alpha", "topk_weight", "bc_weight"),
+        "in (0, 1]": ("discount", "tau"),
+        "in [0, 1]": ("ema_tau",),
+    }
+    ok = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "a finite number > 0": lambda v: 0 < v < math.inf,
+          "a finite number >= 0": lambda v: 0 <= v < math.inf, "in (0, 1]": lambda v: 0 < v <= 1,
+          "in [0, 1]": lambda v: 0 <= v <= 1}
+    for rule, keys in ranges.items():
+        for k in keys:
+            check(ok[rule](getattr(args, k)), f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}")
     check(len(args.temperatures) > 0 and all(math.isfinite(t) and t > 0 for t in args.temperatures),
           f"--temperatures must be finite numbers > 0, got {args.temperatures}")
     check(1 <= args.K <= args.N, f"--K must be in 1..N = 1..{args.N}, got {args.K}")
@@ -462,14 +464,13 @@ def check_args(args: Args):
     check(args.eval_envs is None or args.eval_envs >= 1, f"--eval-envs must be >= 1, got {args.eval_envs}")
     check(not (args.eval_only and args.resume), "give --eval-only --checkpoint PATH or --resume PATH, not both")
     check(not args.eval_only or args.checkpoint is not None, "--eval-only needs --checkpoint PATH")
-    check(args.checkpoint is None or args.eval_only, "--checkpoint is for --eval-only; to continue a run use --resume PATH")
+    check(args.checkpoint is None or args.eval_only, "--checkpoint is for --eval-only; to continue a run use --resume")
     check(args.dataset_path is None or args.dataset_dir is None, "give --dataset-path or --dataset-dir, not both")
-    for k in ("run_name", "exp_name"):
-        v = getattr(args, k)
+    for k, v in (("run-name", args.run_name), ("exp-name", args.exp_name)):
         check(v is None or (v not in ("", ".", "..") and "/" not in v and os.sep not in v),
-              f"{flag(k)} must be a plain folder name (no '/'), got {v!r}")
-    check(not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb")
-    check(not args.capture_video or importlib.util.find_spec("moviepy"), "--capture-video needs moviepy: pip install moviepy")
+              f"--{k} must be a plain folder name (no '/'), got {v!r}")
+    for flag, on, module in (("--track", args.track, "wandb"), ("--capture-video", args.capture_video, "moviepy")):
+        check(not on or importlib.util.find_spec(module), f"{flag} needs {module}: pip install {module}")
 
 
 def check_file(path: str, what: str):
@@ -498,11 +499,11 @@ def check_data_paths(args: Args):
         check(os.path.isdir(args.dataset_dir), f"--dataset-dir {args.dataset_dir} is not a folder")
         for p in shard_paths(args.dataset_dir):
             check_file(p.replace(".npz", "-val.npz"), "the validation twin of shard")
-        check(shard_paths(args.dataset_dir), f"--dataset-dir {args.dataset_dir} holds no *.npz shards (with -val twins)")
+        check(shard_paths(args.dataset_dir), f"--dataset-dir {args.dataset_dir} holds no *.npz shards (+ -val twins)")
 
 
 def shard_paths(folder: str) -> list:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".npz") and not f.endswith("-val.npz"))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if re.search(r"(?<!-val)\.npz$", f))
 
 
 CKPT_FORMAT = "dfp-v1"
@@ -529,9 +530,10 @@ def load_checkpoint(path: str, flag: str) -> dict:
 def plan_run_dir(args: Args, env_id: str, ckpt: Optional[dict]) -> Tuple[str, str]:
     """(run name, run folder), checked to be creatable; nothing is created here."""
     if args.eval_only:
+        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
         if args.capture_video:
-            check_creatable(os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos"), "the video folder")
-        return ckpt["run_name"], os.path.dirname(os.path.abspath(args.checkpoint))
+            check_creatable(os.path.join(run_dir, "videos"), "the video folder")
+        return ckpt["run_name"], run_dir
     if ckpt is not None:  # --resume: the run continues in the checkpoint's folder
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         check(os.access(run_dir, os.W_OK | os.X_OK), f"the run folder {run_dir} of --resume is not writable")
@@ -541,8 +543,8 @@ def plan_run_dir(args: Args, env_id: str, ckpt: Optional[dict]) -> Tuple[str, st
     run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)
     check(not os.path.isfile(run_dir), f"the run folder {run_dir} is a file; pass another --run-name")
-    check(not (os.path.isdir(run_dir) and os.listdir(run_dir)), f"the run folder {run_dir} already holds a run; "
-          f"pass another --run-name, or continue it with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
+    check(not (os.path.isdir(run_dir) and os.listdir(run_dir)), f"the run folder {run_dir} already holds a run; pass "
+          f"another --run-name, or continue it with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
     check_creatable(run_dir, "the run folder")
     return run_name, run_dir
 
@@ -560,15 +562,15 @@ def check_dataset(ds: dict, env, name: str, min_len: int):
     need = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
     for k, d in need.items():
         got = tuple(ds[k].shape) if k in ds else "missing"
-        check(k in ds and ds[k].ndim == 2 and ds[k].shape[1] == d, f"dataset {name}: '{k}' must have shape [N, {d}] "
-              f"for this env, got {got}; check --env/--task or regenerate the dataset")
+        check(k in ds and ds[k].ndim == 2 and ds[k].shape[1] == d, f"dataset {name}: '{k}' must have shape "
+              f"[N, {d}] for this env, got {got}; check --env/--task or regenerate the dataset")
     n = len(ds["observations"])
     for k in ("actions", "rewards", "masks", "terminals", "next_observations"):
         check(k in ds and len(ds[k]) == n, f"dataset {name}: '{k}' missing or not of length {n}")
     check(n >= min_len, f"dataset {name} has only {n} transitions, fewer than one chunk")
     for k, v in ds.items():
-        check(not np.issubdtype(v.dtype, np.floating) or np.isfinite(v).all(),
-              f"dataset {name}: the dataset contains non-finite values in '{k}'; regenerate it or drop those transitions")
+        check(not np.issubdtype(v.dtype, np.floating) or np.isfinite(v).all(), f"dataset {name}: the dataset "
+              f"contains non-finite values in '{k}'; regenerate it or drop those transitions")
 
 
 def load_data(env_id: str, path: Optional[str], horizon: int, env=None):
@@ -581,8 +583,9 @@ def load_data(env_id: str, path: Optional[str], horizon: int, env=None):
 
             train, _ = ogbench.make_env_and_datasets(env_id, dataset_path=path, dataset_only=True, cur_env=env)
     except Exception as e:  # a truncated zip, a text file named .npz, a missing key, ...
-        fail(f"could not read dataset {path or env_id} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
-             "it needs observations, actions, terminals, qpos, qvel (OGBench format) and a -val twin")
+        why = (str(e).splitlines() or [""])[0][:200]
+        fail(f"could not read dataset {path or env_id} ({type(e).__name__}: {why}); it needs observations, actions, "
+             "terminals, qpos, qvel (OGBench format) and a -val twin")
     check_dataset(train, env, path or env_id, horizon + 1)
     return env, train
 
@@ -641,9 +644,10 @@ def episode_generator(seed: int, episode: int) -> torch.Generator:
 def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, device, video_path: Optional[str] = None,
              stop=lambda: False):
     """(success rate, mean return, mean length, mean critic value of the chosen chunks) over `episodes` episodes
-    on the M envs of a vector env `envs`; success = info['success'] at the episode's last step. Episode i runs with env seed seed + i and the noise
-    generator episode_generator(seed, i), so the result does not depend on M. One best-of-N call acts for every
-    env whose chunk is used up; each env runs its own chunk open-loop. None if stop() (abandoned, not a result)."""
+    on the M envs of the vector env `envs`; success = info['success'] at the episode's last step.
+    Episode i runs with env seed seed + i and the noise generator episode_generator(seed, i), so the result does not
+    depend on M. One best-of-N call acts for every env whose chunk is used up; each env runs its own chunk
+    open-loop. None if stop() became true: the evaluation is abandoned, no result."""
     M, act_dim = envs.num_envs, envs.single_action_space.shape[0]
     episode = np.full(M, -1)  # the episode each env runs, -1: none left
     ret, length, queue, gens = np.zeros(M), np.zeros(M, int), [[] for _ in range(M)], [None] * M
@@ -737,7 +741,7 @@ def resume_command(ckpt_path: str) -> str:
             skip = a == "--resume"
             continue
         argv.append(a)
-    return shlex.join(["python", sys.argv[0], *argv, "--resume", ckpt_path])
+    return shlex.join(["python", sys.argv[0], *argv, "--resume", os.path.abspath(ckpt_path)])
 
 
 if __name__ == "__main__":
