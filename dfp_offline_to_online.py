@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Tuple
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -612,25 +613,49 @@ class Interrupt:
         return self.signum != 0
 
 
-def make_eval_env(env_id: str):
+def make_eval_env(env_id: str, horizon: int = 1):
+    """The env for evaluation, taking a whole chunk per step() (ChunkEnv)."""
     import multiprocessing
     import ogbench
 
     if multiprocessing.parent_process() is not None:  # a worker: Ctrl-C reaches the whole process group, and only
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process acts on it (it closes the workers);
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # SIGTERM ends the worker (not the handler of the main process)
-    return ogbench.make_env_and_datasets(env_id, env_only=True)
+    return ChunkEnv(ogbench.make_env_and_datasets(env_id, env_only=True), horizon)
 
 
-def make_eval_envs(env_id: str, num_envs: int):
-    """num_envs copies of the env stepped together: in this process for 1, in worker processes for more.
+class ChunkEnv(gym.Wrapper):
+    """step(chunk [h * A]) runs the h actions open-loop and stops at the episode's end: one round trip to a worker
+    process per chunk, not per action. Reward: the chunk's summed reward; info['steps']: env steps taken;
+    info['frames']: the rendered frames while `record` is set (for the video)."""
+
+    def __init__(self, env, horizon: int):
+        super().__init__(env)
+        self.record, self.act_dim = False, env.action_space.shape[0]
+        low, high = np.tile(env.action_space.low, horizon), np.tile(env.action_space.high, horizon)
+        self.action_space = gym.spaces.Box(low, high, dtype=env.action_space.dtype)
+
+    def step(self, chunk):
+        total, frames = 0.0, []
+        for steps, a in enumerate(chunk.reshape(-1, self.act_dim), 1):
+            obs, r, terminated, truncated, info = self.env.step(a)
+            total += r
+            if self.record:
+                frames.append(self.env.render())
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, {**info, "steps": steps, **({"frames": frames} if frames else {})}
+
+
+def make_eval_envs(env_id: str, num_envs: int, horizon: int):
+    """num_envs ChunkEnvs stepped together: in this process for 1, in worker processes for more.
     Autoreset is off: evaluate() resets each env itself, with the seed of the episode it starts."""
     from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
+    fns = [functools.partial(make_eval_env, env_id, horizon)] * num_envs
     if num_envs == 1:
-        return SyncVectorEnv([functools.partial(make_eval_env, env_id)], autoreset_mode=AutoresetMode.DISABLED)
-    envs = AsyncVectorEnv([functools.partial(make_eval_env, env_id)] * num_envs,
-                          autoreset_mode=AutoresetMode.DISABLED)
+        return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+    envs = AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
     atexit.register(envs.close)  # before multiprocessing's own exit handler, which would wait on the workers
     return envs
 
@@ -644,15 +669,15 @@ def episode_generator(seed: int, episode: int) -> torch.Generator:
 def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, device, video_path: Optional[str] = None,
              stop=lambda: False):
     """(success rate, mean return, mean length, mean critic value of the chosen chunks) over `episodes` episodes
-    on the M envs of the vector env `envs`; success = info['success'] at the episode's last step.
+    on the M ChunkEnvs of the vector env `envs`; success = info['success'] at the episode's last step.
     Episode i runs with env seed seed + i and the noise generator episode_generator(seed, i), so the result does not
-    depend on M. One best-of-N call acts for every env whose chunk is used up; each env runs its own chunk
+    depend on M. Each round, one best-of-N call picks a chunk for every env, and each env runs its chunk
     open-loop. None if stop() became true: the evaluation is abandoned, no result."""
-    M, act_dim = envs.num_envs, envs.single_action_space.shape[0]
+    M = envs.num_envs
     episode = np.full(M, -1)  # the episode each env runs, -1: none left
-    ret, length, queue, gens = np.zeros(M), np.zeros(M, int), [[] for _ in range(M)], [None] * M
-    q_sum, n_chunks = np.zeros(M), np.zeros(M, int)
+    ret, length, q_sum, n_chunks, gens = np.zeros(M), np.zeros(M, int), np.zeros(M), np.zeros(M, int), [None] * M
     obs = np.zeros((M,) + envs.single_observation_space.shape, np.float32)
+    chunks = np.zeros((M,) + envs.single_action_space.shape, np.float32)  # idle envs (no episode left) get zeros
     results, frames, next_episode = {}, [], 0
 
     def start(js):  # the next episodes on envs js
@@ -662,32 +687,31 @@ def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, de
             episode[j] = next_episode if next_episode < episodes else -1
             if episode[j] >= 0:
                 mask[j], seeds[j], gens[j] = True, seed + next_episode, episode_generator(seed, next_episode)
-                ret[j], length[j], queue[j], q_sum[j], n_chunks[j] = 0.0, 0, [], 0.0, 0
-                next_episode += 1
+                ret[j], length[j], q_sum[j], n_chunks[j], next_episode = 0.0, 0, 0.0, 0, next_episode + 1
         if mask.any():
             o, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
             obs[mask] = o[mask]
+        if video_path is not None:
+            envs.set_attr("record", [j == 0 and episode[0] == 0 for j in range(M)])  # env 0 runs episode 0 first
 
     start(range(M))
     while (episode >= 0).any():
         if stop():
             return None
-        need = [j for j in range(M) if episode[j] >= 0 and not queue[j]]
-        if need:  # [len(need), O] -> chunks [len(need), h, A]
-            o = torch.as_tensor(obs[need], device=device)
-            cand = actor(o, act_best_of, [gens[j] for j in need])  # best-of-N as best_of_n, [len(need), N, D]
-            q = q_mean(critic, o, cand)  # [len(need), N]
-            chunks, idx = drift_field.top_k(cand, q, 1)  # [len(need), 1, D]: the chunk the critic likes best
-            q = q.gather(1, idx)[:, 0].cpu().numpy()  # its value, logged as eval/q_chosen
-            for j, c, qj in zip(need, chunks.cpu().numpy().reshape(len(need), -1, act_dim), q):
-                queue[j], q_sum[j], n_chunks[j] = list(c), q_sum[j] + qj, n_chunks[j] + 1
-        actions = np.stack([queue[j].pop(0) if episode[j] >= 0 else np.zeros(act_dim, np.float32) for j in range(M)])
-        next_obs, r, terminated, truncated, info = envs.step(actions)  # idle envs (no episode left) step unused
-        if video_path is not None and episode[0] == 0:
-            frames.append(envs.call("render")[0])
+        act = np.flatnonzero(episode >= 0)
+        o = torch.as_tensor(obs[act], device=device)  # [B, O]
+        cand = actor(o, act_best_of, [gens[j] for j in act])  # best-of-N as in best_of_n, [B, N, D]
+        q = q_mean(critic, o, cand)  # [B, N]
+        best, idx = drift_field.top_k(cand, q, 1)  # [B, 1, D]: the chunk the critic likes best
+        chunks[act] = best[:, 0].cpu().numpy()
+        q_sum[act] += q.gather(1, idx)[:, 0].cpu().numpy()  # its value, logged as eval/q_chosen
+        n_chunks[act] += 1
+        next_obs, r, terminated, truncated, info = envs.step(chunks)
+        if "frames" in info and info["_frames"][0]:
+            frames += info["frames"][0]
         ended = []
-        for j in np.flatnonzero(episode >= 0):
-            ret[j], length[j], obs[j] = ret[j] + r[j], length[j] + 1, next_obs[j]
+        for j in act:
+            ret[j], length[j], obs[j] = ret[j] + r[j], length[j] + info["steps"][j], next_obs[j]
             if terminated[j] or truncated[j]:
                 success = float(info["success"][j]) if "success" in info else 0.0
                 results[episode[j]] = (success, ret[j], length[j], q_sum[j] / n_chunks[j])
@@ -775,7 +799,7 @@ if __name__ == "__main__":
 
     shards, shard_idx, train = [], 0, None
     if args.eval_only:
-        env = make_eval_env(env_id)  # for its sizes
+        env = make_eval_env(env_id).env  # for its sizes
     elif args.dataset_dir is not None:
         shards = shard_paths(args.dataset_dir)
         shard_idx = ckpt["shard_idx"] if ckpt is not None else 0
@@ -814,7 +838,7 @@ if __name__ == "__main__":
             group["lr"] = args.lr  # --lr applies on resume (e.g. a lower one after a non-finite loss)
 
     num_eval_envs = min(args.eval_envs or os.cpu_count() or 1, args.eval_episodes)
-    envs = make_eval_envs(env_id, num_eval_envs)  # after every check: worker processes start here
+    envs = make_eval_envs(env_id, num_eval_envs, args.horizon)  # after every check: worker processes start here
 
     def run_evaluation(step: int):
         """(success, return, length) of the policy now, or None if a signal abandoned the evaluation."""

@@ -277,7 +277,7 @@ def test_nonfinite_guard_keeps_the_last_good_checkpoint(trained, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 class Recorder:
-    """A vector env that records the actions of each episode, named by its reset seed, until it ends."""
+    """A vector env that records the chunks of each episode, named by its reset seed, until it ends."""
 
     def __init__(self, envs):
         self.envs, self.current, self.actions = envs, [None] * envs.num_envs, {}
@@ -309,7 +309,7 @@ def test_evaluation_does_not_depend_on_the_number_of_envs_nor_the_global_rng(tra
     torch.set_num_threads(1)
     runs = []
     for m in (1, 2):
-        envs = Recorder(dfp.make_eval_envs(ENV_ID, m))
+        envs = Recorder(dfp.make_eval_envs(ENV_ID, m, 5))
         torch.manual_seed(m)  # a different global RNG state: must not matter
         runs.append((dfp.evaluate(envs, actor, critic, 4, 3, 1001, "cpu"), envs.actions))
         envs.close()
