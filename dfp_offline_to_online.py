@@ -435,9 +435,9 @@ def parse_args() -> Args:
     except SystemExit as e:
         if e.code in (0, None):
             raise
-        lines = [line.strip(" │|") for line in buf.getvalue().splitlines()[1:]]  # below the box's title,
-        body = itertools.takewhile(lambda line: not re.fullmatch(r"[─\-+╰╯]*", line), lines)  # up to a rule
-        fail(" ".join(body) + "; see --help")
+        lines = [line.strip(" │|") for line in buf.getvalue().splitlines() if line.strip()][1:]  # below the title
+        rule = lambda line: re.fullmatch(r"[─\-+╰╯]*", line)  # noqa: E731  (boxed or plain, as the output allows)
+        fail(" ".join(itertools.takewhile(lambda x: not rule(x), itertools.dropwhile(rule, lines))) + "; see --help")
 
 
 def check_args(args: Args):
