@@ -841,7 +841,7 @@ if __name__ == "__main__":
     envs = make_eval_envs(env_id, num_eval_envs, args.horizon)  # after every check: worker processes start here
 
     def run_evaluation(step: int):
-        """(success, return, length) of the policy now, or None if a signal abandoned the evaluation."""
+        """(success, return, length, q_chosen) of the policy now, or None if a signal abandoned the evaluation."""
         video = os.path.join(run_dir, "videos", f"eval_{step}.mp4") if args.capture_video else None
         print(f"evaluating step {step}: {args.eval_episodes} episodes on {num_eval_envs} envs", flush=True)
         t = time.time()
@@ -958,8 +958,11 @@ if __name__ == "__main__":
         leave(128 + stop.signum, envs, args.track)
 
     stop.armed = True  # from here on a signal stops the run at the next step, with a checkpoint
-    if ckpt is not None and ckpt["eval_pending"] and not evaluate_and_log(ckpt["step"]):
-        interrupted(ckpt["step"], eval_pending=True)  # the evaluation of the saved step, interrupted before
+    if ckpt is not None and ckpt["eval_pending"]:  # the evaluation of the saved step, interrupted before
+        if not evaluate_and_log(ckpt["step"]):
+            interrupted(ckpt["step"], eval_pending=True)
+        if args.save_model:  # done: a later resume from this checkpoint must not log it again
+            save_checkpoint(ckpt_path, checkpoint_state(ckpt["step"], False))
     for step in range(start_step, total + 1):
         if step <= args.offline_steps:
             # ---- offline: one gradient step on a batch of data chunks ----

@@ -254,6 +254,8 @@ def test_sigterm_during_evaluation_abandons_it_and_resume_redoes_it(dataset, tmp
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eval step 1:" in r.stdout and f"final {ENV_ID} step 10: success" in r.stdout
     assert tensorboard_steps(run_dir)["eval/success"] == [1, 10]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert ckpt["step"] == 10 and not ckpt["eval_pending"]
 
 
 # ------------------------------------------------------------------------------------------------ non-finite guard
