@@ -1,13 +1,22 @@
 # Drifting Field Policy (DFP): offline-to-online RL with a one-step drifting policy over action chunks.
-# SPEC.md section 3; paper: Koo et al. 2026, "Drifting Field Policy" (papers/dfp_project_page.txt).
+# docs/algorithms.md §3; paper: Koo et al. 2026, "Drifting Field Policy", arXiv 2605.07727.
 #   python dfp_offline_to_online.py --env cube-triple-play --K 4 --N 16
+# Guarantees (validation, signals, resume, evaluation): docs/dfp_reliability.md.
 # Offline: drift the actor toward the data chunk (L_BC) while Q-chunking critics learn from the data.
 # Online: drift toward the top-K of N candidates of a slow EMA policy pi_old scored by the critic,
 #   L = lambda * L_topK + L_BC, with the replay buffer seeded by the offline data.
+import atexit
+import contextlib
+import functools
+import importlib.util
+import io
+import itertools
 import json
+import math
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -42,9 +51,11 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, the first evaluation episode of every evaluation is saved as a video (MUJOCO_GL=egl)"""
+    """if toggled, each evaluation's first episode is saved as <run folder>/videos/eval_<step>.mp4 (MUJOCO_GL=egl)"""
     save_model: bool = True
-    """if toggled, checkpoints go to runs/<run_name>/checkpoint.pt (every --save-interval, at the end, on Ctrl-C)"""
+    """if toggled, checkpoints go to <run folder>/checkpoint.pt (every --save-interval, at the end, on Ctrl-C)"""
+    num_threads: int = 0
+    """torch CPU threads (0: torch's default)"""
 
     # Environment and data
     env: str = "cube-triple-play"
@@ -84,7 +95,7 @@ class Args:
     temperatures: Tuple[float, ...] = (0.1,)
     """drift kernel temperatures R (official field)"""
     drift_field: Literal["official", "gaussian"] = "official"
-    """official: SPEC 2.2 normalized multi-temperature loss; gaussian: SPEC 2.1 mean-shift field"""
+    """official: the normalized multi-temperature loss (docs/algorithms.md §2); gaussian: the mean-shift field (§1)"""
     bandwidth: float = 1.0
     """Gaussian kernel bandwidth h_k for --drift-field gaussian"""
     alpha: float = 1.0
@@ -122,11 +133,13 @@ class Args:
     eval_interval: int = 100_000
     """steps between evaluations (also at step 1, at the end of the offline phase and at the end)"""
     eval_episodes: int = 50
-    """episodes per evaluation"""
+    """episodes per evaluation (episode i: env seed seed + 1000 + i and its own policy noise)"""
+    eval_envs: Optional[int] = None
+    """envs stepped together in evaluation, in worker processes when > 1 (default: min(CPU cores, --eval-episodes))"""
     log_interval: int = 5000
     """steps between loss logs and progress lines"""
     save_interval: int = 100_000
-    """steps between checkpoints"""
+    """steps (offline gradient steps, then online env steps) between checkpoints"""
     resume: Optional[str] = None
     """continue a run from this checkpoint"""
     eval_only: bool = False
@@ -412,10 +425,12 @@ class Actor(nn.Module):
         self.act_dim = act_dim
         self.net = mlp(obs_dim + act_dim, act_dim, hidden_dim, num_layers, layer_norm=False)
 
-    def forward(self, obs: torch.Tensor, n: int) -> torch.Tensor:
-        """n chunks per state: obs [B, O] -> actions [B, n, D], clipped to [-1, 1] (1 NFE each)."""
+    def forward(self, obs: torch.Tensor, n: int, generator=None) -> torch.Tensor:
+        """n chunks per state: obs [B, O] -> actions [B, n, D], clipped to [-1, 1] (1 NFE each).
+        generator: None (the global RNG) or a list of B CPU torch.Generators, one per state (evaluation)."""
         obs = obs[:, None, :].expand(-1, n, -1)  # [B, n, O]
-        eps = torch.randn(*obs.shape[:2], self.act_dim, device=obs.device)  # [B, n, D]
+        eps = (torch.randn(*obs.shape[:2], self.act_dim, device=obs.device) if generator is None else
+               torch.stack([torch.randn(n, self.act_dim, generator=g) for g in generator]).to(obs.device))  # [B, n, D]
         return self.net(torch.cat([obs, eps], -1)).clamp(-1.0, 1.0)
 
 
@@ -625,92 +640,344 @@ LOSS_NAMES = ("losses/critic", "losses/drift_bc", "losses/drift_topk", "stats/q_
               "stats/drift_bc_force_sq")  # scale and force of the BC drift toward the data chunk
 
 
+# ---- validation: every refusal is one line `error: ...` on stderr and exit code 2, before anything is written ----
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check(ok, msg: str):
+    if not ok:
+        fail(msg)
+
+
+def shared(fn, *a, **kw):
+    """Call a function of the shared dataset-resolution block, turning its SystemExit('error: ...') into fail()."""
+    try:
+        return fn(*a, **kw)
+    except SystemExit as e:
+        if isinstance(e.code, str) and e.code.startswith("error: "):
+            fail(e.code[len("error: "):])
+        raise
+
+
+def parse_args() -> Args:
+    """tyro.cli, with its parse errors (a bad type, an unknown flag, a value outside a Literal) as one error line."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        lines = [line.strip(" │|") for line in buf.getvalue().splitlines() if line.strip()][1:]  # below the title
+        rule = lambda line: re.fullmatch(r"[─\-+╰╯]*", line)  # noqa: E731  (boxed or plain, as the output allows)
+        fail(" ".join(itertools.takewhile(lambda x: not rule(x), itertools.dropwhile(rule, lines))) + "; see --help")
+
+
+def check_args(args: Args):
+    """The range of every flag (a NaN fails every comparison, so it is refused too)."""
+    ranges = {  # rule: flags
+        ">= 1": ("horizon", "batch_size", "hidden_dim", "num_layers", "num_critics", "num_gen", "N", "q_best_of",
+                 "act_best_of", "utd_ratio", "buffer_size", "eval_interval", "eval_episodes", "log_interval",
+                 "save_interval", "shard_interval"),
+        ">= 0": ("seed", "offline_steps", "online_steps", "start_training", "num_threads"),
+        "a finite number > 0": ("lr", "bandwidth"),
+        "a finite number >= 0": ("alpha", "topk_weight", "bc_weight"),
+        "in (0, 1]": ("discount", "tau"),
+        "in [0, 1]": ("ema_tau",),
+    }
+    ok = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "a finite number > 0": lambda v: 0 < v < math.inf,
+          "a finite number >= 0": lambda v: 0 <= v < math.inf, "in (0, 1]": lambda v: 0 < v <= 1,
+          "in [0, 1]": lambda v: 0 <= v <= 1}
+    for rule, keys in ranges.items():
+        for k in keys:
+            check(ok[rule](getattr(args, k)), f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}")
+    check(len(args.temperatures) > 0 and all(math.isfinite(t) and t > 0 for t in args.temperatures),
+          f"--temperatures must be finite numbers > 0, got {args.temperatures}")
+    check(1 <= args.K <= args.N, f"--K must be in 1..N = 1..{args.N}, got {args.K}")
+    check(args.offline_steps + args.online_steps >= 1, "--offline-steps + --online-steps must be >= 1")
+    check(args.eval_envs is None or args.eval_envs >= 1, f"--eval-envs must be >= 1, got {args.eval_envs}")
+    check(not (args.eval_only and args.resume), "give --eval-only --checkpoint PATH or --resume PATH, not both")
+    check(not args.eval_only or args.checkpoint is not None, "--eval-only needs --checkpoint PATH")
+    check(args.checkpoint is None or args.eval_only, "--checkpoint is for --eval-only; to continue a run use --resume")
+    check(args.dataset_path is None or args.dataset_dir is None, "give --dataset-path or --dataset-dir, not both")
+    for k, v in (("run-name", args.run_name), ("exp-name", args.exp_name)):
+        check(v is None or (v not in ("", ".", "..") and "/" not in v and os.sep not in v),
+              f"--{k} must be a plain folder name (no '/'), got {v!r}")
+    for flag, on, module in (("--track", args.track, "wandb"), ("--capture-video", args.capture_video, "moviepy")):
+        check(not on or importlib.util.find_spec(module), f"{flag} needs {module}: pip install {module}")
+
+
+def check_file(path: str, what: str):
+    check(os.path.exists(path), f"{what} {path} does not exist")
+    check(os.path.isfile(path), f"{what} {path} is a folder, not a file")
+    check(os.access(path, os.R_OK), f"{what} {path} is not readable (check its permissions)")
+
+
+def check_creatable(folder: str, what: str):
+    """`folder` is a writable folder or can be created: its nearest existing ancestor is a writable folder."""
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    check(os.path.isdir(p), f"{what} {folder} cannot be created: {p} is a file")
+    check(os.access(p, os.W_OK | os.X_OK), f"{what} {folder} cannot be created: {p} is not writable")
+
+
+def check_data_paths(args: Args, env_id: str):
+    if is_robomimic(env_id):  # the Robomimic block checks its .hdf5 file itself
+        check(args.dataset_dir is None, "--dataset-dir is for OGBench shards; give a Robomimic file with --dataset-path")
+    elif args.dataset_path is not None:  # a missing file is reported by load_ogbench, with the command that makes it
+        p = os.path.expanduser(args.dataset_path)
+        check(p.endswith(".npz"), f"--dataset-path {p} must be an OGBench .npz file")
+        for f in (p, p.replace(".npz", "-val.npz")):
+            check(not os.path.isdir(f), f"--dataset-path {f} is a folder, not a .npz file")
+            check(not os.path.exists(f) or os.access(f, os.R_OK), f"--dataset-path {f} is not readable")
+    if args.dataset_dir is not None:
+        check(os.path.isdir(args.dataset_dir), f"--dataset-dir {args.dataset_dir} is not a folder")
+        for p in shard_paths(args.dataset_dir):
+            check_file(p.replace(".npz", "-val.npz"), "the validation twin of shard")
+        check(shard_paths(args.dataset_dir), f"--dataset-dir {args.dataset_dir} holds no *.npz shards (+ -val twins)")
+
+
+def shard_paths(folder: str) -> list:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if re.search(r"(?<!-val)\.npz$", f))
+
+
+CKPT_FORMAT = "dfp-v1"
+CKPT_KEYS = ("args", "env_id", "run_name", "step", "phase", "obs_dim", "act_dim", "actor", "critic", "target_critic",
+             "ema_actor", "optimizer", "rng", "buffer_online", "shard_idx", "last_success", "eval_pending")
+
+
+def load_checkpoint(path: str, flag: str) -> dict:
+    """A checkpoint written by this script (format dfp-v1), else a refusal."""
+    check_file(path, flag)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, not a torch file, ...
+        fail(f"{flag} {path} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:100]}); "
+             "pass a checkpoint.pt of this script")
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    check(fmt == CKPT_FORMAT, f"{flag} {path} is not a checkpoint of dfp_offline_to_online.py (format {fmt!r}, "
+          f"expected {CKPT_FORMAT!r}); pass the checkpoint.pt of a DFP run")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    check(not missing, f"{flag} {path} lacks {', '.join(missing)}; it is damaged, pass another checkpoint")
+    return ckpt
+
+
+def plan_run_dir(args: Args, env_id: str, ckpt: Optional[dict]) -> Tuple[str, str]:
+    """(run name, run folder), checked to be creatable; nothing is created here."""
+    if args.eval_only:
+        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+        if args.capture_video:
+            check_creatable(os.path.join(run_dir, "videos"), "the video folder")
+        return ckpt["run_name"], run_dir
+    if ckpt is not None:  # --resume: the run continues in the checkpoint's folder
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        check(os.access(run_dir, os.W_OK | os.X_OK), f"the run folder {run_dir} of --resume is not writable")
+        return ckpt["run_name"], run_dir
+    check(not os.path.exists(args.runs_dir) or os.path.isdir(args.runs_dir),
+          f"--runs-dir {args.runs_dir} is a file; pass a folder (default runs)")
+    run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    check(not os.path.isfile(run_dir), f"the run folder {run_dir} is a file; pass another --run-name")
+    check(not (os.path.isdir(run_dir) and os.listdir(run_dir)), f"the run folder {run_dir} already holds a run; pass "
+          f"another --run-name, or continue it with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
+    check_creatable(run_dir, "the run folder")
+    return run_name, run_dir
+
+
 def resolve_env(args) -> str:
     if is_robomimic(args.env):  # lift-mh, can-ph, ... (Robomimic block)
         if args.task is not None:
             robomimic_fail("--task only applies to OGBench envs")
         return robomimic_env_id(args.env)
     if re.fullmatch(OTHER_ENV_RE, args.env):
-        if args.task is not None:
-            raise SystemExit("error: --task only applies to cube-* names; put the task in the full id instead")
+        check(args.task is None, "--task only applies to cube-* names; put the task in the full id instead")
         return args.env
-    return resolve_env_id(args.env, args.task)
-
-
-def check_args(args):
-    for bad, msg in [
-        (args.horizon < 1, f"--horizon must be >= 1, got {args.horizon}"),
-        (not 1 <= args.K <= args.N, f"--K must be in 1..N = 1..{args.N}, got {args.K}"),
-        (min(args.batch_size, args.num_gen, args.q_best_of, args.act_best_of, args.utd_ratio) < 1,
-         "--batch-size, --num-gen, --q-best-of, --act-best-of and --utd-ratio must be >= 1"),
-        (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
-        (min(args.eval_interval, args.log_interval, args.save_interval, args.shard_interval, args.eval_episodes) < 1,
-         "intervals and --eval-episodes must be >= 1"),
-        (len(args.temperatures) == 0 or min(args.temperatures) <= 0, "--temperatures must be positive"),
-        (args.bandwidth <= 0, "--bandwidth must be > 0"),
-        (args.eval_only and args.checkpoint is None, "--eval-only needs --checkpoint PATH"),
-        (args.dataset_path is not None and args.dataset_dir is not None, "give --dataset-path or --dataset-dir, not both"),
-    ]:
-        if bad:
-            raise SystemExit(f"error: {msg}")
+    return shared(resolve_env_id, args.env, args.task)
 
 
 def check_dataset(ds: dict, env, name: str, min_len: int):
-    """Refuse a dataset whose keys or shapes do not fit the environment, with the fix."""
+    """Refuse a dataset whose keys, shapes or values do not fit the environment, with the fix."""
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     need = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
     for k, d in need.items():
-        if k not in ds or ds[k].ndim != 2 or ds[k].shape[1] != d:
-            got = tuple(ds[k].shape) if k in ds else "missing"
-            raise SystemExit(f"error: dataset {name}: '{k}' must have shape [N, {d}] for this env, got {got}; "
-                             "check --env/--task or regenerate the dataset")
+        got = tuple(ds[k].shape) if k in ds else "missing"
+        check(k in ds and ds[k].ndim == 2 and ds[k].shape[1] == d, f"dataset {name}: '{k}' must have shape "
+              f"[N, {d}] for this env, got {got}; check --env/--task or regenerate the dataset")
     n = len(ds["observations"])
     for k in ("actions", "rewards", "masks", "terminals", "next_observations"):
-        if k not in ds or len(ds[k]) != n:
-            raise SystemExit(f"error: dataset {name}: '{k}' missing or not of length {n}")
-    if n < min_len:
-        raise SystemExit(f"error: dataset {name} has only {n} transitions, fewer than one chunk")
+        check(k in ds and len(ds[k]) == n, f"dataset {name}: '{k}' missing or not of length {n}")
+    check(n >= min_len, f"dataset {name} has only {n} transitions, fewer than one chunk")
+    for k, v in ds.items():
+        check(not np.issubdtype(v.dtype, np.floating) or np.isfinite(v).all(), f"dataset {name}: the dataset "
+              f"contains non-finite values in '{k}'; regenerate it or drop those transitions")
 
 
 def load_data(env_id: str, path: Optional[str], horizon: int, env=None):
     """(env, train) for one dataset file, with clear errors for files that are not OGBench datasets."""
     try:
         if env is None:
-            env, train, _ = load_ogbench(env_id, path)
+            env, train, _ = shared(load_ogbench, env_id, path)
         else:
             import ogbench
 
             train, _ = ogbench.make_env_and_datasets(env_id, dataset_path=path, dataset_only=True, cur_env=env)
-    except (KeyError, ValueError, OSError) as e:
-        raise SystemExit(f"error: could not read dataset {path or env_id} ({type(e).__name__}: {e}); it needs "
-                         "observations, actions, terminals, qpos, qvel (OGBench format) and a -val twin") from None
+    except Exception as e:  # a truncated zip, a text file named .npz, a missing key, ...
+        why = (str(e).splitlines() or [""])[0][:200]
+        fail(f"could not read dataset {path or env_id} ({type(e).__name__}: {why}); it needs observations, actions, "
+             "terminals, qpos, qvel (OGBench format) and a -val twin")
     check_dataset(train, env, path or env_id, horizon + 1)
     return env, train
 
 
-def evaluate(env, actor, critic, args, episodes: int, seed: int, device, video_path: Optional[str] = None):
-    """Success rate (info['success'] at the last step), mean return and length; chunks run open-loop."""
-    successes, returns, lengths, frames = [], [], [], []
-    act_dim = env.action_space.shape[0]
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        done, ret, length, queue, info = False, 0.0, 0, [], {}
-        while not done:
-            if not queue:
-                o = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-                queue = list(best_of_n(actor, critic, o, args.act_best_of)[0].cpu().numpy().reshape(-1, act_dim))
-            obs, r, terminated, truncated, info = env.step(queue.pop(0))
-            done, ret, length = terminated or truncated, ret + r, length + 1
-            if video_path is not None and ep == 0:
-                frames.append(env.render())
-        successes.append(float(info.get("success", 0.0)))
-        returns.append(ret)
-        lengths.append(length)
-    if frames:
+# ---- signals, evaluation, checkpoints ----
+class Interrupt:
+    """SIGINT / SIGTERM. Until `armed` (nothing written yet) a signal exits at once. Then the first one sets `signum`:
+    the loops stop within one env or gradient step, save and exit 128 + signum. A second one exits at once."""
+
+    def __init__(self):
+        self.signum, self.armed = 0, False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum or not self.armed:
+            os.write(2, f"\n{name}: exiting at once\n".encode())  # os.write: safe inside a handler
+            os._exit(128 + signum)
+        self.signum = signum
+        os.write(2, f"\n{name}: stopping after this step (send it again to exit at once)\n".encode())
+
+    def requested(self) -> bool:
+        return self.signum != 0
+
+
+def make_eval_env(env_id: str, horizon: int = 1, env_args: Optional[dict] = None, render: bool = False):
+    """The env for evaluation, taking a whole chunk per step() (ChunkEnv); Robomimic's is built from env_args."""
+    import multiprocessing
+    import ogbench
+
+    if multiprocessing.parent_process() is not None:  # a worker: Ctrl-C reaches the whole process group, and only
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process acts on it (it closes the workers);
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # SIGTERM ends the worker (not the handler of the main process)
+    if is_robomimic(env_id):
+        return ChunkEnv(RobomimicEnv(env_id, env_args, -1.0, render_mode="rgb_array" if render else None), horizon)
+    return ChunkEnv(ogbench.make_env_and_datasets(env_id, env_only=True), horizon)
+
+
+class ChunkEnv(gym.Wrapper):
+    """step(chunk [h * A]) runs the h actions open-loop and stops at the episode's end: one round trip to a worker
+    process per chunk, not per action. Reward: the chunk's summed reward; info['steps']: env steps taken;
+    info['frames']: the rendered frames while `record` is set (for the video)."""
+
+    def __init__(self, env, horizon: int):
+        super().__init__(env)
+        self.record, self.act_dim = False, env.action_space.shape[0]
+        low, high = np.tile(env.action_space.low, horizon), np.tile(env.action_space.high, horizon)
+        self.action_space = gym.spaces.Box(low, high, dtype=env.action_space.dtype)
+
+    def step(self, chunk):
+        total, frames = 0.0, []
+        for steps, a in enumerate(chunk.reshape(-1, self.act_dim), 1):
+            obs, r, terminated, truncated, info = self.env.step(a)
+            total += r
+            if self.record:
+                frames.append(self.env.render())
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, {**info, "steps": steps, **({"frames": frames} if frames else {})}
+
+
+def make_eval_envs(env_id: str, num_envs: int, horizon: int, env_args: Optional[dict] = None, render: bool = False):
+    """num_envs ChunkEnvs stepped together: in this process for 1, in worker processes for more.
+    Autoreset is off: evaluate() resets each env itself, with the seed of the episode it starts."""
+    from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
+    fns = [functools.partial(make_eval_env, env_id, horizon, env_args, render)] * num_envs
+    if num_envs == 1:
+        return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+    envs = AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+    atexit.register(envs.close)  # before multiprocessing's own exit handler, which would wait on the workers
+    return envs
+
+
+def episode_generator(seed: int, episode: int) -> torch.Generator:
+    """The policy noise of evaluation episode `episode`: its own stream, whatever else runs."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, episode]).generate_state(1)[0]))
+
+
+@torch.no_grad()
+def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, device, video_path: Optional[str] = None,
+             stop=lambda: False):
+    """(success rate, mean return, mean length, mean critic value of the chosen chunks) over `episodes` episodes
+    on the M ChunkEnvs of the vector env `envs`; success = info['success'] at the episode's last step.
+    Episode i runs with env seed seed + i and the noise generator episode_generator(seed, i), so the result does not
+    depend on M. Each round, one best-of-N call picks a chunk for every env, and each env runs its chunk
+    open-loop. None if stop() became true: the evaluation is abandoned, no result."""
+    M = envs.num_envs
+    episode = np.full(M, -1)  # the episode each env runs, -1: none left
+    ret, length, q_sum, n_chunks, gens = np.zeros(M), np.zeros(M, int), np.zeros(M), np.zeros(M, int), [None] * M
+    obs = np.zeros((M,) + envs.single_observation_space.shape, np.float32)
+    chunks = np.zeros((M,) + envs.single_action_space.shape, np.float32)  # idle envs (no episode left) get zeros
+    results, frames, next_episode = {}, [], 0
+
+    def start(js):  # the next episodes on envs js
+        nonlocal next_episode
+        mask, seeds = np.zeros(M, bool), [None] * M
+        for j in js:
+            episode[j] = next_episode if next_episode < episodes else -1
+            if episode[j] >= 0:
+                mask[j], seeds[j], gens[j] = True, seed + next_episode, episode_generator(seed, next_episode)
+                ret[j], length[j], q_sum[j], n_chunks[j], next_episode = 0.0, 0, 0.0, 0, next_episode + 1
+        if mask.any():
+            o, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
+            obs[mask] = o[mask]
+        if video_path is not None:
+            envs.set_attr("record", [j == 0 and episode[0] == 0 for j in range(M)])  # env 0 runs episode 0 first
+
+    start(range(M))
+    while (episode >= 0).any():
+        if stop():
+            return None
+        act = np.flatnonzero(episode >= 0)
+        o = torch.as_tensor(obs[act], device=device)  # [B, O]
+        cand = actor(o, act_best_of, [gens[j] for j in act])  # best-of-N as in best_of_n, [B, N, D]
+        q = q_mean(critic, o, cand)  # [B, N]
+        best, idx = drift_field.top_k(cand, q, 1)  # [B, 1, D]: the chunk the critic likes best
+        chunks[act] = best[:, 0].cpu().numpy()
+        q_sum[act] += q.gather(1, idx)[:, 0].cpu().numpy()  # its value, logged as eval/q_chosen
+        n_chunks[act] += 1
+        next_obs, r, terminated, truncated, info = envs.step(chunks)
+        if "frames" in info and info["_frames"][0]:
+            frames += info["frames"][0]
+        ended = []
+        for j in act:
+            ret[j], length[j], obs[j] = ret[j] + r[j], length[j] + info["steps"][j], next_obs[j]
+            if terminated[j] or truncated[j]:
+                success = float(info["success"][j]) if "success" in info else 0.0
+                results[episode[j]] = (success, ret[j], length[j], q_sum[j] / n_chunks[j])
+                ended.append(j)
+        if ended:
+            start(ended)
+    if len(frames) > 1:
         from moviepy import ImageSequenceClip
 
-        ImageSequenceClip(frames, fps=30).write_videofile(video_path, logger=None)
-    return float(np.mean(successes)), float(np.mean(returns)), float(np.mean(lengths))
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        tmp = video_path[: -len(".mp4")] + ".tmp.mp4"
+        ImageSequenceClip(frames, fps=30).write_videofile(tmp, logger=None)
+        os.replace(tmp, video_path)
+    return tuple(float(v) for v in np.mean([results[i] for i in range(episodes)], 0))
+
+
+def first_nonfinite(modules: dict) -> Optional[str]:
+    """The first parameter holding a NaN or an infinity (e.g. 'critic.qs.0.0.weight'), else None."""
+    for name, module in modules.items():
+        for k, v in module.state_dict().items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                return f"{name}.{k}"
+    return None
 
 
 def save_checkpoint(path: str, state: dict):
@@ -719,22 +986,50 @@ def save_checkpoint(path: str, state: dict):
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken checkpoint
 
 
+def leave(code: int, envs, track: bool = False):
+    """Exit now, after a signal, all saved: the interpreter's own teardown (torch, MuJoCo) takes seconds on a busy
+    machine, so close what holds resources and skip it."""
+    if track:
+        import wandb
+
+        wandb.finish()
+    with contextlib.suppress(Exception):  # its workers may be gone already (a signal to the process group)
+        envs.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def resume_command(ckpt_path: str) -> str:
+    """This run's command line with --resume ckpt_path in place of any --resume."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a == "--resume" or a.startswith("--resume="):
+            skip = a == "--resume"
+            continue
+        argv.append(a)
+    return shlex.join(["python", sys.argv[0], *argv, "--resume", os.path.abspath(ckpt_path)])
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse_args()
     check_args(args)
+    stop = Interrupt()  # from here on a signal exits at once, until the first checkpoint can be written
     ckpt = None
     if args.resume or args.eval_only:
-        path = args.resume or args.checkpoint
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: checkpoint {path} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if args.eval_only:  # the network shapes and the env come from the checkpoint
-            for k in ("env", "task", "horizon", "hidden_dim", "num_layers", "num_critics"):
+        ckpt = load_checkpoint(args.resume or args.checkpoint, "--resume" if args.resume else "--checkpoint")
+        if args.eval_only:  # the policy, the env and the evaluation seeds come from the checkpoint
+            for k in ("env", "task", "horizon", "hidden_dim", "num_layers", "num_critics", "act_best_of", "seed"):
                 setattr(args, k, ckpt["args"][k])
     env_id = resolve_env(args)
-    if ckpt is not None and ckpt["env_id"] != env_id:
-        raise SystemExit(f"error: checkpoint was made for {ckpt['env_id']}, not {env_id}; pass the same --env/--task")
+    check(ckpt is None or ckpt["env_id"] == env_id,
+          f"checkpoint was made for {ckpt and ckpt['env_id']}, not {env_id}; pass the same --env/--task")
+    if not args.eval_only:
+        check_data_paths(args, env_id)
+    run_name, run_dir = plan_run_dir(args, env_id, ckpt)
 
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -745,31 +1040,35 @@ if __name__ == "__main__":
         sys.exit(2)
     sampler = torch.Generator(device=device).manual_seed(args.seed)  # chunk sampling, on the training device
 
-    # ---- environment and data ----
+    # ---- environment and data (validated: a refusal here still writes nothing) ----
     import ogbench
 
-    if is_robomimic(env_id):  # Robomimic: robosuite env from the file's env_args; rewards - 1 offline and online
-        shards, shard_idx = [], 0
-        train, _, env_args = load_robomimic(env_id, resolve_robomimic_file(env_id, args.dataset_path))
+    shards, shard_idx, train, env_args = [], 0, None, None
+    if args.eval_only:
+        env_args = ckpt.get("env_args")  # Robomimic: the env is rebuilt from the checkpoint, not from the data file
+        env = make_eval_env(env_id, env_args=env_args).env  # for its sizes
+    elif is_robomimic(env_id):  # Robomimic: robosuite env from the file's env_args; rewards - 1 offline and online
+        data_name = resolve_robomimic_file(env_id, args.dataset_path)
+        print(f"loading {data_name} ...", flush=True)
+        train, _, env_args = load_robomimic(env_id, data_name)
         env = RobomimicEnv(env_id, env_args, reward_shift=-1.0)
-        eval_env = RobomimicEnv(env_id, env_args, -1.0, render_mode="rgb_array" if args.capture_video else None)
         check_dataset(train, env, env_id, args.horizon + 1)
-    elif args.eval_only:
-        env, train, shards = None, None, []
     elif args.dataset_dir is not None:
-        shards = sorted(p for p in (os.path.join(args.dataset_dir, f) for f in os.listdir(args.dataset_dir))
-                        if p.endswith(".npz") and not p.endswith("-val.npz")) if os.path.isdir(args.dataset_dir) else []
-        if not shards:
-            raise SystemExit(f"error: --dataset-dir {args.dataset_dir} holds no *.npz shards (with -val twins)")
+        shards = shard_paths(args.dataset_dir)
         shard_idx = ckpt["shard_idx"] if ckpt is not None else 0
+        check(shard_idx < len(shards), f"the checkpoint reads shard {shard_idx} but --dataset-dir holds {len(shards)}")
+        data_name = f"{args.dataset_dir} ({len(shards)} shards)"
+        print(f"loading {shards[shard_idx]} ...", flush=True)
         env = ogbench.make_env_and_datasets(env_id, env_only=True)
         env, train = load_data(env_id, shards[shard_idx], args.horizon, env)
     else:
-        shards, shard_idx = [], 0
+        data_name = args.dataset_path or f"{OGBENCH_DATA_DIR}/{env_id.split('-singletask')[0]}-v0.npz"
+        print(f"loading {data_name} ...", flush=True)
         env, train = load_data(env_id, args.dataset_path, args.horizon)
-    if not is_robomimic(env_id):
-        eval_env = ogbench.make_env_and_datasets(env_id, env_only=True)
-    obs_dim, act_dim = eval_env.observation_space.shape[0], eval_env.action_space.shape[0]
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    check(ckpt is None or (ckpt["obs_dim"], ckpt["act_dim"]) == (obs_dim, act_dim),
+          f"the checkpoint's observation/action sizes {ckpt and (ckpt['obs_dim'], ckpt['act_dim'])} differ from "
+          f"{env_id}'s {(obs_dim, act_dim)}; pass the env it was made for")
     D = act_dim * args.horizon  # flattened chunk dimension
     data = to_tensors(train, device) if train is not None else None  # the offline data on the training device
 
@@ -783,26 +1082,57 @@ if __name__ == "__main__":
     # capturable: Adam's step counters live on the GPU, so a CUDA graph can replay the optimizer step too
     optimizer = torch.optim.Adam(list(actor.parameters()) + list(critic.parameters()), lr=args.lr,
                                  capturable=args.cudagraphs)
+    nets = {"actor": actor, "critic": critic, "target_critic": target_critic, "ema_actor": ema_actor}
     if ckpt is not None:
         try:
-            for name, module in [("actor", actor), ("critic", critic), ("target_critic", target_critic),
-                                 ("ema_actor", ema_actor), ("optimizer", optimizer)]:
+            for name, module in [*nets.items(), ("optimizer", optimizer)]:
                 module.load_state_dict(ckpt[name])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise SystemExit(f"error: checkpoint does not match these networks ({str(e).splitlines()[0]}); "
-                             "use the --horizon/--hidden-dim/--num-layers/--num-critics it was made with") from None
+            fail(f"checkpoint does not match these networks ({str(e).splitlines()[0]}); "
+                 "use the --horizon/--hidden-dim/--num-layers/--num-critics it was made with")
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr  # --lr applies on resume (e.g. a lower one after a non-finite loss)
 
+    num_eval_envs = min(args.eval_envs or os.cpu_count() or 1, args.eval_episodes)
+    envs = make_eval_envs(env_id, num_eval_envs, args.horizon, env_args, args.capture_video)  # after every check: worker processes start here
+
+    def run_evaluation(step: int):
+        """(success, return, length, q_chosen) of the policy now, or None if a signal abandoned the evaluation."""
+        video = os.path.join(run_dir, "videos", f"eval_{step}.mp4") if args.capture_video else None
+        print(f"evaluating step {step}: {args.eval_episodes} episodes on {num_eval_envs} envs", flush=True)
+        t = time.time()
+        try:
+            res = evaluate(envs, actor, critic, args.act_best_of, args.eval_episodes, args.seed + 1000, device, video,
+                           stop.requested)
+        except (EOFError, ConnectionError):  # workers ended by a SIGTERM sent to the whole process group
+            if not stop.requested():
+                raise
+            res = None
+        if res is None:
+            print(f"evaluation at step {step} interrupted: no result", flush=True)
+            return None
+        print(f"eval step {step}: success {res[0]:.3f} return {res[1]:.3f} length {res[2]:.1f} q {res[3]:.6f} "
+              f"({args.eval_episodes} episodes, {time.time() - t:.1f} s)", flush=True)
+        return res
+
+    threads = torch.get_num_threads()
     if args.eval_only:
+        print(f"dfp eval-only: {env_id} | checkpoint {args.checkpoint} (step {ckpt['step']}) | device {device} | "
+              f"threads {threads} | eval envs {num_eval_envs}", flush=True)
         actor.eval()
-        video = os.path.splitext(args.checkpoint)[0] + "_eval.mp4" if args.capture_video else None
-        success, ret, length = evaluate(eval_env, actor, critic, args, args.eval_episodes, args.seed + 1000, device, video)
-        print(f"eval-only {env_id} step {ckpt['step']}: success {success:.3f} return {ret:.1f} "
-              f"length {length:.0f} over {args.eval_episodes} episodes")
-        raise SystemExit(0)
+        stop.armed = True  # a signal abandons the evaluation: no result
+        res = run_evaluation(ckpt["step"])
+        if res is None:
+            leave(128 + stop.signum, envs)
+        print(f"eval-only {env_id} step {ckpt['step']}: success {res[0]:.3f} return {res[1]:.3f} "
+              f"length {res[2]:.1f} q {res[3]:.6f} over {args.eval_episodes} episodes")
+        sys.exit(0)
+
+    total = args.offline_steps + args.online_steps
+    print(f"dfp: {env_id} | data {data_name}: {len(train['observations'])} transitions | device {device} | "
+          f"threads {threads} | eval envs {num_eval_envs} | run folder {run_dir} | steps {total}", flush=True)
 
     # ---- logging ----
-    run_name = ckpt["run_name"] if ckpt is not None else args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name) if ckpt is None else os.path.dirname(os.path.abspath(args.resume))
     os.makedirs(run_dir, exist_ok=True)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if args.track:
@@ -812,19 +1142,20 @@ if __name__ == "__main__":
                    config=vars(args), name=run_name, save_code=True, resume="allow", id=run_name[-40:])
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    start_step = ckpt["step"] + 1 if ckpt is not None else 1
+    writer = SummaryWriter(run_dir, purge_step=start_step)  # a resumed run never writes a step twice
+    if ckpt is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     update = make_update(args, actor, critic, target_critic, ema_actor, optimizer)
     if args.compile:
         update = torch.compile(update)
     if args.cudagraphs:
         update = CudaGraphUpdate(update)
-    total = args.offline_steps + args.online_steps
-    start_step, buffer, obs, queue = 1, None, None, []
+    buffer, obs, queue = None, None, []
     ep_return, ep_length, last_success = 0.0, 0, float("nan")
     if ckpt is not None:  # resume exactly: step, RNG states, replay buffer (the env restarts its episode)
-        start_step, last_success = ckpt["step"] + 1, ckpt["last_success"]
+        last_success = ckpt["last_success"]
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(ckpt["rng"]["numpy"])
         sampler.set_state(ckpt["rng"]["sampler"])
@@ -835,14 +1166,12 @@ if __name__ == "__main__":
             obs, _ = env.reset(seed=args.seed + ckpt["step"])
         print(f"resumed {run_name} from {args.resume} at step {ckpt['step']} ({ckpt['phase']})")
 
-    stop_signal = []  # Ctrl-C / SIGTERM: finish the step, save, exit
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, f: stop_signal.append(s))
-
-    def checkpoint_state(step: int) -> dict:
+    def checkpoint_state(step: int, eval_pending: bool) -> dict:
         return {
-            "args": asdict(args), "env_id": env_id, "run_name": run_name, "step": step,
+            "format": CKPT_FORMAT, "args": asdict(args), "env_id": env_id, "run_name": run_name, "step": step,
             "phase": "offline" if step <= args.offline_steps else "online", "last_success": last_success,
+            "obs_dim": obs_dim, "act_dim": act_dim, "eval_pending": eval_pending,  # eval_pending: redo it on resume
+            "env_args": env_args,  # Robomimic: how to rebuild the env (None for OGBench)
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "ema_actor": ema_actor.state_dict(), "optimizer": optimizer.state_dict(), "shard_idx": shard_idx,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "sampler": sampler.get_state(),
@@ -850,16 +1179,48 @@ if __name__ == "__main__":
             "buffer_online": buffer.online_part() if buffer is not None else None,
         }
 
-    nonfinite = torch.zeros(3, dtype=torch.bool, device=device)  # per loss, checked at log/save time only
+    nonfinite = torch.zeros(3, dtype=torch.bool, device=device)  # per loss, checked at log/eval/save time only
     stats, n_stats = torch.zeros(len(LOSS_NAMES), device=device), 0
     t0, t0_step = time.time(), start_step
 
     def check_finite(step: int):
-        if nonfinite.any():
-            name = LOSS_NAMES[int(nonfinite.nonzero()[0])]
+        """Stop (exit 1) on a non-finite loss or parameter, before it is evaluated or saved over a good checkpoint."""
+        bad = LOSS_NAMES[int(nonfinite.nonzero()[0])] if nonfinite.any() else first_nonfinite(nets)
+        if bad is not None:
             kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was written"
-            raise SystemExit(f"error: {name} became non-finite by step {step}; stopping ({kept}). Try a lower --lr.")
+            print(f"error: {bad} became non-finite by step {step}; stopping ({kept}). Try a lower --lr "
+                  f"(with --resume to continue from the checkpoint).", file=sys.stderr)
+            sys.exit(1)
 
+    def evaluate_and_log(step: int) -> bool:
+        """Evaluate and log at `step`; False if a signal abandoned the evaluation."""
+        global last_success
+        check_finite(step)
+        res = run_evaluation(step)
+        if res is None:
+            return False
+        last_success = res[0]
+        for tag, v in zip(("eval/success", "eval/episodic_return", "eval/episodic_length", "eval/q_chosen"), res):
+            writer.add_scalar(tag, v, step)
+        return True
+
+    def interrupted(step: int, eval_pending: bool):
+        writer.close()
+        if args.save_model:
+            check_finite(step)
+            save_checkpoint(ckpt_path, checkpoint_state(step, eval_pending))
+            print(f"interrupted at step {step}; checkpoint saved to {ckpt_path}; continue with:\n  "
+                  f"{resume_command(ckpt_path)}", flush=True)
+        else:
+            print(f"interrupted at step {step}; no checkpoint (--no-save-model)", flush=True)
+        leave(128 + stop.signum, envs, args.track)
+
+    stop.armed = True  # from here on a signal stops the run at the next step, with a checkpoint
+    if ckpt is not None and ckpt["eval_pending"]:  # the evaluation of the saved step, interrupted before
+        if not evaluate_and_log(ckpt["step"]):
+            interrupted(ckpt["step"], eval_pending=True)
+        if args.save_model:  # done: a later resume from this checkpoint must not log it again
+            save_checkpoint(ckpt_path, checkpoint_state(ckpt["step"], False))
     for step in range(start_step, total + 1):
         if step <= args.offline_steps:
             # ---- offline: one gradient step on a batch of data chunks ----
@@ -915,23 +1276,16 @@ if __name__ == "__main__":
                   f"drift_bc {vals[1]:.4f} drift_topk {vals[2]:.4f} q {vals[3]:.2f} | success {last_success:.2f}",
                   flush=True)
             stats, n_stats = torch.zeros_like(stats), 0
-        if step == 1 or step % args.eval_interval == 0 or step == args.offline_steps or step == total:
-            video = os.path.join(run_dir, f"eval_{step}.mp4") if args.capture_video else None
-            last_success, ret, length = evaluate(eval_env, actor, critic, args, args.eval_episodes, args.seed + 1000,
-                                                 device, video)
-            writer.add_scalar("eval/success", last_success, step)
-            writer.add_scalar("eval/episodic_return", ret, step)
-            writer.add_scalar("eval/episodic_length", length, step)
-            print(f"eval step {step}: success {last_success:.3f} return {ret:.1f} ({args.eval_episodes} episodes)",
-                  flush=True)
-        if args.save_model and (step % args.save_interval == 0 or step == total) or stop_signal:
+        eval_due = step == 1 or step % args.eval_interval == 0 or step == args.offline_steps or step == total
+        if eval_due and not evaluate_and_log(step):
+            interrupted(step, eval_pending=True)
+        if stop.signum:
+            interrupted(step, eval_pending=False)
+        if args.save_model and (step % args.save_interval == 0 or step == total):
             check_finite(step)  # never overwrite a good checkpoint with non-finite weights
-            save_checkpoint(ckpt_path, checkpoint_state(step))
-        if stop_signal:
-            writer.close()
-            print(f"interrupted at step {step}; checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
-            raise SystemExit(128 + stop_signal[0])
+            save_checkpoint(ckpt_path, checkpoint_state(step, False))
 
     writer.close()
-    print(f"final {env_id} step {total}: success {last_success:.3f} over {args.eval_episodes} episodes "
-          f"(runs/{run_name})")
+    envs.close()
+    print(f"final {env_id} step {total}: success {last_success:.3f} over {args.eval_episodes} episodes ({run_dir})")
+
