@@ -1,4 +1,4 @@
-"""Drifting fields: the one piece of math shared by the three scripts (SPEC section 2).
+"""Drifting fields: the one piece of math shared by the three scripts (docs/algorithms.md §1-§2).
 
 A one-step generator x = f(eps, s) is trained by regressing its samples onto a frozen,
 drifted copy of themselves:
@@ -7,10 +7,10 @@ drifted copy of themselves:
 
 where the field V pulls x toward positive samples y+ ~ p and pushes it away from negative
 samples y- ~ q (usually the generator's own samples). This file holds
-- `mean_shift_field`: the textbook Gaussian kernel mean-shift field (SPEC 2.1), which obeys
+- `mean_shift_field`: the textbook Gaussian kernel mean-shift field (docs/algorithms.md §1), which obeys
   V = h^2 (grad log p_kde - grad log q_kde) exactly;
-- `drift_loss`: the normalized multi-temperature loss of the published code (SPEC 2.2);
-- `top_k`: the batched selection of the K best of N critic-scored candidates (SPEC 2.3).
+- `drift_loss`: the normalized multi-temperature loss of the published code (docs/algorithms.md §2);
+- `top_k`: the batched selection of the K best of N critic-scored candidates (docs/algorithms.md §3).
 
 Everything is batched over conditions (a leading B axis, one set of samples per state), has no
 Python loop over the batch, and runs unchanged on CPU or CUDA in any float dtype.
@@ -39,7 +39,7 @@ def _check_weight(w: Optional[torch.Tensor], name: str, samples: torch.Tensor, s
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 2.1: the Gaussian kernel mean-shift field
+# docs/algorithms.md §1: the Gaussian kernel mean-shift field
 # ---------------------------------------------------------------------------------------------
 def _mean_shift(x: torch.Tensor, y: torch.Tensor, bandwidth: float, weight: Optional[torch.Tensor]) -> torch.Tensor:
     """sum_j k(x,y_j) w_j (y_j - x) / sum_j k(x,y_j) w_j, with k(x,y) = exp(-||x-y||^2 / (2 h^2))."""
@@ -60,7 +60,7 @@ def mean_shift_field(
     pos_weight: Optional[torch.Tensor] = None,
     neg_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Kernel mean-shift drifting field V(x) = V_p+(x) - V_q-(x) (SPEC 2.1).
+    """Kernel mean-shift drifting field V(x) = V_p+(x) - V_q-(x) (docs/algorithms.md §1).
 
     x [B, G, D] particles, pos [B, P, D] positives, neg [B, Q, D] negatives (None: no repulsion),
     optional non-negative weights pos_weight [B, P], neg_weight [B, Q] (a weight of n acts like
@@ -83,7 +83,7 @@ def mean_shift_field(
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 2.2: the normalized, multi-temperature drift loss of the published code
+# docs/algorithms.md §2: the normalized, multi-temperature drift loss of the published code
 # ---------------------------------------------------------------------------------------------
 def drift_loss(
     gen: torch.Tensor,
@@ -96,7 +96,7 @@ def drift_loss(
     attraction_only: bool = False,
     neg_only: bool = False,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Drift loss || gen/s - sg(x/s + F) ||^2 per condition, following SPEC 2.2 step by step.
+    """Drift loss || gen/s - sg(x/s + F) ||^2 per condition, following docs/algorithms.md §2 step by step.
 
     gen [B, Cg, S] generated samples (the only input that receives a gradient), pos [B, Cp, S]
     positives, neg [B, Cn, S] extra negatives (optional), weights [B, C*] (optional, default 1).
@@ -187,7 +187,7 @@ def drift_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 2.3: batched top-K
+# Batched top-K (docs/algorithms.md §3)
 # ---------------------------------------------------------------------------------------------
 def top_k(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The k highest-scoring of N candidates per condition, best first.

@@ -15,7 +15,7 @@ f64 = dict(dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
-# mean_shift_field (SPEC 2.1)
+# mean_shift_field (docs/algorithms.md §1)
 # ---------------------------------------------------------------------------------------------
 def kde_score(x, y, h, w=None):
     """grad_x log p_kde(x), p_kde(x) = sum_j w_j exp(-|x-y_j|^2/(2h^2)), by autograd of a log-sum-exp."""
@@ -92,7 +92,7 @@ def test_field_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# drift_loss (SPEC 2.2)
+# drift_loss (docs/algorithms.md §2)
 # ---------------------------------------------------------------------------------------------
 def test_drift_loss_parity_with_published_implementation():
     """Outputs and gradients equal those of the authors' JAX code (KAIST-Visual-AI-Group/DFP,
@@ -141,7 +141,7 @@ def test_drift_loss_translation_and_scale_invariance():
     scaled, info = df.drift_loss(7.0 * gen, 7.0 * pos, 7.0 * neg, temps)
     assert info["scale"] > 1.0  # far from the 1e-3 floors
     torch.testing.assert_close(shifted, base, rtol=1e-6, atol=1e-8)
-    # Not exact: each self pair's distance is floored at sqrt(1e-8) (SPEC 2.2 step 2), and that
+    # Not exact: each self pair's distance is floored at sqrt(1e-8) (docs/algorithms.md §2, step 2), and that
     # floor, which does not scale, enters the mean distance `scale`: ~1e-6 relative here.
     torch.testing.assert_close(scaled, base, rtol=1e-5, atol=1e-8)
 
@@ -219,7 +219,7 @@ def test_drift_loss_dtypes_and_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# top_k (SPEC 2.3)
+# top_k (docs/algorithms.md §3)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [1, 4, 16])
 def test_top_k_matches_brute_force_sort_with_ties(k):
