@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from torch.distributions.normal import Normal
 
 STATE_FORMAT = "dbpo-state-v1"
 
@@ -405,9 +404,9 @@ def executed(chunk: torch.Tensor, obs_horizon: int, action_horizon: int) -> torc
 def prefix_log_prob(mu, std, chunk, obs_horizon, action_horizon, normalize=True):
     """log pi(A_exec | s, z) = sum_{k in prefix} sum_j log N(A_kj; mu_kj(s,z), std_kj(s)^2)  -> [B]
     (divided by Ta * act_dim with normalize). Unexecuted coordinates never enter."""
-    ex = lambda x: executed(x, obs_horizon, action_horizon)  # noqa: E731
-    logp = Normal(ex(mu), ex(std)).log_prob(ex(chunk)).sum((1, 2))
-    return logp / ex(chunk)[0].numel() if normalize else logp
+    mu, std, chunk = (executed(x, obs_horizon, action_horizon) for x in (mu, std, chunk))  # [B, Ta, act_dim]
+    logp = (-0.5 * ((chunk - mu) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum((1, 2))
+    return logp / chunk[0].numel() if normalize else logp
 
 
 def prefix_entropy(std, obs_horizon, action_horizon, normalize=True):
@@ -732,7 +731,7 @@ if __name__ == "__main__":
         check(all_finite(state["agent"]), f"{args.resume} contains NaN or infinite weights")
         check(args.run_name in (None, state["run_name"]), f"{args.resume} belongs to run {state['run_name']}; drop --run-name")
     run_name = state["run_name"] if state else args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.abspath(args.resume)) if state else os.path.join(args.runs_dir, run_name)
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if state else os.path.abspath(os.path.join(args.runs_dir, run_name))
     state_path = os.path.join(run_dir, "state.pt")
     if not args.eval_only or args.capture_video:
         check(state or not os.path.exists(state_path), f"{run_dir} already holds a run; continue it with --resume {state_path} or pick another --run-name")
@@ -991,7 +990,8 @@ if __name__ == "__main__":
                   f"continue with:\n  {resume_command(state_path)}", flush=True)
         else:
             print(f"interrupted in iteration {iteration}: nothing saved (--no-save-model)", flush=True)
-        sys.exit(128 + stop.signum)
+        sys.stderr.flush()
+        os._exit(128 + stop.signum)  # everything is saved and closed; skip the interpreter's slow final garbage collection
     except NonFinite as e:
         print(f"error: non-finite {e} in iteration {iteration}; stopped without saving"
               + (f" (the last good state is {state_path})" if os.path.exists(state_path) else ""), file=sys.stderr)
