@@ -596,7 +596,11 @@ def scheduled_lr(k: int, peak: float, low: float, warmup: int, cycle: int, sched
 
 
 class Interrupted(Exception):
-    pass
+    """Raised by StopFlag.raise_if_set after SIGINT/SIGTERM."""
+
+
+class NonFinite(Exception):
+    """A NaN/inf loss term, parameter or reward (the message names it)."""
 
 
 class StopFlag:
@@ -661,11 +665,6 @@ def save_atomic(obj, path: str):
     os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated file behind
 
 
-def format_seconds(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def check_args(args: Args):
     """Every flag's range, before any work (exit 2 with one line)."""
     for f in fields(Args):
@@ -705,10 +704,6 @@ def resume_command(state_path: str) -> str:
 def format_eval(result: dict, n: int) -> str:
     return (f"return {result['episodic_return']:.4f} | length {result['episodic_length']:.2f} | "
             f"success {result['success_rate']:.4f} +- {result['success_stderr']:.4f} ({n} episodes, mean path)")
-
-
-class NonFinite(Exception):
-    pass
 
 
 if __name__ == "__main__":
@@ -795,7 +790,8 @@ if __name__ == "__main__":
             result = evaluate(agent, eval_envs, args.num_eval_episodes, eval_seed, args.eval_latent == "zero", stop,
                               (video_dir, "eval-only") if args.capture_video else None)
         except Interrupted:
-            sys.exit(128 + stop.signum)
+            sys.stderr.flush()
+            os._exit(128 + stop.signum)  # nothing to save; skip the interpreter's slow final garbage collection
         print(f"final eval {env_id}: {format_eval(result, args.num_eval_episodes)}")
         sys.exit(0)
 
@@ -969,7 +965,7 @@ if __name__ == "__main__":
             succ = f" | success {np.mean(episode_successes):.3f}" if episode_successes else ""
             print(f"iter {iteration}/{args.num_iterations} | env steps {global_step} | SPS {sps} | return {ret}{succ} | "
                   f"kl {scalars['losses/approx_kl']:.4f} | anchor {scalars['losses/anchor_loss']:.2e} | std {scalars['charts/std']:.3f} | "
-                  f"ev {explained_var:.2f} | {'actor+critic' if update_actor else 'critic warm-up'} | ETA {format_seconds(eta)}", flush=True)
+                  f"ev {explained_var:.2f} | {'actor+critic' if update_actor else 'critic warm-up'} | ETA {eta / 60:.1f} min", flush=True)
             if (iteration + 1) % args.save_interval == 0 and args.save_model:
                 save_atomic(training_state(iteration + 1), state_path)
 

@@ -575,6 +575,7 @@ def tensorboard_scalars(run_dir):
     """{tag: [(step, value)]} as TensorBoard shows them: a SessionLog START at step s (SummaryWriter's purge_step)
     drops the earlier events of steps >= s. Files are read in the order they were started."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
 
     files = [list(EventFileLoader(str(p)).Load()) for p in glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))]
     scalars, starts = {}, 0
@@ -584,9 +585,10 @@ def tensorboard_scalars(run_dir):
                 starts += 1
                 scalars = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in scalars.items()}
             for value in event.summary.value:
-                if value.HasField("tensor") or value.HasField("simple_value"):
-                    v = value.simple_value if value.HasField("simple_value") else float(np.frombuffer(value.tensor.tensor_content, np.float32)[0]) if value.tensor.tensor_content else value.tensor.float_val[0]
-                    scalars.setdefault(value.tag, []).append((event.step, v))
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+                elif value.metadata.plugin_data.plugin_name == "scalars":
+                    scalars.setdefault(value.tag, []).append((event.step, float(tensor_util.make_ndarray(value.tensor))))
     return scalars, starts
 
 
