@@ -1,29 +1,40 @@
 """dbpo_ppo.py: DBPO (PPO fine-tuning of a one-step DBP generator).
 
 Unit tests import the script as a module (its __main__ block does not run): the exactness properties of
-SPEC 5 (stored-z ratio = 1, executed-prefix likelihood, anchor = 0 at the start), GAE with truncation,
-the chunk env, and a learning test on a contextual bandit with a poorly initialized stand-in generator.
-Smoke tests run the script as a subprocess from checkpoints that dbp_bc.py makes on tiny data, for one
-OGBench env (cube-single task 1) and one locomotion env (Hopper-v5). Nothing touches ~/.ogbench.
+docs/algorithms.md §5 (stored-z ratio = 1, executed-prefix likelihood, anchor = 0 at the start), GAE with
+truncation, the chunk env, reward scaling, the log-prob clamp, the learning-rate schedules, the authors'
+defaults, and a learning test on a contextual bandit with a poorly initialized stand-in generator.
+The bad-input matrix runs the script's __main__ in-process. Subprocess runs: smoke runs from checkpoints
+that dbp_bc.py makes on tiny data (cube-single task 1, Hopper-v5), SIGTERM in a rollout and in an
+evaluation + resume, the non-finite guard, --eval-only reproducing the logged evaluation, and tensorboard
+steps across resumes (tiny fresh-MLP Hopper checkpoints). Nothing touches ~/.ogbench.
 """
 
+import contextlib
 import glob
 import importlib.util
+import io
 import os
+import runpy
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "dbpo_ppo.py")
 ENV = dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
 NET_BEGIN, NET_END = "# ---- DBP networks", "# ---- end of DBP networks"
-TINY = ["--num-threads", "1", "--num-iterations", "2", "--num-envs", "2", "--num-steps", "4", "--critic-warmup-iters", "1",
-        "--update-epochs", "2", "--num-eval-episodes", "2", "--num-eval-envs", "2", "--eval-interval", "2"]
+TINY = ["--num-threads", "1", "--num-iterations", "3", "--num-envs", "2", "--num-steps", "4", "--critic-warmup-iters", "2",
+        "--update-epochs", "2", "--num-eval-episodes", "2", "--num-eval-envs", "2", "--eval-interval", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +42,7 @@ def D():
     """dbpo_ppo.py imported as a module."""
     spec = importlib.util.spec_from_file_location("dbpo_ppo", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["dbpo_ppo"] = module  # tyro reads the Args docstrings from the module's source
     spec.loader.exec_module(module)
     return module
 
@@ -52,7 +64,7 @@ def run(*flags, cwd, check=True, timeout=300):
 
 
 def contract_checkpoint(D, obs_dim, act_dim, To=2, Tp=4, Ta=2, env_id="Hopper-v5", hidden=64):
-    """A checkpoint in dbp_bc.py's format (/work/notes/dbp_checkpoint_contract.md) with a fresh MLP generator."""
+    """A checkpoint in dbp_bc.py's format (keys: docs/dbpo.md, checkpoint contract) with a fresh MLP generator."""
     kwargs = dict(obs_dim=obs_dim, action_dim=act_dim, obs_horizon=To, pred_horizon=Tp, hidden_dim=hidden, depth=2)
     generator = D.make_generator("mlp", **kwargs)
     return {"format": "dbp-v1", "args": {}, "env_id": env_id, "obs_dim": obs_dim, "action_dim": act_dim,
@@ -327,49 +339,305 @@ def test_ppo_improves_a_contextual_bandit_and_the_anchor_limits_drift(D, one_thr
     assert drift_free > 1.15 * drift_anchor, (drift_free, drift_anchor)
 
 
+def test_presets_follow_the_authors_code(D):
+    """The defaults of the built config and of --help (authors' configs/finetune.yaml and ppo_adapter.py)."""
+    args = tyro.cli(D.Args, args=[])
+    expected = dict(num_iterations=1500, num_envs=40, num_steps=500, minibatch_size=50000, update_epochs=5, gamma=0.99,
+                    gae_lambda=0.95, clip_coef=0.02, ent_coef=0.01, vf_coef=0.5, anchor_coef=1.0, max_grad_norm=0.5,
+                    target_kl=0.02, critic_warmup_iters=5, actor_lr=1e-5, actor_min_lr=3e-6, critic_lr=1e-4,
+                    critic_min_lr=3e-5, lr_schedule="cosine", lr_warmup_iters=10, lr_cycle_iters=None, weight_decay=1e-6,
+                    reward_scaling="rollout_std", logprob_min=-2.0, init_std=0.03, min_std=0.03, max_std=0.10,
+                    noise_clip=3.0, normalize_logprob=True, eval_interval=10, num_eval_episodes=100,
+                    eval_latent="sample", timeout_as_terminal=False, save_model=True, num_threads=0, clip_vloss=None)
+    assert {k: getattr(args, k) for k in expected} == expected
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        tyro.cli(D.Args, args=["--help"])
+    text = " ".join(out.getvalue().split())
+    for flag, default in (("--reward-scaling", "rollout_std"), ("--logprob-min", "-2.0"), ("--actor-lr", "1e-05"),
+                          ("--critic-min-lr", "3e-05"), ("--lr-warmup-iters", "10"), ("--eval-interval", "10"),
+                          ("--num-eval-episodes", "100"), ("--save-model", "True")):
+        assert flag in text and f"(default: {default})" in text, flag
+
+
+def test_reward_scaling_modes_on_a_hand_computed_rollout(D):
+    """rollout_std (authors' code): r / (std over the whole rollout + 1e-8); here std = sqrt(4.6875)."""
+    rewards = np.array([[-8.0, -8.0], [-8.0, -3.0]])  # mean -6.75; deviations -1.25 (x3), 3.75
+    np.testing.assert_allclose(D.rollout_std_scaling(rewards), rewards / (np.sqrt((3 * 1.25**2 + 3.75**2) / 4) + 1e-8))
+    np.testing.assert_allclose(D.rollout_std_scaling(rewards), rewards / 2.1650635094610966, rtol=1e-7)
+
+
+def test_log_prob_clamp_binds_below_minus_two(D):
+    """Where the stored and the new normalized log-likelihoods are both below -2, the clamp makes the ratio exactly 1
+    and the policy term gives no gradient; without the clamp the same samples move the ratio."""
+    ckpt = contract_checkpoint(D, 3, 2)
+    agent = make_agent(D, ckpt)
+    obs, z = torch.randn(32, 2, 3), torch.randn(32, 4, 2)
+    mu, std = agent.dist_params(obs, z)
+    chunk = (mu + 0.3).detach()  # 10 std away: normalized log-likelihood 2.59 - 50 << -2
+    old = D.prefix_log_prob(mu, std, chunk, 2, 2).detach()
+    assert (old < -2).all()
+    with torch.no_grad():
+        agent.generator.net[-1].bias.add_(0.01)  # a small policy change
+    adv, zeros = torch.randn(32), torch.zeros(32)
+    args = D.Args(ent_coef=0.0, vf_coef=0.0, anchor_coef=0.0)
+    loss, info = D.dbpo_loss(agent, obs, z, chunk, old, adv, zeros, zeros, args)
+    assert (info["ratio"] == 1).all()
+    loss.backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in agent.generator.parameters())
+    _, info = D.dbpo_loss(agent, obs, z, chunk, old, adv, zeros, zeros, D.Args(logprob_min=None))
+    assert (info["ratio"] - 1).abs().min() > 1e-3
+
+
+def test_learning_rate_schedules_at_key_iterations(D):
+    """Authors' CosineAnnealingWarmupRestarts(first_cycle_steps=1500, warmup_steps=10): min at 0, linear to the
+    peak at 10, cosine half-way back at 10 + 745, min at the end of the cycle, restart after it."""
+    for peak, low in ((1e-5, 3e-6), (1e-4, 3e-5)):
+        lr = lambda k: D.scheduled_lr(k, peak, low, 10, 1500)  # noqa: E731
+        assert lr(0) == pytest.approx(low) and lr(5) == pytest.approx((low + peak) / 2) and lr(10) == pytest.approx(peak)
+        assert lr(755) == pytest.approx((low + peak) / 2) and lr(1499) == pytest.approx(low, rel=1e-4)
+        assert lr(1500) == pytest.approx(low) and lr(1510) == pytest.approx(peak)
+        assert D.scheduled_lr(123, peak, low, 10, 1500, "constant") == peak
+
+
 # ---------------------------------------------------------------- bad input
-def test_bad_checkpoints_are_refused_with_one_line(D, tmp_path):
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint")
-    wrong_env = tmp_path / "wrong_env.pt"
-    torch.save(contract_checkpoint(D, 11, 3, env_id="Pendulum-v1"), wrong_env)
-    wrong_shape = tmp_path / "wrong_shape.pt"
-    torch.save(contract_checkpoint(D, 12, 3, env_id="Hopper-v5"), wrong_shape)
-    hopper = tmp_path / "hopper.pt"
-    torch.save(contract_checkpoint(D, 11, 3, env_id="Hopper-v5"), hopper)
-    cases = [(("--checkpoint", str(junk)), "cannot read"), (("--checkpoint", str(wrong_env)), "unsupported env"),
-             (("--checkpoint", str(wrong_shape), "--eval-only"), "obs/action dims 12/3"),
-             (("--checkpoint", str(hopper), "--env-id", "Walker2d-v5"), "trained on Hopper-v5")]
+def run_in_process(argv, cwd):
+    """The script's __main__ in this process (fast: torch is already imported): (exit code, stdout, stderr)."""
+    out, err, old_cwd, old_argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    os.chdir(cwd)
+    sys.argv = [SCRIPT, *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(SCRIPT, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.chdir(old_cwd)
+        sys.argv = old_argv
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_bad_input_matrix_exits_2_with_one_line_before_writing_anything(D, tmp_path, one_thread):
+    inp, cwd = tmp_path / "in", tmp_path / "cwd"
+    inp.mkdir()
+    cwd.mkdir()
+    ckpt = contract_checkpoint(D, 11, 3)
+    good = str(inp / "hopper.pt")
+    torch.save(ckpt, good)
+    (inp / "notes.txt").write_text("hello")
+    torch.save(ckpt, inp / "full.pt")
+    (inp / "truncated.pt").write_bytes((inp / "full.pt").read_bytes()[:500])
+    save = lambda name, obj: (torch.save(obj, inp / name), str(inp / name))[1]  # noqa: E731
+    dfp = save("dfp.pt", {"format": "dfp-v1", "actor": {}})
+    state_fmt = save("state_as_ckpt.pt", {"format": "dbpo-state-v1"})
+    pendulum = save("pendulum.pt", contract_checkpoint(D, 11, 3, env_id="Pendulum-v1"))
+    dims = save("dims.pt", contract_checkpoint(D, 12, 3))
+    nan = contract_checkpoint(D, 11, 3)
+    nan["model"]["net.0.weight"][0, 0] = float("nan")
+    nan = save("nan.pt", nan)
+    misfit = contract_checkpoint(D, 11, 3)
+    misfit["generator_kwargs"]["hidden_dim"] = 48
+    misfit = save("misfit.pt", misfit)
+    other = make_agent(D, contract_checkpoint(D, 11, 3, hidden=32))
+    state = {"format": "dbpo-state-v1", "env_id": "Hopper-v5", "num_envs": 2, "iteration": 1, "finished": False,
+             "run_name": "r", "agent": other.state_dict()}
+    walker = save("walker_state.pt", {**state, "env_id": "Walker2d-v5"})
+    envs3 = save("envs3_state.pt", {**state, "num_envs": 3})
+    sizes = save("sizes_state.pt", state)
+    cases = [
+        (["--gamma", "2"], "--gamma must be in (0, 1]"),
+        (["--clip-coef", "-0.1"], "--clip-coef must be > 0"),
+        (["--actor-lr", "nan"], "--actor-lr must be a finite number"),
+        (["--eval-interval", "0"], "--eval-interval must be > 0"),
+        (["--save-interval", "0"], "--save-interval must be > 0"),
+        (["--num-eval-episodes", "0"], "--num-eval-episodes must be > 0"),
+        (["--gae-lambda", "1.5"], "--gae-lambda must be in [0, 1]"),
+        (["--num-threads", "-1"], "--num-threads must be >= 0"),
+        (["--min-std", "0.2"], "need 0 < --min-std <= --init-std <= --max-std"),
+        (["--actor-min-lr", "1e-3"], "must not exceed the peak"),
+        (["--eval-only", "--resume", sizes], "drop --resume"),
+        ([], None),  # missing --checkpoint (no --checkpoint flag below)
+        (["--checkpoint", str(inp / "missing.pt")], "does not exist"),
+        (["--checkpoint", str(inp / "notes.txt")], "cannot read --checkpoint"),
+        (["--checkpoint", str(inp / "truncated.pt")], "cannot read --checkpoint"),
+        (["--checkpoint", dfp], "is not a DBP checkpoint (format dbp-v1, got 'dfp-v1')"),
+        (["--checkpoint", state_fmt], "continue it with --resume"),
+        (["--checkpoint", pendulum], "unsupported env 'Pendulum-v1'"),
+        (["--checkpoint", dims], "obs/action dims 12/3"),
+        (["--checkpoint", nan], "NaN or infinite"),
+        (["--checkpoint", misfit], "do not fit"),
+        (["--env-id", "Walker2d-v5"], "trained on Hopper-v5"),
+        (["--resume", str(inp / "notes.txt")], "cannot read --resume"),
+        (["--resume", good], "is not a dbpo_ppo.py state"),
+        (["--resume", walker], "fine-tunes Walker2d-v5"),
+        (["--resume", envs3], "--num-envs 3"),
+        (["--resume", sizes], "does not fit the networks"),
+        (["--runs-dir", str(inp / "notes.txt" / "runs")], "cannot create the run folder"),
+    ]
+    base = ["--num-envs", "2", "--num-steps", "2", "--num-iterations", "1", "--num-eval-episodes", "1", "--num-eval-envs", "1"]
     for flags, message in cases:
-        proc = run(*flags, cwd=tmp_path, check=False)
-        assert proc.returncode != 0 and message in proc.stderr, (flags, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr
+        argv = base + flags + ([] if message is None or "--checkpoint" in flags else ["--checkpoint", good])
+        code, out, err = run_in_process(argv, cwd)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flags, code, err[-2000:])
+        assert message is None or message in lines[0], (flags, lines)
+        assert "--checkpoint is required" in lines[0] if message is None else True
+        assert os.listdir(cwd) == [] and out == "", (flags, os.listdir(cwd), out)
 
 
-# ---------------------------------------------------------------- smoke runs from dbp_bc.py checkpoints
-def test_smoke_cube_single_train_resume_save_and_eval_only(cube_checkpoint, tmp_path):
-    proc = run("--checkpoint", cube_checkpoint, *TINY, "--max-episode-steps", "24", "--save-interval", "1", "--save-model", cwd=tmp_path)
+# ---------------------------------------------------------------- runs (subprocesses)
+@pytest.fixture(scope="module")
+def hopper_ckpt_file(tmp_path_factory):
+    """A tiny fresh-MLP checkpoint for Hopper-v5 (the fastest env here) in dbp_bc.py's format."""
+    spec = importlib.util.spec_from_file_location("dbpo_ppo_fixture", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path_factory.mktemp("hopper_ckpt") / "hopper.pt"
+    torch.save(contract_checkpoint(module, 11, 3, hidden=32), path)
+    return str(path)
+
+
+FAST = ["--num-threads", "1", "--num-envs", "2", "--num-eval-envs", "2", "--num-eval-episodes", "2", "--update-epochs", "2",
+        "--minibatch-size", "4", "--critic-warmup-iters", "0", "--lr-cycle-iters", "1500"]
+
+
+def start(*flags, cwd):
+    return subprocess.Popen([sys.executable, SCRIPT, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd)
+
+
+def wait_for_line(proc, text, timeout=120):
+    t0, lines = time.time(), []
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no '{text}' in {lines[-20:]}")
+
+
+def interrupt(proc, delay):
+    time.sleep(delay)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    return time.time() - t0, out, err
+
+
+def test_sigterm_in_a_rollout_saves_and_the_printed_command_resumes(hopper_ckpt_file, tmp_path):
+    flags = ["--checkpoint", hopper_ckpt_file, *FAST, "--num-steps", "100000", "--num-iterations", "3", "--run-name", "r"]
+    proc = start(*flags, cwd=tmp_path)
+    wait_for_line(proc, "eval at iteration 0")  # iteration 1 is now rolling out 100000 decisions per env
+    elapsed, out, err = interrupt(proc, 1.0)
+    assert proc.returncode == 128 + signal.SIGTERM and elapsed < 5, (proc.returncode, elapsed, err[-2000:])
+    state_path = os.path.realpath(tmp_path / "runs" / "r" / "state.pt")
+    assert torch.load(state_path, weights_only=False)["iteration"] == 1  # iteration 0 (an evaluation) was done
+    command = out.strip().splitlines()[-1].strip()
+    assert command == shlex.join(["python", SCRIPT, *flags, "--resume", state_path])
+    argv = shlex.split(command)[2:]
+    argv[argv.index("--num-steps") + 1] = "3"  # a short rollout this time
+    proc = run(*argv, cwd=tmp_path)
+    assert "resumed r at iteration 1" in proc.stdout and "iter 1/3" in proc.stdout and "iter 2/3" in proc.stdout
+    assert "eval at iteration 0" not in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("final: 3 iterations")
+    state = torch.load(state_path, weights_only=False)
+    assert state["iteration"] == 3 and state["finished"] and state["format"] == "dbpo-state-v1"
+
+
+def test_sigterm_in_an_evaluation_saves_and_resumes(hopper_ckpt_file, tmp_path):
+    flags = ["--checkpoint", hopper_ckpt_file, *FAST, "--num-steps", "3", "--num-iterations", "2", "--run-name", "r"]
+    proc = start(*flags, "--num-eval-episodes", "100000", cwd=tmp_path)
+    wait_for_line(proc, "dbpo_ppo: Hopper-v5")
+    elapsed, out, err = interrupt(proc, 1.5)
+    assert proc.returncode == 128 + signal.SIGTERM and elapsed < 5 and "Traceback" not in err, (elapsed, err[-2000:])
+    state_path = str(tmp_path / "runs" / "r" / "state.pt")
+    assert torch.load(state_path, weights_only=False)["iteration"] == 0 and "--resume" in out
+    proc = run(*flags, "--resume", state_path, cwd=tmp_path)
+    assert "eval at iteration 0" in proc.stdout and "iter 1/2" in proc.stdout
+    assert torch.load(state_path, weights_only=False)["iteration"] == 2
+
+
+def test_non_finite_update_stops_and_keeps_the_last_good_state(hopper_ckpt_file, tmp_path):
+    flags = ["--checkpoint", hopper_ckpt_file, *FAST, "--num-steps", "4", "--save-interval", "1", "--run-name", "r"]
+    run(*flags, "--num-iterations", "2", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "r"
+    before = {name: (run_dir / name).read_bytes() for name in ("state.pt", "dbpo_ppo.pt")}
+    proc = run(*flags, "--num-iterations", "3", "--actor-lr", "1e30", "--actor-min-lr", "1e30",
+               "--resume", str(run_dir / "state.pt"), cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "error: non-finite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "in iteration 2" in proc.stderr
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def tensorboard_scalars(run_dir):
+    """{tag: [(step, value)]} as TensorBoard shows them: a SessionLog START at step s (SummaryWriter's purge_step)
+    drops the earlier events of steps >= s. Files are read in the order they were started."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    files = [list(EventFileLoader(str(p)).Load()) for p in glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))]
+    scalars, starts = {}, 0
+    for events in sorted(files, key=lambda ev: ev[0].wall_time):
+        for event in events:
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                starts += 1
+                scalars = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in scalars.items()}
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+                elif value.metadata.plugin_data.plugin_name == "scalars":
+                    scalars.setdefault(value.tag, []).append((event.step, float(tensor_util.make_ndarray(value.tensor))))
+    return scalars, starts
+
+
+def test_eval_only_reproduces_the_logged_evaluation_and_resumes_never_repeat_a_tensorboard_step(D, hopper_ckpt_file, tmp_path):
+    flags = ["--checkpoint", hopper_ckpt_file, *FAST, "--num-steps", "3", "--run-name", "r", "--eval-interval", "3"]
+    proc = run(*flags, "--num-iterations", "2", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "r"
+    logged = proc.stdout.strip().splitlines()[-1].split(" | eval ")[1].split(" | model ")[0]
+    proc = run("--checkpoint", str(run_dir / "dbpo_ppo.pt"), "--eval-only", *FAST, cwd=tmp_path)
+    assert proc.stdout.strip().splitlines()[-1] == f"final eval Hopper-v5: {logged}"
+    assert not (tmp_path / "runs" / "Hopper-v5").exists() and sorted(os.listdir(tmp_path / "runs")) == ["r"]
+    shutil.copy(run_dir / "state.pt", run_dir / "state_after_2.pt")
+    run(*flags, "--num-iterations", "5", "--resume", str(run_dir / "state.pt"), cwd=tmp_path)
+    run(*flags, "--num-iterations", "5", "--resume", str(run_dir / "state_after_2.pt"), cwd=tmp_path)  # again from iteration 2
+    scalars, starts = tensorboard_scalars(run_dir)
+    assert starts == 2
+    for tag, points in scalars.items():
+        steps = [s for s, _ in points]
+        assert steps == sorted(set(steps)), (tag, steps)
+    assert [s for s, _ in scalars["charts/actor_lr"]] == [1, 2, 4] and [s for s, _ in scalars["eval/episodic_return"]] == [0, 3, 5]
+    for step, value in scalars["charts/actor_lr"]:  # no critic warm-up here: the actor's schedule starts at iteration 0
+        assert value == pytest.approx(D.scheduled_lr(step, 1e-5, 3e-6, 10, 1500), rel=1e-5)
+
+
+def test_smoke_cube_single_train_video_save_and_eval_only(cube_checkpoint, tmp_path):
+    proc = run("--checkpoint", cube_checkpoint, *TINY, "--max-episode-steps", "24", "--capture-video", "--run-name", "c", cwd=tmp_path)
     out = proc.stdout
-    assert "eval after iteration 0" in out and "eval after iteration 2" in out and "success" in out
-    assert "iter 2/2" in out and "SPS" in out and "ETA" in out and "critic warm-up" in out and "actor+critic" in out
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "cube-single-play-singletask-task1-v0__dbpo_ppo__1__*"))
-    assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
-    state = torch.load(os.path.join(run_dir, "state.pt"), weights_only=False)
-    assert state["iteration"] == 2 and state["global_step"] > 0
-    # resume continues the same run from iteration 3
-    proc = run("--checkpoint", cube_checkpoint, *TINY[:2], "--num-iterations", "3", *TINY[4:], "--max-episode-steps", "24",
-               "--resume", os.path.join(run_dir, "state.pt"), cwd=tmp_path)
-    assert "resumed" in proc.stdout and "iter 3/3" in proc.stdout and "iter 1/" not in proc.stdout
-    assert torch.load(os.path.join(run_dir, "state.pt"), weights_only=False)["global_step"] > state["global_step"]
-    # the saved model is a dbp_bc-format checkpoint: it evaluates with --eval-only, anchored to the original
-    model = torch.load(os.path.join(run_dir, "dbpo_ppo.pt"), weights_only=False)
+    assert "eval at iteration 0" in out and "iter 1/3" in out and "iter 2/3" in out and "ETA" in out
+    assert "critic warm-up" in out and "actor+critic" in out
+    assert out.strip().splitlines()[-1].startswith("final: 3 iterations") and "success" in out.strip().splitlines()[-1]
+    run_dir = tmp_path / "runs" / "c"
+    assert glob.glob(str(run_dir / "events.out.tfevents.*"))
+    import imageio.v2 as imageio
+
+    videos = sorted(os.listdir(run_dir / "videos"))
+    assert videos == ["eval-iter0.mp4", "eval-iter3.mp4"], videos  # one per evaluation, nothing else
+    for name in videos:
+        assert imageio.get_reader(str(run_dir / "videos" / name)).count_frames() > 1
+    model = torch.load(run_dir / "dbpo_ppo.pt", weights_only=False)
     assert model["format"] == "dbp-v1" and "anchor_model" in model and "dbpo" in model
-    proc = run("--checkpoint", os.path.join(run_dir, "dbpo_ppo.pt"), "--eval-only", "--num-eval-episodes", "2",
+    proc = run("--checkpoint", str(run_dir / "dbpo_ppo.pt"), "--eval-only", "--num-eval-episodes", "2",
                "--num-eval-envs", "2", "--max-episode-steps", "24", "--num-threads", "1", cwd=tmp_path)
-    assert "eval cube-single-play-singletask-task1-v0 (2 episodes" in proc.stdout and "success" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("final eval cube-single-play-singletask-task1-v0: return")
 
 
-def test_smoke_hopper(hopper_checkpoint, tmp_path):
-    proc = run("--checkpoint", hopper_checkpoint, *TINY, "--no-normalize-logprob", "--anchor-coef", "0", cwd=tmp_path)
-    assert "iter 2/2" in proc.stdout and "timing: rollout" in proc.stdout
-    assert glob.glob(str(tmp_path / "runs" / "Hopper-v5__dbpo_ppo__1__*" / "events.out.tfevents.*"))
+def test_smoke_hopper_other_modes(hopper_checkpoint, tmp_path):
+    """The non-default modes: running reward scaling, time limits as terminal, no anchor, unnormalized log-probs."""
+    proc = run("--checkpoint", hopper_checkpoint, *TINY, "--no-normalize-logprob", "--anchor-coef", "0", "--reward-scaling",
+               "running", "--timeout-as-terminal", "--max-episode-steps", "6", "--lr-schedule", "constant", "--no-save-model", cwd=tmp_path)
+    assert "iter 2/3" in proc.stdout and "timing: rollout" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("final:")
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "Hopper-v5__dbpo_ppo__1__*"))
+    assert not os.path.exists(os.path.join(run_dir, "state.pt")) and not os.path.exists(os.path.join(run_dir, "dbpo_ppo.pt"))
