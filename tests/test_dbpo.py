@@ -84,7 +84,7 @@ def train_dbp(tmp, *flags):
     runs = tmp / "runs"
     cmd = [sys.executable, os.path.join(ROOT, "dbp_bc.py"), *flags, "--total-steps", "20", "--batch-size", "8",
            "--hidden-dim", "32", "--depth", "2", "--obs-horizon", "2", "--pred-horizon", "8", "--action-horizon", "4",
-           "--warmup-steps", "2", "--eval-interval", "0", "--eval-episodes", "1", "--log-interval", "10",
+           "--backbone", "mlp", "--warmup-epochs", "0", "--eval-interval", "0", "--eval-episodes", "1", "--log-interval", "10",
            "--num-threads", "1", "--save-model", "--runs-dir", str(runs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
