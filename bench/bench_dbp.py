@@ -40,9 +40,9 @@ class Args:
     """MLP width (dbp_bc.py default)"""
     depth: int = 3
     """MLP depth (dbp_bc.py default)"""
-    unet_dims: Tuple[int, ...] = (64, 128, 256)
-    """U-Net widths (dbp_bc.py default; the paper's are 256 512 1024)"""
-    extra_unet_dims: Tuple[int, ...] = (256, 512, 1024)
+    unet_dims: Tuple[int, ...] = (512, 1024, 2048)
+    """U-Net widths (dbp_bc.py's default, the authors' code)"""
+    extra_unet_dims: Tuple[int, ...] = (64, 128, 256)
     """a second U-Net size to time (the paper's); empty to skip"""
     warmup: int = 20
     """untimed calls first"""

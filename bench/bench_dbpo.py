@@ -3,7 +3,7 @@
 Runs the real training loop (a subprocess, no evaluation) for a few iterations and reads the script's final
 `timing:` line. Rollout SPS = env steps / time collecting them (one generator pass per chunk decision, Ta env
 steps per decision); update SPS = env steps / time of the update epochs on them. Without --checkpoint it
-benchmarks a freshly initialized generator of dbp_bc.py's default size (MLP 3x512, To=2, Tp=16, Ta=8);
+benchmarks a freshly initialized generator of dbp_bc.py's MLP size (MLP 3x512, To=2, Tp=16, Ta=8);
 weights do not change the cost, only how often episodes end.
 
   python bench/bench_dbpo.py                                   # cube-single task 1, 8 envs x 25 decisions
@@ -75,10 +75,12 @@ if __name__ == "__main__":
             checkpoint = os.path.join(tmp, "fresh.pt")
             fresh_checkpoint(args.env_id, checkpoint)
         cmd = [sys.executable, os.path.join(ROOT, "dbpo_ppo.py"), "--checkpoint", checkpoint, "--env-id", args.env_id,
-               "--num-iterations", str(args.iterations), "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps),
+               "--num-iterations", str(args.iterations + 1), "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps),
                "--update-epochs", str(args.update_epochs), "--minibatch-size", str(args.minibatch_size),
                "--num-threads", str(args.num_threads), "--critic-warmup-iters", "0", "--target-kl", "None",
-               "--eval-interval", "0", "--save-interval", "0", "--cuda" if args.cuda else "--no-cuda"]
+               # iteration 0 is an evaluation (as the authors count); one 1-episode evaluation, no checkpoint
+               "--eval-interval", str(args.iterations + 1), "--num-eval-episodes", "1", "--num-eval-envs", "1",
+               "--no-save-model", "--cuda" if args.cuda else "--no-cuda"]
         env = dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
         if proc.returncode != 0:
