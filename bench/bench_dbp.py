@@ -43,7 +43,7 @@ class Args:
     unet_dims: Tuple[int, ...] = (512, 1024, 2048)
     """U-Net widths (dbp_bc.py's default, the authors' code)"""
     extra_unet_dims: Tuple[int, ...] = (64, 128, 256)
-    """a second U-Net size to time (the paper's); empty to skip"""
+    """a second, small U-Net size to time (CPU-sized runs); empty to skip"""
     warmup: int = 20
     """untimed calls first"""
     iters: int = 300
