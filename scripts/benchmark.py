@@ -65,7 +65,7 @@ PRESETS = {
     "dbp-vs-mse": dict(
         about="DBP drift loss (temperature 0.2) vs MSE regression, same MLP, cube-single task 1 expert demos",
         script="dbp_bc.py", envs=["cube-single-play-task1"], seeds=[1, 2, 3, 4, 5],
-        flags={"dataset_path": "~/.ogbench/data/cube-single-expert-task1-v0.npz", "hidden_dim": "256",
+        flags={"dataset_path": "~/.ogbench/data/cube-single-expert-task1-v0.npz", "backbone": "mlp", "hidden_dim": "256",
                "total_steps": "30000", "eval_interval": "15000", "eval_episodes": "50", "save_model": "true"},
         variants={"dbp-drift": {"temperatures": "0.2"}, "dbp-mse": {"loss": "mse"}}),
 }
