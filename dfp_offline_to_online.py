@@ -781,8 +781,8 @@ def plan_run_dir(args: Args, env_id: str, ckpt: Optional[dict]) -> Tuple[str, st
     run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)
     check(not os.path.isfile(run_dir), f"the run folder {run_dir} is a file; pass another --run-name")
-    check(not (os.path.isdir(run_dir) and os.listdir(run_dir)), f"the run folder {run_dir} already holds a run; pass "
-          f"another --run-name, or continue it with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
+    check(not os.path.exists(os.path.join(run_dir, "checkpoint.pt")), f"the run folder {run_dir} already holds a run; "
+          f"pass another --run-name, or continue it with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
     check_creatable(run_dir, "the run folder")
     return run_name, run_dir
 
