@@ -1,20 +1,17 @@
 """DBP: Drift-Based Policy, one-step imitation of action chunks (arXiv 2604.03540; docs/algorithms.md §4).
 
-A generator mu = f_theta(o_{t-To+1..t}, z), z ~ N(0, I) of the chunk's shape, maps an observation history
-to a whole action chunk of Tp steps in ONE forward pass (1 NFE). It is trained by drifting: for each
-observation draw G hypotheses x_1..x_G = f(o, z_g); the expert chunk y+ attracts them and they repel each
-other (the generated samples are the negatives), and each x regresses onto its frozen drifted copy:
+A generator mu = f_theta(o_{t-To+1..t}, z), z ~ N(0, I) of the chunk's shape, maps an observation history to a
+chunk of Tp actions in ONE forward pass (1 NFE). Training drifts G hypotheses x_g = f(o, z_g) per observation:
+the expert chunk y+ attracts them, they repel each other, and each x regresses onto its frozen drifted copy:
 
     L = E || x - sg(x + V(x)) ||^2        (drift_field.drift_loss, docs/algorithms.md §2; or the field of §1)
 
-At deployment: one z, one pass, and receding-horizon control: execute the Ta actions of the chunk that start
-at index To-1 (the chunk is aligned with the first observation of the history, so index To-1 is "now"),
-then replan. `--loss mse` trains the same network as a deterministic regressor (z = 0), the unimodal baseline.
-The defaults are the authors' training recipe (per-epoch schedule, EMA, min-max scaling, padding, 2% hold-out,
-U-Net 512-1024-2048); docs/dbp.md lists them and a CPU-sized recipe (--backbone mlp, fewer epochs).
-
-Data: OGBench singletask datasets (play, or expert demos from scripts/generate_ogbench_dataset.py --kind
-expert, via --dataset-path) or any D4RL-layout .npz with --env a gymnasium id (Hopper-v5).
+Deployment: one z, one pass, then execute the Ta actions from index To-1 ("now": the chunk is aligned with the
+history's first observation) and replan. `--loss mse` is the deterministic (z = 0) unimodal baseline.
+Defaults are the authors' recipe (per-epoch schedule, EMA, min-max scaling, padding, 2% hold-out, U-Net
+512-1024-2048); docs/dbp.md lists them and a CPU-sized recipe (--backbone mlp, fewer epochs).
+Data: OGBench singletask datasets (play, or expert demos via --dataset-path), Robomimic low-dim files, or a
+D4RL-layout .npz with --env a gymnasium id (Hopper-v5).
 
   python dbp_bc.py --env cube-single-play --task 1 --dataset-path ~/.ogbench/data/cube-single-expert-task1-v0.npz
   python dbp_bc.py --eval-only --checkpoint runs/<run>/dbp_bc_*.pt
@@ -24,6 +21,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering (before mujoco is imported)
 
+import copy
 import json
 import math
 import random
@@ -533,9 +531,7 @@ def make_generator(backbone: str, **kwargs) -> nn.Module:
 # ---- end of DBP networks
 
 
-# ---------------------------------------------------------------------------------------------
-# Bad input, signals
-# ---------------------------------------------------------------------------------------------
+# ---- Bad input, signals ----
 def fail(msg: str):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -567,9 +563,7 @@ def check_stop() -> None:
         raise Interrupted()
 
 
-# ---------------------------------------------------------------------------------------------
-# Normalization, sampling, schedules: small functions the tests import
-# ---------------------------------------------------------------------------------------------
+# ---- Normalization, sampling, schedules: small functions the tests import ----
 HORIZONS = {"manipulation": (2, 16, 8), "locomotion": (1, 4, 4)}  # (To, Tp, Ta) of the authors' task configs
 
 
@@ -669,16 +663,17 @@ def ema_schedule(step: int, steps_per_epoch: int, every: int, start_epoch: int) 
     return -1 if step < start else step // every - (start + every - 1) // every
 
 
+STATS = ("obs_offset", "obs_scale", "action_offset", "action_scale")  # the normalization a Policy and a checkpoint hold
+
+
 class Policy(nn.Module):
     """Generator + normalization: raw obs history -> raw action chunk, clipped to the env's bounds (1 NFE)."""
 
     def __init__(self, gen: nn.Module, stats: dict, action_low, action_high):
         super().__init__()
         self.gen = gen
-        for k, v in stats.items():
+        for k, v in {**stats, "action_low": action_low, "action_high": action_high}.items():
             self.register_buffer(k, torch.as_tensor(v, dtype=torch.float32).clone())
-        self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32).clone())
-        self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32).clone())
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_offset) / self.obs_scale  # obs_n = (obs - offset) / scale
@@ -690,15 +685,14 @@ class Policy(nn.Module):
         return torch.maximum(torch.minimum(chunk, self.action_high), self.action_low)
 
     def stats(self) -> dict:
-        return {k: getattr(self, k).detach().cpu().clone() for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
+        return {k: getattr(self, k).detach().cpu().clone() for k in STATS}
 
 
 def load_policy(ckpt: dict) -> Policy:
     """Rebuild the EMA policy stored in a checkpoint dict (format dbp-v1, docs/dbp.md)."""
     gen = make_generator(ckpt["backbone"], **ckpt["generator_kwargs"])
     gen.load_state_dict(ckpt["model"])
-    stats = {k: ckpt[k] for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
-    return Policy(gen, stats, ckpt["action_low"], ckpt["action_high"]).eval()
+    return Policy(gen, {k: ckpt[k] for k in STATS}, ckpt["action_low"], ckpt["action_high"]).eval()
 
 
 def rollout(env, chunk_fn: Callable[[np.ndarray], np.ndarray], obs_horizon: int, action_horizon: int, seed: int) -> dict:
@@ -723,10 +717,9 @@ def evaluate(policy: Policy, env, episodes: int, obs_horizon: int, action_horizo
     z: a generator seeded with `seed`), independent of the training RNG: --eval-only on a checkpoint
     reproduces the evaluation logged at its step."""
     z_rng = torch.Generator(device="cpu").manual_seed(seed)
-    gen = policy.gen
 
     def chunk_fn(obs_hist: np.ndarray) -> np.ndarray:
-        z = torch.randn(1, gen.pred_horizon, gen.action_dim, generator=z_rng).to(device)  # [1, Tp, da]
+        z = torch.randn(1, policy.gen.pred_horizon, policy.gen.action_dim, generator=z_rng).to(device)  # [1, Tp, da]
         obs_t = torch.as_tensor(obs_hist, dtype=torch.float32, device=device)[None]  # [1, To, obs_dim]
         return policy(obs_t, z)[0].cpu().numpy()
 
@@ -768,9 +761,7 @@ def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, lo
     return total, info
 
 
-# ---------------------------------------------------------------------------------------------
-# Envs, data, checkpoints: every check before any work
-# ---------------------------------------------------------------------------------------------
+# ---- Envs, data, checkpoints: every check before any work ----
 def is_ogbench(env: str) -> bool:
     return env.startswith("cube-")
 
@@ -779,9 +770,13 @@ def is_ogbench_id(env_id: str) -> bool:
     return "singletask" in env_id
 
 
+def has_success(env_id: str) -> bool:
+    return is_ogbench_id(env_id) or is_robomimic(env_id)  # locomotion envs have no success signal
+
+
 def format_eval(res: dict, env_id: str) -> str:
-    """One parseable line: eval/success (OGBench singletask only), eval/episodic_return, eval/episode_length."""
-    success = f"eval/success={res['success']:.4f} " if is_ogbench_id(env_id) or is_robomimic(env_id) else ""
+    """One parseable line: eval/success (OGBench singletask and Robomimic), eval/episodic_return, eval/episode_length."""
+    success = f"eval/success={res['success']:.4f} " if has_success(env_id) else ""
     return f"{success}eval/episodic_return={res['return']:.4f} eval/episode_length={res['length']:.1f}"
 
 
@@ -944,33 +939,38 @@ def resume_command(ckpt_path: str) -> str:
 
 TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
 
+
+def eval_only(args: Args, device: torch.device) -> None:
+    """--eval-only: evaluate each --checkpoint (everything needed is in it), then mean +- std and stderr over them."""
+    check(len(args.checkpoint) > 0, "--eval-only needs --checkpoint PATH [PATH ...] (dbp_bc.pt or dbp_bc_<step>.pt files)")
+    check(args.eval_episodes >= 1 and args.num_threads >= 0, "--eval-episodes must be >= 1 and --num-threads >= 0")
+    ckpts = [read_checkpoint(p, "--checkpoint") for p in args.checkpoint]
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    print(f"start: eval-only of {len(ckpts)} checkpoint(s) | device {device} | threads {torch.get_num_threads()}", flush=True)
+    envs, results = {}, []
+    for path, ckpt in zip(args.checkpoint, ckpts):
+        env_id, t0 = ckpt["env_id"], time.time()
+        env = envs[env_id] if env_id in envs else envs.setdefault(env_id, make_eval_env(env_id, env_args=ckpt.get("env_args")))
+        res = evaluate(load_policy(ckpt).to(device), env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
+        results.append(res)
+        print(f"eval-only {path} ({env_id} step {ckpt.get('step')}): {format_eval(res, env_id)} "
+              f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
+    key = "success" if all(is_ogbench_id(c["env_id"]) for c in ckpts) else "return"
+    v = np.array([r[key] for r in results])
+    std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    print(f"final eval-only over {len(v)} checkpoint(s): eval/{key} mean {v.mean():.4f} +- std {std:.4f} "
+          f"(stderr {std / math.sqrt(len(v)):.4f}, {args.eval_episodes} episodes each)")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # ---- evaluation only: everything needed is in the checkpoint(s) ----
     if args.eval_only:
-        check(len(args.checkpoint) > 0, "--eval-only needs --checkpoint PATH [PATH ...] (dbp_bc.pt or dbp_bc_<step>.pt files)")
-        check(args.eval_episodes >= 1 and args.num_threads >= 0, "--eval-episodes must be >= 1 and --num-threads >= 0")
-        ckpts = [read_checkpoint(p, "--checkpoint") for p in args.checkpoint]
-        if args.num_threads > 0:
-            torch.set_num_threads(args.num_threads)
-        print(f"start: eval-only of {len(ckpts)} checkpoint(s) | device {device} | threads {torch.get_num_threads()}", flush=True)
-        envs, results = {}, []
-        for path, ckpt in zip(args.checkpoint, ckpts):
-            env_id, t0 = ckpt["env_id"], time.time()
-            env = envs[env_id] if env_id in envs else envs.setdefault(env_id, make_eval_env(env_id, env_args=ckpt.get("env_args")))
-            res = evaluate(load_policy(ckpt).to(device), env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
-            results.append(res)
-            print(f"eval-only {path} ({env_id} step {ckpt.get('step')}): {format_eval(res, env_id)} "
-                  f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
-        key = "success" if all(is_ogbench_id(c["env_id"]) for c in ckpts) else "return"
-        v = np.array([r[key] for r in results])
-        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-        print(f"final eval-only over {len(v)} checkpoint(s): eval/{key} mean {v.mean():.4f} +- std {std:.4f} "
-              f"(stderr {std / math.sqrt(len(v)):.4f}, {args.eval_episodes} episodes each)")
+        eval_only(args, device)
         sys.exit(0)
 
     # ---- every check before any work: flags, the resumed checkpoint, the run folder, the data ----
@@ -1038,12 +1038,10 @@ if __name__ == "__main__":
     else:
         gen_kwargs.update(down_dims=list(args.unet_dims), kernel_size=args.unet_kernel_size, n_groups=args.unet_groups)
     gen = make_generator(args.backbone, **gen_kwargs).to(device)
-    ema_gen = make_generator(args.backbone, **gen_kwargs).to(device)
-    ema_gen.load_state_dict(gen.state_dict())
-    ema_gen.requires_grad_(False)
+    ema_gen = copy.deepcopy(gen).requires_grad_(False)
     optimizer = torch.optim.AdamW(gen.parameters(), lr=args.min_lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
-    a_low, a_high = env.action_space.low, env.action_space.high
-    policy = Policy(ema_gen, stats, a_low, a_high).to(device).eval()  # what is evaluated and saved
+    loss_flags = (args.loss, args.num_hypotheses, args.drift_mode, args.drift_field, args.temperatures, args.bandwidth)
+    policy = Policy(ema_gen, stats, env.action_space.low, env.action_space.high).to(device).eval()  # what is evaluated and saved
     start_step, wall_time = 0, 0.0
     if resume_ckpt is not None:
         gen.load_state_dict(resume_ckpt["train_model"])
@@ -1087,9 +1085,7 @@ if __name__ == "__main__":
             "backbone": args.backbone, "generator_kwargs": gen_kwargs, "loss": args.loss,
             "env_args": json.dumps(env.env_args) if is_robomimic(env_id) else None,  # Robomimic: how to rebuild the env
             "model": {k: v.cpu() for k, v in ema_gen.state_dict().items()},
-            **{k: v.cpu() for k, v in policy.stats().items()},
-            "action_low": torch.as_tensor(a_low, dtype=torch.float32), "action_high": torch.as_tensor(a_high, dtype=torch.float32),
-            "step": step,
+            **policy.stats(), "action_low": policy.action_low.cpu(), "action_high": policy.action_high.cpu(), "step": step,
             # training state, for an exact --resume (not in the dbp_bc_<step>.pt snapshots)
             "train_model": {k: v.cpu() for k, v in gen.state_dict().items()}, "optimizer": optimizer.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -1115,8 +1111,7 @@ if __name__ == "__main__":
             return None
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)  # fork_rng: the training RNG stream is untouched
-            out = [compute_loss(gen, *batch(val_t[i : i + args.batch_size]), args.loss, args.num_hypotheses, args.drift_mode,
-                                args.drift_field, args.temperatures, args.bandwidth) for i in range(0, len(val_t), args.batch_size)]
+            out = [compute_loss(gen, *batch(val_t[i : i + args.batch_size]), *loss_flags) for i in range(0, len(val_t), args.batch_size)]
         return float(np.mean([o[0].item() for o in out])), float(np.mean([o[1]["chunk_mse"].item() for o in out]))
 
     def run_eval(step: int, capture_video: bool = False) -> dict:
@@ -1129,7 +1124,7 @@ if __name__ == "__main__":
         res = evaluate(policy, eval_env, args.eval_episodes, To, Ta, args.seed, device)
         writer.add_scalar("eval/episodic_return", res["return"], step)
         writer.add_scalar("eval/episode_length", res["length"], step)
-        if is_ogbench_id(env_id) or is_robomimic(env_id):  # locomotion envs have no success signal
+        if has_success(env_id):
             writer.add_scalar("eval/success", res["success"], step)
         print(f"eval step {step}: {format_eval(res, env_id)} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
         if capture_video:
@@ -1150,8 +1145,7 @@ if __name__ == "__main__":
             for group in optimizer.param_groups:
                 group["lr"] = lr
             obs_hist, chunk = batch(perm[i * args.batch_size : (i + 1) * args.batch_size])
-            loss, info = compute_loss(gen, obs_hist, chunk, args.loss, args.num_hypotheses, args.drift_mode,
-                                      args.drift_field, args.temperatures, args.bandwidth)
+            loss, info = compute_loss(gen, obs_hist, chunk, *loss_flags)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(gen.parameters(), args.max_grad_norm)
