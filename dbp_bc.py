@@ -564,12 +564,21 @@ def check_stop() -> None:
 
 
 # ---- Normalization, sampling, schedules: small functions the tests import ----
+def is_ogbench(env: str) -> bool:
+    return env.startswith("cube-")  # cube-single-play, ..., and the resolved ...-singletask-taskN-v0 ids
+
+
+def is_manipulation(env: str) -> bool:
+    """OGBench cube and Robomimic: manipulation tasks with a success signal (gymnasium locomotion envs have none)."""
+    return is_ogbench(env) or is_robomimic(env)
+
+
 HORIZONS = {"manipulation": (2, 16, 8), "locomotion": (1, 4, 4)}  # (To, Tp, Ta) of the authors' task configs
 
 
 def default_horizons(env: str) -> Tuple[int, int, int]:
-    """OGBench cube and Robomimic (manipulation, as PushT/BlockPush/Kitchen) or a gymnasium locomotion env (as D4RL Hopper)."""
-    return HORIZONS["manipulation" if is_ogbench(env) or is_robomimic(env) else "locomotion"]
+    """Manipulation as the authors' PushT/BlockPush/Kitchen, locomotion as their D4RL Hopper."""
+    return HORIZONS["manipulation" if is_manipulation(env) else "locomotion"]
 
 
 def compute_normalization(observations: np.ndarray, actions: np.ndarray, range_eps: float = 1e-4) -> dict:
@@ -762,21 +771,9 @@ def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, lo
 
 
 # ---- Envs, data, checkpoints: every check before any work ----
-def is_ogbench(env: str) -> bool:
-    return env.startswith("cube-")
-
-
-def is_ogbench_id(env_id: str) -> bool:
-    return "singletask" in env_id
-
-
-def has_success(env_id: str) -> bool:
-    return is_ogbench_id(env_id) or is_robomimic(env_id)  # locomotion envs have no success signal
-
-
 def format_eval(res: dict, env_id: str) -> str:
     """One parseable line: eval/success (OGBench singletask and Robomimic), eval/episodic_return, eval/episode_length."""
-    success = f"eval/success={res['success']:.4f} " if has_success(env_id) else ""
+    success = f"eval/success={res['success']:.4f} " if is_manipulation(env_id) else ""
     return f"{success}eval/episodic_return={res['return']:.4f} eval/episode_length={res['length']:.1f}"
 
 
@@ -794,7 +791,7 @@ def make_eval_env(env_id: str, render: bool = False, env_args: Optional[str] = N
     """The evaluation env: OGBench singletask or Robomimic (episodes end at success) or a gymnasium env."""
     if is_robomimic(env_id):  # rebuilt from the env_args JSON the checkpoint stores
         return RobomimicEnv(env_id, env_args, **({"render_mode": "rgb_array"} if render else {}))
-    if is_ogbench_id(env_id):
+    if is_ogbench(env_id):
         import ogbench
 
         env = ogbench.make_env_and_datasets(env_id, env_only=True)
@@ -867,6 +864,7 @@ CKPT_KEYS = ("env_id", "backbone", "generator_kwargs", "model", "obs_dim", "acti
 RESUME_KEYS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", "obs_horizon", "pred_horizon",
                "action_horizon", "loss", "num_hypotheses", "drift_mode", "drift_field", "env", "task", "dataset_path", "seed",
                "val_ratio", "batch_size")
+TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
 
 
 def read_checkpoint(path: str, flag: str, train_state: bool = False) -> dict:
@@ -937,9 +935,6 @@ def resume_command(ckpt_path: str) -> str:
     return shlex.join(["python", sys.argv[0], *keep, "--resume", ckpt_path])
 
 
-TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
-
-
 def eval_only(args: Args, device: torch.device) -> None:
     """--eval-only: evaluate each --checkpoint (everything needed is in it), then mean +- std and stderr over them."""
     check(len(args.checkpoint) > 0, "--eval-only needs --checkpoint PATH [PATH ...] (dbp_bc.pt or dbp_bc_<step>.pt files)")
@@ -956,7 +951,7 @@ def eval_only(args: Args, device: torch.device) -> None:
         results.append(res)
         print(f"eval-only {path} ({env_id} step {ckpt.get('step')}): {format_eval(res, env_id)} "
               f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
-    key = "success" if all(is_ogbench_id(c["env_id"]) for c in ckpts) else "return"
+    key = "success" if all(is_ogbench(c["env_id"]) for c in ckpts) else "return"
     v = np.array([r[key] for r in results])
     std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     print(f"final eval-only over {len(v)} checkpoint(s): eval/{key} mean {v.mean():.4f} +- std {std:.4f} "
@@ -992,6 +987,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     env, env_id, observations, actions, episode_ends = load_demonstrations(args)
+    env_args = json.dumps(env.env_args) if is_robomimic(env_id) else None  # Robomimic: how to rebuild the env (JSON)
     obs_dim, action_dim = observations.shape[1], actions.shape[1]
     if resume_ckpt is not None:
         check((resume_ckpt["obs_dim"], resume_ckpt["action_dim"]) == (obs_dim, action_dim),
@@ -1008,12 +1004,11 @@ if __name__ == "__main__":
     total_steps = args.total_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)  # the lr schedule's length
 
-    if resume_ckpt is not None:
+    if resume_ckpt is not None:  # a resumed run continues in its own folder
         run_dir = os.path.dirname(os.path.abspath(args.resume))
-        run_name = os.path.basename(run_dir)
     else:
-        run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.runs_dir, run_name)
+        run_dir = os.path.join(args.runs_dir, args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(run_dir)
     ckpt_path = os.path.join(run_dir, "dbp_bc.pt")
     print(f"start: env {env_id} | data {args.dataset_path or 'OGBench default'}: {len(observations)} steps, {len(val_episode)} episodes "
           f"({int(val_episode.sum())} held out), {len(train_t)} train / {len(val_t)} val samples | {total_steps} steps = {num_epochs} epochs "
@@ -1048,11 +1043,12 @@ if __name__ == "__main__":
         ema_gen.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         start_step, wall_time = resume_ckpt["step"], resume_ckpt["wall_time"]
-        random.setstate(resume_ckpt["rng"]["python"])
-        np.random.set_state(resume_ckpt["rng"]["numpy"])
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"])
+        rng = resume_ckpt["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
         print(f"resuming {run_name} at step {start_step}")
     print(f"generator: {args.backbone}, {sum(p.numel() for p in gen.parameters())} parameters; To={To} Tp={Tp} Ta={Ta}", flush=True)
 
@@ -1083,7 +1079,7 @@ if __name__ == "__main__":
             "format": "dbp-v1", "args": json.loads(json.dumps(asdict(args))), "env_id": env_id,
             "obs_dim": obs_dim, "action_dim": action_dim, "obs_horizon": To, "pred_horizon": Tp, "action_horizon": Ta,
             "backbone": args.backbone, "generator_kwargs": gen_kwargs, "loss": args.loss,
-            "env_args": json.dumps(env.env_args) if is_robomimic(env_id) else None,  # Robomimic: how to rebuild the env
+            "env_args": env_args,
             "model": {k: v.cpu() for k, v in ema_gen.state_dict().items()},
             **policy.stats(), "action_low": policy.action_low.cpu(), "action_high": policy.action_high.cpu(), "step": step,
             # training state, for an exact --resume (not in the dbp_bc_<step>.pt snapshots)
@@ -1117,14 +1113,14 @@ if __name__ == "__main__":
     def run_eval(step: int, capture_video: bool = False) -> dict:
         eval_env = env
         if capture_video:
-            eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True, env_args=env.env_args if is_robomimic(env_id) else None),
+            eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True, env_args=env_args),
                                                 os.path.join(run_dir, "videos"), episode_trigger=lambda i: i == 0)
         print(f"evaluating step {step} ({args.eval_episodes} episodes)", flush=True)
         t0 = time.time()
         res = evaluate(policy, eval_env, args.eval_episodes, To, Ta, args.seed, device)
         writer.add_scalar("eval/episodic_return", res["return"], step)
         writer.add_scalar("eval/episode_length", res["length"], step)
-        if has_success(env_id):
+        if is_manipulation(env_id):
             writer.add_scalar("eval/success", res["success"], step)
         print(f"eval step {step}: {format_eval(res, env_id)} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
         if capture_video:
@@ -1183,12 +1179,10 @@ if __name__ == "__main__":
             print(f"saved {ckpt_path}")
         res = run_eval(total_steps, capture_video=args.capture_video)
     except Interrupted:
-        name = signal.Signals(STOP["signum"]).name
         if args.save_model:
             save(done)
-            print(f"interrupted by {name} at step {done}; saved {ckpt_path}; continue with:\n  {resume_command(ckpt_path)}", flush=True)
-        else:
-            print(f"interrupted by {name} at step {done}; nothing saved (--no-save-model)", flush=True)
+        saved = f"saved {ckpt_path}; continue with:\n  {resume_command(ckpt_path)}" if args.save_model else "nothing saved (--no-save-model)"
+        print(f"interrupted by {signal.Signals(STOP['signum']).name} at step {done}; {saved}", flush=True)
         sys.exit(128 + STOP["signum"])
     env.close()
     writer.close()
