@@ -21,7 +21,6 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering (before mujoco is imported)
 
-import copy
 import json
 import math
 import random
@@ -1033,7 +1032,9 @@ if __name__ == "__main__":
     else:
         gen_kwargs.update(down_dims=list(args.unet_dims), kernel_size=args.unet_kernel_size, n_groups=args.unet_groups)
     gen = make_generator(args.backbone, **gen_kwargs).to(device)
-    ema_gen = copy.deepcopy(gen).requires_grad_(False)
+    ema_gen = make_generator(args.backbone, **gen_kwargs).to(device)
+    ema_gen.load_state_dict(gen.state_dict())
+    ema_gen.requires_grad_(False)
     optimizer = torch.optim.AdamW(gen.parameters(), lr=args.min_lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
     loss_flags = (args.loss, args.num_hypotheses, args.drift_mode, args.drift_field, args.temperatures, args.bandwidth)
     policy = Policy(ema_gen, stats, env.action_space.low, env.action_space.high).to(device).eval()  # what is evaluated and saved
