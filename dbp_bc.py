@@ -1,20 +1,17 @@
 """DBP: Drift-Based Policy, one-step imitation of action chunks (arXiv 2604.03540; docs/algorithms.md §4).
 
-A generator mu = f_theta(o_{t-To+1..t}, z), z ~ N(0, I) of the chunk's shape, maps an observation history
-to a whole action chunk of Tp steps in ONE forward pass (1 NFE). It is trained by drifting: for each
-observation draw G hypotheses x_1..x_G = f(o, z_g); the expert chunk y+ attracts them and they repel each
-other (the generated samples are the negatives), and each x regresses onto its frozen drifted copy:
+A generator mu = f_theta(o_{t-To+1..t}, z), z ~ N(0, I) of the chunk's shape, maps an observation history to a
+chunk of Tp actions in ONE forward pass (1 NFE). Training drifts G hypotheses x_g = f(o, z_g) per observation:
+the expert chunk y+ attracts them, they repel each other, and each x regresses onto its frozen drifted copy:
 
     L = E || x - sg(x + V(x)) ||^2        (drift_field.drift_loss, docs/algorithms.md §2; or the field of §1)
 
-At deployment: one z, one pass, and receding-horizon control: execute the Ta actions of the chunk that start
-at index To-1 (the chunk is aligned with the first observation of the history, so index To-1 is "now"),
-then replan. `--loss mse` trains the same network as a deterministic regressor (z = 0), the unimodal baseline.
-The defaults are the authors' training recipe (per-epoch schedule, EMA, min-max scaling, padding, 2% hold-out,
-U-Net 512-1024-2048); docs/dbp.md lists them and a CPU-sized recipe (--backbone mlp, fewer epochs).
-
-Data: OGBench singletask datasets (play, or expert demos from scripts/generate_ogbench_dataset.py --kind
-expert, via --dataset-path) or any D4RL-layout .npz with --env a gymnasium id (Hopper-v5).
+Deployment: one z, one pass, then execute the Ta actions from index To-1 ("now": the chunk is aligned with the
+history's first observation) and replan. `--loss mse` is the deterministic (z = 0) unimodal baseline.
+Defaults are the authors' recipe (per-epoch schedule, EMA, min-max scaling, padding, 2% hold-out, U-Net
+512-1024-2048); docs/dbp.md lists them and a CPU-sized recipe (--backbone mlp, fewer epochs).
+Data: OGBench singletask datasets (play, or expert demos via --dataset-path), Robomimic low-dim files, or a
+D4RL-layout .npz with --env a gymnasium id (Hopper-v5).
 
   python dbp_bc.py --env cube-single-play --task 1 --dataset-path ~/.ogbench/data/cube-single-expert-task1-v0.npz
   python dbp_bc.py --eval-only --checkpoint runs/<run>/dbp_bc_*.pt
@@ -533,9 +530,7 @@ def make_generator(backbone: str, **kwargs) -> nn.Module:
 # ---- end of DBP networks
 
 
-# ---------------------------------------------------------------------------------------------
-# Bad input, signals
-# ---------------------------------------------------------------------------------------------
+# ---- Bad input, signals ----
 def fail(msg: str):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -567,15 +562,22 @@ def check_stop() -> None:
         raise Interrupted()
 
 
-# ---------------------------------------------------------------------------------------------
-# Normalization, sampling, schedules: small functions the tests import
-# ---------------------------------------------------------------------------------------------
+# ---- Normalization, sampling, schedules: small functions the tests import ----
+def is_ogbench(env: str) -> bool:
+    return env.startswith("cube-")  # cube-single-play, ..., and the resolved ...-singletask-taskN-v0 ids
+
+
+def is_manipulation(env: str) -> bool:
+    """OGBench cube and Robomimic: manipulation tasks with a success signal (gymnasium locomotion envs have none)."""
+    return is_ogbench(env) or is_robomimic(env)
+
+
 HORIZONS = {"manipulation": (2, 16, 8), "locomotion": (1, 4, 4)}  # (To, Tp, Ta) of the authors' task configs
 
 
 def default_horizons(env: str) -> Tuple[int, int, int]:
-    """OGBench cube and Robomimic (manipulation, as PushT/BlockPush/Kitchen) or a gymnasium locomotion env (as D4RL Hopper)."""
-    return HORIZONS["manipulation" if is_ogbench(env) or is_robomimic(env) else "locomotion"]
+    """Manipulation as the authors' PushT/BlockPush/Kitchen, locomotion as their D4RL Hopper."""
+    return HORIZONS["manipulation" if is_manipulation(env) else "locomotion"]
 
 
 def compute_normalization(observations: np.ndarray, actions: np.ndarray, range_eps: float = 1e-4) -> dict:
@@ -669,16 +671,17 @@ def ema_schedule(step: int, steps_per_epoch: int, every: int, start_epoch: int) 
     return -1 if step < start else step // every - (start + every - 1) // every
 
 
+STATS = ("obs_offset", "obs_scale", "action_offset", "action_scale")  # the normalization a Policy and a checkpoint hold
+
+
 class Policy(nn.Module):
     """Generator + normalization: raw obs history -> raw action chunk, clipped to the env's bounds (1 NFE)."""
 
     def __init__(self, gen: nn.Module, stats: dict, action_low, action_high):
         super().__init__()
         self.gen = gen
-        for k, v in stats.items():
+        for k, v in {**stats, "action_low": action_low, "action_high": action_high}.items():
             self.register_buffer(k, torch.as_tensor(v, dtype=torch.float32).clone())
-        self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32).clone())
-        self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32).clone())
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_offset) / self.obs_scale  # obs_n = (obs - offset) / scale
@@ -690,15 +693,14 @@ class Policy(nn.Module):
         return torch.maximum(torch.minimum(chunk, self.action_high), self.action_low)
 
     def stats(self) -> dict:
-        return {k: getattr(self, k).detach().cpu().clone() for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
+        return {k: getattr(self, k).detach().cpu().clone() for k in STATS}
 
 
 def load_policy(ckpt: dict) -> Policy:
     """Rebuild the EMA policy stored in a checkpoint dict (format dbp-v1, docs/dbp.md)."""
     gen = make_generator(ckpt["backbone"], **ckpt["generator_kwargs"])
     gen.load_state_dict(ckpt["model"])
-    stats = {k: ckpt[k] for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
-    return Policy(gen, stats, ckpt["action_low"], ckpt["action_high"]).eval()
+    return Policy(gen, {k: ckpt[k] for k in STATS}, ckpt["action_low"], ckpt["action_high"]).eval()
 
 
 def rollout(env, chunk_fn: Callable[[np.ndarray], np.ndarray], obs_horizon: int, action_horizon: int, seed: int) -> dict:
@@ -723,10 +725,9 @@ def evaluate(policy: Policy, env, episodes: int, obs_horizon: int, action_horizo
     z: a generator seeded with `seed`), independent of the training RNG: --eval-only on a checkpoint
     reproduces the evaluation logged at its step."""
     z_rng = torch.Generator(device="cpu").manual_seed(seed)
-    gen = policy.gen
 
     def chunk_fn(obs_hist: np.ndarray) -> np.ndarray:
-        z = torch.randn(1, gen.pred_horizon, gen.action_dim, generator=z_rng).to(device)  # [1, Tp, da]
+        z = torch.randn(1, policy.gen.pred_horizon, policy.gen.action_dim, generator=z_rng).to(device)  # [1, Tp, da]
         obs_t = torch.as_tensor(obs_hist, dtype=torch.float32, device=device)[None]  # [1, To, obs_dim]
         return policy(obs_t, z)[0].cpu().numpy()
 
@@ -768,20 +769,10 @@ def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, lo
     return total, info
 
 
-# ---------------------------------------------------------------------------------------------
-# Envs, data, checkpoints: every check before any work
-# ---------------------------------------------------------------------------------------------
-def is_ogbench(env: str) -> bool:
-    return env.startswith("cube-")
-
-
-def is_ogbench_id(env_id: str) -> bool:
-    return "singletask" in env_id
-
-
+# ---- Envs, data, checkpoints: every check before any work ----
 def format_eval(res: dict, env_id: str) -> str:
-    """One parseable line: eval/success (OGBench singletask only), eval/episodic_return, eval/episode_length."""
-    success = f"eval/success={res['success']:.4f} " if is_ogbench_id(env_id) or is_robomimic(env_id) else ""
+    """One parseable line: eval/success (OGBench singletask and Robomimic), eval/episodic_return, eval/episode_length."""
+    success = f"eval/success={res['success']:.4f} " if is_manipulation(env_id) else ""
     return f"{success}eval/episodic_return={res['return']:.4f} eval/episode_length={res['length']:.1f}"
 
 
@@ -799,7 +790,7 @@ def make_eval_env(env_id: str, render: bool = False, env_args: Optional[str] = N
     """The evaluation env: OGBench singletask or Robomimic (episodes end at success) or a gymnasium env."""
     if is_robomimic(env_id):  # rebuilt from the env_args JSON the checkpoint stores
         return RobomimicEnv(env_id, env_args, **({"render_mode": "rgb_array"} if render else {}))
-    if is_ogbench_id(env_id):
+    if is_ogbench(env_id):
         import ogbench
 
         env = ogbench.make_env_and_datasets(env_id, env_only=True)
@@ -872,6 +863,7 @@ CKPT_KEYS = ("env_id", "backbone", "generator_kwargs", "model", "obs_dim", "acti
 RESUME_KEYS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", "obs_horizon", "pred_horizon",
                "action_horizon", "loss", "num_hypotheses", "drift_mode", "drift_field", "env", "task", "dataset_path", "seed",
                "val_ratio", "batch_size")
+TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
 
 
 def read_checkpoint(path: str, flag: str, train_state: bool = False) -> dict:
@@ -942,7 +934,28 @@ def resume_command(ckpt_path: str) -> str:
     return shlex.join(["python", sys.argv[0], *keep, "--resume", ckpt_path])
 
 
-TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
+def eval_only(args: Args, device: torch.device) -> None:
+    """--eval-only: evaluate each --checkpoint (everything needed is in it), then mean +- std and stderr over them."""
+    check(len(args.checkpoint) > 0, "--eval-only needs --checkpoint PATH [PATH ...] (dbp_bc.pt or dbp_bc_<step>.pt files)")
+    check(args.eval_episodes >= 1 and args.num_threads >= 0, "--eval-episodes must be >= 1 and --num-threads >= 0")
+    ckpts = [read_checkpoint(p, "--checkpoint") for p in args.checkpoint]
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    print(f"start: eval-only of {len(ckpts)} checkpoint(s) | device {device} | threads {torch.get_num_threads()}", flush=True)
+    envs, results = {}, []
+    for path, ckpt in zip(args.checkpoint, ckpts):
+        env_id, t0 = ckpt["env_id"], time.time()
+        env = envs[env_id] if env_id in envs else envs.setdefault(env_id, make_eval_env(env_id, env_args=ckpt.get("env_args")))
+        res = evaluate(load_policy(ckpt).to(device), env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
+        results.append(res)
+        print(f"eval-only {path} ({env_id} step {ckpt.get('step')}): {format_eval(res, env_id)} "
+              f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
+    key = "success" if all(is_ogbench(c["env_id"]) for c in ckpts) else "return"
+    v = np.array([r[key] for r in results])
+    std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    print(f"final eval-only over {len(v)} checkpoint(s): eval/{key} mean {v.mean():.4f} +- std {std:.4f} "
+          f"(stderr {std / math.sqrt(len(v)):.4f}, {args.eval_episodes} episodes each)")
+
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
@@ -950,27 +963,8 @@ if __name__ == "__main__":
         signal.signal(sig, on_signal)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # ---- evaluation only: everything needed is in the checkpoint(s) ----
     if args.eval_only:
-        check(len(args.checkpoint) > 0, "--eval-only needs --checkpoint PATH [PATH ...] (dbp_bc.pt or dbp_bc_<step>.pt files)")
-        check(args.eval_episodes >= 1 and args.num_threads >= 0, "--eval-episodes must be >= 1 and --num-threads >= 0")
-        ckpts = [read_checkpoint(p, "--checkpoint") for p in args.checkpoint]
-        if args.num_threads > 0:
-            torch.set_num_threads(args.num_threads)
-        print(f"start: eval-only of {len(ckpts)} checkpoint(s) | device {device} | threads {torch.get_num_threads()}", flush=True)
-        envs, results = {}, []
-        for path, ckpt in zip(args.checkpoint, ckpts):
-            env_id, t0 = ckpt["env_id"], time.time()
-            env = envs[env_id] if env_id in envs else envs.setdefault(env_id, make_eval_env(env_id, env_args=ckpt.get("env_args")))
-            res = evaluate(load_policy(ckpt).to(device), env, args.eval_episodes, ckpt["obs_horizon"], ckpt["action_horizon"], args.seed, device)
-            results.append(res)
-            print(f"eval-only {path} ({env_id} step {ckpt.get('step')}): {format_eval(res, env_id)} "
-                  f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
-        key = "success" if all(is_ogbench_id(c["env_id"]) for c in ckpts) else "return"
-        v = np.array([r[key] for r in results])
-        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-        print(f"final eval-only over {len(v)} checkpoint(s): eval/{key} mean {v.mean():.4f} +- std {std:.4f} "
-              f"(stderr {std / math.sqrt(len(v)):.4f}, {args.eval_episodes} episodes each)")
+        eval_only(args, device)
         sys.exit(0)
 
     # ---- every check before any work: flags, the resumed checkpoint, the run folder, the data ----
@@ -992,6 +986,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     env, env_id, observations, actions, episode_ends = load_demonstrations(args)
+    env_args = json.dumps(env.env_args) if is_robomimic(env_id) else None  # Robomimic: how to rebuild the env (JSON)
     obs_dim, action_dim = observations.shape[1], actions.shape[1]
     if resume_ckpt is not None:
         check((resume_ckpt["obs_dim"], resume_ckpt["action_dim"]) == (obs_dim, action_dim),
@@ -1008,12 +1003,11 @@ if __name__ == "__main__":
     total_steps = args.total_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)  # the lr schedule's length
 
-    if resume_ckpt is not None:
+    if resume_ckpt is not None:  # a resumed run continues in its own folder
         run_dir = os.path.dirname(os.path.abspath(args.resume))
-        run_name = os.path.basename(run_dir)
     else:
-        run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.runs_dir, run_name)
+        run_dir = os.path.join(args.runs_dir, args.run_name or f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = os.path.basename(run_dir)
     ckpt_path = os.path.join(run_dir, "dbp_bc.pt")
     print(f"start: env {env_id} | data {args.dataset_path or 'OGBench default'}: {len(observations)} steps, {len(val_episode)} episodes "
           f"({int(val_episode.sum())} held out), {len(train_t)} train / {len(val_t)} val samples | {total_steps} steps = {num_epochs} epochs "
@@ -1042,19 +1036,20 @@ if __name__ == "__main__":
     ema_gen.load_state_dict(gen.state_dict())
     ema_gen.requires_grad_(False)
     optimizer = torch.optim.AdamW(gen.parameters(), lr=args.min_lr, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
-    a_low, a_high = env.action_space.low, env.action_space.high
-    policy = Policy(ema_gen, stats, a_low, a_high).to(device).eval()  # what is evaluated and saved
+    loss_flags = (args.loss, args.num_hypotheses, args.drift_mode, args.drift_field, args.temperatures, args.bandwidth)
+    policy = Policy(ema_gen, stats, env.action_space.low, env.action_space.high).to(device).eval()  # what is evaluated and saved
     start_step, wall_time = 0, 0.0
     if resume_ckpt is not None:
         gen.load_state_dict(resume_ckpt["train_model"])
         ema_gen.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         start_step, wall_time = resume_ckpt["step"], resume_ckpt["wall_time"]
-        random.setstate(resume_ckpt["rng"]["python"])
-        np.random.set_state(resume_ckpt["rng"]["numpy"])
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"])
+        rng = resume_ckpt["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
         print(f"resuming {run_name} at step {start_step}")
     print(f"generator: {args.backbone}, {sum(p.numel() for p in gen.parameters())} parameters; To={To} Tp={Tp} Ta={Ta}", flush=True)
 
@@ -1085,11 +1080,9 @@ if __name__ == "__main__":
             "format": "dbp-v1", "args": json.loads(json.dumps(asdict(args))), "env_id": env_id,
             "obs_dim": obs_dim, "action_dim": action_dim, "obs_horizon": To, "pred_horizon": Tp, "action_horizon": Ta,
             "backbone": args.backbone, "generator_kwargs": gen_kwargs, "loss": args.loss,
-            "env_args": json.dumps(env.env_args) if is_robomimic(env_id) else None,  # Robomimic: how to rebuild the env
+            "env_args": env_args,
             "model": {k: v.cpu() for k, v in ema_gen.state_dict().items()},
-            **{k: v.cpu() for k, v in policy.stats().items()},
-            "action_low": torch.as_tensor(a_low, dtype=torch.float32), "action_high": torch.as_tensor(a_high, dtype=torch.float32),
-            "step": step,
+            **policy.stats(), "action_low": policy.action_low.cpu(), "action_high": policy.action_high.cpu(), "step": step,
             # training state, for an exact --resume (not in the dbp_bc_<step>.pt snapshots)
             "train_model": {k: v.cpu() for k, v in gen.state_dict().items()}, "optimizer": optimizer.state_dict(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -1115,21 +1108,20 @@ if __name__ == "__main__":
             return None
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)  # fork_rng: the training RNG stream is untouched
-            out = [compute_loss(gen, *batch(val_t[i : i + args.batch_size]), args.loss, args.num_hypotheses, args.drift_mode,
-                                args.drift_field, args.temperatures, args.bandwidth) for i in range(0, len(val_t), args.batch_size)]
+            out = [compute_loss(gen, *batch(val_t[i : i + args.batch_size]), *loss_flags) for i in range(0, len(val_t), args.batch_size)]
         return float(np.mean([o[0].item() for o in out])), float(np.mean([o[1]["chunk_mse"].item() for o in out]))
 
     def run_eval(step: int, capture_video: bool = False) -> dict:
         eval_env = env
         if capture_video:
-            eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True, env_args=env.env_args if is_robomimic(env_id) else None),
+            eval_env = gym.wrappers.RecordVideo(make_eval_env(env_id, render=True, env_args=env_args),
                                                 os.path.join(run_dir, "videos"), episode_trigger=lambda i: i == 0)
         print(f"evaluating step {step} ({args.eval_episodes} episodes)", flush=True)
         t0 = time.time()
         res = evaluate(policy, eval_env, args.eval_episodes, To, Ta, args.seed, device)
         writer.add_scalar("eval/episodic_return", res["return"], step)
         writer.add_scalar("eval/episode_length", res["length"], step)
-        if is_ogbench_id(env_id) or is_robomimic(env_id):  # locomotion envs have no success signal
+        if is_manipulation(env_id):
             writer.add_scalar("eval/success", res["success"], step)
         print(f"eval step {step}: {format_eval(res, env_id)} ({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
         if capture_video:
@@ -1150,8 +1142,7 @@ if __name__ == "__main__":
             for group in optimizer.param_groups:
                 group["lr"] = lr
             obs_hist, chunk = batch(perm[i * args.batch_size : (i + 1) * args.batch_size])
-            loss, info = compute_loss(gen, obs_hist, chunk, args.loss, args.num_hypotheses, args.drift_mode,
-                                      args.drift_field, args.temperatures, args.bandwidth)
+            loss, info = compute_loss(gen, obs_hist, chunk, *loss_flags)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(gen.parameters(), args.max_grad_norm)
@@ -1189,12 +1180,10 @@ if __name__ == "__main__":
             print(f"saved {ckpt_path}")
         res = run_eval(total_steps, capture_video=args.capture_video)
     except Interrupted:
-        name = signal.Signals(STOP["signum"]).name
         if args.save_model:
             save(done)
-            print(f"interrupted by {name} at step {done}; saved {ckpt_path}; continue with:\n  {resume_command(ckpt_path)}", flush=True)
-        else:
-            print(f"interrupted by {name} at step {done}; nothing saved (--no-save-model)", flush=True)
+        saved = f"saved {ckpt_path}; continue with:\n  {resume_command(ckpt_path)}" if args.save_model else "nothing saved (--no-save-model)"
+        print(f"interrupted by {signal.Signals(STOP['signum']).name} at step {done}; {saved}", flush=True)
         sys.exit(128 + STOP["signum"])
     env.close()
     writer.close()
