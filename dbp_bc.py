@@ -950,7 +950,7 @@ def eval_only(args: Args, device: torch.device) -> None:
         results.append(res)
         print(f"eval-only {path} ({env_id} step {ckpt.get('step')}): {format_eval(res, env_id)} "
               f"({args.eval_episodes} episodes, {time.time() - t0:.1f}s)", flush=True)
-    key = "success" if all(is_ogbench(c["env_id"]) for c in ckpts) else "return"
+    key = "success" if all(is_manipulation(c["env_id"]) for c in ckpts) else "return"
     v = np.array([r[key] for r in results])
     std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     print(f"final eval-only over {len(v)} checkpoint(s): eval/{key} mean {v.mean():.4f} +- std {std:.4f} "
