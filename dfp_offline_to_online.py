@@ -856,9 +856,8 @@ def make_eval_env(env_id: str, horizon: int = 1, env_args: Optional[dict] = None
 
 
 class ChunkEnv(gym.Wrapper):
-    """step(chunk [h * A]) runs the h actions open-loop and stops at the episode's end: one round trip to a worker
-    process per chunk, not per action. Reward: the chunk's summed reward; info['steps']: env steps taken;
-    info['frames']: the rendered frames while `record` is set (for the video)."""
+    """step(chunk [h * A]) runs the h actions open-loop up to the episode's end (one worker round trip per chunk);
+    reward: their sum; info['steps']: env steps taken; info['frames']: rendered frames while `record` is set."""
 
     def __init__(self, env, horizon: int):
         super().__init__(env)
@@ -964,8 +963,7 @@ def save_checkpoint(path: str, state: dict):
 
 
 def leave(code: int, envs, track: bool = False):
-    """Exit now, after a signal, all saved: the interpreter's own teardown (torch, MuJoCo) takes seconds on a busy
-    machine, so close what holds resources and skip it."""
+    """Exit now, after a signal, all saved: close what holds resources, skip the slow teardown (torch, MuJoCo)."""
     if track:
         import wandb
 
