@@ -435,9 +435,8 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """Ensemble of E Q(s, a_chunk) MLPs (Linear, GELU, LayerNorm) run as one batched network; returns [E, ...].
-    Member e is mlp(O + D, 1, hidden_dim, num_layers, layer_norm=True) with slice e of the stacked weights: one
-    batched matmul per layer instead of E small ones (tests/test_dfp.py checks it against a loop of such MLPs)."""
+    """Ensemble of E Q(s, a_chunk) MLPs run as one batched network (one matmul per layer), returning [E, ...]: member e
+    is mlp(O + D, 1, hidden_dim, num_layers, layer_norm=True) with slice e of the stacked weights."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int):
         super().__init__()
@@ -518,12 +517,8 @@ class ReplayBuffer:
 
 def sample_chunks(data: dict, start: int, size: int, capacity: int, gen: torch.Generator, batch_size: int, h: int,
                   gamma: float) -> dict:
-    """Chunks s_t, a_t..a_{t+h-1} starting anywhere in the stored data (oldest entry at `start`, ring-wise).
-
-    reward = sum_k gamma^k r_{t+k}; mask = min_k mask_{t+k}; valid = 0 if an episode ends (terminal) before the
-    chunk's last step; next_obs = s_{t+h}. Chunks never run past the newest entry. Pure device indexing with the
-    device generator `gen`: no host copy, no sync (docs/algorithms.md §3).
-    """
+    """Chunks s_t, a_t..a_{t+h-1} of the stored data (oldest entry at `start`, ring-wise), never past the newest entry.
+    Device indexing with the device generator `gen` only: no host copy, no sync (docs/algorithms.md §3)."""
     dev = data["rewards"].device
     idx = (start + torch.randint(0, size - h + 1, (batch_size,), device=dev, generator=gen)) % capacity  # [B]
     j = (idx[:, None] + torch.arange(h, device=dev)) % capacity  # [B, h]
@@ -531,20 +526,20 @@ def sample_chunks(data: dict, start: int, size: int, capacity: int, gen: torch.G
     return {
         "observations": data["observations"][idx],  # [B, O]
         "actions": data["actions"][j].reshape(batch_size, -1),  # [B, h * A]
-        "rewards": data["rewards"][j] @ discounts,  # [B]
-        "masks": data["masks"][j].amin(1),  # [B]
-        "valid": (data["terminals"][j[:, :-1]].sum(1) == 0).float(),  # [B]: the chunk stays inside one episode
+        "rewards": data["rewards"][j] @ discounts,  # sum_k gamma^k r_{t+k}, [B]
+        "masks": data["masks"][j].amin(1),  # min_k mask_{t+k}, [B]
+        "valid": (data["terminals"][j[:, :-1]].sum(1) == 0).float(),  # 0 if the episode ends inside the chunk, [B]
         "next_observations": data["next_observations"][j[:, -1]],  # s_{t+h}, [B, O]
     }
 
 
 def drift(args, gen: torch.Tensor, pos: torch.Tensor, pos_weight: Optional[torch.Tensor] = None):
     """Drift loss of gen [B, G, D] toward pos [B, P, D] (the generated samples are the negatives)."""
-    if args.drift_field == "official":  # SPEC 2.2
+    if args.drift_field == "official":  # (docs/algorithms.md §2)
         loss, info = drift_field.drift_loss(gen, pos, temperatures=args.temperatures, pos_weight=pos_weight)
         # The loss is ~1 per temperature by construction (the force is RMS-normalized); the raw force is informative.
         return loss.mean(), info["scale"], sum(info[f"force_sq_{r}"] for r in args.temperatures)
-    x = gen.detach()  # SPEC 2.1: V(x) = V_p+(x) - V_q-(x), L = || x - sg(x + V(x)) ||^2
+    x = gen.detach()  # (docs/algorithms.md §1): V(x) = V_p+(x) - V_q-(x), L = || x - sg(x + V(x)) ||^2
     v = drift_field.mean_shift_field(x, pos, x, args.bandwidth, pos_weight=pos_weight)
     return (gen - (x + v)).pow(2).mean(), v.norm(dim=-1).mean(), v.pow(2).mean()
 
@@ -609,9 +604,8 @@ def make_update(args, actor, critic, target_critic, ema_actor, optimizer):
 
 
 class CudaGraphUpdate:
-    """--cudagraphs: the whole update (forward, backward, Adam, Polyak/EMA) captured once per phase as a CUDA graph
-    and replayed on each new batch, copied into static input tensors. The first `warmup` calls of a phase run
-    eagerly on a side stream (they allocate Adam's state and the gradients); every call is one real update."""
+    """--cudagraphs: the whole update captured once per phase as a CUDA graph, replayed on each batch copied into
+    static inputs. The first `warmup` calls of a phase run eagerly on a side stream (allocating Adam's state)."""
 
     def __init__(self, update, warmup: int = 3):
         self.update, self.warmup, self.phases = update, warmup, {}
@@ -677,22 +671,19 @@ def parse_args() -> Args:
 
 def check_args(args: Args):
     """The range of every flag (a NaN fails every comparison, so it is refused too)."""
-    ranges = {  # rule: flags
-        ">= 1": ("horizon", "batch_size", "hidden_dim", "num_layers", "num_critics", "num_gen", "N", "q_best_of",
-                 "act_best_of", "utd_ratio", "buffer_size", "eval_interval", "eval_episodes", "log_interval",
-                 "save_interval", "shard_interval"),
-        ">= 0": ("seed", "offline_steps", "online_steps", "start_training", "num_threads"),
-        "a finite number > 0": ("lr", "bandwidth"),
-        "a finite number >= 0": ("alpha", "topk_weight", "bc_weight"),
-        "in (0, 1]": ("discount", "tau"),
-        "in [0, 1]": ("ema_tau",),
+    rules = {  # rule: (test, flags)
+        ">= 1": (lambda v: v >= 1, ("horizon", "batch_size", "hidden_dim", "num_layers", "num_critics", "num_gen", "N",
+                 "q_best_of", "act_best_of", "utd_ratio", "buffer_size", "eval_interval", "eval_episodes",
+                 "log_interval", "save_interval", "shard_interval")),
+        ">= 0": (lambda v: v >= 0, ("seed", "offline_steps", "online_steps", "start_training", "num_threads")),
+        "a finite number > 0": (lambda v: 0 < v < math.inf, ("lr", "bandwidth")),
+        "a finite number >= 0": (lambda v: 0 <= v < math.inf, ("alpha", "topk_weight", "bc_weight")),
+        "in (0, 1]": (lambda v: 0 < v <= 1, ("discount", "tau")),
+        "in [0, 1]": (lambda v: 0 <= v <= 1, ("ema_tau",)),
     }
-    ok = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "a finite number > 0": lambda v: 0 < v < math.inf,
-          "a finite number >= 0": lambda v: 0 <= v < math.inf, "in (0, 1]": lambda v: 0 < v <= 1,
-          "in [0, 1]": lambda v: 0 <= v <= 1}
-    for rule, keys in ranges.items():
-        for k in keys:
-            check(ok[rule](getattr(args, k)), f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}")
+    for rule, (ok, flags) in rules.items():
+        for k in flags:
+            check(ok(getattr(args, k)), f"--{k.replace('_', '-')} must be {rule}, got {getattr(args, k)}")
     check(len(args.temperatures) > 0 and all(math.isfinite(t) and t > 0 for t in args.temperatures),
           f"--temperatures must be finite numbers > 0, got {args.temperatures}")
     check(1 <= args.K <= args.N, f"--K must be in 1..N = 1..{args.N}, got {args.K}")
@@ -767,14 +758,12 @@ def load_checkpoint(path: str, flag: str) -> dict:
 
 def plan_run_dir(args: Args, env_id: str, ckpt: Optional[dict]) -> Tuple[str, str]:
     """(run name, run folder), checked to be creatable; nothing is created here."""
-    if args.eval_only:
-        run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-        if args.capture_video:
+    if ckpt is not None:  # --resume and --eval-only stay in the checkpoint's folder
+        run_dir = os.path.dirname(os.path.abspath(args.resume or args.checkpoint))
+        if args.resume:
+            check(os.access(run_dir, os.W_OK | os.X_OK), f"the run folder {run_dir} of --resume is not writable")
+        elif args.capture_video:
             check_creatable(os.path.join(run_dir, "videos"), "the video folder")
-        return ckpt["run_name"], run_dir
-    if ckpt is not None:  # --resume: the run continues in the checkpoint's folder
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        check(os.access(run_dir, os.W_OK | os.X_OK), f"the run folder {run_dir} of --resume is not writable")
         return ckpt["run_name"], run_dir
     check(not os.path.exists(args.runs_dir) or os.path.isdir(args.runs_dir),
           f"--runs-dir {args.runs_dir} is a file; pass a folder (default runs)")
@@ -789,8 +778,7 @@ def plan_run_dir(args: Args, env_id: str, ckpt: Optional[dict]) -> Tuple[str, st
 
 def resolve_env(args) -> str:
     if is_robomimic(args.env):  # lift-mh, can-ph, ... (Robomimic block)
-        if args.task is not None:
-            robomimic_fail("--task only applies to OGBench envs")
+        check(args.task is None, "--task only applies to OGBench envs")
         return robomimic_env_id(args.env)
     if re.fullmatch(OTHER_ENV_RE, args.env):
         check(args.task is None, "--task only applies to cube-* names; put the task in the full id instead")
@@ -868,9 +856,8 @@ def make_eval_env(env_id: str, horizon: int = 1, env_args: Optional[dict] = None
 
 
 class ChunkEnv(gym.Wrapper):
-    """step(chunk [h * A]) runs the h actions open-loop and stops at the episode's end: one round trip to a worker
-    process per chunk, not per action. Reward: the chunk's summed reward; info['steps']: env steps taken;
-    info['frames']: the rendered frames while `record` is set (for the video)."""
+    """step(chunk [h * A]) runs the h actions open-loop up to the episode's end (one worker round trip per chunk);
+    reward: their sum; info['steps']: env steps taken; info['frames']: rendered frames while `record` is set."""
 
     def __init__(self, env, horizon: int):
         super().__init__(env)
@@ -911,11 +898,9 @@ def episode_generator(seed: int, episode: int) -> torch.Generator:
 @torch.no_grad()
 def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, device, video_path: Optional[str] = None,
              stop=lambda: False):
-    """(success rate, mean return, mean length, mean critic value of the chosen chunks) over `episodes` episodes
-    on the M ChunkEnvs of the vector env `envs`; success = info['success'] at the episode's last step.
-    Episode i runs with env seed seed + i and the noise generator episode_generator(seed, i), so the result does not
-    depend on M. Each round, one best-of-N call picks a chunk for every env, and each env runs its chunk
-    open-loop. None if stop() became true: the evaluation is abandoned, no result."""
+    """(success rate, mean return, mean length, mean critic value of the chosen chunks) over `episodes` episodes on
+    the M ChunkEnvs of `envs`, success = info['success'] at the last step; None if stop() became true. Episode i has
+    env seed seed + i and noise episode_generator(seed, i): the result does not depend on M."""
     M = envs.num_envs
     episode = np.full(M, -1)  # the episode each env runs, -1: none left
     ret, length, q_sum, n_chunks, gens = np.zeros(M), np.zeros(M, int), np.zeros(M), np.zeros(M, int), [None] * M
@@ -971,15 +956,6 @@ def evaluate(envs, actor, critic, act_best_of: int, episodes: int, seed: int, de
     return tuple(float(v) for v in np.mean([results[i] for i in range(episodes)], 0))
 
 
-def first_nonfinite(modules: dict) -> Optional[str]:
-    """The first parameter holding a NaN or an infinity (e.g. 'critic.qs.0.0.weight'), else None."""
-    for name, module in modules.items():
-        for k, v in module.state_dict().items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                return f"{name}.{k}"
-    return None
-
-
 def save_checkpoint(path: str, state: dict):
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -987,8 +963,7 @@ def save_checkpoint(path: str, state: dict):
 
 
 def leave(code: int, envs, track: bool = False):
-    """Exit now, after a signal, all saved: the interpreter's own teardown (torch, MuJoCo) takes seconds on a busy
-    machine, so close what holds resources and skip it."""
+    """Exit now, after a signal, all saved: close what holds resources, skip the slow teardown (torch, MuJoCo)."""
     if track:
         import wandb
 
@@ -1015,12 +990,11 @@ if __name__ == "__main__":
     args = parse_args()
     check_args(args)
     stop = Interrupt()  # from here on a signal exits at once, until the first checkpoint can be written
-    ckpt = None
-    if args.resume or args.eval_only:
-        ckpt = load_checkpoint(args.resume or args.checkpoint, "--resume" if args.resume else "--checkpoint")
-        if args.eval_only:  # the policy, the env and the evaluation seeds come from the checkpoint
-            for k in ("env", "task", "horizon", "hidden_dim", "num_layers", "num_critics", "act_best_of", "seed"):
-                setattr(args, k, ckpt["args"][k])
+    ckpt = load_checkpoint(args.resume, "--resume") if args.resume else None
+    if args.eval_only:  # the policy, the env and the evaluation seeds come from the checkpoint
+        ckpt = load_checkpoint(args.checkpoint, "--checkpoint")
+        for k in ("env", "task", "horizon", "hidden_dim", "num_layers", "num_critics", "act_best_of", "seed"):
+            setattr(args, k, ckpt["args"][k])
     env_id = resolve_env(args)
     check(ckpt is None or ckpt["env_id"] == env_id,
           f"checkpoint was made for {ckpt and ckpt['env_id']}, not {env_id}; pass the same --env/--task")
@@ -1035,14 +1009,11 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cudagraphs and device.type != "cuda":
-        print("error: --cudagraphs needs a CUDA device (and no --no-cuda); drop the flag on CPU", file=sys.stderr)
-        sys.exit(2)
+    check(not args.cudagraphs or device.type == "cuda",
+          "--cudagraphs needs a CUDA device (and no --no-cuda); drop the flag on CPU")
     sampler = torch.Generator(device=device).manual_seed(args.seed)  # chunk sampling, on the training device
 
     # ---- environment and data (validated: a refusal here still writes nothing) ----
-    import ogbench
-
     shards, shard_idx, train, env_args = [], 0, None, None
     if args.eval_only:
         env_args = ckpt.get("env_args")  # Robomimic: the env is rebuilt from the checkpoint, not from the data file
@@ -1053,18 +1024,16 @@ if __name__ == "__main__":
         train, _, env_args = load_robomimic(env_id, data_name)
         env = RobomimicEnv(env_id, env_args, reward_shift=-1.0)
         check_dataset(train, env, env_id, args.horizon + 1)
-    elif args.dataset_dir is not None:
-        shards = shard_paths(args.dataset_dir)
-        shard_idx = ckpt["shard_idx"] if ckpt is not None else 0
-        check(shard_idx < len(shards), f"the checkpoint reads shard {shard_idx} but --dataset-dir holds {len(shards)}")
-        data_name = f"{args.dataset_dir} ({len(shards)} shards)"
-        print(f"loading {shards[shard_idx]} ...", flush=True)
-        env = ogbench.make_env_and_datasets(env_id, env_only=True)
-        env, train = load_data(env_id, shards[shard_idx], args.horizon, env)
-    else:
-        data_name = args.dataset_path or f"{OGBENCH_DATA_DIR}/{env_id.split('-singletask')[0]}-v0.npz"
-        print(f"loading {data_name} ...", flush=True)
-        env, train = load_data(env_id, args.dataset_path, args.horizon)
+    else:  # OGBench: one .npz file, or the shards of --dataset-dir one at a time
+        if args.dataset_dir is not None:
+            shards = shard_paths(args.dataset_dir)
+            shard_idx = ckpt["shard_idx"] if ckpt is not None else 0
+            check(shard_idx < len(shards), f"the checkpoint reads shard {shard_idx} but --dataset-dir holds {len(shards)}")
+        path = shards[shard_idx] if shards else args.dataset_path
+        data_name = (f"{args.dataset_dir} ({len(shards)} shards)" if shards else
+                     path or f"{OGBENCH_DATA_DIR}/{env_id.split('-singletask')[0]}-v0.npz")
+        print(f"loading {path or data_name} ...", flush=True)
+        env, train = load_data(env_id, path, args.horizon)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     check(ckpt is None or (ckpt["obs_dim"], ckpt["act_dim"]) == (obs_dim, act_dim),
           f"the checkpoint's observation/action sizes {ckpt and (ckpt['obs_dim'], ckpt['act_dim'])} differ from "
@@ -1185,7 +1154,9 @@ if __name__ == "__main__":
 
     def check_finite(step: int):
         """Stop (exit 1) on a non-finite loss or parameter, before it is evaluated or saved over a good checkpoint."""
-        bad = LOSS_NAMES[int(nonfinite.nonzero()[0])] if nonfinite.any() else first_nonfinite(nets)
+        params = ((f"{name}.{k}", v) for name, net in nets.items() for k, v in net.state_dict().items())  # lazy
+        bad = LOSS_NAMES[int(nonfinite.nonzero()[0])] if nonfinite.any() else next(
+            (k for k, v in params if not torch.isfinite(v).all()), None)  # a loss, else a parameter (critic.weights.0)
         if bad is not None:
             kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was written"
             print(f"error: {bad} became non-finite by step {step}; stopping ({kept}). Try a lower --lr "
@@ -1263,15 +1234,14 @@ if __name__ == "__main__":
 
         # ---- logging, evaluation, checkpoints ----
         if step % args.log_interval == 0 or step == total:
-            check_finite(step)  # note: .tolist() is a device sync, once per log interval
-            if n_stats:
-                for name, v in zip(LOSS_NAMES, (stats / n_stats).tolist()):
-                    writer.add_scalar(name, v, step)
+            check_finite(step)
+            vals = (stats / max(n_stats, 1)).tolist()  # a device sync, once per log interval
+            for name, v in zip(LOSS_NAMES, vals if n_stats else ()):
+                writer.add_scalar(name, v, step)
             sps = (step - t0_step + 1) / (time.time() - t0)
             writer.add_scalar("charts/SPS", sps, step)
             eta = (total - step) / max(sps, 1e-9)
             phase = "offline" if step <= args.offline_steps else "online"
-            vals = (stats / max(n_stats, 1)).tolist()
             print(f"step {step}/{total} [{phase}] SPS {sps:.1f} ETA {eta / 60:.1f} min | critic {vals[0]:.4f} "
                   f"drift_bc {vals[1]:.4f} drift_topk {vals[2]:.4f} q {vals[3]:.2f} | success {last_success:.2f}",
                   flush=True)
