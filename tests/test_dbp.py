@@ -5,7 +5,6 @@ reproducible evaluation, tensorboard across a resume, and smoke runs (tiny MLP, 
 import math
 import os
 import re
-import runpy
 import shlex
 import signal
 import subprocess
@@ -20,6 +19,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dbp_bc  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inprocess import run_main  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "dbp_bc.py")
 ENV = dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1")
@@ -357,21 +359,12 @@ BAD_CASES = {  # name: (argv with {file} placeholders, message fragment)
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
-def test_bad_input_exit_2_one_line_nothing_written(case, bad_files, tmp_path, monkeypatch, capsys):
-    """In-process (runpy, as __main__) to keep it fast; test_bad_input_subprocess checks the real process."""
+def test_bad_input_exit_2_one_line_nothing_written(case, bad_files, tmp_path):
+    """In-process (tests/inprocess.py) to keep it fast; test_bad_input_subprocess checks the real process."""
     argv, message = BAD_CASES[case]
     argv = [a.format(**bad_files) for a in argv]
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(SCRIPT, run_name="__main__")
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
+    code, _, err = run_main(SCRIPT, argv, tmp_path)
+    assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], err
     assert "Traceback" not in err

@@ -15,7 +15,6 @@ import glob
 import importlib.util
 import io
 import os
-import runpy
 import shlex
 import shutil
 import signal
@@ -31,6 +30,8 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "dbpo_ppo.py")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inprocess import run_main  # noqa: E402
 ENV = dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
 NET_BEGIN, NET_END = "# ---- DBP networks", "# ---- end of DBP networks"
 TINY = ["--num-threads", "1", "--num-iterations", "3", "--num-envs", "2", "--num-steps", "4", "--critic-warmup-iters", "2",
@@ -401,26 +402,6 @@ def test_learning_rate_schedules_at_key_iterations(D):
 
 
 # ---------------------------------------------------------------- bad input
-def run_in_process(argv, cwd):
-    """The script's __main__ in this process (fast: torch is already imported): (exit code, stdout, stderr)."""
-    out, err, old_cwd, old_argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    os.chdir(cwd)
-    sys.argv = [SCRIPT, *argv]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(SCRIPT, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        os.chdir(old_cwd)
-        sys.argv = old_argv
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_bad_input_matrix_exits_2_with_one_line_before_writing_anything(D, tmp_path, one_thread):
     inp, cwd = tmp_path / "in", tmp_path / "cwd"
     inp.mkdir()
@@ -481,7 +462,7 @@ def test_bad_input_matrix_exits_2_with_one_line_before_writing_anything(D, tmp_p
     base = ["--num-envs", "2", "--num-steps", "2", "--num-iterations", "1", "--num-eval-episodes", "1", "--num-eval-envs", "1"]
     for flags, message in cases:
         argv = base + flags + ([] if message is None or "--checkpoint" in flags else ["--checkpoint", good])
-        code, out, err = run_in_process(argv, cwd)
+        code, out, err = run_main(SCRIPT, argv, cwd)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flags, code, err[-2000:])
         assert message is None or message in lines[0], (flags, lines)

@@ -4,7 +4,6 @@ evaluation is reproducible (--eval-only, any --eval-envs), tensorboard steps nev
 import glob
 import os
 import re
-import runpy
 import shlex
 import shutil
 import signal
@@ -18,6 +17,7 @@ import torch
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inprocess import run_main  # noqa: E402
 from test_dfp import ENV, SCRIPT, SUBENV, dataset, dfp, write_dataset  # noqa: E402, F401  (dataset: a fixture)
 
 TINY = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--num-gen", "4", "--N", "8", "--K", "2",
@@ -135,7 +135,7 @@ BAD_INPUT = [  # (id, argv with {placeholders} from the `bad` fixture, what the 
 
 
 @pytest.mark.parametrize("argv,expected", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
-def test_bad_input_is_refused_before_any_work(argv, expected, bad, dataset, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_refused_before_any_work(argv, expected, bad, dataset, tmp_path):
     """In-process (the script run as __main__) for speed: exit code 2, one `error:` line, nothing written."""
     if "--runs-dir" in argv:
         (tmp_path / "taken").write_text("a file where the runs folder should go")
@@ -144,18 +144,9 @@ def test_bad_input_is_refused_before_any_work(argv, expected, bad, dataset, tmp_
         (tmp_path / "runs" / "old" / "checkpoint.pt").write_text("an earlier run")
     before = tree(tmp_path)
     argv = [a.format(nan_free=dataset, **bad) for a in argv]
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.time()
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(SCRIPT, run_name="__main__")
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
+    code, _, err = run_main(SCRIPT, argv, tmp_path)
+    assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], err
     assert "Traceback" not in err
