@@ -124,19 +124,62 @@ def test_a_failed_run_is_reported_and_the_others_finish(local_ray, dataset, tmp_
     assert len(finished) == 1 and len(os.listdir(out)) == 2
 
 
+def run_pid(out, run_id):
+    """The pid of the training script the grid in `out` started for run `run_id` (not a forked child of it)."""
+    pids = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # the process ended meanwhile
+            continue
+        if all(flag in argv and argv[argv.index(flag) + 1] == value for flag, value in
+               (("--runs-dir", str(out)), ("--run-name", run_id))):
+            pids[int(p)] = ppid
+    top = [p for p, ppid in pids.items() if ppid not in pids]
+    return top[0] if len(top) == 1 else None
+
+
+def signal_pending(pid, signum) -> bool:
+    """Whether `signum` waits, undelivered, for the (stopped) process `pid`; True if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("ShdPnd:"))
+    except OSError:
+        return True
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds and pauses the grid's runs through /proc")
 def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ray, dataset, tmp_path, capsys):
+    """No race with the machine's load: each run is paused (SIGSTOP) as soon as its first checkpoint exists, so no
+    run can finish while the other one starts late; Ctrl-C comes once both are paused, and they continue only once
+    the grid's SIGTERM waits for them, so each stops at the step where it was paused."""
     out = tmp_path / "grid"
     args = grid(out, dataset, "--envs", "cube-single-play-task1", "--seeds", "1", "2", "--set", "offline_steps=400",
                 "--set", "save_interval=10", "--set", "eval_interval=100000")
-    ckpts = [out / f"dfp__cube-single-play-task1__s{s}" / "checkpoint.pt" for s in (1, 2)]
+    ids = [f"dfp__cube-single-play-task1__s{s}" for s in (1, 2)]
+    ckpts = [out / run_id / "checkpoint.pt" for run_id in ids]
+    paused = {}
 
-    def interrupt_after_first_checkpoints():
+    def pause_both_then_interrupt():
         t0 = time.time()
-        while not all(c.exists() for c in ckpts) and time.time() - t0 < 120:
-            time.sleep(0.05)
+        while len(paused) < 2 and time.time() - t0 < 300:
+            for run_id, c in zip(ids, ckpts):
+                if run_id not in paused and c.exists() and (pid := run_pid(out, run_id)) is not None:
+                    os.kill(pid, signal.SIGSTOP)
+                    paused[run_id] = pid
+            time.sleep(0.01)
         _thread.interrupt_main()  # = Ctrl-C in the grid's terminal
+        t0 = time.time()
+        while not all(signal_pending(p, signal.SIGTERM) for p in paused.values()) and time.time() - t0 < 120:
+            time.sleep(0.01)
+        for pid in paused.values():
+            os.kill(pid, signal.SIGCONT)
 
-    threading.Thread(target=interrupt_after_first_checkpoints, daemon=True).start()
+    threading.Thread(target=pause_both_then_interrupt, daemon=True).start()
     assert benchmark.main(args) == 130
     assert "stopping: cancelling" in capsys.readouterr().out
     stops = [torch.load(c, weights_only=False)["step"] for c in ckpts]

@@ -232,8 +232,9 @@ def test_sigterm_in_training_resume_tensorboard_and_eval_only(dataset, tmp_path)
 
 def test_sigterm_during_evaluation_abandons_it_and_resume_redoes_it(dataset, tmp_path):
     args = [*ENV, *TINY, "--dataset-path", dataset, "--offline-steps", "10", "--online-steps", "0",
-            "--eval-episodes", "3", "--eval-envs", "1", "--eval-interval", "1000"]
-    out, err, took = stop_at(popen(args, tmp_path), r"evaluating step 1:", delay=0.2)  # 3 episodes take longer
+            "--eval-envs", "1", "--eval-interval", "1000"]
+    # an evaluation that cannot end before the signal, however fast the machine (the resume asks for 3 episodes)
+    out, err, took = stop_at(popen([*args, "--eval-episodes", "1000000"], tmp_path), r"evaluating step 1:", delay=0.2)
     assert took < 5 and "Traceback" not in err, err[-2000:]
     assert "evaluation at step 1 interrupted: no result" in out and "eval step 1:" not in out
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
@@ -241,7 +242,7 @@ def test_sigterm_during_evaluation_abandons_it_and_resume_redoes_it(dataset, tmp
     assert ckpt["step"] == 1 and ckpt["eval_pending"]
     assert "eval/success" not in tensorboard_steps(run_dir)  # an interrupted evaluation is no result
 
-    r = run([*args, "--resume", os.path.join(run_dir, "checkpoint.pt")], tmp_path)
+    r = run([*args, "--eval-episodes", "3", "--resume", os.path.join(run_dir, "checkpoint.pt")], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eval step 1:" in r.stdout and f"final {ENV_ID} step 10: success" in r.stdout
     assert tensorboard_steps(run_dir)["eval/success"] == [1, 10]
