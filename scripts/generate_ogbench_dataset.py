@@ -22,13 +22,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless; nothing is rendered anyway
 
-import multiprocessing as mp
 import hashlib
 import json
+import multiprocessing as mp
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -36,7 +35,10 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
-import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: envs, runs
+from envs import CUBE_PLAY_EPISODES, OGBENCH_DATA_DIR  # noqa: E402
+from runs import atomic, check, fail, parse  # noqa: E402
 
 
 def num_cores() -> int:
@@ -63,7 +65,7 @@ class Args:
     """worker processes, one per CPU core by default"""
     seed: int = 0
     """random seed; the files depend on the seed only, not on --workers"""
-    out_dir: str = "~/.ogbench/data"
+    out_dir: str = OGBENCH_DATA_DIR
     """output folder (OGBench's default data folder, where the training scripts look)"""
     overwrite: bool = False
     """replace existing output files"""
@@ -75,8 +77,6 @@ class Args:
     """Gaussian smoothing (in steps) of the plan noise (official: 0.5)"""
 
 
-SIZES = ("single", "double", "triple", "quadruple")
-PLAY_EPISODES = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000}  # official dataset sizes
 EVAL_HORIZON = {"single": 200, "double": 500, "triple": 1000, "quadruple": 1000}  # max_episode_steps of cube-X-v0
 # Probability that a play target is "on top of another cube", drawn once per episode (official recipe).
 P_STACK_RANGE = {"single": (0.0, 0.0), "double": (0.0, 0.25), "triple": (0.05, 0.35), "quadruple": (0.1, 0.5)}
@@ -87,121 +87,28 @@ DTYPES = dict(
 )  # the dtypes of OGBench's own generator (terminals are stored as bool, the loader casts them)
 
 
-# ---- OGBench dataset resolution: the shared recipe. Every training script pastes this block unchanged
-# ---- (CleanRL duplicates instead of importing); tests/test_generate_dataset.py checks the copies match.
-# Order: --dataset-path if given; else ~/.ogbench/data/<dataset>.npz if present; else OGBench's download with
-# a bounded socket timeout; if that fails, one error with the exact command that regenerates the file.
-# Needs at module top: import os, re, socket / from typing import Optional
-OGBENCH_DATA_DIR = "~/.ogbench/data"
-CUBE_PLAY_EPISODES = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000}  # official sizes
-ORACLE_STEPS_PER_SEC = 200  # per CPU core, measured with bench/bench_generate.py (README, Data)
-
-
-def resolve_env_id(env: str, task: Optional[int] = None) -> str:
-    """'cube-triple-play' -> 'cube-triple-play-singletask-task2-v0'; full ids pass; --task N overrides."""
-    m = re.fullmatch(r"(cube-(single|double|triple|quadruple)-play)(-singletask)?(-task([1-5]))?(-v0)?", env)
-    if m is None:
-        valid = ", ".join(f"cube-{k}-play" for k in CUBE_PLAY_EPISODES)
-        raise SystemExit(f"error: unknown env '{env}'; valid: {valid} (or a full id like cube-double-play-singletask-task2-v0)")
-    if task is not None and not 1 <= task <= 5:
-        raise SystemExit(f"error: --task must be in 1..5, got {task}")
-    task = task if task is not None else int(m.group(5) or 2)  # task 2: the paper's default
-    return f"{m.group(1)}-singletask-task{task}-v0"
-
-
-def generate_command(dataset_file: str) -> str:
-    """The scripts/generate_ogbench_dataset.py command that regenerates `dataset_file`, and how long it takes."""
-    out_dir, name = os.path.split(os.path.abspath(os.path.expanduser(dataset_file)))
-    m = re.fullmatch(r"cube-(single|double|triple|quadruple)-(play|expert-task([1-5]))-v0\.npz", name)
-    if m is None:
-        return "python scripts/generate_ogbench_dataset.py --help  (no standard dataset name; see the README's Data section)"
-    cmd = f"python scripts/generate_ogbench_dataset.py --env cube-{m.group(1)}-play"
-    if m.group(3):
-        cmd += f" --kind expert --task {m.group(3)}"
-    if out_dir != os.path.abspath(os.path.expanduser(OGBENCH_DATA_DIR)):
-        cmd += f" --out-dir {out_dir}"
-    if m.group(3):
-        return cmd  # expert demos stop once solved: minutes, not hours
-    steps = int(CUBE_PLAY_EPISODES[m.group(1)] * 1.1) * 1001  # +10% validation episodes of 1001 steps
-    cores = os.cpu_count() or 1
-    minutes = steps / (ORACLE_STEPS_PER_SEC * cores) / 60
-    return f"{cmd}\n  ({steps / 1e6:.1f}M oracle steps: about {minutes:.0f} min on {cores} CPU cores, faster with more)"
-
-
-def load_ogbench(env_id: str, dataset_path: Optional[str] = None, compact: bool = False, timeout: float = 30.0):
-    """(env, train_dataset, val_dataset) for a singletask id such as cube-double-play-singletask-task2-v0."""
-    import ogbench
-
-    splits = env_id.split("-")
-    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])  # cube-double-play-v0
-    if dataset_path is not None:
-        dataset_path = os.path.abspath(os.path.expanduser(dataset_path))
-        val_path = dataset_path.replace(".npz", "-val.npz")  # ogbench's own rule for the -val twin
-        if not (os.path.isfile(dataset_path) and os.path.isfile(val_path)):
-            raise SystemExit(
-                f"error: --dataset-path {dataset_path} or its twin {os.path.basename(val_path)} does not exist. "
-                f"Create both with:\n  {generate_command(dataset_path)}"
-            )
-    else:
-        data_dir = os.path.expanduser(OGBENCH_DATA_DIR)
-        dataset_path = os.path.join(data_dir, f"{dataset_name}.npz")
-        val_path = os.path.join(data_dir, f"{dataset_name}-val.npz")
-        if not (os.path.isfile(dataset_path) and os.path.isfile(val_path)):
-            # ogbench's downloader sets no timeout; a default socket timeout bounds every connect and read,
-            # so a dead network fails after `timeout` seconds without progress instead of hanging.
-            old_timeout = socket.getdefaulttimeout()
-            socket.setdefaulttimeout(timeout)
-            try:
-                ogbench.download_datasets([dataset_name], data_dir)
-            except (OSError, ValueError) as e:  # URLError, socket.timeout, ConnectionError are OSErrors
-                raise SystemExit(
-                    f"error: {dataset_name} is not in {data_dir} and downloading it failed "
-                    f"({type(e).__name__}: {e}). Regenerate it locally with:\n  {generate_command(dataset_path)}"
-                ) from None
-            finally:
-                socket.setdefaulttimeout(old_timeout)
-                for p in (dataset_path, val_path):  # the downloader's half-written <file>.tmp, if any
-                    if os.path.exists(p + ".tmp"):
-                        os.remove(p + ".tmp")
-    return ogbench.make_env_and_datasets(env_id, dataset_path=dataset_path, compact_dataset=compact)
-
-
-# ---- end of OGBench dataset resolution
-
-def fail(message: str) -> None:
-    """Bad input: one line on stderr, exit code 2, before any work."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def check_args(args: Args) -> dict:
     """Validate everything up front and return the run's resolved settings."""
     # Also accepted: a singletask id (cube-double-play-singletask-task2-v0), whose task serves --kind expert.
     m = re.fullmatch(r"(?:cube-)?(single|double|triple|quadruple)(?:-play)?(?:-singletask)?(?:-task(\d+))?(?:-v0)?", args.env)
-    if m is None:
-        fail(f"unknown --env '{args.env}'; valid: " + ", ".join(f"cube-{s}-play" for s in SIZES))
+    check(m is not None, f"unknown --env '{args.env}'; valid: " + ", ".join(f"cube-{s}-play" for s in CUBE_PLAY_EPISODES))
     size = m.group(1)
     if args.kind == "expert":
         task = args.task if args.task is not None else (int(m.group(2)) if m.group(2) else None)
-        if task is None or not 1 <= task <= 5:
-            fail(f"--kind expert needs --task in 1..5, got {task}")
+        check(task is not None and 1 <= task <= 5, f"--kind expert needs --task in 1..5, got {task}")
         args.task = task
         name = f"cube-{size}-expert-task{task}-v0"
     else:
-        if args.task is not None:
-            fail("--task only applies to --kind expert (play data serves every task)")
+        check(args.task is None, "--task only applies to --kind expert (play data serves every task)")
         name = f"cube-{size}-play-v0"
-    episodes = args.episodes if args.episodes is not None else (PLAY_EPISODES[size] if args.kind == "play" else 1000)
+    episodes = args.episodes if args.episodes is not None else (CUBE_PLAY_EPISODES[size] if args.kind == "play" else 1000)
     length = args.episode_length
     if length is None:
         length = 1001 if args.kind == "play" else EVAL_HORIZON[size]
     for flag, value in (("--episodes", episodes), ("--episode-length", length), ("--workers", args.workers)):
-        if value <= 0:
-            fail(f"{flag} must be positive, got {value}")
-    if length < 2:
-        fail(f"--episode-length must be at least 2, got {length}")
-    if args.noise < 0 or args.noise_smoothing < 0:
-        fail("--noise and --noise-smoothing must be non-negative")
+        check(value > 0, f"{flag} must be positive, got {value}")
+    check(length >= 2, f"--episode-length must be at least 2, got {length}")
+    check(args.noise >= 0 and args.noise_smoothing >= 0, "--noise and --noise-smoothing must be non-negative")
     out_dir = os.path.abspath(os.path.expanduser(args.out_dir))
     paths = [os.path.join(out_dir, f"{name}.npz"), os.path.join(out_dir, f"{name}-val.npz")]
     existing = [p for p in paths if os.path.exists(p)]
@@ -399,21 +306,13 @@ def expert_episode(env, oracle, task_info: dict, max_steps: int, env_seed: int) 
 # ---------------------------------------------------------------------------------------------
 
 
-def save_npz(path: str, data: dict) -> str:
-    """Write to a hidden temporary file in the same folder; the caller renames it when everything is written."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the name
-        np.savez_compressed(f, **data)
-    return tmp
-
-
 def fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse(Args)
     run = check_args(args)
     total_episodes = run["episodes"] + run["val_episodes"]
     cfg = dict(
@@ -455,9 +354,8 @@ if __name__ == "__main__":
         results = pool.imap_unordered(indexed_episode, todo, chunksize=1)
     try:
         for i, ep in results:
-            with open(part(i) + ".tmp", "wb") as f:
-                np.savez(f, **ep)
-            os.replace(part(i) + ".tmp", part(i))
+            with atomic(part(i)) as tmp:  # a hidden .npz beside the part, renamed once complete
+                np.savez(tmp, **ep)
             done, steps = done + 1, steps + len(ep["actions"])
             now = time.time()
             if now - last_print >= 10 or done == total_episodes:
@@ -479,19 +377,11 @@ if __name__ == "__main__":
     for i in range(total_episodes):
         with np.load(part(i)) as f:
             episodes.append({k: f[k] for k in f.files})
-    splits = {"train": episodes[: run["episodes"]], "val": episodes[run["episodes"] :]}
-    tmps = []
-    try:
-        for (split, eps), path in zip(splits.items(), run["paths"]):
-            data = {k: np.concatenate([e[k] for e in eps]) for k in eps[0]}
-            tmps.append((save_npz(path, data), path))
-        # Rename only once both files are complete; -val first, so a train file never exists without its twin.
-        for tmp, path in reversed(tmps):
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    # Both files appear only once both are complete; -val first (the inner one), so a train file never exists
+    # without its twin.
+    with atomic(run["paths"][0]) as train_tmp, atomic(run["paths"][1]) as val_tmp:
+        for tmp, eps in ((train_tmp, episodes[: run["episodes"]]), (val_tmp, episodes[run["episodes"] :])):
+            np.savez_compressed(tmp, **{k: np.concatenate([e[k] for e in eps]) for k in eps[0]})
     shutil.rmtree(parts_dir)
 
     print(f"wrote {run['paths'][0]} and {run['paths'][1]}")

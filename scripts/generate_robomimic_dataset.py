@@ -28,7 +28,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless; nothing is rendered
 import hashlib
 import json
 import multiprocessing as mp
-import re
 import shutil
 import signal
 import sys
@@ -37,9 +36,11 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import gymnasium as gym
 import numpy as np
-import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: envs, runs
+from envs import ROBOMIMIC_DATA_DIR, ROBOMIMIC_TASKS, RobomimicEnv  # noqa: E402
+from runs import atomic, check, fail, parse  # noqa: E402
 
 
 def num_cores() -> int:
@@ -90,198 +91,16 @@ def make_env_args(task: str, horizon: int) -> dict:
     return {"env_name": ROBOMIMIC_TASKS[task][0], "env_version": "1.5.2", "type": 1, "env_kwargs": kwargs}
 
 
-
-# ---- Robomimic: the shared recipe for lift, can and square low-dim files. Every script that reads them pastes
-# ---- this block unchanged (as the OGBench block); tests/test_robomimic.py checks the copies match.
-# Order: --dataset-path if given; else ~/.robomimic/<task>/<mh|ph>/low_dim_v15.hdf5 if present; else a download
-# with a bounded timeout; if that fails, one error naming the file and the command that generates it.
-# Needs at module top: import json, os, re / import numpy as np / import gymnasium as gym (h5py, robosuite lazily)
-ROBOMIMIC_DATA_DIR = "~/.robomimic"
-ROBOMIMIC_TASKS = {"lift": ("Lift", 300), "can": ("PickPlaceCan", 300), "square": ("NutAssemblySquare", 400)}  # env, length
-ROBOMIMIC_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")  # concatenated in this order
-ROBOMIMIC_URL = "https://huggingface.co/datasets/robomimic/robomimic_datasets/resolve/main/v1.5/{}/{}/low_dim_v15.hdf5"
-
-
-def is_robomimic(env: str) -> bool:
-    """lift-mh, can-ph, square-mh, ... (also the authors' spelling lift-mh-low_dim)."""
-    return re.fullmatch(r"(lift|can|square)-(mh|ph)(-low_dim)?", env) is not None
-
-
-def robomimic_env_id(env: str) -> str:
-    return env.removesuffix("-low_dim")  # lift-mh-low_dim -> lift-mh
-
-
-def robomimic_fail(msg: str):
-    import sys
-
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def robomimic_generate_command(env_id: str, path: str) -> str:
-    """The scripts/generate_robomimic_dataset.py command that writes `path` for env_id."""
-    task, kind = robomimic_env_id(env_id).split("-")
-    cmd = f"python scripts/generate_robomimic_dataset.py --task {task} --kind {kind}"
-    if os.path.abspath(os.path.expanduser(path)) != os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5"):
-        cmd += f" --out {path}"
-    return cmd
-
-
-def resolve_robomimic_file(env_id: str, dataset_path: Optional[str] = None, timeout: float = 30.0) -> str:
-    """The low-dim hdf5 for env_id: the given path, the default folder, or a bounded download (else one error)."""
-    import shutil
-    import urllib.request
-
-    task, kind = robomimic_env_id(env_id).split("-")
-    if dataset_path is not None:
-        path = os.path.abspath(os.path.expanduser(dataset_path))
-        if not os.path.isfile(path):
-            robomimic_fail(f"--dataset-path {path} does not exist; create it with: {robomimic_generate_command(env_id, path)}")
-        return path
-    path = os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
-    if os.path.isfile(path):
-        return path
-    url, tmp = ROBOMIMIC_URL.format(task, kind), f"{path}.{os.getpid()}.part"
-    kind_dir = os.path.dirname(path)
-    created = [d for d in (kind_dir, os.path.dirname(kind_dir), os.path.dirname(os.path.dirname(kind_dir))) if not os.path.isdir(d)]
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)  # the timeout bounds the connect and every read
-        os.replace(tmp, path)
-    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        for d in created:  # deepest first: remove the folders made for the download (only if still empty)
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
-        robomimic_fail(f"{path} is missing and downloading {url} failed ({type(e).__name__}: {e}); "
-                       f"generate it with: {robomimic_generate_command(env_id, path)}")
-    return path
-
-
-def load_robomimic(env_id: str, path: str):
-    """(data, episode_ends, env_args) from data/demo_N/{actions, rewards, dones, obs/*, next_obs/*}, demos in numeric
-    order. data has observations, actions, rewards (shifted by -1, as the authors), masks = 1 - dones, terminals =
-    dones (and 1 at each demo's last step), next_observations; episode_ends marks each demo's last step."""
-    import h5py
-
-    task = robomimic_env_id(env_id).split("-")[0]
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        robomimic_fail(f"{path} is not a readable HDF5 file ({e}); regenerate it with: {robomimic_generate_command(env_id, path)}")
-    with f:
-        if "data" not in f or "env_args" not in f["data"].attrs:
-            robomimic_fail(f"{path} has no 'data' group with an env_args attribute; it is not a robomimic dataset")
-        try:
-            env_args = json.loads(f["data"].attrs["env_args"])
-            env_name = env_args["env_name"]
-        except (ValueError, KeyError, TypeError):
-            robomimic_fail(f"{path}: data.attrs['env_args'] is not JSON with env_name and env_kwargs")
-        owner = {v[0]: k for k, v in ROBOMIMIC_TASKS.items()}.get(env_name)
-        if owner != task:
-            robomimic_fail(f"{path} holds robosuite env '{env_name}' ({owner or 'not lift, can or square'}), but --env "
-                           f"{env_id} needs {ROBOMIMIC_TASKS[task][0]}; pass the file for this task")
-        demos = sorted((k for k in f["data"] if re.fullmatch(r"demo_\d+", k)), key=lambda k: int(k[5:]))  # demo_10 after demo_9
-        if not demos:
-            robomimic_fail(f"{path} has no data/demo_N groups")
-        need = ["actions", "rewards", "dones"] + [f"{o}/{k}" for o in ("obs", "next_obs") for k in ROBOMIMIC_OBS_KEYS]
-        parts = {k: [] for k in ("observations", "actions", "rewards", "dones", "next_observations")}
-        for demo in demos:
-            g = f["data"][demo]
-            missing = [k for k in need if k not in g]
-            if missing:
-                robomimic_fail(f"{path}: data/{demo} lacks {missing}; low-dim observations need {list(ROBOMIMIC_OBS_KEYS)}")
-            parts["observations"].append(np.concatenate([g["obs"][k][()] for k in ROBOMIMIC_OBS_KEYS], -1))  # [T, O]
-            parts["next_observations"].append(np.concatenate([g["next_obs"][k][()] for k in ROBOMIMIC_OBS_KEYS], -1))
-            for k in ("actions", "rewards", "dones"):
-                parts[k].append(g[k][()])
-    lengths = [len(a) for a in parts["actions"]]
-    ends = np.zeros(sum(lengths), bool)
-    ends[np.cumsum(lengths) - 1] = True  # [N] last step of each demo
-    cat = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
-    if any(len(v) != len(ends) for v in cat.values()) or cat["actions"].ndim != 2:
-        robomimic_fail(f"{path}: per-demo arrays of different lengths (actions, rewards, dones, obs, next_obs)")
-    data = {
-        "observations": cat["observations"], "actions": cat["actions"],
-        "rewards": cat["rewards"] - 1.0,  # sparse 0/1 -> -1/0 (offline and online)
-        "masks": 1.0 - cat["dones"],  # no bootstrap after done (success, or a demo's end)
-        "terminals": np.maximum(cat["dones"], ends).astype(np.float32),  # chunks never cross demos
-        "next_observations": cat["next_observations"],
-    }
-    return data, ends, env_args
-
-
-class RobomimicEnv(gym.Env):
-    """A robosuite 1.5 env built from a file's env_args, as a gymnasium env: obs = concat of ROBOMIMIC_OBS_KEYS,
-    reward = success (0/1) + reward_shift, terminated at success, truncated after the task's episode length
-    (or a shorter env_kwargs['horizon'] / max_episode_steps); info['success']."""
-
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
-
-    def __init__(self, env_id: str, env_args, reward_shift: float = 0.0, max_episode_steps: Optional[int] = None,
-                 render_mode: Optional[str] = None):
-        import robosuite
-        from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
-
-        self.env_args = json.loads(env_args) if isinstance(env_args, str) else env_args
-        kwargs = dict(self.env_args["env_kwargs"])
-        if "controller_configs" in kwargs:  # robosuite <= 1.4 format (an OSC_POSE dict) -> 1.5 composite; 1.5 passes
-            kwargs["controller_configs"] = refactor_composite_controller_config(kwargs["controller_configs"], "Panda", ["right"])
-        kwargs.update(has_renderer=False, has_offscreen_renderer=render_mode == "rgb_array", use_camera_obs=False,
-                      ignore_done=True)  # episodes end here, not in robosuite
-        self.env = robosuite.make(self.env_args["env_name"], **kwargs)
-        length = ROBOMIMIC_TASKS[robomimic_env_id(env_id).split("-")[0]][1]
-        self.max_episode_steps = max_episode_steps or min(length, kwargs.get("horizon", length))
-        self.reward_shift, self.render_mode, self.t = reward_shift, render_mode, 0
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.env.action_dim,), np.float32)
-        obs_dim = len(self._obs(self.env.reset()))
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-
-    def _obs(self, raw: dict) -> np.ndarray:
-        raw = {**raw, "object": raw["object-state"]}  # robomimic's name for robosuite's object-state
-        return np.concatenate([raw[k] for k in ROBOMIMIC_OBS_KEYS]).astype(np.float32)
-
-    def reset(self, *, seed: Optional[int] = None, options=None):
-        super().reset(seed=seed)
-        if seed is not None:  # robosuite draws placements and arm noise from env.rng (shared with its samplers)
-            self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
-        self.t = 0
-        return self._obs(self.env.reset()), {}
-
-    def step(self, action):
-        raw, _, _, _ = self.env.step(np.clip(np.asarray(action, np.float64), -1.0, 1.0))
-        self.t += 1
-        success = float(self.env._check_success())
-        return self._obs(raw), success + self.reward_shift, bool(success), self.t >= self.max_episode_steps, {"success": success}
-
-    def render(self):
-        return self.env.sim.render(width=256, height=256, camera_name="agentview")[::-1]  # mujoco images are upside down
-
-
-# ---- end of Robomimic
-
-
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def check_args(args: Args) -> dict:
     """Validate everything up front (exit 2, nothing written) and return the resolved settings."""
-    if args.task == "square":
-        fail("square has no scripted expert yet; use --task lift or --task can (or the official file from robomimic)")
+    check(args.task != "square", "square has no scripted expert yet; use --task lift or --task can (or the official file "
+                                 "from robomimic)")
     length = args.episode_length if args.episode_length is not None else ROBOMIMIC_TASKS[args.task][1]
-    if args.episodes < 1 or args.workers < 1 or length < 2:
-        fail(f"--episodes and --workers must be >= 1 and --episode-length >= 2, got {args.episodes}, {args.workers}, {length}")
-    if args.noise is not None and args.noise < 0:
-        fail(f"--noise must be >= 0, got {args.noise}")
+    check(args.episodes >= 1 and args.workers >= 1 and length >= 2, f"--episodes and --workers must be >= 1 and "
+          f"--episode-length >= 2, got {args.episodes}, {args.workers}, {length}")
+    check(args.noise is None or args.noise >= 0, f"--noise must be >= 0, got {args.noise}")
     out = os.path.abspath(os.path.expanduser(args.out or f"{ROBOMIMIC_DATA_DIR}/{args.task}/{args.kind}/low_dim_v15.hdf5"))
-    if os.path.exists(out) and not args.overwrite:
-        fail(f"{out} exists; pass --overwrite to replace it")
+    check(args.overwrite or not os.path.exists(out), f"{out} exists; pass --overwrite to replace it")
     try:  # last, because it creates the folder
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with tempfile.TemporaryFile(dir=os.path.dirname(out)):
@@ -411,27 +230,21 @@ def split_obs(flat: np.ndarray) -> dict:
 
 
 def write_hdf5(path: str, episodes: list, env_args: dict) -> None:
-    """Write every episode as data/demo_N to a hidden temporary file, then rename it (atomic)."""
+    """Write every episode as data/demo_N, atomically (a hidden temporary file, then renamed)."""
     import h5py
 
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            data = f.create_group("data")
-            data.attrs["env_args"] = json.dumps(env_args)
-            data.attrs["total"] = int(sum(len(e["actions"]) for e in episodes))
-            for i, ep in enumerate(episodes):
-                g = data.create_group(f"demo_{i}")
-                g.attrs.update(num_samples=len(ep["actions"]), noise=float(ep["noise"]), success=bool(ep["success"]))
-                for k in ("actions", "rewards", "dones", "states"):
-                    g.create_dataset(k, data=ep[k])
-                for group in ("obs", "next_obs"):
-                    for k, v in split_obs(ep[group]).items():
-                        g.create_dataset(f"{group}/{k}", data=v)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic(path) as tmp, h5py.File(tmp, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps(env_args)
+        data.attrs["total"] = int(sum(len(e["actions"]) for e in episodes))
+        for i, ep in enumerate(episodes):
+            g = data.create_group(f"demo_{i}")
+            g.attrs.update(num_samples=len(ep["actions"]), noise=float(ep["noise"]), success=bool(ep["success"]))
+            for k in ("actions", "rewards", "dones", "states"):
+                g.create_dataset(k, data=ep[k])
+            for group in ("obs", "next_obs"):
+                for k, v in split_obs(ep[group]).items():
+                    g.create_dataset(f"{group}/{k}", data=v)
 
 
 def fmt_time(seconds: float) -> str:
@@ -440,7 +253,7 @@ def fmt_time(seconds: float) -> str:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse(Args)
     run = check_args(args)
     cfg = dict(task=args.task, kind=args.kind, length=run["length"], seed=args.seed, noise=args.noise)
     workers = min(args.workers, args.episodes)
@@ -473,9 +286,8 @@ if __name__ == "__main__":
         results = pool.imap_unordered(indexed_episode, todo, chunksize=1)
     try:
         for i, ep in results:
-            with open(part(i) + ".tmp", "wb") as f:
-                np.savez(f, **ep)
-            os.replace(part(i) + ".tmp", part(i))
+            with atomic(part(i)) as tmp:  # a hidden .npz beside the part, renamed once complete
+                np.savez(tmp, **ep)
             done, steps = done + 1, steps + len(ep["actions"])
             now = time.time()
             if now - last_print >= 10 or done == args.episodes:

@@ -1,18 +1,16 @@
-"""scripts/generate_ogbench_dataset.py and the shared dataset-resolution block.
+"""scripts/generate_ogbench_dataset.py. (The dataset resolution that prints its commands is envs.py's, tested in
+tests/test_envs.py.)
 
 The script runs as a subprocess with tiny budgets (a few episodes of 50-100 steps); whole file: well under
-a minute of CPU. Nothing touches ~/.ogbench: outputs go to pytest's tmp_path, HOME is redirected.
+a minute of CPU. Nothing touches ~/.ogbench: outputs go to pytest's tmp_path.
 """
 
 import glob
-import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "generate_ogbench_dataset.py")
 ENV = dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
-BEGIN, END = "# ---- OGBench dataset resolution", "# ---- end of OGBench dataset resolution"
 
 
 def generate(out_dir, *flags, check=True):
@@ -34,15 +31,6 @@ def generate(out_dir, *flags, check=True):
 def load_npz(path):
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def gen_module():
-    """The script imported as a module (its __main__ block does not run)."""
-    spec = importlib.util.spec_from_file_location("generate_ogbench_dataset", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -175,84 +163,3 @@ def test_interrupted_run_leaves_no_file_and_resumes(play_single, tmp_path):
         a, b = load_npz(play_single / name), load_npz(tmp_path / name)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-# ---------------------------------------------------------------------------------------------
-# The dataset-resolution block (reference copy in the generator; the training scripts paste it).
-# ---------------------------------------------------------------------------------------------
-def test_resolve_env_id(gen_module):
-    r = gen_module.resolve_env_id
-    assert r("cube-triple-play") == "cube-triple-play-singletask-task2-v0"
-    assert r("cube-double-play", 4) == "cube-double-play-singletask-task4-v0"
-    assert r("cube-double-play-singletask-task3-v0") == "cube-double-play-singletask-task3-v0"
-    assert r("cube-double-play-singletask-task3-v0", 5) == "cube-double-play-singletask-task5-v0"
-    assert r("cube-quadruple-play-v0") == "cube-quadruple-play-singletask-task2-v0"
-    with pytest.raises(SystemExit, match="valid: cube-single-play, cube-double-play"):
-        r("antmaze-large-navigate")
-    with pytest.raises(SystemExit, match="1..5"):
-        r("cube-double-play", 0)
-
-
-def test_resolution_without_file_or_network_prints_generate_command(gen_module, tmp_path, monkeypatch):
-    import ogbench
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    data_dir = tmp_path / ".ogbench" / "data"
-    seen = {}
-
-    def dead_network(names, dataset_dir):  # what ogbench does offline: a partial .tmp, then an error
-        seen["timeout"] = socket.getdefaulttimeout()
-        os.makedirs(dataset_dir, exist_ok=True)
-        (data_dir / "cube-double-play-v0.npz.tmp").write_bytes(b"partial")
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(ogbench, "download_datasets", dead_network)
-    with pytest.raises(SystemExit) as e:
-        gen_module.load_ogbench("cube-double-play-singletask-task2-v0", timeout=7.0)
-    assert seen["timeout"] == 7.0 and socket.getdefaulttimeout() is None  # bounded, then restored
-    assert "python scripts/generate_ogbench_dataset.py --env cube-double-play\n" in str(e.value)
-    assert "1.1M oracle steps" in str(e.value) and "URLError" in str(e.value)
-    assert os.listdir(data_dir) == []  # no half-written file left behind
-
-    def timed_out(names, dataset_dir):
-        raise socket.timeout("timed out")
-
-    monkeypatch.setattr(ogbench, "download_datasets", timed_out)
-    with pytest.raises(SystemExit, match="--env cube-triple-play"):
-        gen_module.load_ogbench("cube-triple-play-singletask-task3-v0")
-
-    missing = tmp_path / "elsewhere" / "cube-single-expert-task1-v0.npz"
-    with pytest.raises(SystemExit) as e:
-        gen_module.load_ogbench("cube-single-play-singletask-task1-v0", dataset_path=str(missing))
-    assert f"--env cube-single-play --kind expert --task 1 --out-dir {missing.parent}" in str(e.value)
-
-
-def test_resolution_finds_local_files_without_download(gen_module, play_single, tmp_path, monkeypatch):
-    import ogbench
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    data_dir = tmp_path / ".ogbench" / "data"
-    data_dir.mkdir(parents=True)
-    for name in ("cube-single-play-v0.npz", "cube-single-play-v0-val.npz"):
-        os.symlink(play_single / name, data_dir / name)
-    monkeypatch.setattr(ogbench, "download_datasets", lambda *a, **k: pytest.fail("must not download"))
-    env, train, val = gen_module.load_ogbench(gen_module.resolve_env_id("cube-single-play", 1))
-    assert train["rewards"].shape == (3 * 59,) and val["masks"].shape == (59,)
-    _, train2, _ = gen_module.load_ogbench("cube-single-play-singletask-task1-v0", str(play_single / "cube-single-play-v0.npz"))
-    np.testing.assert_array_equal(train["observations"], train2["observations"])
-
-
-def test_training_scripts_carry_an_identical_copy_of_the_resolution_block():
-    def block(path):
-        text = open(path).read()
-        if BEGIN not in text:
-            return None
-        start = text.index(BEGIN)
-        return text[start : text.index(END, start) + len(END)]
-
-    reference = block(SCRIPT)
-    assert reference is not None
-    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
-        copy = block(path)
-        if copy is not None:
-            assert copy == reference, f"{os.path.basename(path)}: resolution block differs from {SCRIPT}; re-paste it"

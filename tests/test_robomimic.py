@@ -1,4 +1,4 @@
-"""Robomimic (lift, can, square low-dim files): the shared Robomimic block, scripts/generate_robomimic_dataset.py,
+"""Robomimic (lift, can, square low-dim files): envs.py's Robomimic loader and env, scripts/generate_robomimic_dataset.py,
 and smoke runs of dfp_offline_to_online.py, dbp_bc.py and dbpo_ppo.py on a tiny generated lift file.
 
 Robosuite env construction costs seconds, so one generated file (module fixture) serves every smoke run;
@@ -20,11 +20,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dfp_offline_to_online as dfp  # noqa: E402
+import envs  # noqa: E402
 
 GEN = os.path.join(ROOT, "scripts", "generate_robomimic_dataset.py")
 DFP, DBP, DBPO = (os.path.join(ROOT, f) for f in ("dfp_offline_to_online.py", "dbp_bc.py", "dbpo_ppo.py"))
 SUBENV = dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-BEGIN, END = "# ---- Robomimic: the shared recipe", "# ---- end of Robomimic"
 KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
 DIMS = (3, 4, 2, 10)  # lift: 19 in all
 
@@ -84,25 +84,12 @@ def short_lift_file(lift_file):
     return out
 
 
-# ---- the pasted block ----
-
-def test_robomimic_block_copies_are_identical(gen):
-    def block(path):
-        text = open(path).read()
-        assert text.count(BEGIN) == 1 and text.count(END) == 1, path
-        return text[text.index(BEGIN) : text.index(END)]
-
-    copies = {p: block(p) for p in (GEN, DFP, DBP, DBPO)}
-    assert len(set(copies.values())) == 1, "the Robomimic block differs between " + ", ".join(copies)
-    assert "def load_robomimic" in copies[GEN]
-
-
 # ---- loader (no robosuite) ----
 
-def test_loader_shapes_numeric_order_reward_shift_and_masks(gen, tmp_path):
+def test_loader_shapes_numeric_order_reward_shift_and_masks(tmp_path):
     path = str(tmp_path / "f.hdf5")
     write_file(path, {10: 4, 2: 5, 1: 3})  # written out of order; demo_10 must come after demo_2
-    data, ends, env_args = gen.load_robomimic("lift-mh", path)
+    data, ends, env_args = envs.load_robomimic("lift-mh", path)
     assert env_args["env_name"] == "Lift"
     assert set(data) == {"observations", "actions", "rewards", "masks", "terminals", "next_observations"}
     assert data["observations"].shape == (12, 19) and data["next_observations"].shape == (12, 19)
@@ -119,17 +106,17 @@ def test_loader_shapes_numeric_order_reward_shift_and_masks(gen, tmp_path):
         for i, k in enumerate(KEYS):
             del f[f"data/demo_1/obs/{k}"]
             f[f"data/demo_1/obs/{k}"] = np.full((3, DIMS[i]), 100 + i, np.float32)
-    data, _, _ = gen.load_robomimic("lift-mh-low_dim", path)
+    data, _, _ = envs.load_robomimic("lift-mh-low_dim", path)
     np.testing.assert_array_equal(data["observations"][0], np.repeat(100 + np.arange(4), DIMS))
 
 
-def test_chunks_never_cross_demos(gen, tmp_path):
+def test_chunks_never_cross_demos(tmp_path):
     path = str(tmp_path / "f.hdf5")
     write_file(path, {0: 7, 1: 3, 2: 9, 3: 6}, env_name="Lift")
     with h5py.File(path, "a") as f:  # no success inside the demos: only demo ends are terminals
         for d in range(4):
             f[f"data/demo_{d}/dones"][...] = 0
-    data, ends, _ = gen.load_robomimic("lift-mh", path)
+    data, ends, _ = envs.load_robomimic("lift-mh", path)
     demo = data["actions"][:, 0] * 100  # [N] demo index of each step
     batch = dfp.sample_chunks(dfp.to_tensors(data, "cpu"), 0, len(demo), len(demo), torch.Generator().manual_seed(0),
                               2000, 5, 0.99)
@@ -148,7 +135,7 @@ def test_chunks_never_cross_demos(gen, tmp_path):
     ("can_for_lift", "robosuite env 'PickPlaceCan' (can), but --env lift-mh needs Lift"),
     ("corrupt", "not a readable HDF5 file"),
 ])
-def test_bad_files_fail_with_one_line_and_exit_2(gen, tmp_path, capsys, case, message):
+def test_bad_files_fail_with_one_line_and_exit_2(tmp_path, capsys, case, message):
     path = str(tmp_path / "f.hdf5")
     if case == "no_data":
         with h5py.File(path, "w") as f:
@@ -160,20 +147,20 @@ def test_bad_files_fail_with_one_line_and_exit_2(gen, tmp_path, capsys, case, me
         write_file(path, {0: 4}, env_name={"unknown_env": "Spaceship", "can_for_lift": "PickPlaceCan"}.get(case, "Lift"),
                    drop_key="object" if case == "missing_key" else None)
     with pytest.raises(SystemExit) as e:
-        gen.load_robomimic("lift-mh", path)
+        envs.load_robomimic("lift-mh", path)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_missing_file_names_the_generator_command(gen, tmp_path, capsys):
+def test_missing_file_names_the_generator_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        gen.resolve_robomimic_file("can-ph", str(tmp_path / "none.hdf5"))
+        envs.resolve_robomimic_file("can-ph", str(tmp_path / "none.hdf5"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"generate_robomimic_dataset.py --task can --kind ph --out {tmp_path}" in err, err
 
 
-def test_default_folder_then_bounded_download_then_one_error(gen, tmp_path, monkeypatch, capsys):
+def test_default_folder_then_bounded_download_then_one_error(tmp_path, monkeypatch, capsys):
     import io
     import urllib.error
     import urllib.request
@@ -187,18 +174,18 @@ def test_default_folder_then_bounded_download_then_one_error(gen, tmp_path, monk
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(SystemExit) as e:
-        gen.resolve_robomimic_file("square-mh")
+        envs.resolve_robomimic_file("square-mh")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "generate it with: python scripts/generate_robomimic_dataset.py --task square --kind mh\n" in err
-    assert calls == [(gen.ROBOMIMIC_URL.format("square", "mh"), 30.0)]  # one bounded attempt
+    assert calls == [(envs.ROBOMIMIC_URL.format("square", "mh"), 30.0)]  # one bounded attempt
     assert os.listdir(tmp_path) == []  # the folders made for the download are gone again
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"hdf5 bytes"))
-    path = gen.resolve_robomimic_file("square-mh")
+    path = envs.resolve_robomimic_file("square-mh")
     assert path == str(tmp_path / ".robomimic" / "square" / "mh" / "low_dim_v15.hdf5")
     assert open(path, "rb").read() == b"hdf5 bytes" and os.listdir(os.path.dirname(path)) == ["low_dim_v15.hdf5"]
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    assert gen.resolve_robomimic_file("square-mh") == path and len(calls) == 1  # found: no download
+    assert envs.resolve_robomimic_file("square-mh") == path and len(calls) == 1  # found: no download
 
 
 @pytest.mark.parametrize("script", [DFP, DBP])
@@ -219,18 +206,18 @@ def test_both_controller_formats_build_the_same_env(gen):
     new = json.loads(json.dumps(old))
     new["env_kwargs"]["controller_configs"] = refactor_composite_controller_config(gen.OSC_POSE_1_4, "Panda", ["right"])
     assert "body_parts" in new["env_kwargs"]["controller_configs"]
-    envs = [gen.RobomimicEnv("lift-mh", json.dumps(old)), gen.RobomimicEnv("lift-mh", new)]
-    obs = [e.reset(seed=3)[0] for e in envs]
+    pair = [envs.RobomimicEnv("lift-mh", json.dumps(old)), envs.RobomimicEnv("lift-mh", new)]
+    obs = [e.reset(seed=3)[0] for e in pair]
     assert obs[0].shape == (19,)
     np.testing.assert_array_equal(obs[0], obs[1])
     action = np.array([0.3, -0.2, 0.1, 0.0, 0.0, 0.0, 1.0])
-    steps = [e.step(action) for e in envs]
+    steps = [e.step(action) for e in pair]
     np.testing.assert_array_equal(steps[0][0], steps[1][0])
     assert steps[0][1:4] == steps[1][1:4] and not np.array_equal(steps[0][0], obs[0])
-    assert not np.array_equal(envs[0].reset(seed=4)[0], obs[0])  # another seed, another cube placement
+    assert not np.array_equal(pair[0].reset(seed=4)[0], obs[0])  # another seed, another cube placement
 
 
-def test_generated_file_and_noise_free_lift_expert(gen, lift_file):
+def test_generated_file_and_noise_free_lift_expert(lift_file):
     with h5py.File(lift_file, "r") as f:
         env_args = json.loads(f["data"].attrs["env_args"])
         assert env_args["env_kwargs"]["controller_configs"]["type"] == "OSC_POSE"  # the <= 1.4 format

@@ -1,0 +1,252 @@
+"""The run plumbing the training scripts share: one-line refusals of bad input, the command line, the run folder,
+one signal design, atomic checkpoints and their checks, the printed resume command. No algorithm lives here.
+
+    args = runs.parse(Args, rules)                    # tyro; every parse error and broken rule: one `error:` line, exit 2
+    run_dir = runs.plan_run_dir(args.runs_dir, name, "checkpoint.pt", resume=args.resume)  # checked, not created
+    stop = runs.Stop()                                # a signal exits at once ...
+    stop.armed = True                                 # ... from here it sets a flag: the loops poll stop.requested()
+    runs.save(state, path)                            # atomic
+    ckpt = runs.load_checkpoint(path, "--resume", "dfp-v1", KEYS, "pass the checkpoint.pt of a DFP run")
+
+torch is imported inside the functions that use it: the dataset generators import this module without paying for
+torch in each of their worker processes.
+"""
+import contextlib
+import io
+import itertools
+import multiprocessing
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import tyro
+
+
+# ---- bad input: one line `error: ...` on stderr, exit code 2, before anything is written
+def fail(msg: str):
+    """Refuse: print `error: msg` (one line that says what to do) to stderr and exit with code 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check(ok, msg: str) -> None:
+    """fail(msg) unless ok."""
+    if not ok:
+        fail(msg)
+
+
+def why(e: BaseException) -> str:
+    """An exception as a short one-line reason: 'Type: first line of the message'."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def parse(args_class, rules: Optional[Callable] = None, args: Optional[list] = None):
+    """tyro.cli(args_class, args=args) (args: None reads sys.argv), with every parse error (a value of the wrong type,
+    a choice outside a Literal, an unknown flag, a missing value) as one `error:` line and exit 2 instead of tyro's
+    box. Then rules(parsed) yields (ok, message) pairs in order; the first that is not ok is refused the same way.
+    --help prints tyro's help and exits 0."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            parsed = tyro.cli(args_class, args=args)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            fail(tyro_error(buf.getvalue()) + "; see --help")
+        sys.stderr.write(buf.getvalue())
+        raise
+    sys.stderr.write(buf.getvalue())  # tyro's warnings, if any
+    for ok, msg in rules(parsed) if rules is not None else ():
+        check(ok, msg)
+    return parsed
+
+
+def tyro_error(text: str) -> str:
+    """The message inside tyro's error box, on one line: the rows between its title and the first rule."""
+    rows = [line.strip(" │|") for line in text.splitlines() if line.strip()][1:]  # below the title
+    rule = lambda row: re.fullmatch(r"[─\-+╰╯]*", row)  # noqa: E731  (boxed or plain, as the output allows)
+    return " ".join(itertools.takewhile(lambda r: not rule(r), itertools.dropwhile(rule, rows))).rstrip(".") or " ".join(text.split())
+
+
+def ranges(args, table: dict) -> list:
+    """Rules for parse() from a table {requirement: (test, flag names)}: `--flag must be <requirement>, got <value>`
+    for every flag whose value fails its test (a NaN fails every comparison, so it is refused too)."""
+    return [(test(getattr(args, k)), f"--{k.replace('_', '-')} must be {req}, got {getattr(args, k)}")
+            for req, (test, flags) in table.items() for k in flags]
+
+
+# ---- the run folder: <runs_dir>/<run name>, or the folder of the checkpoint a run continues
+def run_name(env_id: str, exp_name: str, seed: int) -> str:
+    """CleanRL's run name: <env_id>__<exp_name>__<seed>__<unix time>."""
+    return f"{env_id}__{exp_name}__{seed}__{int(time.time())}"
+
+
+def check_creatable(folder: str, what: str) -> None:
+    """`folder` is a writable folder or can be made: its nearest existing ancestor is a writable folder."""
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    check(os.path.isdir(p) and os.access(p, os.W_OK | os.X_OK),
+          f"cannot create {what} {folder}: {p} is {'not writable' if os.path.isdir(p) else 'a file'}; pick another place")
+
+
+def plan_run_dir(runs_dir: str, name: str, ckpt_file: str, resume: Optional[str] = None, writable: bool = True) -> str:
+    """The run folder, checked; nothing is created. resume (the checkpoint a --resume or --eval-only reads): its
+    folder, which must be writable if `writable`. Else runs_dir/name, refused if runs_dir is a file or the folder
+    already holds ckpt_file (a run: the message names the --resume that continues it) or cannot be created."""
+    if resume is not None:
+        run_dir = os.path.dirname(os.path.abspath(resume))
+        check(not writable or os.access(run_dir, os.W_OK | os.X_OK),
+              f"the run folder {run_dir} of {resume} is not writable; copy the run folder somewhere writable")
+        return run_dir
+    check(not os.path.isfile(runs_dir), f"--runs-dir {runs_dir} is a file, not a folder; pass another --runs-dir")
+    run_dir = os.path.join(runs_dir, name)
+    check(not os.path.isfile(run_dir), f"the run folder {run_dir} is a file; pass another --run-name")
+    ckpt = os.path.join(run_dir, ckpt_file)
+    check(not os.path.exists(ckpt), f"the run folder {run_dir} already holds a run; pass another --run-name, "
+                                    f"or continue it with --resume {ckpt}")
+    check_creatable(run_dir, "the run folder")
+    return run_dir
+
+
+def resume_command(ckpt_path: str) -> str:
+    """This run's command line with --resume <ckpt_path> in place of any --resume, --run-name and --runs-dir given
+    (a resumed run stays in its checkpoint's folder)."""
+    drop, argv, skip = ("--resume", "--run-name", "--runs-dir"), [], False
+    for a in sys.argv[1:]:
+        if not skip and a.split("=", 1)[0] not in drop:
+            argv.append(a)
+        skip = not skip and a in drop  # the value after a dropped flag goes too
+    return shlex.join(["python", sys.argv[0], *argv, "--resume", os.path.abspath(ckpt_path)])
+
+
+# ---- signals: one design for every script
+class Interrupted(Exception):
+    """Raised by Stop.check() once a signal asked the run to stop."""
+
+
+class Stop:
+    """SIGINT and SIGTERM. Until `armed` is set (nothing worth saving yet) a signal exits at once with 128 + signum.
+    Once armed, the first one only sets `signum`: the loops poll requested() (or check(), which raises Interrupted)
+    within one env or gradient step, save, and exit with `exit_code` (128 + signum). A second one exits at once."""
+
+    def __init__(self):
+        self.signum, self.armed = 0, False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum or not self.armed:
+            os.write(2, f"\n{name}: exiting at once\n".encode())  # os.write: safe inside a handler
+            os._exit(128 + signum)
+        self.signum = signum
+        os.write(2, f"\n{name}: stopping after this step (send it again to exit at once)\n".encode())
+
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def check(self) -> None:
+        if self.signum:
+            raise Interrupted
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def worker_signals() -> None:
+    """In a worker process (of an AsyncVectorEnv): ignore SIGINT, which Ctrl-C sends to the whole process group (the
+    main process stops and closes the workers), and let SIGTERM end the worker. In the main process: nothing."""
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited through fork
+
+
+def leave(code: int, *resources, track: bool = False):
+    """Exit now with `code`, everything saved: close the resources (envs, writers; errors ignored, since workers may
+    be gone already), finish wandb with `track`, flush, and skip the slow interpreter teardown (torch, MuJoCo)."""
+    for r in resources:
+        with contextlib.suppress(Exception):
+            r.close()
+    if track:
+        import wandb
+
+        wandb.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# ---- checkpoints: atomic writes, and reads that refuse a wrong or damaged file in one line
+@contextlib.contextmanager
+def atomic(path: str):
+    """`with atomic(path) as tmp:` write the file `tmp` (a hidden name beside `path`, same extension); it then replaces
+    `path` in one step (os.replace), so a crash mid-write never leaves a partial file. On an error `path` is untouched."""
+    root, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{root}.{os.getpid()}.tmp{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save(obj, path: str) -> None:
+    """torch.save(obj, path), atomically."""
+    import torch
+
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def read(path: str, flag: str, hint: str):
+    """torch.load(path) onto the CPU, refused in one line if the file is missing, a folder, unreadable or not a
+    complete torch file; `hint` says what to pass instead."""
+    check(os.path.exists(path), f"{flag} {path} does not exist; {hint}")
+    check(os.path.isfile(path), f"{flag} {path} is a folder, not a file; {hint}")
+    check(os.access(path, os.R_OK), f"{flag} {path} is not readable (check its permissions)")
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, not a torch file, ...
+        fail(f"cannot read {flag} {path} ({why(e)[:120]}): it is not a complete checkpoint; {hint}")
+
+
+def check_format(ckpt, where: str, fmt: str, keys, hint: str) -> None:
+    """Refuse a checkpoint whose 'format' tag is not `fmt` (another script's, or none) or that lacks any of `keys`."""
+    got = ckpt.get("format") if isinstance(ckpt, dict) else None
+    check(got == fmt, f"{where} is of another kind (format {got!r}, expected {fmt!r}); {hint}")
+    missing = [k for k in keys if k not in ckpt]
+    check(not missing, f"{where} lacks {', '.join(missing)}: it is damaged or from another version; {hint}")
+
+
+def load_checkpoint(path: str, flag: str, fmt: str, keys, hint: str) -> dict:
+    """read() and check_format(): the checkpoint dict at `path` (given with `flag`), or a one-line refusal."""
+    ckpt = read(path, flag, hint)
+    check_format(ckpt, f"{flag} {path}", fmt, keys, hint)
+    return ckpt
+
+
+def nonfinite(tree, name: str = "") -> Optional[str]:
+    """The dotted name ('critic.weights.0') of the first floating tensor or array holding a NaN or inf in a nested
+    dict / list / tuple (a state_dict, a checkpoint), else None. Other leaves (ints, strings, floats) are skipped."""
+    import torch
+
+    if isinstance(tree, (dict, list, tuple)):
+        for k, v in tree.items() if isinstance(tree, dict) else enumerate(tree):
+            found = nonfinite(v, f"{name}.{k}" if name else str(k))
+            if found is not None:
+                return found
+        return None
+    if isinstance(tree, torch.Tensor):
+        bad = tree.is_floating_point() and not bool(torch.isfinite(tree).all())
+    else:
+        bad = isinstance(tree, np.ndarray) and np.issubdtype(tree.dtype, np.floating) and not np.isfinite(tree).all()
+    return (name or "the value") if bad else None
