@@ -1,4 +1,4 @@
-"""Overhead of scripts/benchmark.py's Ray grid per run: a grid of trivial runs against the same commands
+"""Overhead of scripts/grid.py's Ray grid per run: a grid of trivial runs against the same commands
 started directly (subprocesses, same parallelism), and Ray's start-up.
 
   python bench/bench_grid.py --runs 16 --parallel 2
@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import benchmark  # noqa: E402
+import grid  # noqa: E402
 
 TRIVIAL = '''import argparse, os, time
 p = argparse.ArgumentParser()
@@ -48,9 +48,9 @@ def main():
         common = ["--script", script, "--envs", "cube-single-play", "--seeds", *seeds, "--set", f"sleep={a.sleep}"]
 
         # direct: the grid's own commands, a thread pool of subprocesses
-        runs = benchmark.build_grid(benchmark.parser().parse_args(["run", *common]))
+        runs = grid.build_grid(grid.parser().parse_args(["run", *common]))
         direct_dir = os.path.join(tmp, "direct")
-        cmds = [benchmark.command(r, direct_dir, 1) for r in runs]
+        cmds = [grid.command(r, direct_dir, 1) for r in runs]
         t = time.perf_counter()
         with ThreadPoolExecutor(a.parallel) as pool:
             rcs = list(pool.map(lambda c: subprocess.run(c, capture_output=True).returncode, cmds))
@@ -61,7 +61,7 @@ def main():
         ray.init(num_cpus=a.parallel, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
         t_init = time.perf_counter() - t
         t = time.perf_counter()
-        rc = benchmark.main(["run", *common, "--out", os.path.join(tmp, "grid"), "--progress-interval", "1000"])
+        rc = grid.main(["run", *common, "--out", os.path.join(tmp, "grid"), "--progress-interval", "1000"])
         t_grid = time.perf_counter() - t
         assert rc == 0
         t = time.perf_counter()
@@ -73,7 +73,7 @@ def main():
     print("| path | wall s | per run (wall x parallel / runs) |")
     print("|---|---|---|")
     print(f"| direct subprocesses | {t_direct:.2f} | {per_direct:.3f} s |")
-    print(f"| benchmark.py grid on Ray (without ray.init) | {t_grid:.2f} | {t_grid / a.runs * a.parallel:.3f} s |")
+    print(f"| grid.py on Ray (without ray.init) | {t_grid:.2f} | {t_grid / a.runs * a.parallel:.3f} s |")
     print(f"| ray.init (local, once per grid) | {t_init:.2f} | |")
     print(f"| ray.shutdown | {t_shutdown:.2f} | |")
     print(f"grid overhead per run: {(t_grid - t_direct) / a.runs * a.parallel:.3f} s "

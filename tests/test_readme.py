@@ -12,7 +12,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import benchmark  # noqa: E402  (its --help parser serves here too)
+import grid  # noqa: E402  (its --help parser serves here too)
 
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 REF = re.compile(r"`([\w./-]+\.py):(\d+)-(\d+) ([\w.]+)`")
@@ -96,7 +96,7 @@ def python_commands(cmds):
         for i, w in enumerate(words[:-1]):
             if re.fullmatch(r"(.*/)?python3?", w) and words[i + 1].endswith(".py"):
                 script, rest = words[i + 1], words[i + 2 :]
-                sub = rest[0] if script.endswith("benchmark.py") and rest and not rest[0].startswith("-") else None
+                sub = rest[0] if script.endswith("grid.py") and rest and not rest[0].startswith("-") else None
                 yield script, sub, rest
 
 
@@ -111,7 +111,7 @@ def test_readme_commands_use_existing_scripts_and_flags():
             if not os.path.isfile(os.path.join(ROOT, script)):
                 bad.append(f"[{heading}] {script}: no such script")
                 continue
-            flags = benchmark.script_flags(script + (f" {sub}" if sub else ""))
+            flags = grid.script_flags(script + (f" {sub}" if sub else ""))
             for w in words:
                 flag = w.split("=")[0]
                 if flag.startswith("--") and flag not in flags:

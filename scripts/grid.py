@@ -1,14 +1,14 @@
 """Run grids of the training scripts on Ray (scripts x envs x seeds x flag values), and report them.
 
-  python scripts/benchmark.py run --preset dfp-table                       # the DFP paper's main table
-  python scripts/benchmark.py run --script dfp_offline_to_online.py --envs cube-single-play cube-double-play \\
+  python scripts/grid.py run --preset dfp-table                       # the DFP paper's main table
+  python scripts/grid.py run --script dfp_offline_to_online.py --envs cube-single-play cube-double-play \\
       --seeds 1 2 3 --set offline_steps=1000 --set hidden_dim=64 --out runs/my-grid
-  python scripts/benchmark.py report runs/my-grid                          # CSV, markdown table, learning curves
+  python scripts/grid.py report runs/my-grid                          # CSV, markdown table, learning curves
 
 Each run is one Ray task that starts the training script as a subprocess with the declared resources
 (--cpus-per-run, --gpus-per-run; fractions allowed). Its folder is <out>/<run id>/ (the scripts' --runs-dir and
 --run-name), holding the script's own tensorboard log and checkpoint plus three files of this tool:
-benchmark.json (what the run is), benchmark.log (its stdout and stderr) and benchmark.done.json (written
+grid.json (what the run is), grid.log (its stdout and stderr) and grid.done.json (written
 atomically once the script exited 0). Rerunning the same command skips finished runs and continues
 interrupted ones with the script's --resume from their checkpoint. Ctrl-C cancels the grid; running scripts
 get SIGTERM, save their checkpoint and stop.
@@ -35,10 +35,11 @@ import time
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository root: envs (dataset locations, for --dry-run)
 ALIASES = {"dfp": "dfp_offline_to_online.py", "dbp": "dbp_bc.py", "dbpo": "dbpo_ppo.py"}
 SHORT = {v: k for k, v in ALIASES.items()}
 CHECKPOINT = {"dfp_offline_to_online.py": "checkpoint.pt", "dbp_bc.py": "dbp_bc.pt", "dbpo_ppo.py": "state.pt"}
-RUN_FILE, LOG_FILE, DONE_FILE = "benchmark.json", "benchmark.log", "benchmark.done.json"
+RUN_FILE, LOG_FILE, DONE_FILE = "grid.json", "grid.log", "grid.done.json"
 GRID_FLAGS = {"seed", "env", "env-id", "runs-dir", "run-name", "resume"}  # set by the grid, not by --set
 
 # Environment names the grid accepts (whether a script supports one, and has its data, is the script's check).
@@ -102,7 +103,7 @@ _FLAGS_CACHE: dict = {}
 
 def script_flags(script: str) -> dict:
     """{flag: metavar} of a script, parsed once from its --help (tyro or argparse). A boolean flag `--x` with its
-    `--no-x` twin gets metavar 'BOOL'. `script` may carry a subcommand: 'scripts/benchmark.py run'."""
+    `--no-x` twin gets metavar 'BOOL'. `script` may carry a subcommand: 'scripts/grid.py run'."""
     if script not in _FLAGS_CACHE:
         path, *sub = script.split()
         env = dict(os.environ, COLUMNS="300", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
@@ -220,6 +221,28 @@ def command(run: dict, out_dir: str, cpus: float) -> list:
     return cmd
 
 
+def missing_dataset(run: dict) -> Optional[tuple]:
+    """(path, the command that makes it) when the dataset the run reads by default, or its --dataset-path, is
+    missing; None when it exists or the run names no dataset (DBPO reads a checkpoint; --dataset-dir: a folder)."""
+    import envs
+
+    flags, env = run["flags"], run["args"][1]
+    if "dataset_dir" in flags or "dbpo" in run["script"]:
+        return None
+    given = os.path.expanduser(flags["dataset_path"]) if "dataset_path" in flags else None
+    env_id = envs.resolve_env_id(env, gym_ids=None)
+    if envs.family(env_id) == "robomimic":
+        task, kind = env_id.split("-")[:2]
+        path = given or os.path.expanduser(f"{envs.ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
+        return None if os.path.isfile(path) else (path, envs.robomimic_generate_command(env_id, path))
+    if envs.family(env_id) == "ogbench":
+        name = re.sub(r"-singletask-task\d", "", env_id)  # cube-double-play-v0, as envs.load_ogbench reads it
+        path = given or os.path.join(os.path.expanduser(envs.OGBENCH_DATA_DIR), f"{name}.npz")
+        ok = os.path.isfile(path) and os.path.isfile(path.replace(".npz", "-val.npz"))
+        return None if ok else (path, envs.generate_command(path).split("  (")[0])
+    return None if given is None or os.path.isfile(given) else (given, "a D4RL-layout .npz (see docs/dbp.md)")
+
+
 def run_state(run_dir: str, ckpt: Optional[str]) -> str:
     if os.path.isfile(os.path.join(run_dir, DONE_FILE)):
         return "done"
@@ -311,6 +334,7 @@ def connect(a):
         return ray
     if a.address is None:  # (cmd_run made SIGINT raise KeyboardInterrupt: Ray's processes inherit it, and
         # ray.cancel interrupts a running task with SIGINT, which must not be ignored there)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's secure default, chosen explicitly: no warning about it
         ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 * 2**20)
     else:
@@ -336,8 +360,16 @@ def cmd_run(a) -> int:
                   "use another --out, or delete that folder")
     states = {r["id"]: run_state(os.path.join(out_dir, r["id"]), r["checkpoint"]) for r in runs}
     if a.dry_run:
+        missing = {}
         for r in runs:
-            print(f"{states[r['id']]:6s} {r['id']}: {shlex.join(command(r, out_dir, a.cpus_per_run))}")
+            need = missing_dataset(r)
+            print(f"{states[r['id']]:6s} {r['id']}: {shlex.join(command(r, out_dir, a.cpus_per_run))}"
+                  + (f"\n       dataset missing: {need[0]}" if need else ""))
+            if need:
+                missing[need[0]] = need[1]
+        if missing:
+            print(f"[grid] {len(missing)} dataset(s) missing; make them first (or the runs fail at start):")
+            print("\n".join(f"  {cmd}" for cmd in missing.values()))
         return 0
     main_thread = threading.current_thread() is threading.main_thread()
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
@@ -423,7 +455,7 @@ def cmd_run(a) -> int:
     print(f"[grid] all {len(runs)} runs ended in {(time.time() - t0) / 60:.1f} min: {len(done) + len(skipped)} done "
           f"({len(skipped)} skipped), {len(failed)} failed" + (f": {', '.join(f['id'] for f in failed)}" if failed else ""),
           flush=True)
-    print(f"[grid] results: python scripts/benchmark.py report {os.path.relpath(out_dir)}", flush=True)
+    print(f"[grid] results: python scripts/grid.py report {os.path.relpath(out_dir)}", flush=True)
     return 1 if failed else 0
 
 
@@ -433,7 +465,7 @@ REPORT_TAGS = (*SUCCESS_TAGS, "eval/episodic_return")
 
 
 def run_info(run_dir: str) -> dict:
-    """script, variant, env, seed of a run folder: from benchmark.json, else from the scripts' default run name
+    """script, variant, env, seed of a run folder: from grid.json, else from the scripts' default run name
     <env_id>__<exp_name>__<seed>__<unix time>."""
     spec = os.path.join(run_dir, RUN_FILE)
     if os.path.isfile(spec):
@@ -491,17 +523,22 @@ def cmd_report(a) -> int:
     os.replace(csv_path + ".tmp", csv_path)
 
     # ---- table: final success (the last evaluation of each run), mean +- standard error over seeds ----
-    lines = ["| variant | env | seeds | final step | success % (mean ± s.e.) | DFP paper % |", "|---|---|---|---|---|---|"]
+    def paper_number(variant, env, info):
+        return PAPER_DFP.get(env) if "dfp" in info["script"] or variant.startswith("dfp") else None
+
+    with_paper = any(paper_number(v, e, runs[0]["_info"]) is not None for (v, e), runs in curves.items())
+    lines = ["| variant | env | seeds | final step | success % (mean ± s.e.) |" + (" DFP paper % |" if with_paper else ""),
+             "|---|---|---|---|---|" + ("---|" if with_paper else "")]
     kofn = {}
     for (variant, env), runs in sorted(curves.items()):
         finals = [100 * r[max(k for k in r if k != "_info")] for r in runs]
         steps = sorted({max(k for k in r if k != "_info") for r in runs})
         m, se = mean_se(finals)
         info = runs[0]["_info"]
-        paper = PAPER_DFP.get(env) if "dfp" in info["script"] or variant.startswith("dfp") else None
+        paper = paper_number(variant, env, info)
         pm = f"{m:.1f} ± {se:.1f}" if len(finals) > 1 else f"{m:.1f}"
-        lines.append(f"| {variant} | {env} | {len(finals)} | {'/'.join(map(str, steps))} | {pm} | "
-                     f"{'' if paper is None else f'{paper:.1f}'} |")
+        lines.append(f"| {variant} | {env} | {len(finals)} | {'/'.join(map(str, steps))} | {pm} |"
+                     + (f" {'' if paper is None else f'{paper:.1f}'} |" if with_paper else ""))
         flags = info["flags"]
         if paper is not None and flags.get("K") and flags.get("N", "16") == "16":
             kofn.setdefault(int(flags["K"]), []).append(m)

@@ -1,4 +1,4 @@
-"""Tests of scripts/benchmark.py: a grid of tiny DFP runs on a local Ray instance (finishes, is skipped when
+"""Tests of scripts/grid.py: a grid of tiny DFP runs on a local Ray instance (finishes, is skipped when
 rerun, a failed run does not stop the others, Ctrl-C stops the grid and a rerun resumes the interrupted runs
 from their checkpoints), the report (CSV, table, figure), and bad input refused before any work."""
 import _thread
@@ -18,7 +18,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import benchmark  # noqa: E402
+import grid  # noqa: E402
 
 ray = pytest.importorskip("ray")
 TINY = ["--set", "hidden_dim=32", "--set", "num_layers=2", "--set", "batch_size=16", "--set", "num_gen=4",
@@ -60,13 +60,13 @@ def dataset(tmp_path_factory):
     return path
 
 
-def grid(out, dataset, *extra):
+def grid_args(out, dataset, *extra):
     return ["run", "--script", "dfp", "--out", str(out), "--set", f"dataset_path={dataset}", *TINY,
             "--progress-interval", "5", *extra]
 
 
 def scalars(run_dir, tag):
-    return benchmark.read_scalars(run_dir).get(tag, {})
+    return grid.read_scalars(run_dir).get(tag, {})
 
 
 def png_size(path):
@@ -78,26 +78,26 @@ def png_size(path):
 
 def test_grid_finishes_skips_when_rerun_and_reports(local_ray, dataset, tmp_path, capsys):
     out = tmp_path / "grid"
-    args = grid(out, dataset, "--envs", "cube-single-play-task1", "cube-single-play-task2", "--seeds", "1", "2",
+    args = grid_args(out, dataset, "--envs", "cube-single-play-task1", "cube-single-play-task2", "--seeds", "1", "2",
                 "--set", "offline_steps=20")
-    assert benchmark.main(args) == 0
+    assert grid.main(args) == 0
     runs = sorted(os.listdir(out))
     assert runs == ["dfp__cube-single-play-task1__s1", "dfp__cube-single-play-task1__s2",
                     "dfp__cube-single-play-task2__s1", "dfp__cube-single-play-task2__s2"]
     for r in runs:
         d = out / r
-        done = json.loads((d / benchmark.DONE_FILE).read_text())
+        done = json.loads((d / grid.DONE_FILE).read_text())
         assert done["rc"] == 0 and done["status"] == "done"
         assert torch.load(d / "checkpoint.pt", weights_only=False)["step"] == 20
         assert sorted(scalars(str(d), "eval/success")) == [1, 20]
-        assert "final cube-single-play-singletask-task" in (d / benchmark.LOG_FILE).read_text()
-    logs = {r: (out / r / benchmark.LOG_FILE).read_text() for r in runs}
+        assert "final cube-single-play-singletask-task" in (d / grid.LOG_FILE).read_text()
+    logs = {r: (out / r / grid.LOG_FILE).read_text() for r in runs}
 
     capsys.readouterr()
-    assert benchmark.main(args) == 0  # rerun: everything is finished, nothing runs again
-    assert "4 runs in" in capsys.readouterr().out and logs == {r: (out / r / benchmark.LOG_FILE).read_text() for r in runs}
+    assert grid.main(args) == 0  # rerun: everything is finished, nothing runs again
+    assert "4 runs in" in capsys.readouterr().out and logs == {r: (out / r / grid.LOG_FILE).read_text() for r in runs}
 
-    assert benchmark.main(["report", str(out)]) == 0
+    assert grid.main(["report", str(out)]) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["env"], r["seed"]) for r in rows} == {(e, s) for e in ("cube-single-play-task1", "cube-single-play-task2")
@@ -117,10 +117,10 @@ def test_a_failed_run_is_reported_and_the_others_finish(local_ray, dataset, tmp_
     out = tmp_path / "grid"
     args = ["run", "--script", "dfp", "--out", str(out), "--envs", "cube-single-play-task1", *TINY,
             "--set", "offline_steps=10", "--sweep", f"dataset_path={dataset},{missing}"]
-    assert benchmark.main(args) == 1
+    assert grid.main(args) == 1
     printed = capsys.readouterr().out
     assert "FAILED" in printed and "does not exist" in printed  # the script's own error, from the log tail
-    finished = glob.glob(str(out / "*" / benchmark.DONE_FILE))
+    finished = glob.glob(str(out / "*" / grid.DONE_FILE))
     assert len(finished) == 1 and len(os.listdir(out)) == 2
 
 
@@ -158,7 +158,7 @@ def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ra
     run can finish while the other one starts late; Ctrl-C comes once both are paused, and they continue only once
     the grid's SIGTERM waits for them, so each stops at the step where it was paused."""
     out = tmp_path / "grid"
-    args = grid(out, dataset, "--envs", "cube-single-play-task1", "--seeds", "1", "2", "--set", "offline_steps=400",
+    args = grid_args(out, dataset, "--envs", "cube-single-play-task1", "--seeds", "1", "2", "--set", "offline_steps=400",
                 "--set", "save_interval=10", "--set", "eval_interval=100000")
     ids = [f"dfp__cube-single-play-task1__s{s}" for s in (1, 2)]
     ckpts = [out / run_id / "checkpoint.pt" for run_id in ids]
@@ -180,17 +180,17 @@ def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ra
             os.kill(pid, signal.SIGCONT)
 
     threading.Thread(target=pause_both_then_interrupt, daemon=True).start()
-    assert benchmark.main(args) == 130
+    assert grid.main(args) == 130
     assert "stopping: cancelling" in capsys.readouterr().out
     stops = [torch.load(c, weights_only=False)["step"] for c in ckpts]
     assert all(10 <= s < 400 for s in stops), stops  # saved on SIGTERM, before the end
-    assert not glob.glob(str(out / "*" / benchmark.DONE_FILE))
+    assert not glob.glob(str(out / "*" / grid.DONE_FILE))
 
-    assert benchmark.main(args) == 0
+    assert grid.main(args) == 0
     assert "2 to resume" in capsys.readouterr().out
     for c, stop in zip(ckpts, stops):
         assert torch.load(c, weights_only=False)["step"] == 400
-        log = (c.parent / benchmark.LOG_FILE).read_text()
+        log = (c.parent / grid.LOG_FILE).read_text()
         assert "--resume" in log and f"at step {stop}" in log and "final cube-single-play" in log
         assert sorted(scalars(str(c.parent), "eval/success")) == [1, 400]
 
@@ -210,7 +210,7 @@ def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ra
 def test_bad_input_is_refused_before_any_work(args, msg, tmp_path, capsys):
     out = tmp_path / "grid"
     with pytest.raises(SystemExit) as e:
-        benchmark.main(["run", *args, "--out", str(out)])
+        grid.main(["run", *args, "--out", str(out)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     assert not out.exists()
@@ -218,17 +218,17 @@ def test_bad_input_is_refused_before_any_work(args, msg, tmp_path, capsys):
 
 def test_report_refuses_a_folder_without_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        benchmark.main(["report", str(tmp_path)])
+        grid.main(["report", str(tmp_path)])
     assert e.value.code == 2 and "no tensorboard logs" in capsys.readouterr().err
 
 
 def test_flags_are_parsed_from_the_scripts_help():
-    flags = benchmark.script_flags("dfp_offline_to_online.py")
+    flags = grid.script_flags("dfp_offline_to_online.py")
     assert flags["--K"] == "INT" and flags["--save-model"] == flags["--no-save-model"] == "BOOL"
     assert flags["--online-mode"] == "{hard,soft}" and flags["--temperatures"].startswith("[FLOAT")
-    assert benchmark.flag_args("dfp_offline_to_online.py", "save_model", "false") == ["--no-save-model"]
-    assert benchmark.flag_args("dfp_offline_to_online.py", "temperatures", "0.1 0.2") == ["--temperatures", "0.1", "0.2"]
-    assert "--sweep" in benchmark.script_flags("scripts/benchmark.py run")
+    assert grid.flag_args("dfp_offline_to_online.py", "save_model", "false") == ["--no-save-model"]
+    assert grid.flag_args("dfp_offline_to_online.py", "temperatures", "0.1 0.2") == ["--temperatures", "0.1", "0.2"]
+    assert "--sweep" in grid.script_flags("scripts/grid.py run")
 
 
 def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
@@ -241,14 +241,14 @@ def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
         run_id = f"{variant}__cube-double-play-task2__s{seed}"
         d = tmp_path / run_id
         d.mkdir()
-        benchmark.write_json(str(d / benchmark.RUN_FILE), dict(
+        grid.write_json(str(d / grid.RUN_FILE), dict(
             id=run_id, script="dfp_offline_to_online.py", variant=variant, env="cube-double-play-task2", seed=seed,
             args=[], flags={"K": variant[-1], "N": "16"}))
         w = SummaryWriter(str(d))
         for step, v in ((1, 0.0), (100, final)):
             w.add_scalar("eval/success", v, step)
         w.close()
-    assert benchmark.main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--name", "kofn"]) == 0
+    assert grid.main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--name", "kofn"]) == 0
     table = (tmp_path / "out" / "kofn.md").read_text()
     assert "| dfp-K4 | cube-double-play-task2 | 2 | 100 | 75.0 ± 25.0 | 100.0 |" in table  # s.e. = std / sqrt(2)
     assert "| dfp-K1 | cube-double-play-task2 | 1 | 100 | 25.0 | 100.0 |" in table
@@ -257,16 +257,51 @@ def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
         "cube-double-play-task2": ["dfp-K1", "dfp-K4"]}
 
 
-def test_presets_expand_to_the_papers_grids(tmp_path, capsys):
+def test_report_of_runs_without_a_paper_number_has_no_paper_column(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    d = tmp_path / "dbp-drift__cube-single-play-task1__s1"
+    d.mkdir()
+    grid.write_json(str(d / grid.RUN_FILE), dict(id=d.name, script="dbp_bc.py", variant="dbp-drift",
+                                                 env="cube-single-play-task1", seed=1, args=[], flags={}))
+    w = SummaryWriter(str(d))
+    w.add_scalar("eval/success", 0.5, 10)
+    w.close()
+    assert grid.main(["report", str(tmp_path)]) == 0
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0] == "| variant | env | seeds | final step | success % (mean ± s.e.) |"
+    assert table[2] == "| dbp-drift | cube-single-play-task1 | 1 | 10 | 50.0 |"
+
+
+def test_presets_expand_to_the_papers_grids(tmp_path, capsys, monkeypatch):
     """--dry-run lists every run with its command and writes nothing."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no datasets here: each run is marked (tested below)
     out = tmp_path / "grid"
-    assert benchmark.main(["run", "--preset", "dfp-kofn", "--out", str(out), "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    assert grid.main(["run", "--preset", "dfp-kofn", "--out", str(out), "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(("  ", "[grid]"))]
     assert len(lines) == 4 * 12 * 5 and not out.exists()  # K in 1,2,4,8 x 12 tasks x 5 seeds
     assert all(line.startswith("new") for line in lines)
     k4 = [line for line in lines if "dfp-K4__cube-triple-play-task3__s5:" in line]
     assert len(k4) == 1 and "--env cube-triple-play-task3 --seed 5 --K 4 --N 16" in k4[0]
     assert f"--runs-dir {out} --run-name dfp-K4__cube-triple-play-task3__s5" in k4[0]
-    assert benchmark.main(["run", "--preset", "dfp-table", "--envs", "lift-mh", "--seeds", "1", "2", "--dry-run"]) == 0
-    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
+    assert grid.main(["run", "--preset", "dfp-table", "--envs", "lift-mh", "--seeds", "1", "2", "--dry-run"]) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("new")] == [
         "new    dfp__lift-mh__s1", "new    dfp__lift-mh__s2"]
+
+
+def test_dry_run_marks_runs_whose_dataset_is_missing(tmp_path, capsys, monkeypatch):
+    """Each run whose dataset is not there gets a mark, and the commands that make the datasets close the list;
+    once the files exist, no mark."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = ["run", "--preset", "dfp-table", "--envs", "lift-mh", "cube-double-play-task2", "cube-double-play-task3",
+            "--seeds", "1", "--out", str(tmp_path / "grid"), "--dry-run"]
+    assert grid.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("dataset missing:") == 3 and "[grid] 2 dataset(s) missing" in out
+    assert "python scripts/generate_robomimic_dataset.py --task lift --kind mh" in out
+    assert "python scripts/generate_ogbench_dataset.py --env cube-double-play\n" in out
+    os.makedirs(tmp_path / ".ogbench" / "data")
+    write_dataset(str(tmp_path / ".ogbench" / "data" / "cube-double-play-v0.npz"))
+    assert grid.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("dataset missing:") == 1 and "lift" in out.split("dataset missing:")[1].splitlines()[0]
