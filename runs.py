@@ -1,5 +1,6 @@
 """The run plumbing the training scripts share: one-line refusals of bad input, the command line, the run folder,
-one signal design, atomic checkpoints and their checks, the printed resume command. No algorithm lives here.
+seeding and the tensorboard log, the CUDA-graph wrapper of an update, one signal design, atomic checkpoints (with the
+RNG states) and their checks, the non-finite stop, the printed resume command. No algorithm lives here.
 
     args = runs.parse(Args, rules)                    # tyro; every parse error and broken rule: one `error:` line, exit 2
     run_dir = runs.plan_run_dir(args.runs_dir, name, "checkpoint.pt", resume=args.resume)  # checked, not created
@@ -7,6 +8,9 @@ one signal design, atomic checkpoints and their checks, the printed resume comma
     stop.armed = True                                 # ... from here it sets a flag: the loops poll stop.requested()
     runs.save(state, path)                            # atomic
     ckpt = runs.load_checkpoint(path, "--resume", "dfp-v1", KEYS, "pass the checkpoint.pt of a DFP run")
+    device = runs.seed(args.seed, args.torch_deterministic, args.num_threads, args.cuda)  # and the device
+    writer = runs.tensorboard(run_dir, args, name, start=step + 1)  # purge_step: a resume never logs a step twice
+    ckpt["rng"] = runs.rng_state(sampler=gen)        # saved; runs.set_rng_state(ckpt["rng"], sampler=gen) on resume
 
 torch is imported inside the functions that use it: the dataset generators import this module without paying for
 torch in each of their worker processes.
@@ -124,6 +128,75 @@ def resume_command(ckpt_path: str) -> str:
     return shlex.join(["python", sys.argv[0], *argv, "--resume", os.path.abspath(ckpt_path)])
 
 
+# ---- the start of a run: CleanRL's seeding, the tensorboard log (and wandb), the CUDA-graph speed path
+def seed(seed: int, deterministic: bool = True, threads: int = 0, cuda: bool = True):
+    """Seed Python's, NumPy's and torch's RNGs, make cudnn deterministic if asked and use `threads` CPU threads (0:
+    torch's default); the device: CUDA when available and `cuda`, else the CPU."""
+    import random
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
+def tensorboard(run_dir: str, args, name: str, start: int = 1, wandb_project: Optional[str] = None,
+                wandb_entity: Optional[str] = None):
+    """The run's SummaryWriter in run_dir (created here), writing from step `start` on: a resumed run drops what the
+    interrupted process logged after its checkpoint, so no step is written twice; a fresh one (start 1) gets the
+    hyperparameter table. wandb_project: the run is tracked with wandb too (imported lazily, synced from tensorboard,
+    the same wandb run on resume)."""
+    os.makedirs(run_dir, exist_ok=True)
+    if wandb_project:
+        import wandb
+
+        wandb.init(project=wandb_project, entity=wandb_entity, sync_tensorboard=True, config=vars(args), name=name,
+                   save_code=True, resume="allow", id=name[-40:])
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir, purge_step=start)
+    if start == 1:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
+class CudaGraphUpdate:
+    """--cudagraphs: update(batch, **kw) (a gradient step that reads only its inputs and the models, with no host
+    sync) captured once per distinct kw (e.g. online=False / True) as a CUDA graph, replayed on each batch copied into
+    static inputs. The first `warmup` calls of each run eagerly on a side stream (allocating the optimizer's state).
+    Returns what update returns (a tensor), cloned."""
+
+    def __init__(self, update: Callable, warmup: int = 3):
+        self.update, self.warmup, self.graphs = update, warmup, {}
+
+    def __call__(self, batch: dict, **kw):
+        import torch
+
+        p = self.graphs.setdefault(tuple(sorted(kw.items())), {"calls": 0, "inputs": {k: torch.empty_like(v)
+                                                                                      for k, v in batch.items()}})
+        for k, v in batch.items():
+            p["inputs"][k].copy_(v)  # the graph reads its inputs from these fixed addresses
+        p["calls"] += 1
+        if p["calls"] <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.update(p["inputs"], **kw)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if "graph" not in p:  # capture records the kernels without running them; the replay below runs them
+            p["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(p["graph"]):
+                p["out"] = self.update(p["inputs"], **kw)
+        p["graph"].replay()
+        return p["out"].clone()
+
+
 # ---- signals: one design for every script
 class Interrupted(Exception):
     """Raised by Stop.check() once a signal asked the run to stop."""
@@ -182,6 +255,14 @@ def leave(code: int, *resources, track: bool = False):
     os._exit(code)
 
 
+def interrupted(step: int, saved: Optional[str], code: int, *resources, track: bool = False):
+    """After a signal: print `interrupted at step N; checkpoint saved to PATH; continue with:` and the resume command
+    (saved: the checkpoint just written; None: nothing was saved), then leave(code, *resources, track=track)."""
+    print(f"interrupted at step {step}; " + (f"checkpoint saved to {saved}; continue with:\n  {resume_command(saved)}"
+                                            if saved else "no checkpoint (--no-save-model)"), flush=True)
+    leave(code, *resources, track=track)
+
+
 # ---- checkpoints: atomic writes, and reads that refuse a wrong or damaged file in one line
 @contextlib.contextmanager
 def atomic(path: str):
@@ -234,6 +315,43 @@ def load_checkpoint(path: str, flag: str, fmt: str, keys, hint: str) -> dict:
     return ckpt
 
 
+def load_states(modules: dict, ckpt: dict, hint: str) -> None:
+    """module.load_state_dict(ckpt[name]) for each named module (networks, optimizers); a checkpoint that does not fit
+    them (other sizes, missing entries) is refused in one line, with `hint` (which flags to match)."""
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(ckpt[name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"checkpoint does not match these networks ({why(e)}); {hint}")
+
+
+def rng_state(**generators) -> dict:
+    """The states of Python's, NumPy's, torch's and (once used) CUDA's global RNGs and of the named torch.Generators:
+    what a checkpoint keeps so that a resumed run draws the numbers an uninterrupted one would (set_rng_state)."""
+    import random
+
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": cuda, **{k: g.get_state() for k, g in generators.items()}}
+
+
+def set_rng_state(state: dict, **generators) -> None:
+    """Restore what rng_state() returned (a state without 'cuda', or with None there, leaves CUDA's RNG as it is)."""
+    import random
+
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in generators.items():
+        g.set_state(state[k])
+
+
 def nonfinite(tree, name: str = "") -> Optional[str]:
     """The dotted name ('critic.weights.0') of the first floating tensor or array holding a NaN or inf in a nested
     dict / list / tuple (a state_dict, a checkpoint), else None. Other leaves (ints, strings, floats) are skipped."""
@@ -250,3 +368,13 @@ def nonfinite(tree, name: str = "") -> Optional[str]:
     else:
         bad = isinstance(tree, np.ndarray) and np.issubdtype(tree.dtype, np.floating) and not np.isfinite(tree).all()
     return (name or "the value") if bad else None
+
+
+def stop_nonfinite(bad: Optional[str], step: int, ckpt_path: str, hint: str = "Try a lower --lr") -> None:
+    """If `bad` names a quantity that became non-finite (a loss, or nonfinite()'s parameter name): exit 1 with one
+    `error:` line naming it and the last good checkpoint, which stays as it is (nothing non-finite is saved)."""
+    if bad is not None:
+        kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+        print(f"error: {bad} became non-finite by step {step}; stopping ({kept}). {hint} (with --resume to continue "
+              "from the checkpoint).", file=sys.stderr)
+        sys.exit(1)

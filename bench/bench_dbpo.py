@@ -51,9 +51,9 @@ class Args:
 def fresh_checkpoint(env_id: str, path: str):
     """A dbp_bc.py-format checkpoint (see its README section) with a randomly initialized MLP generator."""
     import dbpo_ppo
+    import envs
 
-    dbpo_ppo.check_env_id(env_id)
-    env = dbpo_ppo.make_env(env_id, 0, 2, 8)()
+    env = envs.make_chunk_env(envs.resolve_env_id(env_id, gym_ids=envs.LOCOMOTION_ENVS), 8, 2)  # obs [2, O], chunk [8, A]
     obs_dim, act_dim = env.observation_space.shape[-1], env.action_space.shape[-1]
     low, high = env.unwrapped.action_space.low, env.unwrapped.action_space.high
     env.close()
@@ -79,7 +79,7 @@ if __name__ == "__main__":
                "--update-epochs", str(args.update_epochs), "--minibatch-size", str(args.minibatch_size),
                "--num-threads", str(args.num_threads), "--critic-warmup-iters", "0", "--target-kl", "None",
                # iteration 0 is an evaluation (as the authors count); one 1-episode evaluation, no checkpoint
-               "--eval-interval", str(args.iterations + 1), "--num-eval-episodes", "1", "--num-eval-envs", "1",
+               "--eval-interval", str(args.iterations + 1), "--eval-episodes", "1", "--eval-envs", "1",
                "--no-save-model", "--cuda" if args.cuda else "--no-cuda"]
         env = dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)

@@ -102,6 +102,7 @@ def main():
         sys.modules["gymnasium"] = type(sys)("gymnasium")
         sys.modules["gymnasium"].Env = sys.modules["gymnasium"].Wrapper = object
     import dfp_offline_to_online as dfp  # after the checks; needs torch, numpy, tyro (gymnasium, ogbench optional)
+    import runs
 
     dev = torch.device(b.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -150,7 +151,7 @@ def main():
             if "compile" in mode:
                 update = torch.compile(update)
             if "cudagraphs" in mode:
-                update = dfp.CudaGraphUpdate(update)
+                update = runs.CudaGraphUpdate(update)
             sampler = torch.Generator(device=dev).manual_seed(0)
             for phase in ("offline", "online"):
                 step = lambda: update(dfp.sample_chunks(data, 0, n, n, sampler, B, b.horizon, args.discount),  # noqa
@@ -207,19 +208,20 @@ def eval_row(dfp, b, dev):
         return "skipped (--eval-episodes 0)"
     env_id = "cube-triple-play-singletask-task2-v0"
     try:
-        envs = {1: dfp.make_eval_envs(env_id, 1, b.horizon)}
+        vec = {1: dfp.envs.make_eval_envs(env_id, 1, b.horizon)}
     except Exception as e:  # no gymnasium/ogbench/mujoco here
         return f"n/a (no OGBench env: {type(e).__name__})"
-    envs[b.eval_envs] = dfp.make_eval_envs(env_id, b.eval_envs, b.horizon)
-    O, D = envs[1].single_observation_space.shape[0], envs[1].single_action_space.shape[0]  # D = h * A (ChunkEnv)
+    vec[b.eval_envs] = dfp.envs.make_eval_envs(env_id, b.eval_envs, b.horizon)
+    O, D = vec[1].single_observation_space.shape[0], vec[1].single_action_space.shape[0]  # D = h * A (ChunkEnv)
     actor, critic = dfp.Actor(O, D, 512, 4).to(dev), dfp.Critic(O, D, 512, 4, 2).to(dev)
-    best = {m: float("inf") for m in envs}
+    act = dfp.make_act(actor, critic, 16, dev)  # the script's evaluation: best-of-16, in envs.evaluate
+    best = {m: float("inf") for m in vec}
     for _ in range(b.repeats):
-        for m, e in envs.items():
+        for m, e in vec.items():
             t = time.perf_counter()
-            dfp.evaluate(e, actor, critic, 16, b.eval_episodes, 0, dev)
+            dfp.envs.evaluate(e, act, b.eval_episodes, 0)
             best[m] = min(best[m], time.perf_counter() - t)
-    for e in envs.values():
+    for e in vec.values():
         e.close()
     return {"episodes": b.eval_episodes, **{f"{m} envs s": round(v, 2) for m, v in best.items()},
             "speedup": round(best[1] / best[b.eval_envs], 2)}

@@ -15,6 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dfp_offline_to_online as dfp  # noqa: E402
+import replay  # noqa: E402
+import runs  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "dfp_offline_to_online.py")
 ENV = ["--env", "cube-single-play", "--task", "1"]
@@ -144,6 +146,21 @@ def test_interrupt_and_resume_continue_the_run(dataset, tmp_path):
     assert torch.load(ckpt_path, weights_only=False)["step"] == 60
 
 
+def test_offline_resume_continues_with_identical_losses(dataset, tmp_path):
+    """Offline resume is exact: a run of 10 offline steps continued with --resume to 20 logs the losses of one
+    uninterrupted 20-step run, bit for bit (weights, Adam, RNG states and the chunk sampler are restored; the
+    evaluation at the first run's end draws from its own generators, not the training RNG)."""
+    base = [*ENV, *TINY, "--dataset-path", dataset, "--online-steps", "0", "--save-interval", "10"]
+    for argv in (["--offline-steps", "20", "--run-name", "whole"], ["--offline-steps", "10", "--run-name", "part"],
+                 ["--offline-steps", "20", "--resume", str(tmp_path / "runs" / "part" / "checkpoint.pt")]):
+        r = run([*base, *argv], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed part" in r.stdout and "final cube-single-play-singletask-task1-v0 step 20: success" in r.stdout
+    for tag in ("losses/critic", "losses/drift_bc", "stats/q_mean", "stats/drift_scale", "stats/drift_bc_force_sq"):
+        whole, part = (scalars(str(tmp_path / "runs" / name), tag) for name in ("whole", "part"))
+        assert sorted(whole) == [5, 10, 15, 20] and part == whole, (tag, whole, part)
+
+
 def test_bad_input_is_refused_with_a_clear_message(dataset, tmp_path):
     cases = [
         (["--env", "cube-seven-play"], "valid: cube-single-play"),
@@ -200,7 +217,7 @@ def test_chunk_sampling_rewards_masks_valid_next_obs():
 
 def tiny_buffer(capacity=8):
     data = {k: torch.zeros(5, 1) if k in ("observations", "actions", "next_observations") else torch.zeros(5)
-            for k in dfp.KEYS}
+            for k in replay.KEYS}
     return dfp.ReplayBuffer(data, capacity=capacity)
 
 
@@ -335,7 +352,7 @@ def test_cuda_graph_update_matches_eager():
     batches = batches * 3  # per phase: 2 warm-up calls, then capture + replay, then replays
     ref_outs = run_updates(update, batches, n_offline=4)
     update_g, nets_g, batches_g = tiny_update_setup(device="cuda", capturable=True)
-    outs = run_updates(dfp.CudaGraphUpdate(update_g, warmup=2), batches_g * 3, n_offline=4)
+    outs = run_updates(runs.CudaGraphUpdate(update_g, warmup=2), batches_g * 3, n_offline=4)
     assert_same_training(outs, nets_g, ref_outs, nets, rtol=1e-4, atol=1e-5)
 
 

@@ -19,6 +19,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from inprocess import run_main  # noqa: E402
 from test_dfp import ENV, SCRIPT, SUBENV, dataset, dfp, write_dataset  # noqa: E402, F401  (dataset: a fixture)
+import envs  # noqa: E402  (on the path through test_dfp)
 
 TINY = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--num-gen", "4", "--N", "8", "--K", "2",
         "--q-best-of", "4", "--act-best-of", "4", "--log-interval", "5", "--num-threads", "1"]
@@ -115,14 +116,14 @@ BAD_INPUT = [  # (id, argv with {placeholders} from the `bad` fixture, what the 
     ("data-missing", [*DATA, "nowhere/cube-single-play-v0.npz"], "does not exist"),
     ("data-truncated", [*DATA, "{trunc}"], "could not read dataset"),
     ("data-text", [*DATA, "{text}"], "could not read dataset"),
-    ("data-folder", [*DATA, "{folder}"], "is a folder, not a .npz file"),
+    ("data-folder", [*DATA, "{folder}"], "is a folder, not a dataset file"),
     ("data-nan", [*DATA, "{nan}"], "the dataset contains non-finite values in 'observations'"),
     ("data-shape", [*DATA, "{obs}"], "'observations' must have shape [N, 28]"),
     ("data-key", [*DATA, "{noact}"], "could not read dataset"),
     ("data-both", [*DATA, "{trunc}", "--dataset-dir", "{dir}"], "give --dataset-path or --dataset-dir, not both"),
     ("shards-none", [*ENV, "--dataset-dir", "{dir}"], "holds no *.npz shards"),
     ("ckpt-missing", ["--eval-only", "--checkpoint", "nowhere.pt"], "--checkpoint nowhere.pt does not exist"),
-    ("ckpt-truncated", ["--eval-only", "--checkpoint", "{trunc_ckpt}"], "cannot be read as a checkpoint"),
+    ("ckpt-truncated", ["--eval-only", "--checkpoint", "{trunc_ckpt}"], "it is not a complete checkpoint"),
     ("ckpt-untagged", ["--eval-only", "--checkpoint", "{untagged}"], "format None, expected 'dfp-v1'"),
     ("ckpt-dbp", ["--resume", "{dbp}"], "format 'dbp-v1', expected 'dfp-v1'"),
     ("ckpt-env", [*ENV[:2], "--task", "2", "--resume", "{ckpt}"], "checkpoint was made for " + ENV_ID),
@@ -302,11 +303,11 @@ def test_evaluation_does_not_depend_on_the_number_of_envs_nor_the_global_rng(tra
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     runs = []
-    for m in (1, 2):
-        envs = Recorder(dfp.make_eval_envs(ENV_ID, m, 5))
+    for m in (1, 2):  # DFP's best-of-4 acting (make_act) in the shared evaluation
+        vec = Recorder(envs.make_eval_envs(ENV_ID, m, 5))
         torch.manual_seed(m)  # a different global RNG state: must not matter
-        runs.append((dfp.evaluate(envs, actor, critic, 4, 3, 1001, "cpu"), envs.actions))
-        envs.close()
+        runs.append((envs.evaluate(vec, dfp.make_act(actor, critic, 4, "cpu"), 3, 1001), vec.actions))
+        vec.close()
     torch.set_num_threads(threads)
     (res1, acts1), (res2, acts2) = runs
     assert res1 == res2 and sorted(acts1) == sorted(acts2) == [1001, 1002, 1003]

@@ -3,7 +3,6 @@ and env, the dataset checks, the chunk wrapper (open-loop execution, history, an
 evaluation (the same episodes with 1 and 3 envs; DFP's numbers exactly). Nothing is downloaded: HOME is redirected and
 the downloaders are replaced; nothing is written outside pytest's tmp_path."""
 import importlib.util
-import inspect
 import json
 import os
 import socket
@@ -354,18 +353,17 @@ def test_stop_abandons_the_evaluation_and_video_records_episode_0(tmp_path):
 
 
 def test_evaluate_reproduces_dfp_evaluate_exactly():
-    """Until dfp_offline_to_online.py adopts envs.evaluate: its own evaluation stack and envs' (with the acting
-    function DFP would pass) give the same numbers, bit for bit."""
+    """DFP's acting function for evaluate (dfp.make_act) is the best-of-N by the critic of the evaluation DFP had
+    before it adopted envs.evaluate, written out below (this test checked it against that code, bit for bit): the
+    same chunks and q_chosen, so the same numbers."""
     import dfp_offline_to_online as dfp
 
-    if "actor" not in inspect.signature(dfp.evaluate).parameters:
-        pytest.skip("DFP evaluates through envs.evaluate now; its own tests cover its numbers")
     torch.manual_seed(0)
     actor, critic = dfp.Actor(28, 25, 16, 2), dfp.Critic(28, 25, 16, 2, 2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
-    def act(obs, generators):  # best-of-4 by the critic, as DFP's evaluate does
+    def act(obs, generators):  # best-of-4 by the critic, as DFP's own evaluate did
         o = torch.as_tensor(obs)
         cand = actor(o, 4, generators)  # [B, N, D]
         q = dfp.q_mean(critic, o, cand)  # [B, N]
@@ -373,10 +371,10 @@ def test_evaluate_reproduces_dfp_evaluate_exactly():
         return best[:, 0].numpy(), {"q_chosen": q.gather(1, idx)[:, 0].numpy()}
 
     with torch.no_grad():
-        old_envs, new_envs = dfp.make_eval_envs(CUBE1, 1, 5), envs.make_eval_envs(CUBE1, 1, 5, reward_shift=-1.0)
-        old = dfp.evaluate(old_envs, actor, critic, 4, 2, 1001, "cpu")
-        new = envs.evaluate(new_envs, act, 2, 1001)
+        old_envs, new_envs = envs.make_eval_envs(CUBE1, 1, 5), envs.make_eval_envs(CUBE1, 1, 5, reward_shift=-1.0)
+        old = envs.evaluate(old_envs, act, 2, 1001)
+        new = envs.evaluate(new_envs, dfp.make_act(actor, critic, 4, "cpu"), 2, 1001)
     torch.set_num_threads(threads)
     old_envs.close()
     new_envs.close()
-    assert (new["success"], new["return"], new["length"], new["q_chosen"]) == old
+    assert new == old and set(new) == {"success", "return", "length", "q_chosen"}

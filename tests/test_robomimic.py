@@ -269,7 +269,7 @@ def test_dbp_train_eval_resume_and_dbpo_finetune(short_lift_file, tmp_path):
     os.rename(short_lift_file, short_lift_file + ".away")
     try:
         r = run(DBPO, ["--checkpoint", ckpt_path, "--num-iterations", "1", "--num-envs", "2", "--num-steps", "4",
-                       "--minibatch-size", "8", "--num-eval-episodes", "1", "--num-eval-envs", "1",
+                       "--minibatch-size", "8", "--eval-episodes", "1", "--eval-envs", "1",
                        "--no-cuda", "--save-model", "--run-name", "dbpo"], tmp_path)
     finally:
         os.rename(short_lift_file + ".away", short_lift_file)

@@ -193,8 +193,8 @@ CHILD = textwrap.dedent(f"""
         while True:
             pass
     stop.armed = True
+    steps = 1  # a first step, done before the test is told to signal: whatever the load, the state has one
     print("armed", flush=True)
-    steps = 0
     while not stop.requested():  # unbounded work, polled every step
         steps += 1
     if mode == "ignore":  # a loop that does not stop: a second signal must end it
@@ -235,7 +235,7 @@ def test_once_armed_a_signal_sets_the_flag_the_run_saves_and_exits_128_plus_sign
     assert p.returncode == 128 + sig, err
     assert out == "saved\n" and f"{signal.Signals(sig).name}: stopping after this step" in err
     state = torch.load(tmp_path / "state.pt", weights_only=False)
-    assert state["signum"] == sig and state["steps"] > 0 and os.listdir(tmp_path) == ["state.pt"]
+    assert state["signum"] == sig and state["steps"] >= 1 and os.listdir(tmp_path) == ["state.pt"]
 
 
 def test_a_second_signal_exits_at_once(tmp_path):
@@ -284,3 +284,110 @@ def test_leave_closes_what_it_is_given_and_exits_with_the_code(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and r.stdout == "unflushed outputclosed a\nclosed b\n" and r.stderr == ""
+
+
+# ------------------------------------------------------------------------------------------------ the start of a run
+def test_seed_repeats_every_rng_and_picks_the_device():
+    import random
+
+    draws = []
+    for _ in range(2):
+        device = runs.seed(7, deterministic=True, cuda=False)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
+    assert device == torch.device("cpu") and draws[0] == draws[1] and torch.backends.cudnn.deterministic
+
+
+def test_tensorboard_log_starts_a_run_or_continues_it_without_repeating_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    @dataclass
+    class A:
+        lr: float = 0.1
+
+    run_dir = tmp_path / "runs" / "r"
+    w = runs.tensorboard(str(run_dir), A(), "r")  # the folder is made here
+    for step in range(1, 6):
+        w.add_scalar("x", step, step)
+    w.close()
+    w = runs.tensorboard(str(run_dir), A(), "r", start=4)  # resumed from a checkpoint of step 3
+    for step in range(4, 8):
+        w.add_scalar("x", 10 * step, step)
+    w.close()
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("x")] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50), (6, 60), (7, 70)]
+    assert acc.Tags()["tensors"] == ["hyperparameters/text_summary"]  # the table once, from the fresh start
+
+
+def test_rng_state_restores_every_stream():
+    import random
+
+    gen = torch.Generator().manual_seed(3)
+    runs.seed(1, cuda=False)
+    state = runs.rng_state(sampler=gen)
+    draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(())), float(torch.rand((), generator=gen)))  # noqa: E731
+    first = draw()
+    runs.set_rng_state(state, sampler=gen)
+    assert draw() == first and set(state) == {"python", "numpy", "torch", "cuda", "sampler"}
+
+
+def test_load_states_refuses_a_checkpoint_of_other_networks(capsys):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    ckpt = {"net": torch.nn.Linear(3, 2).state_dict(), "optimizer": opt.state_dict()}
+    runs.load_states({"net": net, "optimizer": opt}, ckpt, "")
+    assert torch.equal(net.weight, ckpt["net"]["weight"])
+    err = error_line(capsys, runs.load_states, {"net": torch.nn.Linear(4, 2)}, ckpt, "use the --hidden-dim it had")
+    assert "checkpoint does not match these networks (RuntimeError" in err and err.endswith("use the --hidden-dim it had\n")
+    err = error_line(capsys, runs.load_states, {"critic": net}, ckpt, "")
+    assert "(KeyError: 'critic')" in err
+
+
+def test_stop_nonfinite_exits_1_naming_the_quantity_and_the_kept_checkpoint(tmp_path, capsys):
+    runs.stop_nonfinite(None, 5, str(tmp_path / "checkpoint.pt"))  # nothing non-finite: nothing happens
+    (tmp_path / "checkpoint.pt").write_text("the last good one")
+    with pytest.raises(SystemExit) as e:
+        runs.stop_nonfinite("losses/critic", 7, str(tmp_path / "checkpoint.pt"))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: losses/critic became non-finite by step 7; stopping (the last "
+                                                f"good checkpoint is {tmp_path / 'checkpoint.pt'}). Try a lower --lr")
+
+
+def test_interrupted_prints_the_resume_command_and_leaves_with_the_code(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        import runs
+
+        sys.argv = ["train.py", "--seed", "3"]
+        runs.interrupted(12, {str(tmp_path / "checkpoint.pt")!r}, 143)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    path = tmp_path / "checkpoint.pt"
+    assert r.returncode == 143 and r.stdout == (f"interrupted at step 12; checkpoint saved to {path}; continue with:\n"
+                                                f"  python train.py --seed 3 --resume {path}\n"), r.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_update_replays_the_eager_steps():
+    """A graphed in-place step (w <- w - lr * grad of a loss) per keyword set: the same numbers as eager calls."""
+    def make():
+        w = torch.ones(4, device="cuda", requires_grad=True)
+        opt = torch.optim.SGD([w], lr=0.1)
+
+        def update(batch, scale):
+            opt.zero_grad(set_to_none=False)
+            loss = (w * batch["x"] * scale).pow(2).sum()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return w, update
+
+    (w1, eager), (w2, step) = make(), make()
+    graphed = runs.CudaGraphUpdate(step, warmup=1)
+    batches = [{"x": torch.full((4,), float(i), device="cuda")} for i in range(1, 5)]
+    for b in batches:
+        for scale in (1.0, 0.5):
+            torch.testing.assert_close(graphed(b, scale=scale), eager(b, scale=scale))
+    torch.testing.assert_close(w1, w2)
+    assert len(graphed.graphs) == 2
