@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Literal, Optional, Tuple
@@ -98,11 +99,15 @@ class Args:
     unet_groups: int = 8
     """U-Net GroupNorm groups (must divide every width)"""
     obs_horizon: Optional[int] = None
-    """To: observations in the history (default by env family: manipulation 2, locomotion 1)"""
+    """To: observations in the history (default by env family: OGBench 2, Robomimic and locomotion 1)"""
     pred_horizon: Optional[int] = None
-    """Tp: actions per predicted chunk (default: manipulation 16, locomotion 4)"""
+    """Tp: actions per predicted chunk (default: OGBench 16, Robomimic and locomotion 4)"""
     action_horizon: Optional[int] = None
-    """Ta: actions executed per chunk from index To-1 (default: manipulation 8, locomotion 4)"""
+    """Ta: actions executed per chunk from index To-1 (default: OGBench 8, Robomimic and locomotion 4)"""
+    max_episode_steps: Optional[int] = None
+    """time limit of the evaluation episodes (default: Robomimic 400 as the authors' task configs, else the env's)"""
+    normalization: Literal["authors", "minmax"] = "authors"
+    """authors: Robomimic obs / one global max|obs|, actions unscaled, else per-dim min-max; minmax: min-max everywhere"""
     num_hypotheses: int = 4
     """G: hypotheses generated per observation in training (the paper's default 4; G=1 is much worse)"""
     drift_mode: Literal["chunk", "step"] = "chunk"
@@ -149,29 +154,20 @@ class MLPGenerator(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, obs_horizon: int, pred_horizon: int, hidden_dim: int = 512, depth: int = 3):
         super().__init__()
         self.obs_dim, self.action_dim, self.obs_horizon, self.pred_horizon = obs_dim, action_dim, obs_horizon, pred_horizon
-        self.cond_dim = obs_horizon * obs_dim  # size of features(obs_hist), e.g. for DBPO's log-std head
+        self.cond_dim = obs_horizon * obs_dim  # the condition flatten(obs_hist) [B, To*obs_dim], as DBPO's log-std head's
         dims = [self.cond_dim + pred_horizon * action_dim] + [hidden_dim] * depth
         self.net = nn.Sequential(*[m for d_in, d_out in zip(dims[:-1], dims[1:]) for m in (nn.Linear(d_in, d_out), nn.Mish())],
                                  nn.Linear(dims[-1], pred_horizon * action_dim))
 
-    def features(self, obs_hist: torch.Tensor) -> torch.Tensor:
-        """The observation features the generator is conditioned on: flatten(obs_hist) [B, To*obs_dim]."""
-        return obs_hist.flatten(1)
-
     def forward(self, obs_hist: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.features(obs_hist), z.flatten(1)], dim=-1)  # [B, To*obs_dim + Tp*act_dim]
+        x = torch.cat([obs_hist.flatten(1), z.flatten(1)], dim=-1)  # [B, To*obs_dim + Tp*act_dim]
         return self.net(x).view(-1, self.pred_horizon, self.action_dim)  # [B, Tp, act_dim]
 
 
-class Conv1dBlock(nn.Module):
-    """Conv1d -> GroupNorm -> Mish, length preserving."""
-
-    def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int):
-        super().__init__()
-        self.block = nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.GroupNorm(n_groups, c_out), nn.Mish())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+def Conv1dBlock(c_in: int, c_out: int, kernel_size: int, n_groups: int) -> nn.Sequential:  # noqa: N802 (the authors' name)
+    """Conv1d -> GroupNorm -> Mish, length preserving; inside `block`, as theirs: the same state-dict names."""
+    return nn.Sequential(OrderedDict(block=nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+                                                         nn.GroupNorm(n_groups, c_out), nn.Mish())))
 
 
 class FiLMResBlock1d(nn.Module):
@@ -208,12 +204,10 @@ class UNetGenerator(nn.Module):
         self.up = nn.ModuleList(nn.ModuleList([res(2 * c_out, c_skip), res(c_skip, c_skip),  # skip widths, deepest first
                                                nn.ConvTranspose1d(c_skip, c_skip, 4, stride=2, padding=1)])  # T/2 -> T
                                 for c_skip, c_out in reversed(list(zip(down_dims[:-1], down_dims[1:]))))
-        self.final = nn.Sequential(Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups), nn.Conv1d(down_dims[0], action_dim, 1))
-
-    features = MLPGenerator.features  # the same conditioning: flatten(obs_hist) [B, To*obs_dim]
+        self.final = nn.Sequential(Conv1dBlock(dims[1], dims[1], kernel_size, 8), nn.Conv1d(dims[1], action_dim, 1))  # 8: theirs
 
     def forward(self, obs_hist: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        cond, x, skips = self.features(obs_hist), z.transpose(1, 2), []  # [B, To*obs_dim]; x [B, act_dim, Tp]: channels = dims
+        cond, x, skips = obs_hist.flatten(1), z.transpose(1, 2), []  # [B, To*obs_dim]; x [B, act_dim, Tp]: channels = dims
         for res1, res2, downsample in self.down:
             x = res2(res1(x, cond), cond)
             skips.append(x)
@@ -235,6 +229,7 @@ def make_generator(backbone: str, **kwargs) -> nn.Module:
 
 # ---- the deployed policy
 STATS = ("obs_offset", "obs_scale", "action_offset", "action_scale")  # the normalization a Policy and a checkpoint hold
+ROBOMIMIC_OBS_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")  # the authors' task configs' order
 
 
 class Policy(nn.Module):
@@ -263,14 +258,18 @@ def load_policy(ckpt: dict) -> Policy:
     return Policy(gen, {k: ckpt[k] for k in STATS}, ckpt["action_low"], ckpt["action_high"]).eval()
 
 
-# ---- data: min-max scaling, episodes, the 2% hold-out, the samples and their padded chunks
-def compute_normalization(observations: np.ndarray, actions: np.ndarray, range_eps: float = 1e-4) -> dict:
-    """Min-max scaling to [-1, 1] per dimension (the authors'): offset = (max + min) / 2, scale = (max - min) / 2 (1 if constant)."""
+# ---- data: scaling, episodes, the 2% hold-out, the samples and their padded chunks
+def compute_normalization(observations: np.ndarray, actions: np.ndarray, robomimic: bool = False, range_eps=1e-4) -> dict:
+    """x_n = (x - offset) / scale: per-dim min-max to [-1, 1] (the authors' "limits": offset (max + min) / 2, scale (max -
+    min) / 2; range < range_eps: 1, min); robomimic (their loader): obs / ONE global max|obs|, actions as they are."""
     stats = {}
     for name, x in (("obs", observations), ("action", actions)):
         lo, hi = x.min(0).astype(np.float64), x.max(0).astype(np.float64)
-        stats[f"{name}_offset"] = torch.as_tensor((hi + lo) / 2, dtype=torch.float32)
-        stats[f"{name}_scale"] = torch.as_tensor(np.where(hi - lo < range_eps, 1.0, (hi - lo) / 2), dtype=torch.float32)
+        const = hi - lo < range_eps
+        offset, scale = np.where(const, lo, (hi + lo) / 2), np.where(const, 1.0, (hi - lo) / 2)
+        if robomimic:  # obs: x_n = x / max|obs| (one number for every dimension); actions: x_n = x
+            offset, scale = np.zeros_like(lo), np.full_like(lo, (np.abs(x).max() or 1.0) if name == "obs" else 1.0)
+        stats[f"{name}_offset"], stats[f"{name}_scale"] = (torch.as_tensor(v, dtype=torch.float32) for v in (offset, scale))
     return stats
 
 
@@ -292,8 +291,7 @@ def holdout_episodes(num_episodes: int, val_ratio: float, seed: int) -> np.ndarr
 
 def sample_steps(episode_ends: np.ndarray, obs_horizon: int, pred_horizon: int, action_horizon: int) -> np.ndarray:
     """The "now" steps t whose chunk a_{t-To+1..t-To+Tp} ends at most Ta-1 steps past its episode (the authors' sampler)."""
-    _, last = episode_bounds(episode_ends)
-    t = np.arange(len(episode_ends))
+    t, (_, last) = np.arange(len(episode_ends)), episode_bounds(episode_ends)
     return t[t - obs_horizon + pred_horizon - last <= action_horizon - 1]
 
 
@@ -309,15 +307,15 @@ def chunk_indices(t: torch.Tensor, ep_first: torch.Tensor, ep_last: torch.Tensor
 
 # ---- the loss, the update, and the authors' per-epoch schedule and EMA
 def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, loss: str = "drift", num_hypotheses: int = 4,
-                 drift_mode: str = "chunk", field: str = "official", temperatures=(0.02, 0.05, 0.2), bandwidth: float = 1.0):
-    """(loss, info of detached tensors) on normalized obs histories [B, To, obs_dim] and expert chunks [B, Tp, da]."""
+                 drift_mode: str = "chunk", field: str = "official", temperatures=(0.02, 0.05, 0.2), bandwidth: float = 1.0,
+                 noise: Optional[torch.Tensor] = None):
+    """(loss, info of detached tensors) on normalized obs histories [B, To, obs_dim], expert chunks [B, Tp, da]; noise: z."""
     B, Tp, da = chunk.shape
     if loss == "mse":  # deterministic regression: one output per observation, z fixed to 0
-        pred = gen(obs_hist, torch.zeros_like(chunk))  # [B, Tp, da]
-        mse = (pred - chunk).pow(2).mean()
+        mse = (gen(obs_hist, torch.zeros_like(chunk)) - chunk).pow(2).mean()  # pred [B, Tp, da]
         return mse, {"chunk_mse": mse.detach()}
     G = num_hypotheses
-    z = torch.randn(B * G, Tp, da, device=chunk.device)  # z ~ N(0, I), one per hypothesis
+    z = torch.randn(B * G, Tp, da, device=chunk.device) if noise is None else noise  # z ~ N(0, I), one per hypothesis
     x = gen(obs_hist.repeat_interleave(G, dim=0), z).view(B, G, Tp, da)  # G hypotheses per observation
     info = {"chunk_mse": (x[:, 0] - chunk).pow(2).mean().detach(), "hypothesis_std": x.std(dim=1).mean().detach()}
     # chunk mode: one drift on the flattened chunk (S = Tp * da); step mode: the same on each step (S = da), averaged
@@ -342,8 +340,7 @@ def compute_loss(gen: nn.Module, obs_hist: torch.Tensor, chunk: torch.Tensor, lo
 def update(gen: nn.Module, optimizer, obs_hist: torch.Tensor, chunk: torch.Tensor, lr: float, loss_flags: tuple,
            max_grad_norm: float):
     """One AdamW step at learning rate lr: (loss, gradient norm before clipping, info), left on the device (no sync)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    optimizer.param_groups[0]["lr"] = lr  # one group
     loss, info = compute_loss(gen, obs_hist, chunk, *loss_flags)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -406,7 +403,7 @@ def evaluate(policy: Policy, eval_envs, args, stop: runs.Stop, label: str, video
 # ---- every check before any work (runs.parse: one `error:` line, exit 2): a table of ranges, then the rules
 RANGES = {  # requirement: (test, flags)
     "at least 1": (lambda v: v is None or v >= 1, ("num_epochs", "total_steps", "batch_size", "eval_episodes", "eval_envs",
-                                                   "log_interval", "num_hypotheses", "hidden_dim", "depth", "ema_every", "unet_groups")),
+        "log_interval", "num_hypotheses", "hidden_dim", "depth", "ema_every", "unet_groups", "max_episode_steps")),
     "at least 0": (lambda v: v >= 0, ("eval_interval", "save_interval", "keep_checkpoints", "num_threads", "warmup_epochs",
                                       "ema_start_epoch")),
     "a positive finite number": (lambda v: 0 < v < math.inf, ("lr", "min_lr", "max_grad_norm", "ema_power", "bandwidth")),
@@ -426,9 +423,11 @@ def rules(args: Args):
     yield args.min_lr <= args.lr, f"--min-lr {args.min_lr} must not exceed --lr {args.lr}"
     yield args.run_name not in ("", ".", "..") and "/" not in (args.run_name or ""), \
         f"--run-name must be a plain folder name, got {args.run_name!r}"
-    # (To, Tp, Ta) of the authors' D4RL locomotion / manipulation configs; an unknown env is refused here
-    defaults = (1, 4, 4) if envs.family(envs.resolve_env_id(args.env, args.task, gym_ids=None)) == "gym" else (2, 16, 8)
-    To, Tp, Ta = (d if v is None else v for v, d in zip((args.obs_horizon, args.pred_horizon, args.action_horizon), defaults))
+    # (To, Tp, Ta) of the authors' D4RL and Robomimic low-dim configs 1/4/4, OGBench their PushT-style 2/16/8; max_steps 400
+    fam = envs.family(envs.resolve_env_id(args.env, args.task, gym_ids=None))  # an unknown env is refused here
+    args.max_episode_steps = args.max_episode_steps or (400 if fam == "robomimic" else None)
+    To, Tp, Ta = (d if v is None else v for v, d in zip((args.obs_horizon, args.pred_horizon, args.action_horizon),
+                                                         (2, 16, 8) if fam == "ogbench" else (1, 4, 4)))
     args.obs_horizon, args.pred_horizon, args.action_horizon = To, Tp, Ta
     yield min(To, Tp, Ta) >= 1 and To - 1 + Ta <= Tp, ("need 1 <= --obs-horizon, --action-horizon and obs_horizon - 1 + "
                                                        "action_horizon <= pred_horizon (the paper's rule: the executed "
@@ -436,8 +435,8 @@ def rules(args: Args):
     n, dims, unet = len(args.unet_dims) - 1, args.unet_dims, args.backbone == "unet"  # the U-Net halves the chunk n times
     yield not unet or (n >= 0 and min(dims) >= 1 and Tp % 2**n == 0), f"--backbone unet halves the chunk {n} times: it needs " \
         f"positive --unet-dims and --pred-horizon {Tp} divisible by 2^{n} (or fewer --unet-dims); got {dims}"
-    yield not unet or all(d % args.unet_groups == 0 for d in dims), \
-        f"--unet-groups {args.unet_groups} must divide every --unet-dims width {dims}"
+    yield not unet or (all(d % args.unet_groups == 0 for d in dims) and dims[0] % 8 == 0), f"--unet-groups {args.unet_groups} " \
+        f"must divide every --unet-dims width {dims}, and 8 (the final block's groups, as the authors') the first"
 
 
 # ---- checkpoints (format dbp-v1, read by dbpo_ppo.py; docs/dbp.md)
@@ -446,7 +445,7 @@ CKPT_KEYS = ("env_id", "backbone", "generator_kwargs", "model", "obs_dim", "acti
 TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
 RESUME_KEYS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", "obs_horizon", "pred_horizon",
                "action_horizon", "loss", "num_hypotheses", "drift_mode", "drift_field", "env", "task", "dataset_path", "seed",
-               "val_ratio", "batch_size")  # flags a --resume must share (--total-steps, intervals, ... may change)
+               "val_ratio", "batch_size", "normalization")  # flags a --resume must share (--total-steps, intervals may change)
 HINT = "pass a run's dbp_bc.pt (a dbp_bc_<step>.pt snapshot holds only a policy: it can be evaluated, not resumed)"
 
 
@@ -457,8 +456,9 @@ def eval_only(args: Args, device: torch.device, stop: runs.Stop) -> None:
     print(f"start: eval-only of {len(ckpts)} checkpoint(s) | device {device} | eval envs {num_envs}", flush=True)
     stop.armed = True  # a signal abandons the evaluation: no result
     for path, c in zip(args.checkpoint, ckpts):
-        key = (c["env_id"], c["obs_horizon"], c["action_horizon"], c.get("env_args"))
-        pool[key] = pool.get(key) or envs.make_eval_envs(key[0], num_envs, horizon=key[2], obs_horizon=key[1], env_args=key[3])
+        key = (c["env_id"], c["obs_horizon"], c["action_horizon"], c.get("env_args"), c.get("max_episode_steps"))
+        pool[key] = pool.get(key) or envs.make_eval_envs(key[0], num_envs, horizon=key[2], obs_horizon=key[1], env_args=key[3],
+                                                         max_episode_steps=key[4])
         results.append(evaluate(load_policy(c).to(device), pool[key], args, stop, f"eval-only {path} ({key[0]} step {c.get('step')})"))
         if results[-1] is None:
             runs.leave(stop.exit_code, *pool.values())
@@ -472,9 +472,9 @@ def eval_only(args: Args, device: torch.device, stop: runs.Stop) -> None:
 
 # ---- the training run: main() and its helpers, which share the namespace `run`
 def load_data(run) -> None:
-    """The demonstrations (envs.load_dataset checks them), min-max normalized, on the device; the samples (chunk_indices)."""
+    """The demonstrations (envs.load_dataset checks them), normalized, on the device; the samples (chunk_indices)."""
     a, To, Tp, Ta, dev = run.args, run.args.obs_horizon, run.args.pred_horizon, run.args.action_horizon, run.device
-    env, data, ends, env_args = envs.load_dataset(run.env_id, a.dataset_path)
+    env, data, ends, env_args = envs.load_dataset(run.env_id, a.dataset_path, obs_keys=ROBOMIMIC_OBS_KEYS)
     obs, actions = data["observations"].astype(np.float32), data["actions"].astype(np.float32)  # [N, O], [N, A]
     run.dims, run.low, run.high = (obs.shape[1], actions.shape[1]), env.action_space.low, env.action_space.high
     run.env_args = None if env_args is None else json.dumps(env_args)  # Robomimic: how to rebuild the env
@@ -491,7 +491,7 @@ def load_data(run) -> None:
     run.num_epochs = math.ceil(run.total_steps / run.steps_per_epoch)  # the lr schedule's length
     run.summary = (f"{len(obs)} steps, {len(val_episode)} episodes ({int(val_episode.sum())} held out), {len(train_t)} train / "
                    f"{len(val_t)} val samples | {run.total_steps} steps = {run.num_epochs} epochs of {run.steps_per_epoch}")
-    run.stats = compute_normalization(obs, actions)
+    run.stats = compute_normalization(obs, actions, a.normalization == "authors" and envs.family(run.env_id) == "robomimic")
     run.obs_n = ((torch.as_tensor(obs) - run.stats["obs_offset"]) / run.stats["obs_scale"]).to(dev)  # [N, O]
     run.act_n = ((torch.as_tensor(actions) - run.stats["action_offset"]) / run.stats["action_scale"]).to(dev)  # [N, A]
     run.ep_first, run.ep_last = torch.as_tensor(ep_first, device=dev), torch.as_tensor(ep_last, device=dev)
@@ -522,7 +522,7 @@ def build(run, num_envs: int) -> None:
         rng["cuda"] = [rng["cuda"]] if isinstance(rng.get("cuda"), torch.Tensor) else rng.get("cuda")  # older: one device's
         runs.set_rng_state(rng)
     run.eval_envs = envs.make_eval_envs(run.env_id, num_envs, horizon=a.action_horizon, obs_horizon=a.obs_horizon,
-                                        env_args=run.env_args, render=a.capture_video)  # worker processes start here
+                                        render=a.capture_video, env_args=run.env_args, max_episode_steps=a.max_episode_steps)
     run.writer = runs.tensorboard(run.run_dir, a, os.path.basename(run.run_dir), run.start_step + 1,
                                   a.track and a.wandb_project_name, a.wandb_entity)
 
@@ -588,8 +588,8 @@ def save(run, step: int) -> None:
     check_finite(run, step)
     a, cpu = run.args, lambda m: {k: v.cpu() for k, v in m.state_dict().items()}  # noqa: E731
     ckpt = {"format": "dbp-v1", "args": json.loads(json.dumps(asdict(a))), "env_id": run.env_id, "obs_dim": run.dims[0],
-            "action_dim": run.dims[1], **{k: getattr(a, k) for k in ("obs_horizon", "pred_horizon", "action_horizon", "backbone")},
-            "generator_kwargs": run.gen_kwargs, "loss": a.loss, "env_args": run.env_args, "model": cpu(run.ema_gen),
+            "action_dim": run.dims[1], "generator_kwargs": run.gen_kwargs, "env_args": run.env_args, "model": cpu(run.ema_gen),
+            **{k: getattr(a, k) for k in ("obs_horizon", "pred_horizon", "action_horizon", "backbone", "loss", "max_episode_steps")},
             **run.policy.stats(), "action_low": run.policy.action_low.cpu(), "action_high": run.policy.action_high.cpu(),
             "step": step, "train_model": cpu(run.gen), "optimizer": run.optimizer.state_dict(),  # + TRAIN_STATE: for --resume
             "rng": runs.rng_state(), "wall_time": run.wall_time + time.time() - run.t_start}

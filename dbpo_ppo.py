@@ -27,7 +27,7 @@ from dbp_bc import CKPT_KEYS, make_generator  # the dbp-v1 format and its networ
 
 STATE_FORMAT = "dbpo-state-v1"  # <run dir>/state.pt; the model, dbpo_ppo.pt, keeps dbp_bc.py's format dbp-v1
 STATE_KEYS = ("env_id", "run_name", "iteration", "finished", "global_step", "num_envs", "agent", "actor_optimizer",
-              "critic_optimizer", "reward_scaler", "rng")
+              "critic_optimizer", "rng")
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Args:
     env_id: Optional[str] = None
     """the environment; default: the checkpoint's env (giving another one is refused)"""
     max_episode_steps: Optional[int] = None
-    """override the env's time limit (default: OGBench's evaluation horizon / 1000 for locomotion)"""
+    """override the env's time limit (default: the checkpoint's, e.g. Robomimic 400, else the env's)"""
     num_iterations: int = 1500
     """iterations, evaluation iterations included (every --eval-interval-th, starting with iteration 0)"""
     num_envs: int = 40
@@ -109,10 +109,12 @@ class Args:
     """stop the update epochs early once the approximate KL exceeds this"""
     critic_warmup_iters: int = 5
     """iterations 0 .. critic_warmup_iters-1 update only the critic"""
-    reward_scaling: Literal["rollout_std", "running", "none"] = "rollout_std"
-    """rollout_std: r / std(rewards of this rollout) (authors' code); running: r / running std of the discounted return"""
-    timeout_as_terminal: bool = False
-    """treat time-limit ends as terminal (authors' code); default: bootstrap them with gamma * V(final obs)"""
+    reward_scaling: Literal["rollout_std", "none"] = "rollout_std"
+    """rollout_std: r / (std(rewards of this rollout) + 1e-8) (authors' code); none: the env's rewards"""
+    bootstrap_timeouts: bool = False
+    """bootstrap time-limit ends with gamma * V(final obs); default: terminal (authors' code: gym's TimeLimit `done`)"""
+    freeze_normalizer: bool = False
+    """keep the checkpoint's obs/action normalizer fixed; default: the actor's AdamW trains it (authors' code)"""
     logprob_min: Optional[float] = -2.0
     """clamp the new and old (normalized) log-likelihoods below at this value before the ratio (authors' code)"""
     init_std: float = 0.03
@@ -158,18 +160,18 @@ def prefix_log_prob(mu, std, chunk, obs_horizon, action_horizon, normalize=True)
 
 def prefix_entropy(std, obs_horizon, action_horizon, normalize=True):
     """H = sum_{k in prefix} sum_j (0.5 + 0.5 log(2 pi) + log std_kj)  -> [B], normalized like the log-prob."""
-    ex = executed(std, obs_horizon, action_horizon)
-    ent = (0.5 + 0.5 * np.log(2 * np.pi) + ex.log()).sum((1, 2))
-    return ent / ex[0].numel() if normalize else ent
+    ent = (0.5 + 0.5 * math.log(2 * math.pi) + executed(std, obs_horizon, action_horizon).log()).sum((1, 2))
+    return ent / (action_horizon * std.shape[-1]) if normalize else ent
 
 
 class DBPOAgent(nn.Module):
-    """Gaussian actor around the pretrained generator, frozen anchor copy, critic, and the checkpoint's normalizers."""
+    """Gaussian actor around the pretrained generator (env units), frozen anchor copy, critic, and the normalizers."""
 
-    def __init__(self, ckpt: dict, generator: nn.Module, anchor: nn.Module, init_std=0.03, min_std=0.03, max_std=0.10):
+    def __init__(self, ckpt: dict, generator: nn.Module, anchor: nn.Module, init_std=0.03, min_std=0.03, max_std=0.10,
+                 train_normalizer: bool = True):
         super().__init__()
         self.obs_horizon, self.pred_horizon, self.action_horizon = ckpt["obs_horizon"], ckpt["pred_horizon"], ckpt["action_horizon"]
-        self.action_dim, cond_dim = ckpt["action_dim"], ckpt["obs_horizon"] * ckpt["obs_dim"]  # f(s) = flatten(obs_hist)
+        self.action_dim, cond_dim = ckpt["action_dim"], ckpt["obs_horizon"] * ckpt["obs_dim"]  # f(s) = flatten(obs_n)
         self.generator = generator  # mu_theta(s, z), trainable
         self.anchor = anchor.requires_grad_(False)  # mu_frozen(s, z): the pretrained weights, never updated
         # log sigma(s) = W f(s) + b with W = 0, b = log init_std: starts state-independent at init_std
@@ -177,55 +179,65 @@ class DBPOAgent(nn.Module):
         nn.init.zeros_(self.log_std_head.weight)
         nn.init.constant_(self.log_std_head.bias, float(np.log(init_std)))
         self.log_std_min, self.log_std_max = float(np.log(min_std)), float(np.log(max_std))
-        # critic V(s): MLP 3x256 Mish on the normalized, flattened observation history (authors' code)
+        # critic V(s): MLP 3x256 Mish on the RAW flattened observation history (authors' code)
         self.critic = nn.Sequential(nn.Linear(cond_dim, 256), nn.Mish(), nn.Linear(256, 256), nn.Mish(), nn.Linear(256, 256),
                                     nn.Mish(), nn.Linear(256, 1))
         # an mse-trained DBP ignores z (it was trained with z = 0): keep z = 0 so mu is what was trained
         self.zero_latent = ckpt.get("loss") == "mse"
-        f32 = lambda k: torch.as_tensor(ckpt[k], dtype=torch.float32)  # noqa: E731
-        for k in ("obs_offset", "obs_scale", "action_offset", "action_scale"):  # obs_n = (obs - offset) / scale, a likewise
-            self.register_buffer(k, f32(k))
-        # env action bounds in normalized units: clipping here = clipping the env action after unnormalizing
-        self.register_buffer("action_low_n", (f32("action_low") - self.action_offset) / self.action_scale)
-        self.register_buffer("action_high_n", (f32("action_high") - self.action_offset) / self.action_scale)
+        f32 = lambda d, k: torch.as_tensor(d[k], dtype=torch.float32)  # noqa: E731
+        anchor = {**ckpt, **ckpt.get("dbpo", {}).get("anchor_stats", {})}  # a dbpo_ppo.pt: its anchor's own normalizer
+        for k in ("obs_offset", "obs_scale", "action_offset", "action_scale", "action_low", "action_high"):
+            self.register_buffer(k, f32(anchor, k))  # the anchor's x_n = (x - offset) / scale; the env's bounds
+        for k in ("obs", "action"):  # the actor's, as the authors' LinearNormalizer in their deep-copied actor: x_n = x *
+            gain = 1 / f32(ckpt, f"{k}_scale")  # gain + bias, Parameters trained by the actor's AdamW (or frozen)
+            self.register_parameter(f"{k}_gain", nn.Parameter(gain, requires_grad=train_normalizer))
+            self.register_parameter(f"{k}_bias", nn.Parameter(-f32(ckpt, f"{k}_offset") * gain, requires_grad=train_normalizer))
 
     def actor_parameters(self):
-        return list(self.generator.parameters()) + list(self.log_std_head.parameters())
+        normalizer = [p for p in (self.obs_gain, self.obs_bias, self.action_gain, self.action_bias) if p.requires_grad]
+        return list(self.generator.parameters()) + list(self.log_std_head.parameters()) + normalizer
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        return (obs - self.obs_offset) / self.obs_scale  # [B, To, obs_dim]
+        return obs * self.obs_gain + self.obs_bias  # [B, To, obs_dim]
 
     def sample_latent(self, batch: int) -> torch.Tensor:
         shape, device = (batch, self.pred_horizon, self.action_dim), self.obs_offset.device  # dim(z) = dim(chunk)
         return torch.zeros(shape, device=device) if self.zero_latent else torch.randn(shape, device=device)
 
-    def get_value(self, obs_n: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs_n.flatten(1)).squeeze(-1)  # [B]
+    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs.flatten(1)).squeeze(-1)  # [B]
 
-    def dist_params(self, obs_n: torch.Tensor, z: torch.Tensor):
-        """mu(s, z) [B, Tp, act_dim] from one generator pass; std(s) = exp(clamp(log-std head(f(s))))."""
-        mu = self.generator(obs_n, z)
+    def dist_params(self, obs: torch.Tensor, z: torch.Tensor):
+        """mu(s, z) [B, Tp, act_dim] in env units from one generator pass (a = (a_n - bias) / gain); std(s) =
+        exp(clamp(log-std head(f(s)))), f(s) = flatten(obs_n). obs: raw [B, To, obs_dim]."""
+        obs_n = self.normalize_obs(obs)
+        mu = (self.generator(obs_n, z) - self.action_bias) / self.action_gain
         log_std = self.log_std_head(obs_n.flatten(1)).view_as(mu)
         return mu, log_std.clamp(self.log_std_min, self.log_std_max).exp()
 
+    def anchor_mean(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """mu_frozen(s, z) in env units: the pretrained generator with the checkpoint's normalizer [B, Tp, act_dim]."""
+        return self.anchor((obs - self.obs_offset) / self.obs_scale, z) * self.action_scale + self.action_offset
+
     @torch.no_grad()
-    def act(self, obs_n: torch.Tensor, z: torch.Tensor, deterministic=False, noise_clip=3.0, normalize_logprob=True):
-        """A = clip(mu + std * clip(n, +-noise_clip)), or clip(mu) (the mean path): (chunk_n [B, Tp, A], log pi [B])."""
-        mu, std = self.dist_params(obs_n, z)
+    def act(self, obs: torch.Tensor, z: torch.Tensor, deterministic=False, noise_clip=3.0, normalize_logprob=True):
+        """A = clip(mu + std * clip(n, +-noise_clip)), or clip(mu) (the mean path): (chunk [B, Tp, A], log pi [B])."""
+        mu, std = self.dist_params(obs, z)
         chunk = mu if deterministic else mu + std * torch.randn_like(mu).clamp(-noise_clip, noise_clip)
-        chunk = torch.maximum(torch.minimum(chunk, self.action_high_n), self.action_low_n)
+        chunk = torch.maximum(torch.minimum(chunk, self.action_high), self.action_low)
         return chunk, prefix_log_prob(mu, std, chunk, self.obs_horizon, self.action_horizon, normalize_logprob)
 
     def env_actions(self, chunk: torch.Tensor) -> np.ndarray:
-        """Normalized chunk -> the executed prefix in env units [B, Ta, act_dim] (numpy, for envs.step)."""
-        return (executed(chunk, self.obs_horizon, self.action_horizon) * self.action_scale + self.action_offset).cpu().numpy()
+        """A chunk -> its executed prefix [B, Ta, act_dim] (numpy, for envs.step)."""
+        return executed(chunk, self.obs_horizon, self.action_horizon).cpu().numpy()
+
 
 
 # ---- the losses and the update
-def dbpo_loss(agent: DBPOAgent, obs_n, z, chunk, old_logprob, advantages, returns, old_values, args: Args):
+def dbpo_loss(agent: DBPOAgent, obs, z, chunk, old_logprob, advantages, returns, old_values, args: Args):
     """L = L_clip + vf_coef * L_V - ent_coef * H + anchor_coef * L_anchor on one minibatch; returns (loss, info)."""
     To, Ta = agent.obs_horizon, agent.action_horizon
-    mu, std = agent.dist_params(obs_n, z)  # the stored z: pi_theta(A|s,z) / pi_old(A|s,z) is the exact PPO ratio
+    mu, std = agent.dist_params(obs, z)  # raw obs, stored z: pi_theta(A|s,z) / pi_old(A|s,z) is the exact PPO ratio
     new_logprob = prefix_log_prob(mu, std, chunk, To, Ta, args.normalize_logprob)
     entropy = prefix_entropy(std, To, Ta, args.normalize_logprob)
     if args.logprob_min is not None:  # authors' code: both sides clamped below; where both bind, ratio = 1, no gradient
@@ -240,15 +252,14 @@ def dbpo_loss(agent: DBPOAgent, obs_n, z, chunk, old_logprob, advantages, return
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     # clipped surrogate: max(-A r, -A clip(r, 1-eps, 1+eps))
     pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-    new_values = agent.get_value(obs_n)
+    new_values = agent.get_value(obs)
+    v_err = (new_values - returns) ** 2  # L_V = 0.5 mean (V - R)^2, or with the clipped value's error where larger
     if args.clip_vloss is not None:
-        v_clipped = old_values + (new_values - old_values).clamp(-args.clip_vloss, args.clip_vloss)
-        v_loss = 0.5 * torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2).mean()
-    else:
-        v_loss = 0.5 * ((new_values - returns) ** 2).mean()
+        v_err = torch.max(v_err, (old_values + (new_values - old_values).clamp(-args.clip_vloss, args.clip_vloss) - returns) ** 2)
+    v_loss = 0.5 * v_err.mean()
     # anchor: ||mu_theta(s,z) - mu_frozen(s,z)||^2, same stored z, mean over the whole chunk (authors' code: mse)
     with torch.no_grad():
-        mu_frozen = agent.anchor(obs_n, z)
+        mu_frozen = agent.anchor_mean(obs, z)
     anchor_loss = ((mu - mu_frozen) ** 2).mean()
     loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss + args.anchor_coef * anchor_loss
     info = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy.mean().detach(),
@@ -289,32 +300,6 @@ def rollout_std_scaling(rewards: np.ndarray) -> np.ndarray:
     return rewards / (rewards.std() + 1e-8)
 
 
-class RewardScaler:
-    """r / std(G), G_t = gamma G_{t-1} + r_t per env (0 after an episode's end), updated with a whole rollout [T, N] first
-    (per step, the first returns would have std ~ 0)."""
-
-    def __init__(self, num_envs: int, gamma: float, epsilon: float = 1e-8):
-        self.gamma, self.epsilon, self.returns = gamma, epsilon, np.zeros(num_envs)  # returns: G per env
-        self.mean, self.var, self.count = 0.0, 1.0, 0.0
-
-    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        returns = np.zeros_like(rewards)
-        for t in range(len(rewards)):
-            returns[t] = self.returns = self.returns * self.gamma + rewards[t]
-            self.returns[dones[t]] = 0.0
-        batch_mean, batch_var, n = returns.mean(), returns.var(), returns.size
-        delta, total = batch_mean - self.mean, self.count + n  # parallel mean/variance update (Chan et al.)
-        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
-        self.mean, self.count = self.mean + delta * n / total, total
-        return rewards / np.sqrt(self.var + self.epsilon)
-
-    def state_dict(self):
-        return {"returns": self.returns.copy(), "mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state):
-        self.returns, self.mean, self.var, self.count = state["returns"].copy(), state["mean"], state["var"], state["count"]
-
-
 def scheduled_lr(k: int, peak: float, low: float, warmup: int, cycle: int, schedule: str = "cosine") -> float:
     """The lr after k steps (authors' CosineAnnealingWarmupRestarts): per cycle, linear low -> peak, then cosine to low."""
     if schedule == "constant":
@@ -330,8 +315,8 @@ def mean_path(agent: DBPOAgent, zero_latent: bool, obs: np.ndarray, gens: list) 
     """A = clip(mu(s, z)), 1 NFE, z = 0 or drawn from each episode's generator: obs [B, To, O] -> executed [B, Ta, A]."""
     shape, zero = (agent.pred_horizon, agent.action_dim), zero_latent or agent.zero_latent
     z = torch.stack([torch.zeros(shape) if zero else torch.randn(shape, generator=g) for g in gens])  # [B, Tp, A]
-    obs_n = agent.normalize_obs(torch.as_tensor(obs, device=agent.obs_offset.device))  # [B, To, O]
-    return agent.env_actions(agent.act(obs_n, z.to(obs_n.device), deterministic=True)[0])
+    device = agent.obs_offset.device
+    return agent.env_actions(agent.act(torch.as_tensor(obs, device=device), z.to(device), deterministic=True)[0])
 
 
 # ---- the training loop: main() and its steps, in the order it runs them
@@ -381,24 +366,23 @@ def load_inputs(args: Args) -> tuple:
 
 
 def build_agent(ckpt: dict, state: Optional[dict], args: Args, device="cpu"):
-    """(agent, (actor, critic) optimizers, reward scaler) of --checkpoint, or of --resume's state (RNG streams too)."""
+    """(agent, (actor, critic) optimizers) of --checkpoint, or of --resume's state (RNG streams too)."""
     try:
         generator, anchor = (make_generator(ckpt["backbone"], **ckpt["generator_kwargs"]) for _ in range(2))
     except (TypeError, ValueError) as e:
         runs.fail(f"--checkpoint {args.checkpoint}: its backbone/generator_kwargs make no generator ({runs.why(e)})")
     hint = f"--checkpoint {args.checkpoint} is damaged; retrain it"  # a dbpo_ppo.pt anchors to the original DBP:
     runs.load_states({"model": generator, "anchor_model": anchor}, {"anchor_model": ckpt["model"], **ckpt}, hint)
-    agent = DBPOAgent(ckpt, generator, anchor, args.init_std, args.min_std, args.max_std).to(device)
+    agent = DBPOAgent(ckpt, generator, anchor, args.init_std, args.min_std, args.max_std, not args.freeze_normalizer).to(device)
     optimizers = (torch.optim.AdamW(agent.actor_parameters(), lr=args.actor_lr, weight_decay=args.weight_decay),
                   torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay))
-    reward_scaler = RewardScaler(args.num_envs, args.gamma)
     if "dbpo" in ckpt:  # a dbpo_ppo.pt: continue with its log-std head and critic
         runs.load_states({"log_std_head": agent.log_std_head, "critic": agent.critic}, ckpt["dbpo"], hint)
     if state is not None:
-        runs.load_states({"agent": agent, "actor_optimizer": optimizers[0], "critic_optimizer": optimizers[1],
-                          "reward_scaler": reward_scaler}, state, f"{args.resume} is not a run of --checkpoint {args.checkpoint}")
+        runs.load_states({"agent": agent, "actor_optimizer": optimizers[0], "critic_optimizer": optimizers[1]}, state,
+                         f"{args.resume} is not a run of --checkpoint {args.checkpoint}")
         runs.set_rng_state(state["rng"])
-    return agent, optimizers, reward_scaler
+    return agent, optimizers
 
 
 def evaluate_and_log(agent, eval_envs, args: Args, stop, writer=None, iteration=0, global_step=0, video=None):
@@ -424,36 +408,37 @@ def rollout(agent: DBPOAgent, train_envs, next_obs, args: Args, stop):
     steps_before, returns, successes = sum(train_envs.get_attr("executed_steps")), [], []
     for step in range(T):
         stop.check()
-        obs_n = agent.normalize_obs(torch.as_tensor(next_obs, device=device))  # [N, To, obs_dim]
+        obs = torch.as_tensor(next_obs, device=device)  # [N, To, obs_dim] raw: normalized in the loss by the current gain
         with torch.no_grad():
             z = agent.sample_latent(N)  # [N, Tp, act_dim]
-            chunk, logprob = agent.act(obs_n, z, noise_clip=args.noise_clip, normalize_logprob=args.normalize_logprob)
-            buf["value"][step] = agent.get_value(obs_n)
-        buf["obs"][step], buf["z"][step], buf["chunk"][step], buf["logprob"][step] = obs_n, z, chunk, logprob
+            chunk, logprob = agent.act(obs, z, noise_clip=args.noise_clip, normalize_logprob=args.normalize_logprob)
+            buf["value"][step] = agent.get_value(obs)
+        buf["obs"][step], buf["z"][step], buf["chunk"][step], buf["logprob"][step] = obs, z, chunk, logprob
         # TRY NOT TO MODIFY: execute the game and log data (SAME_STEP autoreset: ended episodes' infos["final_obs"])
         next_obs, reward, terminations, truncations, infos = train_envs.step(agent.env_actions(chunk))
         buf["raw_reward"][step], buf["done"][step] = reward, terminations | truncations
         if "final_obs" in infos:
-            # default: bootstrap on truncation, not on termination: r_t += gamma * V(final obs); the episode ends here
+            # --bootstrap-timeouts: on truncation, not on termination, r_t += gamma * V(final obs); the episode ends here
             truncated_only = np.flatnonzero(infos["_final_obs"] & truncations & ~terminations)
-            if truncated_only.size and not args.timeout_as_terminal:
+            if truncated_only.size and args.bootstrap_timeouts:
                 final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated_only]), device=device)
                 with torch.no_grad():
-                    buf["bootstrap"][step, truncated_only] = args.gamma * agent.get_value(agent.normalize_obs(final_obs))
+                    buf["bootstrap"][step, truncated_only] = args.gamma * agent.get_value(final_obs)
             final = infos["final_info"]
             returns += [float(final["episode"]["r"][i]) for i in np.flatnonzero(final["_episode"])]
             successes += [float(final["success"][i]) for i in np.flatnonzero(final.get("_success", []))]
     return next_obs, buf, (sum(train_envs.get_attr("executed_steps")) - steps_before, returns, successes)
 
 
-def compute_advantages(agent: DBPOAgent, buf: dict, next_obs, reward_scaler: RewardScaler, args: Args):
+def compute_advantages(agent: DBPOAgent, buf: dict, next_obs, args: Args):
     """Scaled rewards (--reward-scaling) + the truncation bootstraps (V is in scaled units), then GAE: (adv, returns)."""
     if not np.isfinite(buf["raw_reward"]).all():
         raise FloatingPointError("env reward")
-    scale = {"rollout_std": rollout_std_scaling, "running": lambda r: reward_scaler(r, buf["done"]), "none": lambda r: r}
-    rewards = torch.as_tensor(scale[args.reward_scaling](buf["raw_reward"]), dtype=torch.float32, device=buf["value"].device)
+    raw = buf["raw_reward"]  # float64 [T, N]
+    rewards = torch.as_tensor(rollout_std_scaling(raw) if args.reward_scaling == "rollout_std" else raw, dtype=torch.float32,
+                              device=buf["value"].device)
     with torch.no_grad():  # bootstrap value if not done
-        next_value = agent.get_value(agent.normalize_obs(torch.as_tensor(next_obs, device=rewards.device)))  # [N]
+        next_value = agent.get_value(torch.as_tensor(next_obs, device=rewards.device))  # [N]
         dones = torch.as_tensor(buf["done"], dtype=torch.float32, device=rewards.device)  # [T, N]
         return compute_gae(rewards + buf["bootstrap"], buf["value"], dones, next_value, args.gamma, args.gae_lambda)
 
@@ -507,11 +492,16 @@ def log_iteration(writer, iteration: int, args: Args, optimizers, stats, batch, 
 
 
 def save_model(ckpt: dict, agent: DBPOAgent, args: Args, global_step: int, path: str) -> None:
-    """dbpo_ppo.pt: dbp-v1 with the fine-tuned generator, the original one (anchor_model), the log-std head and critic."""
+    """dbpo_ppo.pt: dbp-v1 with the fine-tuned generator and normalizer, the original ones (anchor_model, anchor_stats),
+    the log-std head and critic."""
     model = {k: v for k, v in ckpt.items() if k not in ("train_model", "optimizer", "ema_decay_step", "rng", "global_time")}
     cpu = lambda net: {k: v.cpu() for k, v in net.state_dict().items()}  # noqa: E731
-    runs.save({**model, "model": cpu(agent.generator), "anchor_model": cpu(agent.anchor), "dbpo": {"args": vars(args),
-               "log_std_head": agent.log_std_head.state_dict(), "critic": agent.critic.state_dict(), "global_step": global_step}}, path)
+    anchor_stats = {k: getattr(agent, k).cpu() for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
+    trained = {f"{k}_{n}": v.detach().cpu() for k in ("obs", "action") for n, v in  # the actor's x * gain + bias as dbp-v1's
+               (("scale", 1 / getattr(agent, f"{k}_gain")), ("offset", -getattr(agent, f"{k}_bias") / getattr(agent, f"{k}_gain")))}
+    runs.save({**model, "model": cpu(agent.generator), **trained, "anchor_model": cpu(agent.anchor),
+               "dbpo": {"args": vars(args), "log_std_head": agent.log_std_head.state_dict(), "critic": agent.critic.state_dict(),
+                        "global_step": global_step, "anchor_stats": anchor_stats}}, path)
 
 
 def main():
@@ -524,12 +514,12 @@ def main():
     device = runs.seed(args.seed, args.torch_deterministic, args.num_threads, args.cuda)  # TRY NOT TO MODIFY: seeding
     # env setup: ChunkEnvs (obs [To, O], action: the executed [Ta, A]); a Robomimic env from the checkpoint's env_args
     To, Tp, Ta = ckpt["obs_horizon"], ckpt["pred_horizon"], ckpt["action_horizon"]
-    env_kwargs = dict(env_args=ckpt.get("env_args"), max_episode_steps=args.max_episode_steps)
+    env_kwargs = dict(env_args=ckpt.get("env_args"), max_episode_steps=args.max_episode_steps or ckpt.get("max_episode_steps"))
     eval_envs = envs.make_eval_envs(env_id, args.eval_envs, Ta, To, render=args.capture_video, **env_kwargs)
     obs_dim, act_dim = eval_envs.single_observation_space.shape[-1], eval_envs.single_action_space.shape[-1]
     runs.check((obs_dim, act_dim) == (ckpt["obs_dim"], ckpt["action_dim"]), f"the checkpoint expects obs/action dims "
                f"{ckpt['obs_dim']}/{ckpt['action_dim']} but {env_id} has {obs_dim}/{act_dim}")
-    agent, optimizers, reward_scaler = build_agent(ckpt, state, args, device)
+    agent, optimizers = build_agent(ckpt, state, args, device)
     start_iteration, global_step = (state["iteration"], state["global_step"]) if state else (0, 0)
     stop = runs.Stop()
     stop.armed = not args.eval_only  # from here a signal stops the run within a step, saved (--eval-only: exits at once)
@@ -552,7 +542,7 @@ def main():
         return {"format": STATE_FORMAT, "env_id": env_id, "run_name": run_name, "num_envs": args.num_envs, "args": vars(args),
                 "iteration": iteration, "finished": finished, "global_step": global_step, "rng": runs.rng_state(),
                 **copy.deepcopy({"agent": agent.state_dict(), "actor_optimizer": optimizers[0].state_dict(),
-                                 "critic_optimizer": optimizers[1].state_dict()}), "reward_scaler": reward_scaler.state_dict()}
+                                 "critic_optimizer": optimizers[1].state_dict()})}
     clock = {"start": time.time(), "first_step": global_step, "first_iteration": start_iteration, "rollout": 0.0, "update": 0.0}
     next_obs, _ = train_envs.reset(seed=args.seed + start_iteration)
     last_good, iteration, result = None, start_iteration, None
@@ -565,7 +555,7 @@ def main():
             else:
                 t0 = time.time()
                 next_obs, buf, episodes = rollout(agent, train_envs, next_obs, args, stop)
-                advantages, returns = compute_advantages(agent, buf, next_obs, reward_scaler, args)
+                advantages, returns = compute_advantages(agent, buf, next_obs, args)
                 global_step, t1 = global_step + episodes[0], time.time()
                 batch = [*(buf[k].flatten(0, 1) for k in ("obs", "z", "chunk", "logprob")), advantages.flatten(),
                          returns.flatten(), buf["value"].flatten()]

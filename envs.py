@@ -1,28 +1,27 @@
-"""The benchmarks (OGBench cube tasks, Robomimic low-dim tasks, gymnasium locomotion), shared by the training scripts
-and the dataset generators: the env an --env names, its dataset (found, downloaded with a timeout, or the command that
-regenerates it) and its checks, the env, the wrapper that executes an action chunk, and one seeded, vectorized
-evaluation. Every bad input is one `error:` line (runs.fail), exit code 2. Only episode_generator imports torch.
+"""The benchmarks (OGBench cube tasks, Robomimic low-dim tasks, gymnasium locomotion and its Minari datasets), shared by
+the training scripts and the dataset generators: the env an --env names, its dataset (found, downloaded with a timeout,
+or the command that makes it) and its checks, the env, the wrapper that executes an action chunk, and one seeded,
+vectorized evaluation. Robomimic's files and robosuite env live in robomimic_tasks.py (imported here). Every bad input:
+one `error:` line (runs.fail), exit code 2. Only episode_generator imports torch.
 
     env_id = envs.resolve_env_id("cube-single-play", task=1)  # cube-single-play-singletask-task1-v0
     env, data, ends, env_args = envs.load_dataset(env_id, args.dataset_path)
     res = envs.evaluate(envs.make_eval_envs(env_id, 4, horizon=5), act, episodes=50, seed=1001)  # success, return, ...
 """
 import atexit
-import contextlib
 import functools
-import json
 import os
 import re
-import shutil
-import socket
-import urllib.request
+import warnings
 from collections import deque
 from typing import Callable, Optional
 
 import gymnasium as gym
 import numpy as np
 
-from runs import atomic, check, fail, why, worker_signals
+from robomimic_tasks import (ROBOMIMIC_DATA_DIR, ROBOMIMIC_OBS_KEYS, ROBOMIMIC_TASKS, ROBOMIMIC_URL,  # noqa: F401
+                             RobomimicEnv, load_robomimic, resolve_robomimic_file, robomimic_generate_command)  # noqa: F401
+from runs import atomic, bounded_download, check, fail, why, worker_signals
 
 # ---- families: which benchmark an env id belongs to
 ROBOMIMIC_NAME = r"(lift|can|square)-(mh|ph)(-low_dim)?"  # the authors' spelling lift-mh-low_dim too
@@ -30,27 +29,30 @@ CUBE_NAME = r"(cube-(single|double|triple|quadruple)-play)(-singletask)?(-task([
 OGBENCH_ID = r"(cube-(single|double|triple|quadruple)|scene|puzzle-(3x3|4x4|4x5|4x6))-play-singletask-task[1-5]-v0"
 LOCOMOTION_ENVS = ("Hopper-v5", "Walker2d-v5", "Ant-v5")  # gymnasium MuJoCo, as the authors' D4RL tasks
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")  # a gymnasium env's dataset (.npz)
+MINARI_ID = r"mujoco/([a-z0-9]+)/[a-z0-9_-]+-v\d+"  # Minari's mujoco/hopper/medium-v0: D4RL-style, on gymnasium envs
 
 
 def family(env_id: str) -> str:
-    """'robomimic', 'ogbench' or 'gym' for a resolved id; the first two are manipulation, with info['success']."""
+    """'robomimic', 'ogbench' or 'gym' (Minari ids too) for a resolved id; the first two are manipulation (success)."""
     return "robomimic" if re.fullmatch(ROBOMIMIC_NAME, env_id) else "ogbench" if re.fullmatch(OGBENCH_ID, env_id) else "gym"
 
 
 def resolve_env_id(env: str, task: Optional[int] = None, gym_ids=()) -> str:
     """The env id an --env value names: 'cube-triple-play' -> 'cube-triple-play-singletask-task2-v0' (task 2 unless
     --task, which also overrides a full id's); other OGBench singletask ids (scene, puzzle) as they are; Robomimic
-    'lift-mh' (or 'lift-mh-low_dim') -> 'lift-mh'; gymnasium ids in gym_ids (None: any registered one)."""
+    'lift-mh' (or 'lift-mh-low_dim') -> 'lift-mh'; Minari ids (mujoco/hopper/medium-v0); gymnasium ids in gym_ids
+    (None: any registered one)."""
     cube = re.fullmatch(CUBE_NAME, env)
     check(task is None or cube is None or 1 <= task <= 5, f"--task must be in 1..5, got {task}")
     if cube is not None:
         return f"{cube.group(1)}-singletask-task{task if task is not None else int(cube.group(5) or 2)}-v0"
-    if family(env) != "gym" or (env in gym.registry if gym_ids is None else env in gym_ids):
+    known = re.fullmatch(MINARI_ID, env) or (env in gym.registry if gym_ids is None else env in gym_ids)  # gymnasium's
+    if family(env) != "gym" or known:
         check(task is None, "--task only applies to cube-* names; drop it (or put the task in the full OGBench id)")
         return env.removesuffix("-low_dim")
     gyms = ", a gymnasium id like Hopper-v5" if gym_ids is None else "".join(f", {g}" for g in gym_ids)
     fail(f"unknown env '{env}'; valid: {', '.join(f'cube-{k}-play' for k in CUBE_PLAY_EPISODES)} (or a full id like "
-         f"cube-double-play-singletask-task2-v0), Robomimic lift/can/square-mh/ph{gyms}")
+         f"cube-double-play-singletask-task2-v0), Robomimic lift/can/square-mh/ph, Minari mujoco/hopper/medium-v0{gyms}")
 
 
 # ---- OGBench: datasets in ~/.ogbench/data, else a bounded download, else the command that regenerates them
@@ -89,25 +91,29 @@ def load_ogbench(env_id: str, dataset_path: Optional[str] = None, env=None, time
         name, data_dir = re.sub(r"-singletask-task\d", "", env_id), os.path.expanduser(OGBENCH_DATA_DIR)  # cube-double-play-v0
         path, twin = os.path.join(data_dir, f"{name}.npz"), os.path.join(data_dir, f"{name}-val.npz")
     if not (os.path.isfile(path) and os.path.isfile(twin)):  # not in the default folder (a given path was checked)
-        old_timeout = socket.getdefaulttimeout()  # ogbench's downloader sets none: this bounds it
-        socket.setdefaulttimeout(timeout)
-        try:
+        with bounded_download(timeout, [path + ".tmp", twin + ".tmp"], f"{name} is not in {data_dir} and downloading it",
+                              f"regenerate it locally with: {generate_command(path)}"):
             ogbench.download_datasets([name], data_dir)
-        except (OSError, ValueError) as e:  # URLError, socket.timeout, ConnectionError are OSErrors
-            fail(f"{name} is not in {data_dir} and downloading it failed ({why(e)}); regenerate it locally with: "
-                 f"{generate_command(path)}")
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-            for p in (path + ".tmp", twin + ".tmp"):  # the downloader's half-written files, if any
-                if os.path.exists(p):
-                    os.remove(p)
     try:
         if env is None:
-            return ogbench.make_env_and_datasets(env_id, dataset_path=path)
+            return quiet_ogbench(env_id, dataset_path=path)
         return env, *ogbench.make_env_and_datasets(env_id, dataset_path=path, dataset_only=True, cur_env=env)
     except Exception as e:  # a truncated zip, a text file named .npz, a missing key, ...
         fail(f"could not read dataset {path} ({why(e)}); it needs observations, actions, terminals, qpos, qvel (OGBench "
              f"format) and a -val twin; regenerate it with: {generate_command(path)}")
+
+
+def quiet_ogbench(env_id: str, **kwargs):
+    """ogbench.make_env_and_datasets (with an env) without gymnasium's "Box low's/high's precision lowered" warnings:
+    OGBench's action_space property builds a float64-bounded Box at each read (make, reset); read once, it becomes a
+    float32 class attribute of the env's own subclass."""
+    import ogbench
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*Box (low|high)'s precision lowered by casting to float32")
+        out = ogbench.make_env_and_datasets(env_id, **kwargs)
+        env = (out[0] if isinstance(out, tuple) else out).unwrapped
+        env.__class__ = type(type(env).__name__, (type(env),), {"action_space": env.action_space})
+    return out
 
 
 def shard_paths(folder: str) -> list:
@@ -120,150 +126,54 @@ def shard_paths(folder: str) -> list:
     return shards
 
 
-# ---- Robomimic: lift, can and square low-dim files (~/.robomimic/<task>/<mh|ph>/low_dim_v15.hdf5)
-ROBOMIMIC_DATA_DIR = "~/.robomimic"
-ROBOMIMIC_TASKS = {"lift": ("Lift", 300), "can": ("PickPlaceCan", 300), "square": ("NutAssemblySquare", 400)}  # env, length
-ROBOMIMIC_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")  # concatenated in this order
-ROBOMIMIC_URL = "https://huggingface.co/datasets/robomimic/robomimic_datasets/resolve/main/v1.5/{}/{}/low_dim_v15.hdf5"
-
-
-def robomimic_generate_command(env_id: str, path: str) -> str:
-    """The scripts/generate_robomimic_dataset.py command that writes `path` for env_id."""
-    task, kind = env_id.split("-")[:2]
-    cmd = f"python scripts/generate_robomimic_dataset.py --task {task} --kind {kind}"
-    default = os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
-    return cmd if os.path.abspath(os.path.expanduser(path)) == default else f"{cmd} --out {path}"
-
-
-def resolve_robomimic_file(env_id: str, dataset_path: Optional[str] = None, timeout: float = 30.0) -> str:
-    """The low-dim hdf5 for env_id: the given path, the default folder, or a bounded download (else one error)."""
-    task, kind = env_id.split("-")[:2]
-    if dataset_path is not None:
-        path = os.path.abspath(os.path.expanduser(dataset_path))
-        check(os.path.isfile(path), f"--dataset-path {path} does not exist; create it with: "
-                                    f"{robomimic_generate_command(env_id, path)}")
-        return path
-    path = os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
-    if os.path.isfile(path):
-        return path
-    url, kind_dir = ROBOMIMIC_URL.format(task, kind), os.path.dirname(path)
-    created = [d for d in (kind_dir, os.path.dirname(kind_dir), os.path.dirname(os.path.dirname(kind_dir))) if not os.path.isdir(d)]
+# ---- Minari: mujoco/<env>/<level>-v0 datasets in $MINARI_DATASETS_PATH (else ~/.minari/datasets), else a download
+def load_minari(env_id: str, with_data: bool = True, timeout: float = 30.0):
+    """(env spec, data) of a Minari id: its dataset in the root, else one bounded download, else one error with the command
+    that makes it here; the spec (of the env it was recorded on) must name the id's env (mujoco/hopper/... -> Hopper-v5).
+    data (with_data): D4RL's layout, observations [N, O], actions [N, A], rewards, terminals, timeouts [N] (truncations)."""
+    import minari
+    root = os.path.abspath(os.path.expanduser(os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets"))
+    folder, make = os.path.join(root, env_id), f"python scripts/generate_locomotion_dataset.py --dataset-id {env_id}"
+    if not os.path.isdir(os.path.join(folder, "data")):
+        with bounded_download(timeout, [os.path.join(folder, "data")], f"the Minari dataset {env_id} is not in {root} "
+                              "and downloading it", f"make it locally with: {make}"):
+            minari.download_dataset(env_id)
     try:
-        os.makedirs(kind_dir, exist_ok=True)
-        with atomic(path) as tmp, urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)  # the timeout bounds the connect and every read
-    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are OSErrors
-        for d in created:  # deepest first: remove the folders made for the download (only if still empty)
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        fail(f"{path} is missing and downloading {url} failed ({why(e)}); generate it with: "
-             f"{robomimic_generate_command(env_id, path)}")
-    return path
+        spec, name = (dataset := minari.load_dataset(env_id)).env_spec, re.fullmatch(MINARI_ID, env_id).group(1)
+        check(spec is not None and spec.name.lower() == name, f"the Minari dataset {folder} was recorded on "
+              f"{spec and spec.id}, not on the {name} env its id names; regenerate it with: {make} --overwrite")
+        if not with_data:
+            return spec, None
+        cols = [(ep.observations[:-1], ep.actions, ep.rewards, ep.terminations,  # observations [T + 1, O]: s_0 .. s_T
+                 ep.truncations | (~ep.terminations & (np.arange(len(ep.rewards)) == len(ep.rewards) - 1)))
+                for ep in dataset.iterate_episodes()]
+        return spec, {k: np.concatenate(v) for k, v in zip(D4RL_KEYS, zip(*cols))}
+    except Exception as e:  # a truncated HDF5 file, damaged metadata, episodes of different layouts, ...
+        fail(f"could not read the Minari dataset {folder} ({why(e)}); regenerate it with: {make} --overwrite")
 
 
-def load_robomimic(env_id: str, path: str):
-    """(data, episode_ends, env_args) from data/demo_N/{actions, rewards, dones, obs/*, next_obs/*} (numeric order):
-    observations, actions, rewards - 1 (as the authors), masks = 1 - dones, terminals = dones or a demo's end, next_observations."""
-    import h5py
-    task = env_id.split("-")[0]
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        fail(f"{path} is not a readable HDF5 file ({e}); regenerate it with: {robomimic_generate_command(env_id, path)}")
-    with f:
-        check("data" in f and "env_args" in f["data"].attrs,
-              f"{path} has no 'data' group with an env_args attribute; it is not a robomimic dataset")
-        try:
-            env_args = json.loads(f["data"].attrs["env_args"])
-            env_name = env_args["env_name"]
-        except (ValueError, KeyError, TypeError):
-            fail(f"{path}: data.attrs['env_args'] is not JSON with env_name and env_kwargs")
-        owner = {v[0]: k for k, v in ROBOMIMIC_TASKS.items()}.get(env_name)
-        check(owner == task, f"{path} holds robosuite env '{env_name}' ({owner or 'not lift, can or square'}), but --env "
-                             f"{env_id} needs {ROBOMIMIC_TASKS[task][0]}; pass the file for this task")
-        demos = sorted((k for k in f["data"] if re.fullmatch(r"demo_\d+", k)), key=lambda k: int(k[5:]))  # demo_10 after demo_9
-        check(demos, f"{path} has no data/demo_N groups")
-        need = ["actions", "rewards", "dones"] + [f"{o}/{k}" for o in ("obs", "next_obs") for k in ROBOMIMIC_OBS_KEYS]
-        parts = {k: [] for k in ("observations", "actions", "rewards", "dones", "next_observations")}
-        for demo in demos:
-            g = f["data"][demo]
-            missing = [k for k in need if k not in g]
-            check(not missing, f"{path}: data/{demo} lacks {missing}; low-dim observations need {list(ROBOMIMIC_OBS_KEYS)}")
-            parts["observations"].append(np.concatenate([g["obs"][k][()] for k in ROBOMIMIC_OBS_KEYS], -1))  # [T, O]
-            parts["next_observations"].append(np.concatenate([g["next_obs"][k][()] for k in ROBOMIMIC_OBS_KEYS], -1))
-            for k in ("actions", "rewards", "dones"):
-                parts[k].append(g[k][()])
-    ends = np.concatenate([np.arange(len(a)) == len(a) - 1 for a in parts["actions"]])  # [N] last step of each demo
-    cat = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
-    check(all(len(v) == len(ends) for v in cat.values()) and cat["actions"].ndim == 2,
-          f"{path}: per-demo arrays of different lengths (actions, rewards, dones, obs, next_obs)")
-    return {"observations": cat["observations"], "actions": cat["actions"],
-            "rewards": cat["rewards"] - 1.0,  # sparse 0/1 -> -1/0 (offline and online)
-            "masks": 1.0 - cat["dones"],  # no bootstrap after done (success, or a demo's end)
-            "terminals": np.maximum(cat["dones"], ends).astype(np.float32),  # chunks never cross demos
-            "next_observations": cat["next_observations"]}, ends, env_args
-
-
-class RobomimicEnv(gym.Env):
-    """A robosuite 1.5 env built from a file's env_args, as a gymnasium env: obs = concat of ROBOMIMIC_OBS_KEYS,
-    reward = success (0/1) + reward_shift, terminated at success, truncated after the task's episode length
-    (or a shorter env_kwargs['horizon'] / max_episode_steps); info['success']."""
-
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
-
-    def __init__(self, env_id: str, env_args, reward_shift: float = 0.0, max_episode_steps: Optional[int] = None,
-                 render_mode: Optional[str] = None):
-        import robosuite
-        from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
-        self.env_args = json.loads(env_args) if isinstance(env_args, str) else env_args
-        kwargs = dict(self.env_args["env_kwargs"])
-        if "controller_configs" in kwargs:  # robosuite <= 1.4 format (an OSC_POSE dict) -> 1.5 composite; 1.5 passes
-            kwargs["controller_configs"] = refactor_composite_controller_config(kwargs["controller_configs"], "Panda", ["right"])
-        kwargs.update(has_renderer=False, has_offscreen_renderer=render_mode == "rgb_array", use_camera_obs=False,
-                      ignore_done=True)  # episodes end here, not in robosuite
-        self.env = robosuite.make(self.env_args["env_name"], **kwargs)
-        length = ROBOMIMIC_TASKS[env_id.split("-")[0]][1]
-        self.max_episode_steps = max_episode_steps or min(length, kwargs.get("horizon", length))
-        self.reward_shift, self.render_mode, self.t = reward_shift, render_mode, 0
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.env.action_dim,), np.float32)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, self._obs(self.env.reset()).shape, np.float32)
-
-    def _obs(self, raw: dict) -> np.ndarray:
-        raw = {**raw, "object": raw["object-state"]}  # robomimic's name for robosuite's object-state
-        return np.concatenate([raw[k] for k in ROBOMIMIC_OBS_KEYS]).astype(np.float32)
-
-    def reset(self, *, seed: Optional[int] = None, options=None):
-        super().reset(seed=seed)
-        if seed is not None:  # robosuite draws placements and arm noise from env.rng (shared with its samplers)
-            self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
-        self.t = 0
-        return self._obs(self.env.reset()), {}
-
-    def step(self, action):
-        raw, _, _, _ = self.env.step(np.clip(np.asarray(action, np.float64), -1.0, 1.0))
-        self.t += 1
-        success = float(self.env._check_success())
-        return self._obs(raw), success + self.reward_shift, bool(success), self.t >= self.max_episode_steps, {"success": success}
-
-    def render(self):
-        return self.env.sim.render(width=256, height=256, camera_name="agentview")[::-1]  # mujoco images are upside down
+# make_env's: a Minari id's env spec, read once per process and root ($MINARI_DATASETS_PATH, part of the cache key)
+minari_env_spec = functools.lru_cache(maxsize=None)(lambda env_id, root: load_minari(env_id, with_data=False)[0])
 
 
 # ---- datasets of every family, checked against their env
-def load_dataset(env_id: str, dataset_path: Optional[str] = None, env=None, reward_shift: float = 0.0, min_len: int = 1):
+def load_dataset(env_id: str, dataset_path: Optional[str] = None, env=None, reward_shift=0.0, min_len=1, obs_keys=ROBOMIMIC_OBS_KEYS):
     """(env, data, episode_ends [N] bool, env_args) of a resolved id, checked by check_dataset; data: observations [N, O],
     actions [N, A], and rewards, masks, terminals, next_observations (OGBench, Robomimic) or rewards, terminals, timeouts
-    (D4RL). env_args: how to rebuild a Robomimic env (else None). env: reuse this env (another shard)."""
+    (D4RL's layout: a Minari id's or a .npz). env_args: how to rebuild a Robomimic env (else None). env: reuse this env."""
     env_args = None
     if family(env_id) == "robomimic":  # data/demo_N of a low-dim file; the env from the file's env_args
-        data, ends, env_args = load_robomimic(env_id, resolve_robomimic_file(env_id, dataset_path))
+        data, ends, env_args = load_robomimic(env_id, resolve_robomimic_file(env_id, dataset_path), obs_keys)
         env = env or RobomimicEnv(env_id, env_args, reward_shift)
     elif family(env_id) == "ogbench":
         env, data, _ = load_ogbench(env_id, dataset_path, env)
         ends = data["terminals"] > 0  # ogbench drops each episode's final state and marks the new last step
+    elif re.fullmatch(MINARI_ID, env_id):
+        check(dataset_path is None, f"--env {env_id} is a Minari dataset (in its root, not a file): drop --dataset-path")
+        data = load_minari(env_id)[1]
     else:
         check(dataset_path is not None, f"--env {env_id} is a gymnasium env: it needs --dataset-path to a D4RL-layout "
-                                        f".npz ({', '.join(D4RL_KEYS)})")
+                                        f".npz ({', '.join(D4RL_KEYS)}), or a Minari id like mujoco/hopper/medium-v0")
         path = os.path.abspath(os.path.expanduser(dataset_path))
         check(os.path.isfile(path), f"--dataset-path {path} does not exist (or is a folder); pass a D4RL-layout .npz")
         try:
@@ -273,8 +183,8 @@ def load_dataset(env_id: str, dataset_path: Optional[str] = None, env=None, rewa
             fail(f"cannot read --dataset-path {path} as a NumPy .npz ({why(e)[:80]}); is the file complete?")
         missing = [k for k in D4RL_KEYS if k not in data]
         check(not missing, f"{path} lacks the keys {missing}; a D4RL-layout dataset needs {', '.join(D4RL_KEYS)}")
-        env = env or make_env(env_id)
-        ends = (data["terminals"] > 0) | (data["timeouts"] > 0)
+    if family(env_id) == "gym":  # D4RL's layout; gymnasium's env, or the one the Minari dataset was recorded on
+        env, ends = env or make_env(env_id), (data["terminals"] > 0) | (data["timeouts"] > 0)
     check_dataset(data, env, dataset_path or env_id, min_len)
     return env, data, ends, env_args
 
@@ -304,19 +214,18 @@ def check_dataset(data: dict, env, name: str, min_len: int = 1) -> None:
 def make_env(env_id: str, env_args=None, render: bool = False, reward_shift: float = 0.0,
              max_episode_steps: Optional[int] = None) -> gym.Env:
     """The env of a resolved id: Robomimic's robosuite env rebuilt from env_args (reward: success + reward_shift),
-    OGBench's singletask env, or gymnasium's; render: env.render() returns RGB frames."""
-    limit = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+    OGBench's singletask env, gymnasium's, or the one a Minari dataset was recorded on; render: RGB frames."""
     if family(env_id) == "robomimic":
         return RobomimicEnv(env_id, env_args, reward_shift, max_episode_steps, "rgb_array" if render else None)
     if family(env_id) == "ogbench":
-        import ogbench
-        env = ogbench.make_env_and_datasets(env_id, env_only=True, **limit)
+        env = quiet_ogbench(env_id, env_only=True, max_episode_steps=max_episode_steps)  # None: the env's own
         if render:  # OGBench renders RGB arrays but declares no render mode
             env.unwrapped.render_mode = "rgb_array"
             env.unwrapped.metadata = {**env.unwrapped.metadata, "render_modes": ["rgb_array"], "render_fps": 20}
         return env
+    spec = minari_env_spec(env_id, os.environ.get("MINARI_DATASETS_PATH")) if re.fullmatch(MINARI_ID, env_id) else env_id
     try:
-        return gym.make(env_id, **({"render_mode": "rgb_array"} if render else {}), **limit)
+        return gym.make(spec, **({"render_mode": "rgb_array"} if render else {}), max_episode_steps=max_episode_steps)
     except gym.error.Error as e:
         fail(f"cannot make gymnasium env '{env_id}' ({why(e)}); use a MuJoCo id like Hopper-v5 or an OGBench cube env")
 
@@ -346,8 +255,7 @@ class ChunkEnv(gym.Wrapper):
         total, frames = 0.0, []
         for steps, a in enumerate(np.asarray(chunk).reshape(-1, self.act_dim), 1):
             obs, r, terminated, truncated, info = self.env.step(a)
-            total += r
-            self.executed_steps += 1
+            total, self.executed_steps = total + r, self.executed_steps + 1
             self.history.append(np.asarray(obs, np.float32))
             if self.record:
                 frames.append(self.env.render())

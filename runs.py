@@ -22,7 +22,9 @@ import multiprocessing
 import os
 import re
 import shlex
+import shutil
 import signal
+import socket
 import sys
 import time
 from typing import Callable, Optional
@@ -378,3 +380,24 @@ def stop_nonfinite(bad: Optional[str], step: int, ckpt_path: str, hint: str = "T
         print(f"error: {bad} became non-finite by step {step}; stopping ({kept}). {hint} (with --resume to continue "
               "from the checkpoint).", file=sys.stderr)
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def bounded_download(timeout: float, targets: list, what: str, then: str):
+    """One download attempt, each socket connect and read bounded by `timeout` s; if it raises, what it left for
+    `targets` (the topmost folder of each that did not exist, or the file) is removed: one error '<what> failed (<why>);
+    <then>'."""
+    old_timeout, made = socket.getdefaulttimeout(), []
+    for p in targets:
+        while not os.path.exists(os.path.dirname(p)):
+            p = os.path.dirname(p)
+        made.append(p)
+    socket.setdefaulttimeout(timeout)
+    try:
+        yield
+    except Exception as e:  # URLError, timeouts, refused connections (OSErrors); no such remote dataset; ...
+        for p in filter(os.path.lexists, made):
+            (shutil.rmtree if os.path.isdir(p) else os.remove)(p)
+        fail(f"{what} failed ({why(e)}); {then}")
+    finally:
+        socket.setdefaulttimeout(old_timeout)

@@ -4,6 +4,7 @@ reproducible evaluation (whatever --eval-envs), tensorboard across a resume, and
 CPU-sized flags)."""
 
 import functools
+import json
 import math
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -96,12 +98,15 @@ def test_preset_defaults_are_the_authors():
     assert (a.ema_every, a.ema_start_epoch, a.ema_power, a.ema_max_decay) == (10, 20, 0.75, 0.9999)
     assert (a.val_ratio, a.num_hypotheses, a.temperatures, a.drift_mode) == (0.02, 4, (0.02, 0.05, 0.2), "chunk")
     assert (a.save_model, a.keep_checkpoints, a.wandb_project_name, a.eval_envs) == (True, 10, "drift-policies", None)
-    # horizons by env family, filled in by the rules when not given, overridable
-    for env, expected in [("cube-single-play", (2, 16, 8)), ("cube-double-play-singletask-task2-v0", (2, 16, 8)),
-                          ("lift-mh", (2, 16, 8)), ("Hopper-v5", (1, 4, 4))]:
+    assert (a.normalization, dbp_bc.ROBOMIMIC_OBS_KEYS[0]) == ("authors", "object")  # their task configs list `object` first
+    # horizons (and Robomimic's time limit, their max_steps) by env family, filled in by the rules when not given, overridable
+    for env, expected, limit in [("cube-single-play", (2, 16, 8), None), ("cube-double-play-singletask-task2-v0", (2, 16, 8), None),
+                                 ("lift-mh", (1, 4, 4), 400), ("square-ph", (1, 4, 4), 400), ("Hopper-v5", (1, 4, 4), None)]:
         a = dbp_bc.Args(env=env)
         assert all(ok for ok, _ in dbp_bc.rules(a))
-        assert (a.obs_horizon, a.pred_horizon, a.action_horizon) == expected
+        assert (a.obs_horizon, a.pred_horizon, a.action_horizon, a.max_episode_steps) == (*expected, limit)
+    a = dbp_bc.Args(env="can-mh", max_episode_steps=300)
+    assert all(ok for ok, _ in dbp_bc.rules(a)) and a.max_episode_steps == 300
     a = dbp_bc.Args(env="Hopper-v5", pred_horizon=8)
     assert all(ok for ok, _ in dbp_bc.rules(a))
     assert (a.obs_horizon, a.pred_horizon, a.action_horizon) == (1, 8, 4)
@@ -297,7 +302,7 @@ def test_generator_shapes_and_z_dependence(backbone):
     obs = torch.randn(5, 2, 7)
     out1, out2 = gen(obs, torch.randn(5, 8, 3)), gen(obs, torch.randn(5, 8, 3))
     assert out1.shape == (5, 8, 3) and not torch.allclose(out1, out2)  # the latent matters
-    assert gen.features(obs).shape == (5, gen.cond_dim) == (5, 14)
+    assert gen.cond_dim == 14  # the condition flatten(obs_hist)
 
 
 def test_drift_covers_both_modes_mse_averages():
@@ -384,6 +389,9 @@ BAD_CASES = {  # name: (argv with {file} placeholders, message fragment)
     "temperature 0": (["--temperatures", "0"], "--temperatures must be positive"),
     "horizons": (["--pred-horizon", "4", "--action-horizon", "8"], "executed slice must lie in the chunk"),
     "unet groups": (["--unet-dims", "12", "24"], "must divide every --unet-dims width"),
+    "final block's 8 groups": (["--unet-dims", "4", "8", "--unet-groups", "4"], "8 (the final block's groups"),
+    "time limit 0": (["--max-episode-steps", "0"], "--max-episode-steps must be at least 1"),
+    "unknown normalization": (["--normalization", "zscore"], "zscore"),
     "val ratio": (["--val-ratio", "1.5"], "--val-ratio must be in [0, 0.5)"),
     "min lr > lr": (["--min-lr", "1e-3"], "--min-lr 0.001 must not exceed --lr 0.0001"),
     "task 9": (["--task", "9"], "--task must be in 1..5"),
@@ -569,3 +577,29 @@ def test_tensorboard_steps_strictly_increase_across_resume(d4rl_file, tmp_path):
         steps = [e.step for e in acc.Scalars(tag)]
         assert steps == sorted(set(steps)), (tag, steps)
     assert [e.step for e in acc.Scalars("losses/loss")] == list(range(5, 45, 5))
+
+
+def test_robomimic_observations_put_object_first_and_the_env_follows_the_checkpoint(tmp_path):
+    """The authors' obs_keys order (object, eef_pos, eef_quat, gripper_qpos), recorded in env_args so that the env
+    rebuilt from a checkpoint concatenates the same order; env_args without obs_keys keep the robot keys first."""
+    import h5py
+    dims = {"object": 10, "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2}
+    path = tmp_path / "lift.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_group("data").attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {}})
+        g = f["data"].create_group("demo_0")
+        for k in ("actions", "rewards", "dones"):
+            g.create_dataset(k, data=np.zeros((3, 7) if k == "actions" else 3, np.float32))
+        for group in ("obs", "next_obs"):
+            for i, (k, d) in enumerate(dims.items()):
+                g.create_dataset(f"{group}/{k}", data=np.full((3, d), i, np.float32))
+    data, _, env_args = envs.load_robomimic("lift-mh", str(path), dbp_bc.ROBOMIMIC_OBS_KEYS)
+    expected = np.repeat([0, 1, 2, 3], [10, 3, 4, 2]).astype(np.float32)
+    np.testing.assert_array_equal(data["observations"][0], expected)
+    assert env_args["obs_keys"] == list(dbp_bc.ROBOMIMIC_OBS_KEYS) and env_args["env_name"] == "Lift"
+    raw = {"object-state": np.zeros(10), "robot0_eef_pos": np.ones(3), "robot0_eef_quat": np.full(4, 2.0),
+           "robot0_gripper_qpos": np.full(2, 3.0)}
+    obs = envs.RobomimicEnv._obs(SimpleNamespace(env_args=env_args), raw)  # the env's concatenation, without robosuite
+    np.testing.assert_array_equal(obs, expected)
+    old = envs.RobomimicEnv._obs(SimpleNamespace(env_args={"env_name": "Lift"}), raw)  # an older checkpoint's env_args
+    np.testing.assert_array_equal(old, np.repeat([1, 2, 3, 0], [3, 4, 2, 10]))

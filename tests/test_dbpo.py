@@ -232,26 +232,6 @@ def test_gae_bootstraps_through_truncation_but_not_termination(D):
     torch.testing.assert_close(adv, expected - values)
 
 
-def test_reward_scaler_divides_by_the_std_of_discounted_returns_from_the_first_rollout(D):
-    gamma, T, N = 0.99, 25, 4
-    rewards, dones = -np.ones((T, N)), np.zeros((T, N), bool)
-    dones[9, 0] = True  # env 0's episode ends at decision 9
-    scaler = D.RewardScaler(N, gamma)
-    scaled = scaler(rewards, dones)
-    returns = np.zeros((T, N))
-    for i in range(N):
-        g = 0.0
-        for t in range(T):
-            g = gamma * g + rewards[t, i]
-            returns[t, i] = g
-            g = 0.0 if dones[t, i] else g
-    np.testing.assert_allclose(scaled, rewards / returns.std(), rtol=1e-6)  # identical per-step returns are no problem
-    np.testing.assert_allclose(scaler.returns, returns[-1])  # carried into the next rollout
-    second = scaler(rewards, np.zeros((T, N), bool))
-    both = np.concatenate([returns.ravel(), (returns[-1] * gamma ** np.arange(1, T + 1)[:, None] - np.cumsum(gamma ** np.arange(T))[:, None]).ravel()])
-    np.testing.assert_allclose(second, rewards / both.std(), rtol=1e-6)  # running statistics over both rollouts
-
-
 class CountingEnv(gym.Env):
     """obs = [t], reward = t + 1 at step t, terminates after `length` steps."""
 
@@ -281,6 +261,46 @@ def test_chunk_env_executes_the_prefix_sums_rewards_and_stops_at_the_episode_end
     obs, reward, terminated, truncated, _ = env.step(np.zeros((3, 2), np.float32))
     assert reward == 4 + 5 and terminated and env.executed_steps == 5  # stopped inside the chunk
     np.testing.assert_array_equal(obs[:, 0], [3, 4, 5])
+
+
+def test_time_limits_are_terminal_by_default_and_bootstrapped_with_the_flag(D):
+    """Authors' code: gym's TimeLimit gives `done`, so a time-limit end is terminal (no bootstrap); --bootstrap-timeouts
+    adds gamma * V(final obs) to the truncated decision's reward instead. Time limit 4 env steps = 2 chunks of Ta = 2."""
+    ckpt = contract_checkpoint(D, 1, 2, To=2, Tp=4, Ta=2)
+    agent = make_agent(D, ckpt)
+    stop = type("Stop", (), {"check": lambda self: None})()
+    for bootstrap in (False, True):
+        make = lambda: envs.ChunkEnv(gym.wrappers.RecordEpisodeStatistics(gym.wrappers.TimeLimit(CountingEnv(100), 4)), 2, 2)  # noqa: E731
+        train_envs = gym.vector.SyncVectorEnv([make] * 2, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        next_obs, _ = train_envs.reset(seed=0)
+        args = D.Args(num_steps=3, num_envs=2, bootstrap_timeouts=bootstrap)
+        _, buf, (steps, returns, _) = D.rollout(agent, train_envs, next_obs, args, stop)
+        assert buf["done"].tolist() == [[False, False], [True, True], [False, False]] and returns == [10.0, 10.0] and steps == 12
+        final = torch.tensor([[[3.0], [4.0]]] * 2)  # the last To observations of the ended episodes
+        expected = torch.zeros(3, 2) if not bootstrap else torch.stack([torch.zeros(2), args.gamma * agent.get_value(final).detach(),
+                                                                      torch.zeros(2)])
+        torch.testing.assert_close(buf["bootstrap"], expected)
+
+
+def test_normalizer_is_trained_by_the_actor_optimizer_unless_frozen(D):
+    """Authors' code: the fine-tuned actor is a deep copy with requires_grad=True everywhere, so its normalizer (x_n = x *
+    scale + offset, here gain and bias) is in the actor's AdamW; --freeze-normalizer keeps it. The anchor's never moves."""
+    ckpt = contract_checkpoint(D, 3, 2)
+    ckpt["obs_offset"], ckpt["obs_scale"] = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([2.0, 4.0, 0.5])
+    ckpt["action_offset"], ckpt["action_scale"] = torch.tensor([0.1, 0.0]), torch.tensor([0.5, 2.0])
+    obs, z = torch.randn(8, 2, 3), torch.randn(8, 4, 2)
+    for train in (True, False):
+        agent = make_agent(D, ckpt, train_normalizer=train)
+        ids = {id(p) for p in agent.actor_parameters()}
+        assert all((id(getattr(agent, f"{k}_{n}")) in ids) == train for k in ("obs", "action") for n in ("gain", "bias"))
+        torch.testing.assert_close(agent.normalize_obs(obs), (obs - ckpt["obs_offset"]) / ckpt["obs_scale"])
+        torch.testing.assert_close(agent.dist_params(obs, z)[0], agent.anchor_mean(obs, z))  # the same policy at the start
+        anchor_before = agent.anchor_mean(obs, z)
+        opt = torch.optim.AdamW(agent.actor_parameters(), lr=1e-2)
+        agent.dist_params(obs, z)[0].square().sum().backward()
+        opt.step()
+        assert torch.equal(agent.obs_gain.detach(), 1 / ckpt["obs_scale"]) != train  # moved only when trained
+        torch.testing.assert_close(agent.anchor_mean(obs, z), anchor_before, rtol=0, atol=0)
 
 
 def test_ppo_improves_a_contextual_bandit_and_the_anchor_limits_drift(D, one_thread):
@@ -345,7 +365,7 @@ def test_presets_follow_the_authors_code(D):
                     critic_min_lr=3e-5, lr_schedule="cosine", lr_warmup_iters=10, lr_cycle_iters=None, weight_decay=1e-6,
                     reward_scaling="rollout_std", logprob_min=-2.0, init_std=0.03, min_std=0.03, max_std=0.10,
                     noise_clip=3.0, normalize_logprob=True, eval_interval=10, eval_episodes=100, eval_envs=10,
-                    eval_latent="sample", timeout_as_terminal=False, save_model=True, num_threads=0, clip_vloss=None)
+                    eval_latent="sample", bootstrap_timeouts=False, freeze_normalizer=False, save_model=True, num_threads=0, clip_vloss=None)
     assert {k: getattr(args, k) for k in expected} == expected
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
@@ -407,7 +427,7 @@ def test_mean_path_draws_each_episodes_latent_from_its_own_generator(D):
     alone = [D.mean_path(agent, False, obs[i : i + 1], [envs.episode_generator(7, i)]) for i in range(2)]
     assert both.shape == (2, 2, 2)  # [B, Ta, act_dim] in env units
     np.testing.assert_allclose(both, np.concatenate(alone), atol=1e-6)  # up to the batch's float rounding
-    zero = agent.env_actions(agent.act(agent.normalize_obs(torch.as_tensor(obs)), torch.zeros(2, 4, 2), deterministic=True)[0])
+    zero = agent.env_actions(agent.act(torch.as_tensor(obs), torch.zeros(2, 4, 2), deterministic=True)[0])
     np.testing.assert_allclose(D.mean_path(agent, True, obs, [envs.episode_generator(7, 0)] * 2), zero, atol=1e-6)
     assert not np.allclose(both, zero)
 
@@ -456,11 +476,11 @@ def test_bad_input_matrix_exits_2_with_one_line_before_writing_anything(D, tmp_p
     other = make_agent(D, contract_checkpoint(D, 11, 3, hidden=32))
     state = {"format": "dbpo-state-v1", "env_id": "Hopper-v5", "num_envs": 2, "iteration": 1, "finished": False,
              "run_name": "r", "agent": other.state_dict(), "global_step": 0, "actor_optimizer": {}, "critic_optimizer": {},
-             "reward_scaler": {}, "rng": {}}
+             "rng": {}}
     walker = save("walker_state.pt", {**state, "env_id": "Walker2d-v5"})
     envs3 = save("envs3_state.pt", {**state, "num_envs": 3})
     sizes = save("sizes_state.pt", state)
-    partial = save("partial_state.pt", {k: v for k, v in state.items() if k != "reward_scaler"})
+    partial = save("partial_state.pt", {k: v for k, v in state.items() if k != "rng"})
     horizons = contract_checkpoint(D, 11, 3)
     horizons["action_horizon"] = 4  # To - 1 + Ta = 5 > Tp = 4
     horizons = save("horizons.pt", horizons)
@@ -495,7 +515,7 @@ def test_bad_input_matrix_exits_2_with_one_line_before_writing_anything(D, tmp_p
         (["--env-id", "Walker2d-v5"], "trained on Hopper-v5"),
         (["--resume", str(inp / "notes.txt")], "cannot read --resume"),
         (["--resume", good], "is of another kind (format 'dbp-v1', expected 'dbpo-state-v1')"),
-        (["--resume", partial], "lacks reward_scaler"),
+        (["--resume", partial], "lacks rng"),
         (["--resume", walker], "fine-tunes Walker2d-v5"),
         (["--resume", envs3], "--num-envs 3"),
         (["--resume", sizes], "does not match these networks"),
@@ -659,9 +679,9 @@ def test_smoke_cube_single_train_video_save_and_eval_only(cube_checkpoint, tmp_p
 
 
 def test_smoke_hopper_other_modes(hopper_checkpoint, tmp_path):
-    """The non-default modes: running reward scaling, time limits as terminal, no anchor, unnormalized log-probs."""
+    """The non-default modes: unscaled rewards, bootstrapped time limits, a frozen normalizer, no anchor, raw log-probs."""
     proc = run("--checkpoint", hopper_checkpoint, *TINY, "--no-normalize-logprob", "--anchor-coef", "0", "--reward-scaling",
-               "running", "--timeout-as-terminal", "--max-episode-steps", "6", "--lr-schedule", "constant", "--no-save-model", cwd=tmp_path)
+               "none", "--bootstrap-timeouts", "--freeze-normalizer", "--max-episode-steps", "6", "--lr-schedule", "constant", "--no-save-model", cwd=tmp_path)
     assert "iter 2/3" in proc.stdout and "timing: rollout" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("final:")
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Hopper-v5__dbpo_ppo__1__*"))
     assert not os.path.exists(os.path.join(run_dir, "state.pt")) and not os.path.exists(os.path.join(run_dir, "dbpo_ppo.pt"))

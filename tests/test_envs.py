@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import urllib.error
+import warnings
 
 import gymnasium as gym
 import h5py
@@ -65,12 +66,15 @@ def test_resolve_env_id_names_every_family(capsys):
     assert r("lift-mh") == r("lift-mh-low_dim") == "lift-mh"
     assert r("InvertedPendulum-v5", gym_ids=None) == "InvertedPendulum-v5"  # any registered gymnasium id
     assert r("Hopper-v5", gym_ids=envs.LOCOMOTION_ENVS) == "Hopper-v5"
+    assert r("mujoco/hopper/medium-v0") == "mujoco/hopper/medium-v0" and r("mujoco/walker2d/expert-v0", gym_ids=None)
+    assert envs.family("mujoco/hopper/medium-v0") == "gym"  # Minari ids, whatever gym_ids (tests/test_minari.py)
     assert [envs.family(i) for i in ("lift-mh", CUBE1, "Hopper-v5")] == ["robomimic", "ogbench", "gym"]
     assert "valid: cube-single-play, cube-double-play" in error_line(capsys, r, "antmaze-large-navigate")
     assert "unknown env 'Hopper-v5'" in error_line(capsys, r, "Hopper-v5")  # the default: no gymnasium ids
     assert "Hopper-v5, Walker2d-v5, Ant-v5" in error_line(capsys, r, "Pendulum-v1", gym_ids=envs.LOCOMOTION_ENVS)
     assert "--task must be in 1..5, got 0" in error_line(capsys, r, "cube-double-play", 0)
     assert "--task only applies to cube-* names" in error_line(capsys, r, "lift-mh", 1)
+    assert "Minari mujoco/hopper/medium-v0" in error_line(capsys, r, "mujoco/hopper")  # not a dataset id
 
 
 # ------------------------------------------------------------------------------------------------ OGBench
@@ -109,7 +113,10 @@ def test_ogbench_without_file_or_network_names_the_generate_command(home, tmp_pa
     err = error_line(capsys, envs.load_ogbench, "cube-double-play-singletask-task2-v0", timeout=7.0)
     assert seen["timeout"] == 7.0 and socket.getdefaulttimeout() is None  # bounded, then restored
     assert "python scripts/generate_ogbench_dataset.py --env cube-double-play  (1.1M oracle steps" in err
-    assert "URLError" in err and os.listdir(data_dir) == []  # no half-written file left behind
+    assert "URLError" in err and not (home / ".ogbench").exists()  # what the attempt made (folders, a .tmp) is gone
+    data_dir.mkdir(parents=True)  # an existing folder stays, without the half-written file
+    assert "URLError" in error_line(capsys, envs.load_ogbench, "cube-double-play-singletask-task2-v0")
+    assert os.listdir(data_dir) == []
 
     def timed_out(names, dataset_dir):
         raise socket.timeout("timed out")
@@ -231,6 +238,26 @@ def test_robomimic_dataset_env_and_history_wrapper(tmp_path):
     obs2, reward, terminated, truncated, info = chunk_env.step(up)
     assert info["steps"] == 3 and reward == -3.0 and not terminated and info["success"] == 0.0
     assert obs2[1, 2] > obs2[0, 2] > obs[1, 2]  # the end effector rose, the history holds its last two heights
+
+
+# ------------------------------------------------------------------------------------------------ quiet start-up
+def test_no_family_env_warns_of_float32_precision(tmp_path):
+    """OGBench's action_space property built a float64-bounded Box at every read (gymnasium warned at make and reset):
+    no env we build (each family, bare and chunked) warns, and OGBench's action space is one float32 Box."""
+    made = [lambda: envs.make_chunk_env(CUBE1, 5), lambda: envs.make_chunk_env(CUBE1, 5, 2),
+            lambda: envs.make_chunk_env("Hopper-v5", 4, 1), lambda: envs.make_chunk_env("Hopper-v5", 4),
+            lambda: envs.make_chunk_env("lift-mh", 3, 2, env_args=lift_env_args())]
+    for make in made:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            env = make()
+            env.reset(seed=0)
+            env.step(env.action_space.sample() * 0)
+            env.reset(seed=1)
+        assert not [str(w.message) for w in caught if "precision lowered" in str(w.message)], make
+        assert env.action_space.dtype == env.unwrapped.action_space.dtype == np.float32
+    ogb = envs.make_env(CUBE1).unwrapped
+    assert ogb.action_space is ogb.action_space and type(ogb).__name__ == "CubeEnv"  # read once, kept (one RNG)
 
 
 # ------------------------------------------------------------------------------------------------ the chunk wrapper

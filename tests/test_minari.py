@@ -1,0 +1,210 @@
+"""Minari datasets (mujoco/<env>/<level>-v0) through envs.py, on tiny datasets recorded here with minari.DataCollector
+under a temporary MINARI_DATASETS_PATH (~/.minari is never read or written): the D4RL layout of the episodes, the env
+rebuilt from the dataset's own spec, dbp_bc.py trained, saved and evaluated on one, dbpo_ppo.py fine-tuning that
+checkpoint, and the refusals (no dataset and no network, a dataset of another env, damaged files): one line, exit 2,
+nothing written."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import warnings
+
+import gymnasium as gym
+import h5py
+import minari
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import envs  # noqa: E402
+from inprocess import run_main  # noqa: E402
+from test_runs import error_line  # noqa: E402
+
+ID = "mujoco/hopper/medium-v0"
+LIMIT = 50  # the recorded env's time limit: not the registry's 1000, so an env with it came from the dataset's spec
+DBP, DBPO = os.path.join(ROOT, "dbp_bc.py"), os.path.join(ROOT, "dbpo_ppo.py")
+TINY_DBP = ["--backbone", "mlp", "--hidden-dim", "32", "--depth", "2", "--batch-size", "16", "--num-hypotheses", "4",
+            "--num-threads", "1", "--log-interval", "5", "--eval-interval", "0", "--eval-episodes", "2", "--eval-envs", "1"]
+FAST_DBPO = ["--num-threads", "1", "--num-envs", "2", "--eval-envs", "2", "--eval-episodes", "2", "--update-epochs", "2",
+             "--minibatch-size", "4", "--critic-warmup-iters", "0", "--lr-cycle-iters", "1500", "--num-steps", "4"]
+
+
+def record(root, dataset_id=ID, env_id="Hopper-v5", steps=300, seed=0):
+    """A random-action dataset of `steps` steps on env_id (time limit LIMIT) under the Minari root `root`."""
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)  # the DataCollector and create_dataset read it
+    try:
+        collector = minari.DataCollector(gym.make(env_id, max_episode_steps=LIMIT), record_infos=False)
+        collector.reset(seed=seed)
+        collector.action_space.seed(seed)
+        for _ in range(steps):
+            _, _, terminated, truncated, _ = collector.step(collector.action_space.sample())
+            if terminated or truncated:
+                collector.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no author email, ...
+            collector.create_dataset(dataset_id=dataset_id, algorithm_name="random", author="tests")
+        collector.close()
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH") if old is None else os.environ.update(MINARI_DATASETS_PATH=old)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A Minari root with a 300-step random Hopper-v5 dataset under ID."""
+    root = tmp_path_factory.mktemp("minari")
+    record(root)
+    return root
+
+
+@pytest.fixture
+def root(made, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(made))
+    return made
+
+
+def subprocess_env(root):
+    return dict(os.environ, MINARI_DATASETS_PATH=str(root), MUJOCO_GL="egl", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                HF_HUB_OFFLINE="1")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def test_episodes_in_d4rl_layout_and_the_env_of_the_dataset_spec(root):
+    assert envs.resolve_env_id(ID, gym_ids=None) == envs.resolve_env_id(ID, gym_ids=envs.LOCOMOTION_ENVS) == ID
+    assert envs.family(ID) == "gym"  # DBP's locomotion defaults and return-based reports
+    env, data, ends, env_args = envs.load_dataset(ID)
+    episodes = list(minari.load_dataset(ID).iterate_episodes())
+    assert env_args is None and sorted(data) == sorted(envs.D4RL_KEYS) and len(data["observations"]) == 300
+    np.testing.assert_array_equal(data["observations"], np.concatenate([ep.observations[:-1] for ep in episodes]))  # s_t
+    np.testing.assert_array_equal(data["actions"], np.concatenate([ep.actions for ep in episodes]))
+    np.testing.assert_array_equal(data["rewards"], np.concatenate([ep.rewards for ep in episodes]))
+    assert data["observations"].shape == (300, 11) and data["actions"].shape == (300, 3)
+    lengths = [len(ep.actions) for ep in episodes]
+    assert np.flatnonzero(ends).tolist() == (np.cumsum(lengths) - 1).tolist()  # exactly each episode's last step
+    np.testing.assert_array_equal(data["terminals"], np.concatenate([ep.terminations for ep in episodes]))
+    assert data["terminals"].any() and data["timeouts"].any()  # Hopper falls; the time limit cuts the others
+    np.testing.assert_array_equal(data["timeouts"], np.concatenate([ep.truncations for ep in episodes]))  # truncations
+    # the env: the dataset's own spec (its time limit), the same from make_env, make_chunk_env and make_eval_envs
+    assert env.spec.id == "Hopper-v5" and env.spec.max_episode_steps == LIMIT
+    assert env.observation_space.shape == (11,) and env.action_space.shape == (3,)
+    assert envs.make_env(ID).spec.max_episode_steps == minari.load_dataset(ID).recover_environment().spec.max_episode_steps
+    chunk_env = envs.make_chunk_env(ID, 4, 1)
+    assert chunk_env.observation_space.shape == (1, 11) and chunk_env.action_space.shape == (4, 3)
+    obs, _ = chunk_env.reset(seed=5)
+    np.testing.assert_array_equal(obs[0], np.float32(gym.make("Hopper-v5").reset(seed=5)[0]))
+    vec = envs.make_eval_envs(ID, 1, horizon=4, obs_horizon=1)
+    res = envs.evaluate(vec, lambda o, g: np.zeros((len(o), 4, 3), np.float32), episodes=1, seed=0)
+    vec.close()
+    assert 0 < res["length"] <= LIMIT  # the dataset's time limit, not Hopper-v5's registered 1000 steps
+
+
+def test_making_the_env_raises_no_float32_precision_warning(root):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env = envs.make_chunk_env(ID, 4, 1)
+        env.reset(seed=0)
+        env.step(np.zeros((4, 3), np.float32))
+    assert not [w for w in caught if "precision lowered" in str(w.message)]
+
+
+def test_d4rl_npz_path_still_takes_a_gymnasium_id(root, tmp_path, capsys):
+    env, data, ends, _ = envs.load_dataset(ID)
+    path = str(tmp_path / "hopper.npz")
+    np.savez(path, **data)  # the Minari episodes written as a D4RL-layout file: read back the same
+    env2, data2, ends2, _ = envs.load_dataset("Hopper-v5", path)
+    assert env2.spec.max_episode_steps == 1000 and np.array_equal(ends2, ends)  # the registry's env, the same episodes
+    np.testing.assert_array_equal(data2["observations"], data["observations"])
+    assert "drop --dataset-path" in error_line(capsys, envs.load_dataset, ID, path)
+
+
+# ------------------------------------------------------------------------------------------------ DBP and DBPO
+def test_dbp_trains_saves_and_evaluates_then_dbpo_fine_tunes_its_checkpoint(made, tmp_path):
+    env = subprocess_env(made)
+
+    def run(script, *flags):
+        p = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        return p.stdout
+
+    out = run(DBP, "--env", ID, *TINY_DBP, "--total-steps", "10", "--runs-dir", "runs", "--run-name", "dbp")
+    assert out.startswith(f"start: env {ID} | data") and "300 steps" in out and "To=1 Tp=4 Ta=4" in out
+    ckpt_path = tmp_path / "runs" / "dbp" / "dbp_bc.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt["env_id"] == ID and (ckpt["obs_dim"], ckpt["action_dim"]) == (11, 3) and ckpt["step"] == 10
+    final = out.strip().splitlines()[-1]
+    assert final.startswith("final: 10 steps") and "eval/episodic_return=" in final
+    out = run(DBP, "--eval-only", "--checkpoint", str(ckpt_path), "--eval-episodes", "2", "--eval-envs", "1",
+              "--num-threads", "1")
+    assert "final eval-only over 1 checkpoint(s): eval/return mean" in out
+    assert final.split("eval/episodic_return=")[1].split()[0] in out  # the same 2 seeded episodes, the same return
+    out = run(DBPO, "--checkpoint", str(ckpt_path), *FAST_DBPO, "--num-iterations", "2", "--runs-dir", "runs",
+              "--run-name", "dbpo")
+    assert f"dbpo_ppo: {ID}" in out and out.strip().splitlines()[-1].startswith("final: 2 iterations")
+    state = torch.load(tmp_path / "runs" / "dbpo" / "state.pt", weights_only=False)
+    assert state["env_id"] == ID and state["iteration"] == 2 and state["finished"]
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_missing_dataset_one_bounded_download_then_the_generator_command(tmp_path, monkeypatch, capsys):
+    root, seen = tmp_path / "nothing" / "here", {}
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+
+    def offline(dataset_id):  # what a download without network does: a folder made, then an error
+        seen["calls"], seen["timeout"] = seen.get("calls", 0) + 1, socket.getdefaulttimeout()
+        os.makedirs(root / "mujoco" / "walker2d")
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(minari, "download_dataset", offline)
+    err = error_line(capsys, envs.load_dataset, "mujoco/walker2d/medium-v0")
+    assert seen == {"calls": 1, "timeout": 30.0} and socket.getdefaulttimeout() is None  # one bounded attempt, restored
+    assert "is not in" in err and "URLError" in err
+    assert err.rstrip().endswith("python scripts/generate_locomotion_dataset.py --dataset-id mujoco/walker2d/medium-v0")
+    assert not (tmp_path / "nothing").exists()  # what the attempt made is gone
+    monkeypatch.undo()  # the real downloader, without network (or without huggingface_hub): fails fast, in one line
+    code, out, err = run_main(DBP, ["--env", "mujoco/walker2d/medium-v0", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "--dataset-id mujoco/walker2d/medium-v0" in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing").exists()
+
+
+def damage_observations(root, dataset_id):
+    """One more observation dimension in every episode (as if recorded on another env)."""
+    with h5py.File(os.path.join(root, dataset_id, "data", "main_data.hdf5"), "a") as f:
+        for name in list(f):
+            obs = f[name]["observations"][()]
+            del f[name]["observations"]
+            f[name]["observations"] = np.concatenate([obs, obs[:, :1]], 1)
+
+
+def truncate(root, dataset_id):
+    path = os.path.join(root, dataset_id, "data", "main_data.hdf5")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("walker2d under a hopper id", "was recorded on Walker2d-v5, not on the hopper env its id names"),
+    ("an observation dimension more", "'observations' must have shape [N, 11] for this env, got (300, 12)"),
+    ("a truncated data file", "could not read the Minari dataset"),
+    ("damaged metadata", "could not read the Minari dataset"),
+])
+def test_misfit_or_damaged_datasets_are_refused_in_one_line_before_any_work(tmp_path, monkeypatch, case, message):
+    root, dataset_id = tmp_path / "minari", "mujoco/hopper/expert-v0"
+    record(root, dataset_id, "Walker2d-v5" if case.startswith("walker2d") else "Hopper-v5")
+    if case == "an observation dimension more":
+        damage_observations(root, dataset_id)
+    elif case == "a truncated data file":
+        truncate(root, dataset_id)
+    elif case == "damaged metadata":
+        (root / dataset_id / "data" / "metadata.json").write_text('{"total_episodes": ')
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    monkeypatch.setattr(minari, "download_dataset", lambda *a: pytest.fail("no download for a dataset that is there"))
+    before = sorted(str(p) for p in root.rglob("*"))
+    code, out, err = run_main(DBP, ["--env", dataset_id, "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "generate_locomotion_dataset.py --dataset-id mujoco/hopper/expert-v0" in err or "observations" in err
+    assert not (tmp_path / "runs").exists() and sorted(str(p) for p in root.rglob("*")) == before  # nothing written
