@@ -4,7 +4,7 @@
     python bench/bench_dfp.py --device cuda            # adds --cudagraphs: bench/results/dfp_cuda.json
 
 Training: updates/s of the offline and the online update (chunk sampling on the device included), eager and
---compile (and --cudagraphs on CUDA), for 4x512 and 4x256 networks, batch 256, h = 5, cube-triple shapes (obs 46,
+--compile (and --cudagraphs, --compile --cudagraphs on CUDA), for 4x512 and 4x256 networks, batch 256, h = 5, cube-triple shapes (obs 46,
 action 5). The limit of one update is its matrix products alone (forward and backward GEMMs of the same shapes):
   actor forward + backward on B x num_gen = 2048 rows, critic ensemble forward + backward on B = 256 rows,
   the TD target's best-of-16: actor + critic forwards on 4096 rows (+ target critic on 256 rows),
@@ -14,11 +14,10 @@ update's, so both see the same load on a shared machine, and the best block of e
 Acting: latency at batch 1 of one chunk (1 NFE), best-of-16 (1 NFE + critic), and, with the same network, a
 10-step flow sampler and a 100-step diffusion sampler (10 / 100 sequential NFEs): the "1 NFE vs 10/100" figure.
 Needs only torch and numpy (gymnasium/ogbench only for the optional evaluation row). Timings depend on the machine
-and on what else runs on it: pass --label to say what the machine was.
+and on what else runs on it: pass --label to say what the machine was. The JSON (with the GPU's name and the versions)
+is rewritten after every row, so a run stopped by a timeout keeps the rows it measured.
 """
 import argparse
-import inspect
-import json
 import os
 import shlex
 import sys
@@ -27,6 +26,8 @@ import time
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
 
 
 def parse():
@@ -42,7 +43,8 @@ def parse():
     p.add_argument("--updates", type=int, default=8, help="timed updates per block, phase and mode (after warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks per measurement; the best one counts")
     p.add_argument("--actions", type=int, default=50, help="timed action selections per acting mode")
-    p.add_argument("--no-compile", action="store_true", help="skip the --compile rows (compiling takes minutes)")
+    p.add_argument("--no-compile", action="store_true", help="skip the --compile rows, with and without --cudagraphs "
+                   "(compiling takes minutes)")
     p.add_argument("--eval-episodes", type=int, default=50, help="episodes of the evaluation-time row (0: skip)")
     p.add_argument("--eval-envs", type=int, default=2, help="envs (worker processes) of the vectorized evaluation")
     p.add_argument("--label", default="", help="what the machine was (e.g. 'busy shared 2-core CPU')")
@@ -106,8 +108,8 @@ def main():
 
     dev = torch.device(b.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    modes = ["eager"] + ([] if b.no_compile else ["compile"]) + (["cudagraphs", "compile+cudagraphs"]
-                                                                 if dev.type == "cuda" else [])
+    modes = [m for m in ("eager", "compile", "cudagraphs", "compile+cudagraphs")
+             if not (b.no_compile and "compile" in m) and (dev.type == "cuda" or "cudagraphs" not in m)]
     O, D = b.obs_dim, b.act_dim * b.horizon
     load = os.getloadavg()
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), threads "
@@ -115,7 +117,9 @@ def main():
           f"{b.batch_size}, load average {load[0]:.2f} {b.label}", flush=True)
     results = {"command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]), "label": b.label,
                "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "load_average_start": load, "training": [], "acting": [], "evaluation": None}
+               "load_average_start": load, "machine": machine.info(dev.type), "training": [], "acting": [],
+               "evaluation": None}
+    out = b.out or os.path.join(ROOT, "bench", "results", f"dfp_{dev.type}.json")
 
     g = torch.Generator().manual_seed(0)
     n = 10_000
@@ -156,17 +160,24 @@ def main():
             for phase in ("offline", "online"):
                 step = lambda: update(dfp.sample_chunks(data, 0, n, n, sampler, B, b.horizon, args.discount),  # noqa
                                       online=phase == "online")
-                t = time.perf_counter()
-                for _ in range(4):  # warm-up (compiles, captures the graph)
-                    step()
-                sync()
-                warm = time.perf_counter() - t
-                dt, limit = best_time(step, b.updates, b.repeats, sync, paired=(limits[phase], b.updates))
+                try:  # a mode that fails (a capture, a compile) is a row with its error; the others still run
+                    t = time.perf_counter()
+                    for _ in range(4):  # warm-up (compiles, captures the graph)
+                        step()
+                    sync()
+                    warm = time.perf_counter() - t
+                    dt, limit = best_time(step, b.updates, b.repeats, sync, paired=(limits[phase], b.updates))
+                except Exception as e:
+                    results["training"].append({"net": net, "phase": phase, "mode": mode, "error": runs.why(e)})
+                    machine.save_json(results, out)
+                    print(f"{net:<6} {phase:<8} {mode:<19} error: {runs.why(e)}", flush=True)
+                    continue
                 row = {"net": net, "phase": phase, "mode": mode, "updates_per_s": 1 / dt, "ms_per_update": dt * 1e3,
                        "limit_ms": limit * 1e3, "ratio": dt / limit}
                 if "compile" in mode:
                     row["warmup_s"] = warm
                 results["training"].append(row)
+                machine.save_json(results, out)
                 print(f"{net:<6} {phase:<8} {mode:<19} {1 / dt:9.1f} {dt * 1e3:9.2f} {limit * 1e3:8.2f} "
                       f"{dt / limit:6.2f}" + (f"   ({warm:.0f})" if "compile" in mode else ""), flush=True)
             torch._dynamo.reset()
@@ -188,16 +199,14 @@ def main():
             fn().cpu()
             dt = best_time(lambda: fn().cpu(), b.actions, b.repeats, sync)  # the chunk comes back to the host
             results["acting"].append({"net": net, "sampler": name, "ms_per_chunk": dt * 1e3})
+            machine.save_json(results, out)
             print(f"{net:<6} act batch 1: {name:<28} {dt * 1e3:8.3f} ms per chunk", flush=True)
 
     results["evaluation"] = eval_row(dfp, b, dev)
     print(f"evaluation, {b.eval_episodes} episodes, sequential vs --eval-envs: {results['evaluation']}")
-    out = b.out or os.path.join(ROOT, "bench", "results", f"dfp_{dev.type}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(out + ".tmp", out)
+    machine.save_json(results, out)
     print(f"saved {os.path.relpath(out)}")
+    sys.exit(1 if any("error" in t for t in results["training"]) else 0)  # the rows are saved either way
 
 
 def eval_row(dfp, b, dev):
@@ -211,20 +220,22 @@ def eval_row(dfp, b, dev):
         vec = {1: dfp.envs.make_eval_envs(env_id, 1, b.horizon)}
     except Exception as e:  # no gymnasium/ogbench/mujoco here
         return f"n/a (no OGBench env: {type(e).__name__})"
-    vec[b.eval_envs] = dfp.envs.make_eval_envs(env_id, b.eval_envs, b.horizon)
+    m = min(b.eval_envs, b.eval_episodes)  # envs.evaluate steps every env: none may stay without an episode
+    if m > 1:
+        vec[m] = dfp.envs.make_eval_envs(env_id, m, b.horizon)
     O, D = vec[1].single_observation_space.shape[0], vec[1].single_action_space.shape[0]  # D = h * A (ChunkEnv)
     actor, critic = dfp.Actor(O, D, 512, 4).to(dev), dfp.Critic(O, D, 512, 4, 2).to(dev)
     act = dfp.make_act(actor, critic, 16, dev)  # the script's evaluation: best-of-16, in envs.evaluate
     best = {m: float("inf") for m in vec}
     for _ in range(b.repeats):
-        for m, e in vec.items():
+        for k, e in vec.items():
             t = time.perf_counter()
             dfp.envs.evaluate(e, act, b.eval_episodes, 0)
-            best[m] = min(best[m], time.perf_counter() - t)
+            best[k] = min(best[k], time.perf_counter() - t)
     for e in vec.values():
         e.close()
-    return {"episodes": b.eval_episodes, **{f"{m} envs s": round(v, 2) for m, v in best.items()},
-            "speedup": round(best[1] / best[b.eval_envs], 2)}
+    return {"episodes": b.eval_episodes, **{f"{k} envs s": round(v, 2) for k, v in best.items()},
+            "speedup": round(best[1] / best[m], 2)}
 
 
 if __name__ == "__main__":
