@@ -500,7 +500,7 @@ def save_model(ckpt: dict, agent: DBPOAgent, args: Args, global_step: int, path:
     trained = {f"{k}_{n}": v.detach().cpu() for k in ("obs", "action") for n, v in  # the actor's x * gain + bias as dbp-v1's
                (("scale", 1 / getattr(agent, f"{k}_gain")), ("offset", -getattr(agent, f"{k}_bias") / getattr(agent, f"{k}_gain")))}
     runs.save({**model, "model": cpu(agent.generator), **trained, "anchor_model": cpu(agent.anchor),
-               "dbpo": {"args": vars(args), "log_std_head": agent.log_std_head.state_dict(), "critic": agent.critic.state_dict(),
+               "dbpo": {"args": vars(args), "log_std_head": cpu(agent.log_std_head), "critic": cpu(agent.critic),
                         "global_step": global_step, "anchor_stats": anchor_stats}}, path)
 
 
@@ -515,7 +515,7 @@ def main():
     # env setup: ChunkEnvs (obs [To, O], action: the executed [Ta, A]); a Robomimic env from the checkpoint's env_args
     To, Tp, Ta = ckpt["obs_horizon"], ckpt["pred_horizon"], ckpt["action_horizon"]
     env_kwargs = dict(env_args=ckpt.get("env_args"), max_episode_steps=args.max_episode_steps or ckpt.get("max_episode_steps"))
-    eval_envs = envs.make_eval_envs(env_id, args.eval_envs, Ta, To, render=args.capture_video, **env_kwargs)
+    eval_envs = envs.make_eval_envs(env_id, min(args.eval_envs, args.eval_episodes), Ta, To, render=args.capture_video, **env_kwargs)
     obs_dim, act_dim = eval_envs.single_observation_space.shape[-1], eval_envs.single_action_space.shape[-1]
     runs.check((obs_dim, act_dim) == (ckpt["obs_dim"], ckpt["action_dim"]), f"the checkpoint expects obs/action dims "
                f"{ckpt['obs_dim']}/{ckpt['action_dim']} but {env_id} has {obs_dim}/{act_dim}")

@@ -657,6 +657,17 @@ def test_eval_only_reproduces_the_logged_evaluation_and_resumes_never_repeat_a_t
         assert value == pytest.approx(D.scheduled_lr(step, 1e-5, 3e-6, 10, 1500), rel=1e-5)
 
 
+def test_more_evaluation_envs_than_episodes_and_a_cpu_policy_file(hopper_ckpt_file, tmp_path):
+    """--eval-envs above --eval-episodes evaluates with as many envs as episodes (no env is stepped unreset), and every
+    tensor of dbpo_ppo.pt is on the CPU (it loads without map_location on a machine without CUDA)."""
+    flags = ["--checkpoint", hopper_ckpt_file, *FAST, "--num-steps", "3", "--num-iterations", "1", "--run-name", "r"]
+    proc = run(*flags, "--eval-episodes", "1", "--eval-envs", "2", cwd=tmp_path)
+    assert proc.stdout.strip().splitlines()[-1].startswith("final: 1 iterations"), proc.stdout[-2000:]
+    policy = torch.load(tmp_path / "runs" / "r" / "dbpo_ppo.pt", weights_only=False)
+    tensors = [v for part in ("log_std_head", "critic") for v in policy["dbpo"][part].values()]
+    assert tensors and all(v.device.type == "cpu" for v in tensors)
+
+
 def test_smoke_cube_single_train_video_save_and_eval_only(cube_checkpoint, tmp_path):
     proc = run("--checkpoint", cube_checkpoint, *TINY, "--max-episode-steps", "24", "--capture-video", "--run-name", "c", cwd=tmp_path)
     out = proc.stdout
