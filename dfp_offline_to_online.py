@@ -5,13 +5,12 @@ Paper: Koo et al. 2026, "Drifting Field Policy", arXiv 2605.07727; the math: doc
 
 Offline: drift the actor toward the data chunk (L_BC) while Q-chunking critics learn from the data. Online: drift
 toward the top-K of N candidates of a slow EMA policy pi_old scored by the critic, L = lambda * L_topK + L_BC, with the
-replay buffer (replay.py) seeded by the offline data. Benchmarks and evaluation: envs.py; run plumbing: runs.py; what
-a run guarantees (validation, signals, resume, evaluation): docs/dfp_reliability.md.
+replay buffer (replay.py) seeded by the offline data. Benchmarks and evaluation: envs.py; run plumbing: runs.py.
 """
+import copy
 import importlib.util
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Optional, Tuple
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 import drift_field
 import envs
 import runs
-from replay import ReplayBuffer, sample_chunks, to_tensors
+from replay import ReplayBuffer, to_tensors
 from runs import check
 
 
@@ -34,7 +33,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (networks, chunk sampling, the online env; evaluation episode i: seed + 1000 + i)"""
+    """seed of the experiment (networks, chunk sampling; online env: seed + 3000; evaluation: see --eval-episodes)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -83,6 +82,8 @@ class Args:
     """width of actor and critic MLPs"""
     num_layers: int = 4
     """hidden layers of actor and critic MLPs"""
+    exact_gelu: bool = False
+    """if toggled, the exact (erf) GELU in actor and critic (default: the tanh approximation, as the ref code)"""
     num_critics: int = 2
     """critic ensemble size (aggregated by mean)"""
     num_gen: int = 8
@@ -106,7 +107,7 @@ class Args:
     online_mode: Literal["hard", "soft"] = "hard"
     """hard: uniform top-K positives; soft: positives weighted by min-max normalized Q"""
     ema_tau: float = 1e-4
-    """online: EMA rate of pi_old per update (reset to the actor at the switch)"""
+    """EMA rate of pi_old per update (offline too, as the ref code; pi_old is reset to the actor at the switch)"""
     q_best_of: int = 16
     """actor samples scored by the critic to choose a' in the TD target"""
     act_best_of: int = 16
@@ -127,8 +128,8 @@ class Args:
     # Logging, evaluation, checkpoints
     eval_interval: int = 100_000
     """steps between evaluations (also at step 1, at the end of the offline phase and at the end)"""
-    eval_episodes: int = 50
-    """episodes per evaluation (episode i: env seed seed + 1000 + i and its own policy noise)"""
+    eval_episodes: int = 100
+    """episodes per evaluation (episode i: env seed seed + 1000 + i offline, + 2000 + i online, its own policy noise)"""
     eval_envs: Optional[int] = None
     """envs stepped together in evaluation, in worker processes when > 1 (default: min(CPU cores, --eval-episodes))"""
     log_interval: int = 5000
@@ -147,44 +148,48 @@ class Args:
     """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
 
-# ---- networks: the one-step generator and the critic ensemble
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, layer_norm: bool) -> nn.Sequential:
+# ---- networks: the one-step generator and the critic ensemble (as the ref code's flax networks)
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, num_layers: int, gelu: str = "tanh") -> nn.Sequential:
+    """Linear -> GELU per hidden layer, then Linear; the ref code's init: Xavier-uniform weights, zero biases."""
     layers, d = [], in_dim
     for _ in range(num_layers):
-        layers += [nn.Linear(d, hidden_dim), nn.GELU()] + ([nn.LayerNorm(hidden_dim)] if layer_norm else [])
+        layers += [nn.Linear(d, hidden_dim), nn.GELU(gelu)]
         d = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+    net = nn.Sequential(*layers, nn.Linear(d, out_dim))
+    for lin in [m for m in net if isinstance(m, nn.Linear)]:
+        nn.init.xavier_uniform_(lin.weight), nn.init.zeros_(lin.bias)
+    return net
 
 
 class Actor(nn.Module):
     """One-step pushforward policy a = f_theta(s, eps), eps ~ N(0, I), dim(eps) = dim(a) = h * action_dim."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, gelu: str = "tanh"):
         super().__init__()
         self.act_dim = act_dim
-        self.net = mlp(obs_dim + act_dim, act_dim, hidden_dim, num_layers, layer_norm=False)
+        self.net = mlp(obs_dim + act_dim, act_dim, hidden_dim, num_layers, gelu)  # no LayerNorm, as the ref code
 
     def forward(self, obs: torch.Tensor, n: int, generator=None) -> torch.Tensor:
-        """n chunks per state: obs [B, O] -> actions [B, n, D], clipped to [-1, 1] (1 NFE each).
-        generator: None (the global RNG) or a list of B CPU torch.Generators, one per state (evaluation)."""
+        """n chunks per state: obs [B, O] -> actions [B, n, D], clipped to [-1, 1] (1 NFE each)."""
         obs = obs[:, None, :].expand(-1, n, -1)  # [B, n, O]
-        eps = (torch.randn(*obs.shape[:2], self.act_dim, device=obs.device) if generator is None else
-               torch.stack([torch.randn(n, self.act_dim, generator=g) for g in generator]).to(obs.device))  # [B, n, D]
-        return self.net(torch.cat([obs, eps], -1)).clamp(-1.0, 1.0)
+        return self.net(torch.cat([obs, self.noise(obs, generator)], -1)).clamp(-1.0, 1.0)
+
+    def noise(self, obs: torch.Tensor, generator=None) -> torch.Tensor:
+        """eps ~ N(0, I) [B, n, D]: the global RNG or one CPU generator per state (evaluation); tests replace it."""
+        return (torch.randn(*obs.shape[:2], self.act_dim, device=obs.device) if generator is None else
+                torch.stack([torch.randn(obs.shape[1], self.act_dim, generator=g) for g in generator]).to(obs.device))
 
 
 class Critic(nn.Module):
     """Ensemble of E Q(s, a_chunk) MLPs run as one batched network (one matmul per layer), returning [E, ...]: member e
-    is mlp(O + D, 1, hidden_dim, num_layers, layer_norm=True) with slice e of the stacked weights."""
+    is Linear -> GELU -> LayerNorm per hidden layer, then Linear, with slice e of the stacked weights."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_critics: int, gelu="tanh"):
         super().__init__()
-        E, dims = num_critics, [obs_dim + act_dim] + [hidden_dim] * num_layers + [1]
-        bound = lambda d_in: 1.0 / d_in**0.5  # noqa: E731  nn.Linear's init: U(-1/sqrt(d_in), 1/sqrt(d_in))
-        self.weights = nn.ParameterList(nn.init.uniform_(torch.empty(E, i, o), -bound(i), bound(i))  # W_e^T
-                                        for i, o in zip(dims[:-1], dims[1:]))
-        self.biases = nn.ParameterList(nn.init.uniform_(torch.empty(E, 1, o), -bound(i), bound(i))
-                                       for i, o in zip(dims[:-1], dims[1:]))
+        E, dims, self.gelu = num_critics, [obs_dim + act_dim] + [hidden_dim] * num_layers + [1], gelu
+        self.weights = nn.ParameterList(  # W_e^T [E, in, out] (the ref code's kernels), mlp's init member by member
+            torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(E)]) for i, o in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(torch.zeros(E, 1, o) for o in dims[1:])
         self.norm_weights = nn.ParameterList(torch.ones(E, 1, hidden_dim) for _ in range(num_layers))
         self.norm_biases = nn.ParameterList(torch.zeros(E, 1, hidden_dim) for _ in range(num_layers))
 
@@ -195,7 +200,8 @@ class Critic(nn.Module):
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.bmm(x, w) + b  # x_e @ W_e^T + b_e for every member e at once, [E, N, out]
             if i < len(self.norm_weights):  # GELU, then LayerNorm with each member's own scale and shift
-                x = torch.addcmul(self.norm_biases[i], F.layer_norm(F.gelu(x), x.shape[-1:]), self.norm_weights[i])
+                x = F.layer_norm(F.gelu(x, approximate=self.gelu), x.shape[-1:], eps=1e-6)  # flax's eps (torch's: 1e-5)
+                x = torch.addcmul(self.norm_biases[i], x, self.norm_weights[i])
         return x.reshape(E, *lead)  # [E, ...]
 
 
@@ -214,12 +220,28 @@ def best_of_n(actor: Actor, critic: Critic, obs: torch.Tensor, n: int) -> torch.
     return best[:, 0]
 
 
-# ---- the losses and the update
+# ---- chunked TD data, the losses and the update
+def sample_chunks(data: dict, start: int, size: int, capacity: int, gen, batch_size: int, h: int, gamma: float) -> dict:
+    """B chunks s_t, a_t..a_{t+h-1} of flat transitions (oldest entry at `start`, ring-wise: the offline data or the
+    replay buffer), never past the newest entry. Device indexing with the device generator `gen`: no host sync."""
+    dev = data["rewards"].device
+    idx = (start + torch.randint(0, size - h + 1, (batch_size,), device=dev, generator=gen)) % capacity  # [B]
+    j = (idx[:, None] + torch.arange(h, device=dev)) % capacity  # [B, h]
+    discounts = gamma ** torch.arange(h, device=dev, dtype=torch.float32)  # [h]
+    return {
+        "observations": data["observations"][idx],  # s_t, [B, O]
+        "actions": data["actions"][j].reshape(batch_size, -1),  # [B, h * A]
+        "rewards": data["rewards"][j] @ discounts,  # r_chunk = sum_k gamma^k r_{t+k}, [B]
+        "masks": data["masks"][j].amin(1),  # min_k mask_{t+k}, [B]
+        "valid": (data["terminals"][j[:, :-1]].sum(1) == 0).float(),  # 0 if the episode ends inside the chunk, [B]
+        "next_observations": data["next_observations"][j[:, -1]],  # s_{t+h}, [B, O]
+    }
+
+
 def drift(args, gen: torch.Tensor, pos: torch.Tensor, pos_weight: Optional[torch.Tensor] = None):
     """Drift loss of gen [B, G, D] toward pos [B, P, D] (the generated samples are the negatives)."""
     if args.drift_field == "official":  # (docs/algorithms.md §2)
         loss, info = drift_field.drift_loss(gen, pos, temperatures=args.temperatures, pos_weight=pos_weight)
-        # The loss is ~1 per temperature by construction (the force is RMS-normalized); the raw force is informative.
         return loss.mean(), info["scale"], sum(info[f"force_sq_{r}"] for r in args.temperatures)
     x = gen.detach()  # (docs/algorithms.md §1): V(x) = V_p+(x) - V_q-(x), L = || x - sg(x + V(x)) ||^2
     v = drift_field.mean_shift_field(x, pos, x, args.bandwidth, pos_weight=pos_weight)
@@ -227,37 +249,33 @@ def drift(args, gen: torch.Tensor, pos: torch.Tensor, pos_weight: Optional[torch
 
 
 def critic_loss(args, actor, critic, target_critic, batch):
-    """Chunked TD: y = r_chunk + gamma^h * mask * Qtarget(s_{t+h}, a'), a' = best of q_best_of actor samples."""
+    """Chunked TD: y = r_chunk + gamma^h * mask * mean_e Qtarget_e(s_{t+h}, a'), a' = the best of q_best_of actor
+    samples by the critic's mean; L = mean over e and B of valid * (Q_e - y)^2."""
     with torch.no_grad():
         next_a = best_of_n(actor, critic, batch["next_observations"], args.q_best_of)  # [B, D]
         next_q = target_critic(batch["next_observations"], next_a).mean(0)  # [B]
-        y = batch["rewards"] + args.discount**args.horizon * batch["masks"] * next_q
+        y = batch["rewards"] + args.discount**args.horizon * batch["masks"] * next_q  # [B]
     q = critic(batch["observations"], batch["actions"])  # [E, B]
-    return ((q - y).pow(2) * batch["valid"]).mean(), q.mean()
+    return ((q - y).pow(2) * batch["valid"]).mean(), q, y  # / (E * B), not / sum(valid): the ref code
 
 
-def actor_loss_offline(args, actor, batch):
-    """L = alpha * drift(gen = num_gen samples of pi_theta(.|s), pos = the data chunk)."""
-    gen = actor(batch["observations"], args.num_gen)  # [B, G, D]
-    loss, scale, force = drift(args, gen, batch["actions"][:, None, :])
-    return args.alpha * loss, loss, torch.zeros_like(loss), scale, force
-
-
-def actor_loss_online(args, actor, ema_actor, q_fn, batch):
-    """L = lambda * drift(gen, pos = top-K of N ~ pi_old by Q) + bc_weight * drift(gen, pos = the batch chunk)."""
+def actor_loss(args, actor, ema_actor, critic, batch, online: bool):
+    """Offline: L = alpha * drift(gen, pos = the data chunk), gen = num_gen samples of pi_theta(.|s). Online:
+    L = lambda * drift(gen, pos = top-K of N ~ pi_old by Q) + bc_weight * drift(gen, pos = the data chunk)."""
     obs = batch["observations"]
+    gen = actor(obs, args.num_gen)  # fresh samples of pi_theta, reused by both terms online, [B, G, D]
+    loss_bc, scale, force = drift(args, gen, batch["actions"][:, None, :])
+    if not online:
+        return args.alpha * loss_bc, loss_bc, torch.zeros_like(loss_bc), scale, force
     with torch.no_grad():
         cand = ema_actor(obs, args.N)  # a^(1..N) ~ pi_old(.|s), [B, N, D]
-        q = q_fn(obs, cand)  # [B, N]
+        q = q_mean(critic, obs, cand)  # [B, N]
         pos, idx = drift_field.top_k(cand, q, args.K)  # P_K(s), [B, K, D]
         weight = None
-        if args.online_mode == "soft":  # u = (Q - min) / (max - min) -> [-1, 1], negative weights clipped (ref code)
+        if args.online_mode == "soft":  # w = max(2 (Q - min) / max(max - min, 1e-8) - 1, 0), as the ref code
             q_min, q_max = q.min(1, keepdim=True).values, q.max(1, keepdim=True).values
-            u = torch.where(q_max - q_min > 1e-8, (q - q_min) / (q_max - q_min).clamp(min=1e-8), torch.ones_like(q))
-            weight = (2.0 * u - 1.0).gather(1, idx).clamp(min=0.0)  # [B, K], the best one has weight 1
-    gen = actor(obs, args.num_gen)  # fresh samples of pi_theta, reused by both terms, [B, G, D]
+            weight = (2.0 * (q - q_min) / (q_max - q_min).clamp(min=1e-8) - 1.0).gather(1, idx).clamp(min=0.0)  # [B, K]
     loss_topk, _, _ = drift(args, gen, pos, weight)
-    loss_bc, scale, force = drift(args, gen, batch["actions"][:, None, :])
     return args.topk_weight * loss_topk + args.bc_weight * loss_bc, loss_bc, loss_topk, scale, force
 
 
@@ -266,27 +284,23 @@ def make_update(args, actor, critic, target_critic, ema_actor, optimizer):
     actor_params, ema_params = list(actor.parameters()), list(ema_actor.parameters())
 
     def update(batch: dict, online: bool) -> torch.Tensor:
-        """One gradient step on critic + actor (one Adam, as the ref code), Polyak target, EMA pi_old online.
-        No host sync inside (no .item(), no branch on tensor values): --compile and --cudagraphs wrap it whole."""
+        """One step on critic + actor (one loss, one Adam); Polyak target and EMA pi_old (offline too) move toward the
+        PRE-step critic and actor, as the ref code. No host sync inside: --compile and --cudagraphs wrap it whole."""
         optimizer.zero_grad(set_to_none=True)
-        lc, q = critic_loss(args, actor, critic, target_critic, batch)
-        if online:
-            la, lbc, ltop, scale, force = actor_loss_online(args, actor, ema_actor, lambda o, a: q_mean(critic, o, a), batch)
-        else:
-            la, lbc, ltop, scale, force = actor_loss_offline(args, actor, batch)
+        lc, q, _ = critic_loss(args, actor, critic, target_critic, batch)
+        la, lbc, ltop, scale, force = actor_loss(args, actor, ema_actor, critic, batch, online)
         (lc + la).backward()
-        optimizer.step()
-        with torch.no_grad():
+        with torch.no_grad():  # before optimizer.step(): the parameters are still the pre-step ones
             torch._foreach_lerp_(target_params, critic_params, args.tau)  # theta' <- (1 - tau) theta' + tau theta
-            if online:  # pi_old <- (1 - tau_ema) pi_old + tau_ema pi_theta
-                torch._foreach_lerp_(ema_params, actor_params, args.ema_tau)
-        return torch.stack([lc, lbc, ltop, q, scale, force]).detach()  # stays on device: no sync in the hot loop
+            torch._foreach_lerp_(ema_params, actor_params, args.ema_tau)  # pi_old <- (1 - tau_ema) pi_old + tau_ema pi
+        optimizer.step()
+        return torch.stack([lc, lbc, ltop, q.mean(), scale, force]).detach()  # stays on device: no sync in the hot loop
 
     return update
 
 
 LOSS_NAMES = ("losses/critic", "losses/drift_bc", "losses/drift_topk", "stats/q_mean", "stats/drift_scale",
-              "stats/drift_bc_force_sq")  # scale and force of the BC drift toward the data chunk
+              "stats/drift_bc_force_sq")  # of the BC drift (the loss is ~1 per temperature by design, not the force)
 
 
 # ---- acting in evaluation: best-of-N by the critic, each episode with its own noise (envs.evaluate)
@@ -296,7 +310,7 @@ def make_act(actor: Actor, critic: Critic, n: int, device) -> Callable:
     def act(obs: np.ndarray, generators: list):
         o = torch.as_tensor(obs, device=device)  # [B, O]
         cand = actor(o, n, generators)  # the episodes' own noise streams, [B, n, D]
-        q = q_mean(critic, o, cand)  # [B, n]
+        q = q_mean(critic, o, cand)  # [B, n]; q_chosen from here: rescoring B chunks alone rounds with B
         best, idx = drift_field.top_k(cand, q, 1)  # [B, 1, D]: the chunk the critic likes best
         return best[:, 0].cpu().numpy(), {"q_chosen": q.gather(1, idx)[:, 0].cpu().numpy()}  # [B, D], [B]
     return act
@@ -339,7 +353,8 @@ def rules(a: Args) -> list:
 CKPT_FORMAT, CKPT_HINT = "dfp-v1", "pass the checkpoint.pt of a DFP run"
 CKPT_KEYS = ("args", "env_id", "run_name", "step", "phase", "obs_dim", "act_dim", "actor", "critic", "target_critic",
              "ema_actor", "optimizer", "rng", "buffer_online", "shard_idx", "last_success", "eval_pending")
-EVAL_ONLY_ARGS = ("env", "task", "horizon", "hidden_dim", "num_layers", "num_critics", "act_best_of", "seed")
+EVAL_ONLY_ARGS = ("env", "task", "horizon", "hidden_dim", "num_layers", "num_critics", "exact_gelu", "act_best_of",
+                  "seed", "offline_steps")
 
 
 # ---- the run: its state, and the steps of the loop
@@ -372,10 +387,9 @@ class Run:
 def build(args: Args, obs_dim: int, act_dim: int, device, ckpt: Optional[dict]) -> dict:
     """actor, critic, target_critic, ema_actor and the one Adam of actor and critic, with a checkpoint's weights."""
     D, H, L, E = act_dim * args.horizon, args.hidden_dim, args.num_layers, args.num_critics  # D: a flattened chunk
-    actor, critic = Actor(obs_dim, D, H, L).to(device), Critic(obs_dim, D, H, L, E).to(device)
-    target, ema = Critic(obs_dim, D, H, L, E).to(device), Actor(obs_dim, D, H, L).to(device)  # ema: pi_old
-    target.load_state_dict(critic.state_dict())
-    ema.load_state_dict(actor.state_dict())
+    g = "none" if args.exact_gelu else "tanh"
+    actor, critic = Actor(obs_dim, D, H, L, g).to(device), Critic(obs_dim, D, H, L, E, g).to(device)
+    target, ema = copy.deepcopy(critic), copy.deepcopy(actor)  # exact copies at the start, as the ref code; ema: pi_old
     # capturable: Adam's step counters live on the GPU, so a CUDA graph can replay the optimizer step too
     optimizer = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=args.lr, capturable=args.cudagraphs)
     modules = {"actor": actor, "critic": critic, "target_critic": target, "ema_actor": ema, "optimizer": optimizer}
@@ -405,7 +419,7 @@ def online_step(r: Run, step: int) -> None:
     if r.buffer is None:
         r.buffer = ReplayBuffer(r.data, min(a.buffer_size, len(r.data["observations"]) + a.online_steps))
         r.modules["ema_actor"].load_state_dict(actor.state_dict())
-        r.obs, _ = r.env.reset(seed=a.seed)
+        r.obs, _ = r.env.reset(seed=a.seed + 3000)  # seeded once, as the ref code (+3000: apart from evaluation's)
     if not r.queue:  # one host-to-device and one device-to-host copy per chunk of h steps
         o = torch.as_tensor(r.obs, dtype=torch.float32, device=r.stats.device)[None]  # [1, O]
         r.queue = list(best_of_n(actor, r.modules["critic"], o, a.act_best_of)[0].cpu().numpy().reshape(a.horizon, -1))
@@ -420,13 +434,12 @@ def online_step(r: Run, step: int) -> None:
             r.writer.add_scalar(f"charts/{tag}", v, step)
         (r.obs, _), r.queue = r.env.reset(), []
     for _ in range(a.utd_ratio if step - a.offline_steps >= a.start_training else 0):
-        batch = r.buffer.sample(r.sampler, a.batch_size, a.horizon, a.discount)
+        batch = sample_chunks(r.buffer.tensors, *r.buffer.window, r.sampler, a.batch_size, a.horizon, a.discount)
         r.stats, r.n_stats = r.stats + r.update(batch, online=True), r.n_stats + 1
 
 
 def check_finite(r: Run, step: int) -> None:
-    """Stop (exit 1) on a non-finite loss (its sum since the last log stays non-finite) or parameter, before it is
-    evaluated or saved over a good checkpoint."""
+    """Stop (exit 1) on a non-finite loss sum since the last log or parameter, before it is evaluated or saved."""
     finite = torch.isfinite(r.stats[:3]).tolist()  # a device sync: at log, evaluation and save time only
     bad = LOSS_NAMES[finite.index(False)] if False in finite else runs.nonfinite(  # else a parameter: critic.weights.0
         {k: v.state_dict() for k, v in r.modules.items() if k != "optimizer"})
@@ -448,14 +461,15 @@ def log_step(r: Run, step: int, total: int) -> None:
 
 
 def evaluate_and_log(r: Run, step: int) -> Optional[dict]:
-    """{success, return, length, q_chosen} of the policy now (episode i: env seed seed + 1000 + i), logged when
-    there is a writer; None if a signal abandoned the evaluation (no result)."""
+    """{success, return, length, q_chosen} of the policy now (episode i: env seed seed + 1000 + i offline, seed + 2000 + i
+    online, as the ref code), logged when there is a writer; None if a signal abandoned the evaluation (no result)."""
     a = r.args
     check_finite(r, step)
     print(f"evaluating step {step}: {a.eval_episodes} episodes on {r.eval_envs.num_envs} envs", flush=True)
     t, video = time.time(), os.path.join(r.dir, "videos", f"eval_{step}.mp4") if a.capture_video else None
     act = make_act(r.modules["actor"], r.modules["critic"], a.act_best_of, r.stats.device)
-    res = envs.evaluate(r.eval_envs, act, a.eval_episodes, a.seed + 1000, r.stop.requested, video)
+    seed = a.seed + (1000 if step <= a.offline_steps else 2000)
+    res = envs.evaluate(r.eval_envs, act, a.eval_episodes, seed, r.stop.requested, video)
     if res is None:
         print(f"evaluation at step {step} interrupted: no result", flush=True)
         return None
@@ -496,7 +510,7 @@ def main():
     ckpt = path and runs.load_checkpoint(path, "--checkpoint" if args.eval_only else "--resume", CKPT_FORMAT,
                                          CKPT_KEYS, CKPT_HINT)
     for k in EVAL_ONLY_ARGS if args.eval_only else ():  # the policy, env and evaluation seeds of the checkpoint
-        setattr(args, k, ckpt["args"][k])
+        setattr(args, k, ckpt["args"].get(k, True))  # only exact_gelu can be missing: older runs had the exact GELU
     env_id = envs.resolve_env_id(args.env, args.task, gym_ids=())  # OGBench and Robomimic
     check(not ckpt or ckpt["env_id"] == env_id,
           f"checkpoint was made for {ckpt and ckpt['env_id']}, not {env_id}; pass the same --env/--task")
@@ -554,7 +568,7 @@ def main():
         if ckpt["phase"] == "online":
             r.buffer = ReplayBuffer(data, min(args.buffer_size, len(data["observations"]) + args.online_steps))
             r.buffer.extend(ckpt["buffer_online"])
-            r.obs, _ = r.env.reset(seed=args.seed + ckpt["step"])
+            r.obs, _ = r.env.reset(seed=args.seed + 3000 + ckpt["step"])
         print(f"resumed {name} from {args.resume} at step {ckpt['step']} ({ckpt['phase']})")
 
     stop.armed = True  # from here on a signal stops the run at the next step, with a checkpoint

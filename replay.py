@@ -1,10 +1,9 @@
-"""The replay buffer of dfp_offline_to_online.py, as CleanRL imports stable-baselines3's (and QC keeps its chunk
-sampler in its datasets module): the offline data and the online transitions as flat float32 tensors on the training
-device, sampled as h-step chunks for the chunked TD target (docs/algorithms.md §3). Indexing happens on the device with
-a device generator: no host copy, no sync.
+"""The replay buffer's storage for dfp_offline_to_online.py, as CleanRL imports stable-baselines3's: the offline data
+and the online transitions as flat float32 tensors on the training device, a ring once full. Sampling them as h-step
+chunks for the chunked TD target is the algorithm, so it lives in the script (`sample_chunks`).
 
     buffer = ReplayBuffer(to_tensors(data, device), capacity)      # offline data first, online steps appended
-    batch = buffer.sample(gen, batch_size, h, gamma)               # or sample_chunks(data, 0, n, n, ...) of the data
+    batch = sample_chunks(buffer.tensors, *buffer.window, gen, batch_size, h, gamma)   # in the script
 """
 import numpy as np
 import torch
@@ -18,8 +17,7 @@ def to_tensors(data: dict, device) -> dict:
 
 
 class ReplayBuffer:
-    """Flat transitions on the training device (offline data first, online ones appended; a ring once full),
-    sampled as h-step chunks."""
+    """Flat transitions on the training device (offline data first, online ones appended; a ring once full)."""
 
     def __init__(self, data: dict, capacity: int):
         n = len(data["observations"])
@@ -45,23 +43,7 @@ class ReplayBuffer:
         idx = (self.ptr - n + torch.arange(n)) % self.capacity
         return {k: v[idx.to(v.device)].cpu() for k, v in self.tensors.items()}
 
-    def sample(self, gen: torch.Generator, batch_size: int, h: int, gamma: float) -> dict:
-        return sample_chunks(self.tensors, self.ptr - self.size, self.size, self.capacity, gen, batch_size, h, gamma)
-
-
-def sample_chunks(data: dict, start: int, size: int, capacity: int, gen: torch.Generator, batch_size: int, h: int,
-                  gamma: float) -> dict:
-    """Chunks s_t, a_t..a_{t+h-1} of the stored data (oldest entry at `start`, ring-wise), never past the newest entry.
-    Device indexing with the device generator `gen` only: no host copy, no sync (docs/algorithms.md §3)."""
-    dev = data["rewards"].device
-    idx = (start + torch.randint(0, size - h + 1, (batch_size,), device=dev, generator=gen)) % capacity  # [B]
-    j = (idx[:, None] + torch.arange(h, device=dev)) % capacity  # [B, h]
-    discounts = gamma ** torch.arange(h, device=dev, dtype=torch.float32)  # [h]
-    return {
-        "observations": data["observations"][idx],  # [B, O]
-        "actions": data["actions"][j].reshape(batch_size, -1),  # [B, h * A]
-        "rewards": data["rewards"][j] @ discounts,  # sum_k gamma^k r_{t+k}, [B]
-        "masks": data["masks"][j].amin(1),  # min_k mask_{t+k}, [B]
-        "valid": (data["terminals"][j[:, :-1]].sum(1) == 0).float(),  # 0 if the episode ends inside the chunk, [B]
-        "next_observations": data["next_observations"][j[:, -1]],  # s_{t+h}, [B, O]
-    }
+    @property
+    def window(self) -> tuple:
+        """(start, size, capacity): the oldest entry's index, the number stored, the ring's length."""
+        return self.ptr - self.size, self.size, self.capacity

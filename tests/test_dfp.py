@@ -227,7 +227,7 @@ def test_ring_buffer_chunks_stay_in_insertion_order():
         buf.add(observations=[t], actions=[t], rewards=0.0, masks=1.0, terminals=0.0, next_observations=[t + 1])
     assert buf.size == 8 and buf.num_added == 11
     np.testing.assert_array_equal(buf.online_part()["observations"][:, 0], np.arange(4, 12))
-    b = buf.sample(torch.Generator().manual_seed(0), 200, 3, 0.99)
+    b = dfp.sample_chunks(buf.tensors, *buf.window, torch.Generator().manual_seed(0), 200, 3, 0.99)
     t = b["observations"][:, 0]
     torch.testing.assert_close(b["actions"], torch.stack([t, t + 1, t + 2], 1))  # consecutive, never across the head
     assert t.min() >= 4 and t.max() <= 9
@@ -239,14 +239,15 @@ def test_buffer_and_sampler_restored_from_a_checkpoint_give_the_same_batches():
     for t in range(1, 10):
         buf.add(observations=[t], actions=[-t], rewards=0.1 * t, masks=1.0, terminals=float(t % 4 == 0),
                 next_observations=[t + 1])
-    buf.sample(gen, 4, 2, 0.9)
+    dfp.sample_chunks(buf.tensors, *buf.window, gen, 4, 2, 0.9)
     saved = {"online": buf.online_part(), "sampler": gen.get_state()}  # what checkpoint_state() keeps
     restored, gen2 = tiny_buffer(capacity=12), torch.Generator()
     restored.extend(saved["online"])
     gen2.set_state(saved["sampler"])
     assert (restored.ptr, restored.size, restored.num_added) == (buf.ptr, buf.size, buf.num_added)
     for _ in range(3):
-        a, b = buf.sample(gen, 16, 3, 0.9), restored.sample(gen2, 16, 3, 0.9)
+        a = dfp.sample_chunks(buf.tensors, *buf.window, gen, 16, 3, 0.9)
+        b = dfp.sample_chunks(restored.tensors, *restored.window, gen2, 16, 3, 0.9)
         for k in a:
             assert torch.equal(a[k], b[k]), k
 
@@ -258,15 +259,25 @@ def constant_critic(obs_dim, act_dim, value):
     return c
 
 
-def test_batched_critic_ensemble_equals_a_loop_of_ordinary_mlps():
+def plain_critic(in_dim, H, L, gelu="tanh"):
+    """One critic as an ordinary nn.Sequential: Linear -> GELU -> LayerNorm(eps 1e-6) per hidden layer, Linear."""
+    layers = []
+    for i in range(L):
+        layers += [torch.nn.Linear(H if i else in_dim, H), torch.nn.GELU(gelu), torch.nn.LayerNorm(H, eps=1e-6)]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(H, 1))
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "none"])
+def test_batched_critic_ensemble_equals_a_loop_of_ordinary_mlps(gelu):
     """The stacked ensemble (one batched matmul per layer) computes what E separate nn.Linear/GELU/LayerNorm MLPs
-    with the same weights compute: forward values and every parameter's gradient; its init is nn.Linear's."""
+    with the same weights compute: forward values and every parameter's gradient (tanh GELU, and --exact-gelu's);
+    its init is Xavier-uniform member by member with zero biases."""
     torch.manual_seed(0)
     O, D, H, L, E = 5, 6, 16, 3, 3
-    mlps = [dfp.mlp(O + D, 1, H, L, layer_norm=True) for _ in range(E)]
+    mlps = [plain_critic(O + D, H, L, gelu) for _ in range(E)]
     linears = [[m for m in q if isinstance(m, torch.nn.Linear)] for q in mlps]  # [E][layer]
     norms = [[m for m in q if isinstance(m, torch.nn.LayerNorm)] for q in mlps]
-    critic = dfp.Critic(O, D, H, L, E)
+    critic = dfp.Critic(O, D, H, L, E, gelu)
     stacked = [(critic.weights, critic.biases, linears), (critic.norm_weights, critic.norm_biases, norms)]
     with torch.no_grad():
         for q in norms:  # non-trivial LayerNorm scales and shifts
@@ -289,12 +300,28 @@ def test_batched_critic_ensemble_equals_a_loop_of_ordinary_mlps():
             g = torch.stack([q[i].weight.grad for q in layers])
             torch.testing.assert_close(w.grad, g.transpose(1, 2) if g.dim() == 3 else g[:, None], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(b.grad[:, 0], torch.stack([q[i].bias.grad for q in layers]), rtol=1e-4, atol=1e-5)
-    # initialization: nn.Linear's U(-1/sqrt(d_in), 1/sqrt(d_in)) for weights and biases, members independent
+    # initialization: U(+-sqrt(6 / (d_in + d_out))) weights (Xavier), zero biases, members independent
     big = dfp.Critic(40, 24, 256, 2, 2)
-    for w in (big.weights[1], big.biases[1]):
-        bound = 1 / 256**0.5
-        assert w.abs().max() <= bound and abs(w.std().item() - bound / 3**0.5) < 0.1 * bound
-    assert not torch.equal(big.weights[1][0], big.weights[1][1])
+    bound = (6 / (256 + 256)) ** 0.5
+    assert big.weights[1].abs().max() <= bound and abs(big.weights[1].std().item() - bound / 3**0.5) < 0.05 * bound
+    assert not big.biases[1].any() and not torch.equal(big.weights[1][0], big.weights[1][1])
+
+
+def test_exact_gelu_flag_selects_the_exact_gelu_in_every_network():
+    """Default: GELU's tanh approximation (the ref code's); --exact-gelu: the exact (erf) one, in all four networks,
+    which then compute different values."""
+    obs, eps = torch.randn(3, 4), torch.randn(3, 2, 6)
+    outs = []
+    for exact in (False, True):
+        torch.manual_seed(0)
+        m = dfp.build(dfp.Args(exact_gelu=exact, hidden_dim=8, num_layers=2, horizon=2, cuda=False), 4, 3, "cpu", None)
+        want = "none" if exact else "tanh"
+        for k in ("actor", "ema_actor"):
+            assert [g.approximate for g in m[k].net if isinstance(g, torch.nn.GELU)] == [want, want], k
+        assert m["critic"].gelu == m["target_critic"].gelu == want
+        m["actor"].noise = lambda o, generator=None: eps
+        outs.append((m["actor"](obs, 2), m["critic"](obs[:, None].expand(-1, 2, -1), eps)))
+    assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[0][1], outs[1][1])
 
 
 def tiny_update_setup(seed=0, device="cpu", capturable=False):
@@ -369,10 +396,11 @@ def test_td_target_uses_gamma_h_mask_and_valid():
     batch = {"observations": torch.randn(4, 3), "next_observations": torch.randn(4, 3),
              "actions": torch.rand(4, 10) * 2 - 1, "rewards": torch.tensor([-1.0, -2.0, 0.5, -3.0]),
              "masks": torch.tensor([1.0, 0.0, 1.0, 1.0]), "valid": torch.tensor([1.0, 1.0, 1.0, 0.0])}
-    loss, q = dfp.critic_loss(args, actor, critic, target, batch)
-    y = batch["rewards"] + 0.9**5 * batch["masks"] * 7.0
-    expected = ((2.0 - y) ** 2 * batch["valid"]).mean()
-    assert torch.isclose(loss, expected) and torch.isclose(q, torch.tensor(2.0))
+    loss, q, y = dfp.critic_loss(args, actor, critic, target, batch)
+    expected_y = batch["rewards"] + 0.9**5 * batch["masks"] * 7.0
+    expected = ((2.0 - expected_y) ** 2 * batch["valid"]).mean()  # over E * B, not sum(valid)
+    torch.testing.assert_close(y, expected_y)
+    assert torch.isclose(loss, expected) and q.shape == (2, 4) and torch.allclose(q, torch.tensor(2.0))
 
 
 def test_top_k_positives_are_the_highest_q_candidates(monkeypatch):
@@ -380,9 +408,9 @@ def test_top_k_positives_are_the_highest_q_candidates(monkeypatch):
     actor, ema = dfp.Actor(3, 2, 16, 1), dfp.Actor(3, 2, 16, 1)
     seen = {}
 
-    def q_fn(obs, cand):  # a known critic: Q = first coordinate
+    def critic(obs, cand):  # a known critic ensemble of one: Q = first coordinate, [1, B, N]
         seen["cand"], seen["q"] = cand, cand[..., 0]
-        return cand[..., 0]
+        return cand[..., 0][None]
 
     calls = []
 
@@ -392,8 +420,8 @@ def test_top_k_positives_are_the_highest_q_candidates(monkeypatch):
 
     monkeypatch.setattr(dfp, "drift", fake_drift)
     batch = {"observations": torch.randn(5, 3), "actions": torch.rand(5, 2)}
-    dfp.actor_loss_online(args, actor, ema, q_fn, batch)
-    (pos, w), (bc_pos, bc_w) = calls
+    dfp.actor_loss(args, actor, ema, critic, batch, online=True)
+    (bc_pos, bc_w), (pos, w) = calls
     assert pos.shape == (5, 4, 2) and w.shape == (5, 4)
     best = seen["q"].sort(1, descending=True).values[:, :4]
     torch.testing.assert_close(pos[..., 0], best)  # the K best, best first
@@ -424,15 +452,16 @@ def test_online_drift_moves_the_policy_toward_the_critic_optimum():
             a = actor(s, 8)
         return q_fn(s, a).mean().item(), (a - a_star(s)[:, None]).norm(dim=-1).mean().item()
 
+    critic = lambda s, a: q_fn(s[:, 0], a)[None]  # noqa: E731  the known Q as an ensemble of one, [1, B, n]
     for _ in range(150):  # offline: BC drift toward the uniform behaviour data
-        loss = dfp.actor_loss_offline(args, actor, batch())[0]
+        loss = dfp.actor_loss(args, actor, None, critic, batch(), online=False)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
     q0, d0 = policy_stats()
     ema = copy.deepcopy(actor)  # the switch: pi_old = pi_theta
     for _ in range(250):
-        loss = dfp.actor_loss_online(args, actor, ema, q_fn, batch())[0]
+        loss = dfp.actor_loss(args, actor, ema, critic, batch(), online=True)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

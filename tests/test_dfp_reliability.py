@@ -94,6 +94,7 @@ DATA = [*ENV, "--dataset-path"]
 BAD_INPUT = [  # (id, argv with {placeholders} from the `bad` fixture, what the error line says)
     ("type", ["--eval-interval", "abc"], "Error parsing --eval-interval"),
     ("unknown-flag", ["--no-such-flag", "1"], "Unrecognized options"),
+    ("bool-value", ["--exact-gelu", "yes"], "Unrecognized options: yes"),  # a switch takes no value
     ("literal", ["--drift-field", "cosine"], "--drift-field"),
     ("lr-nan", ["--lr", "nan"], "--lr must be a finite number > 0"),
     ("lr-negative", ["--lr", "-1"], "--lr must be a finite number > 0"),
