@@ -395,7 +395,7 @@ def build(args: Args, obs_dim: int, act_dim: int, device, ckpt: Optional[dict]) 
     modules = {"actor": actor, "critic": critic, "target_critic": target, "ema_actor": ema, "optimizer": optimizer}
     if ckpt:
         runs.load_states(modules, ckpt, "use the --horizon/--hidden-dim/--num-layers/--num-critics it was made with")
-        optimizer.param_groups[0]["lr"] = args.lr  # --lr applies on resume (e.g. a lower one after a non-finite loss)
+        runs.set_optimizer(optimizer, args.lr, args.cudagraphs)  # this run's --lr and --cudagraphs, not the saved ones
     return modules
 
 
@@ -425,8 +425,7 @@ def online_step(r: Run, step: int) -> None:
         r.queue = list(best_of_n(actor, r.modules["critic"], o, a.act_best_of)[0].cpu().numpy().reshape(a.horizon, -1))
     action = r.queue.pop(0)  # [A]
     next_obs, reward, terminated, truncated, info = r.env.step(action)
-    r.buffer.add(observations=r.obs, actions=action, rewards=reward, masks=1.0 - terminated,
-                 terminals=float(terminated or truncated), next_observations=next_obs)
+    r.buffer.add(r.obs, action, reward, 1.0 - terminated, float(terminated or truncated), next_obs)  # in KEYS order
     r.obs = next_obs
     if terminated or truncated:
         for tag, v in (("episodic_return", info["episode"]["r"]), ("episodic_length", info["episode"]["l"]),
@@ -520,6 +519,7 @@ def main():
     run_dir = runs.plan_run_dir(args.runs_dir, name, "checkpoint.pt", path, not args.eval_only or args.capture_video)
     device = runs.seed(args.seed, args.torch_deterministic, args.num_threads, args.cuda)
     sampler = torch.Generator(device=device).manual_seed(args.seed)  # chunk sampling, on the training device
+    runs.check_rng_devices(ckpt["rng"] if args.resume else {}, sampler=sampler)  # a CPU run continues on the CPU only
     shards, shard_idx = envs.shard_paths(args.dataset_dir) if args.dataset_dir else [], ckpt["shard_idx"] if ckpt else 0
     check(not shards or shard_idx < len(shards), f"the checkpoint reads shard {shard_idx} but --dataset-dir holds "
                                                  f"{len(shards)}; pass the --dataset-dir it was trained on")

@@ -3,6 +3,7 @@ and the online transitions as flat float32 tensors on the training device, a rin
 chunks for the chunked TD target is the algorithm, so it lives in the script (`sample_chunks`).
 
     buffer = ReplayBuffer(to_tensors(data, device), capacity)      # offline data first, online steps appended
+    buffer.add(obs, action, reward, mask, terminal, next_obs)      # one env step, in KEYS order
     batch = sample_chunks(buffer.tensors, *buffer.window, gen, batch_size, h, gamma)   # in the script
 """
 import numpy as np
@@ -25,9 +26,12 @@ class ReplayBuffer:
         self.num_added = 0  # online transitions added so far
         self.tensors = {k: torch.cat([v, v.new_empty((self.capacity - n,) + v.shape[1:])]) for k, v in data.items()}
 
-    def add(self, **transition):
-        """One transition of host values (an environment step)."""
-        self.extend({k: torch.as_tensor(np.asarray(transition[k], dtype=np.float32))[None] for k in KEYS})
+    def add(self, *transition):
+        """One transition of host values in KEYS order (an environment step), written in place into row `ptr` of each
+        key: a scalar as it is, an array through torch.as_tensor (which shares its memory): no tensor built per key."""
+        for k, v in zip(KEYS, transition, strict=True):
+            self.tensors[k][self.ptr] = torch.as_tensor(v) if isinstance(v, (np.ndarray, list)) else float(v)
+        self.ptr, self.size, self.num_added = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity), self.num_added + 1
 
     def extend(self, part: dict):
         """Transitions [n, ...] in order: one copy per key (a checkpoint's online part on resume)."""

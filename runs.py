@@ -11,6 +11,7 @@ RNG states) and their checks, the non-finite stop, the printed resume command. N
     device = runs.seed(args.seed, args.torch_deterministic, args.num_threads, args.cuda)  # and the device
     writer = runs.tensorboard(run_dir, args, name, start=step + 1)  # purge_step: a resume never logs a step twice
     ckpt["rng"] = runs.rng_state(sampler=gen)        # saved; runs.set_rng_state(ckpt["rng"], sampler=gen) on resume
+    runs.check_rng_devices(ckpt["rng"], sampler=gen)  # at the start of a resume: refused if made on another device
 
 torch is imported inside the functions that use it: the dataset generators import this module without paying for
 torch in each of their worker processes.
@@ -327,6 +328,16 @@ def load_states(modules: dict, ckpt: dict, hint: str) -> None:
         fail(f"checkpoint does not match these networks ({why(e)}); {hint}")
 
 
+def set_optimizer(optimizer, lr: float, capturable: bool) -> None:
+    """What this run's flags decide, not its checkpoint: each param group's lr and `capturable` (--cudagraphs: Adam's
+    step counters on the parameters' device, which a CUDA graph needs; else on the CPU, which eager Adam needs)."""
+    for group in optimizer.param_groups:
+        group["lr"], group["capturable"] = lr, capturable
+        for p in group["params"]:
+            if "step" in optimizer.state.get(p, {}):
+                optimizer.state[p]["step"] = optimizer.state[p]["step"].to(p.device if capturable else "cpu")
+
+
 def rng_state(**generators) -> dict:
     """The states of Python's, NumPy's, torch's and (once used) CUDA's global RNGs and of the named torch.Generators:
     what a checkpoint keeps so that a resumed run draws the numbers an uninterrupted one would (set_rng_state)."""
@@ -336,15 +347,35 @@ def rng_state(**generators) -> dict:
 
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda, **{k: g.get_state() for k, g in generators.items()}}
+            "cuda": cuda, **{k: g.get_state() for k, g in generators.items()},
+            "devices": {k: g.device.type for k, g in generators.items()}}
+
+
+def check_rng_devices(state: dict, **generators) -> None:
+    """Refuse (one line, exit 2) a checkpoint whose generators do not fit these: a torch.Generator's state fits only
+    its own device type (a CPU run's sampler cannot continue on CUDA, nor the reverse). Tried on a copy of each.
+    An empty state (a fresh run) is not checked."""
+    import torch
+
+    for k, g in generators.items() if state else ():
+        made_on = state.get("devices", {}).get(k)  # None: a checkpoint from before the device was stored
+        try:
+            torch.Generator(device=g.device).set_state(state[k])
+            fits = made_on in (None, g.device.type)
+        except RuntimeError:  # a state of another size: another device type's
+            fits = False
+        check(fits, f"the checkpoint's {k} was made on {made_on or 'another device type'}, this run is on "
+                    f"{g.device.type}; resume on the same device type (with or without --no-cuda as it was made)")
 
 
 def set_rng_state(state: dict, **generators) -> None:
-    """Restore what rng_state() returned (a state without 'cuda', or with None there, leaves CUDA's RNG as it is)."""
+    """Restore what rng_state() returned (a state without 'cuda', or with None there, leaves CUDA's RNG as it is);
+    generators of another device type are refused first (check_rng_devices), before any state is set."""
     import random
 
     import torch
 
+    check_rng_devices(state, **generators)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

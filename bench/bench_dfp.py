@@ -13,6 +13,11 @@ ratio = update time / limit time (1.0 = nothing but matrix products); the limit'
 update's, so both see the same load on a shared machine, and the best block of each counts.
 Acting: latency at batch 1 of one chunk (1 NFE), best-of-16 (1 NFE + critic), and, with the same network, a
 10-step flow sampler and a 100-step diffusion sampler (10 / 100 sequential NFEs): the "1 NFE vs 10/100" figure.
+Online step: a WHOLE online step of the script (online_step: acting best-of-16 once per chunk, the env step, the
+buffer insert, the sampling and the update) beside the bare offline step (offline_step), with a synthetic env of
+cube-triple's spaces (random observations, 1000-step episodes; its step costs ~0, a real MuJoCo step ~2-3 ms on CPU),
+at torch's default thread count and at 1 thread: ratio = online step / offline step. The "before" column is the same
+step with the replay buffer's former insert (6 host tensors built, 12 small copies per step), alternated with it.
 Needs only torch and numpy (gymnasium/ogbench only for the optional evaluation row). Timings depend on the machine
 and on what else runs on it: pass --label to say what the machine was. The JSON (with the GPU's name and the versions)
 is rewritten after every row, so a run stopped by a timeout keeps the rows it measured.
@@ -22,12 +27,16 @@ import os
 import shlex
 import sys
 import time
+import types
 
+import numpy as np
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import machine  # noqa: E402
+from replay import KEYS, ReplayBuffer  # noqa: E402
 
 
 def parse():
@@ -47,6 +56,7 @@ def parse():
                    "(compiling takes minutes)")
     p.add_argument("--eval-episodes", type=int, default=50, help="episodes of the evaluation-time row (0: skip)")
     p.add_argument("--eval-envs", type=int, default=2, help="envs (worker processes) of the vectorized evaluation")
+    p.add_argument("--online-step-only", action="store_true", help="only the whole-online-step rows")
     p.add_argument("--label", default="", help="what the machine was (e.g. 'busy shared 2-core CPU')")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/dfp_<device>.json)")
     return p.parse_args()
@@ -54,9 +64,9 @@ def parse():
 
 def best_time(fn, n: int, repeats: int, sync, paired=None):
     """Seconds per call of fn: the best of `repeats` blocks of n calls (fn is warmed up by the caller).
-    paired = (fn2, n2): blocks of fn2 alternate with fn's, so that both see the same load on a shared machine;
-    returns (fn's time, fn2's time)."""
-    fns = [(fn, n)] + ([paired] if paired else [])
+    paired = (fn2, n2), or a list of such pairs: their blocks alternate with fn's, so that all see the same load on a
+    shared machine; returns (fn's time, fn2's time, ...)."""
+    fns = [(fn, n)] + (paired if isinstance(paired, list) else [paired] if paired else [])
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, (f, k) in enumerate(fns):
@@ -92,6 +102,7 @@ def gemm_chain(dims, E: int, rows: int, backward: bool, device):
 
 def main():
     b = parse()
+    default_threads = torch.get_num_threads()
     if b.threads:
         torch.set_num_threads(b.threads)
     if b.device == "cuda" and not torch.cuda.is_available():
@@ -118,7 +129,7 @@ def main():
     results = {"command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]), "label": b.label,
                "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "load_average_start": load, "machine": machine.info(dev.type), "training": [], "acting": [],
-               "evaluation": None}
+               "online_step": [], "evaluation": None}
     out = b.out or os.path.join(ROOT, "bench", "results", f"dfp_{dev.type}.json")
 
     g = torch.Generator().manual_seed(0)
@@ -127,9 +138,10 @@ def main():
         "observations": torch.randn(n, O, generator=g), "next_observations": torch.randn(n, O, generator=g),
         "actions": torch.rand(n, b.act_dim, generator=g) * 2 - 1, "rewards": -torch.ones(n), "masks": torch.ones(n),
         "terminals": (torch.arange(n) % 1000 == 999).float()}, dev)
-    print(f"{'net':<6} {'phase':<8} {'mode':<19} {'updates/s':>9} {'ms/update':>9} {'limit ms':>8} {'ratio':>6}"
-          f"   (compile s)", flush=True)
-    for H in b.hidden_dims:
+    if not b.online_step_only:
+        print(f"{'net':<6} {'phase':<8} {'mode':<19} {'updates/s':>9} {'ms/update':>9} {'limit ms':>8} {'ratio':>6}"
+              f"   (compile s)", flush=True)
+    for H in b.hidden_dims if not b.online_step_only else ():
         args = dfp.Args(horizon=b.horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size)
         net = f"{b.num_layers}x{H}"
         actor_dims, critic_dims = [O + D] + [H] * b.num_layers + [D], [O + D] + [H] * b.num_layers + [1]
@@ -202,11 +214,75 @@ def main():
             machine.save_json(results, out)
             print(f"{net:<6} act batch 1: {name:<28} {dt * 1e3:8.3f} ms per chunk", flush=True)
 
-    results["evaluation"] = eval_row(dfp, b, dev)
+    print(f"{'net':<6} {'threads':>7} {'offline ms':>10} {'online ms before':>16} {'ratio':>6} {'online ms':>9} "
+          f"{'ratio':>6}   (whole online step / offline step)", flush=True)
+    for H in b.hidden_dims:
+        for threads in dict.fromkeys([default_threads, 1]):
+            row = online_step_row(dfp, b, dev, data, H, threads)
+            results["online_step"].append(row)
+            machine.save_json(results, out)
+            print(f"{row['net']:<6} {threads:>7} {row['offline_ms']:10.2f} {row['online_ms_before']:16.2f} "
+                  f"{row['ratio_before']:6.3f} {row['online_ms']:9.2f} {row['ratio']:6.3f}", flush=True)
+    torch.set_num_threads(b.threads or default_threads)
+    results["evaluation"] = eval_row(dfp, b, dev) if not b.online_step_only else "skipped (--online-step-only)"
     print(f"evaluation, {b.eval_episodes} episodes, sequential vs --eval-envs: {results['evaluation']}")
     machine.save_json(results, out)
     print(f"saved {os.path.relpath(out)}")
     sys.exit(1 if any("error" in t for t in results["training"]) else 0)  # the rows are saved either way
+
+
+class SyntheticEnv:
+    """cube-triple's spaces (obs 46, action 5 by default) with random observations and 1000-step episodes (then the
+    info of gymnasium's RecordEpisodeStatistics): what online_step calls, at ~0 cost per step."""
+
+    def __init__(self, obs_dim: int, act_dim: int, length: int = 1000):
+        self.rng, self.obs_dim, self.length, self.t = np.random.default_rng(0), obs_dim, length, 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return self.rng.standard_normal(self.obs_dim).astype(np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        info = {"episode": {"r": -float(self.t), "l": self.t}} if self.t == self.length else {}
+        return self.rng.standard_normal(self.obs_dim).astype(np.float32), -1.0, False, self.t == self.length, info
+
+
+def add_before(buffer, *transition):
+    """The replay buffer's insert before it wrote rows in place: 6 host tensors, then extend's index and value copies."""
+    buffer.extend({k: torch.as_tensor(np.asarray(v, dtype=np.float32))[None] for k, v in zip(KEYS, transition)})
+
+
+def online_step_row(dfp, b, dev, data, H: int, threads: int) -> dict:
+    """ms of the script's whole online step (with the buffer insert before and now) and of its offline step, at
+    `threads` CPU threads, their blocks alternated; the ratios online / offline."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    O, A, n = b.obs_dim, b.act_dim, len(data["observations"])
+    args = dfp.Args(horizon=b.horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size,
+                    offline_steps=0, online_steps=n, start_training=0)  # every online step updates
+    modules = dfp.build(args, O, A, dev, None)
+    r = dfp.Run(args, "bench", "", SyntheticEnv(O, A), None, data, [], 0, modules, torch.Generator(device=dev)
+                .manual_seed(0), None, None, torch.zeros(len(dfp.LOSS_NAMES), device=dev))
+    r.writer = type("NoLog", (), {"add_scalar": lambda *a: None})()  # the episode ends' three scalars
+    r.update, step = dfp.make_update(args, *modules.values()), [0]
+
+    def online(add):
+        def run():
+            step[0] += 1
+            r.buffer.add = types.MethodType(add, r.buffer)
+            dfp.online_step(r, step[0])
+        return run
+
+    dfp.online_step(r, 0)  # the switch: the buffer starts as the data
+    fns = {"offline": lambda: dfp.offline_step(r, 1), "before": online(add_before), "now": online(ReplayBuffer.add)}
+    for f in (*fns.values(), *fns.values()):  # warm-up
+        f()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    off, before, now = best_time(fns["offline"], b.updates, b.repeats, sync,
+                                 paired=[(fns["before"], b.updates), (fns["now"], b.updates)])
+    return {"net": f"{b.num_layers}x{H}", "threads": threads, "env": "synthetic", "offline_ms": off * 1e3,
+            "online_ms_before": before * 1e3, "online_ms": now * 1e3, "ratio_before": before / off, "ratio": now / off}
 
 
 def eval_row(dfp, b, dev):

@@ -161,6 +161,25 @@ def test_offline_resume_continues_with_identical_losses(dataset, tmp_path):
         assert sorted(whole) == [5, 10, 15, 20] and part == whole, (tag, whole, part)
 
 
+def test_resume_takes_adam_capturable_from_the_flags_not_the_checkpoint(dataset, tmp_path):
+    """A checkpoint of a --cudagraphs run (Adam capturable, its step counters on the device) resumes on the CPU
+    eager: capturable follows this run's --cudagraphs, the step counters go to the CPU (else Adam's first step fails)."""
+    base = [*ENV, *TINY, "--dataset-path", dataset, "--online-steps", "0", "--save-interval", "10"]
+    r = run([*base, "--offline-steps", "10", "--run-name", "graphs"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = str(tmp_path / "runs" / "graphs" / "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=False)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["capturable"] = True  # as a --cudagraphs run saves it
+    runs.save(ckpt, path)
+    r = run([*base, "--offline-steps", "20", "--resume", path], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "final cube-single-play-singletask-task1-v0 step 20: success" in r.stdout
+    ckpt = torch.load(path, weights_only=False)
+    assert [g["capturable"] for g in ckpt["optimizer"]["param_groups"]] == [False]
+    assert all(s["step"].device.type == "cpu" and s["step"] == 20 for s in ckpt["optimizer"]["state"].values())
+
+
 def test_bad_input_is_refused_with_a_clear_message(dataset, tmp_path):
     cases = [
         (["--env", "cube-seven-play"], "valid: cube-single-play"),
@@ -224,7 +243,7 @@ def tiny_buffer(capacity=8):
 def test_ring_buffer_chunks_stay_in_insertion_order():
     buf = tiny_buffer()
     for t in range(1, 12):  # wraps: the oldest entries are overwritten
-        buf.add(observations=[t], actions=[t], rewards=0.0, masks=1.0, terminals=0.0, next_observations=[t + 1])
+        buf.add([t], [t], 0.0, 1.0, 0.0, [t + 1])
     assert buf.size == 8 and buf.num_added == 11
     np.testing.assert_array_equal(buf.online_part()["observations"][:, 0], np.arange(4, 12))
     b = dfp.sample_chunks(buf.tensors, *buf.window, torch.Generator().manual_seed(0), 200, 3, 0.99)
@@ -237,8 +256,7 @@ def test_buffer_and_sampler_restored_from_a_checkpoint_give_the_same_batches():
     """What --resume restores (the online part + the sampler state) reproduces the next batches exactly."""
     buf, gen = tiny_buffer(capacity=12), torch.Generator().manual_seed(3)
     for t in range(1, 10):
-        buf.add(observations=[t], actions=[-t], rewards=0.1 * t, masks=1.0, terminals=float(t % 4 == 0),
-                next_observations=[t + 1])
+        buf.add([t], [-t], 0.1 * t, 1.0, float(t % 4 == 0), [t + 1])  # s, a, r, mask, terminal, s'
     dfp.sample_chunks(buf.tensors, *buf.window, gen, 4, 2, 0.9)
     saved = {"online": buf.online_part(), "sampler": gen.get_state()}  # what checkpoint_state() keeps
     restored, gen2 = tiny_buffer(capacity=12), torch.Generator()
@@ -494,3 +512,4 @@ def test_bench_runs_without_the_environment_stack(tmp_path):
     assert [(t["phase"], t["mode"]) for t in res["training"]] == [("offline", "eager"), ("online", "eager")]
     assert all(t["limit_ms"] > 0 and t["ratio"] > 0 and t["updates_per_s"] > 0 for t in res["training"])
     assert len(res["acting"]) == 4 and res["evaluation"] is not None
+    assert res["online_step"] and all(t["ratio"] > 0 and t["ratio_before"] > 0 for t in res["online_step"])

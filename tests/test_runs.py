@@ -328,7 +328,43 @@ def test_rng_state_restores_every_stream():
     draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(())), float(torch.rand((), generator=gen)))  # noqa: E731
     first = draw()
     runs.set_rng_state(state, sampler=gen)
-    assert draw() == first and set(state) == {"python", "numpy", "torch", "cuda", "sampler"}
+    assert draw() == first and set(state) == {"python", "numpy", "torch", "cuda", "sampler", "devices"}
+
+
+def test_a_sampler_state_of_another_device_type_is_refused_before_any_state_is_set(capsys):
+    """A torch.Generator's state fits only its device type: a CPU checkpoint resumed on CUDA (or the reverse) is
+    refused in one line. Simulated on the CPU: a recorded device type that differs, and a state of another size
+    (a CUDA generator's is 16 bytes) in a checkpoint that did not record it."""
+    gen = torch.Generator().manual_seed(3)
+    state = runs.rng_state(sampler=gen)
+    assert state["devices"] == {"sampler": "cpu"}
+    runs.check_rng_devices(state, sampler=gen)  # fits: nothing happens
+    runs.check_rng_devices({}, sampler=gen)  # a fresh run: nothing to check
+    err = error_line(capsys, runs.check_rng_devices, {**state, "devices": {"sampler": "cuda"}}, sampler=gen)
+    assert "sampler was made on cuda, this run is on cpu; resume on the same device type" in err
+    torch_state = torch.get_rng_state()
+    wrong = {k: v for k, v in state.items() if k != "devices"} | {"sampler": torch.zeros(16, dtype=torch.uint8),
+                                                                  "torch": torch.zeros_like(state["torch"])}
+    err = error_line(capsys, runs.set_rng_state, wrong, sampler=gen)
+    assert "made on another device type, this run is on cpu; resume on the same device type" in err
+    assert torch.equal(torch.get_rng_state(), torch_state)  # refused before any state was set
+
+
+def test_set_optimizer_applies_the_flags_over_the_checkpoint():
+    """lr and capturable come from this run; the step counters move where capturable needs them (CPU when off)."""
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["capturable"] = True  # a --cudagraphs run's checkpoint
+    opt2 = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt2.load_state_dict(sd)
+    runs.set_optimizer(opt2, 5e-4, capturable=False)
+    assert opt2.param_groups[0]["lr"] == 5e-4 and opt2.param_groups[0]["capturable"] is False
+    net(torch.ones(1, 3)).sum().backward()
+    opt2.step()  # eager Adam on the CPU: fails with capturable=True
+    assert all(s["step"].device.type == "cpu" and s["step"] == 2 for s in opt2.state.values())
 
 
 def test_load_states_refuses_a_checkpoint_of_other_networks(capsys):
