@@ -60,7 +60,7 @@ export MUJOCO_GL=disable  # no stage renders, and a bare GPU image has no EGL lo
 
 if ! "$PYTHON" -c "import gymnasium, mujoco, ogbench, tyro" 2>/dev/null; then
   if ls "$WHEELS"/*.whl >/dev/null 2>&1; then  # the wheels carried in (bench/gpu.sh --fetch-wheels, made elsewhere)
-    site=$(mktemp -d /tmp/gpu_site.XXXXXX)
+    site=$(mktemp -d -t gpu_site.XXXXXX)
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl \
       && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi

@@ -1,4 +1,4 @@
-"""Reliability of dfp_offline_to_online.py (docs/dfp_reliability.md): bad input is refused before any work, SIGTERM
+"""Reliability of dfp_offline_to_online.py (docs/dfp.md, Guarantees): bad input is refused before any work, SIGTERM
 in training and in evaluation saves a checkpoint that resumes, the non-finite guard keeps the last good checkpoint,
 evaluation is reproducible (--eval-only, any --eval-envs), tensorboard steps never repeat across a resume."""
 import glob
