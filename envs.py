@@ -20,7 +20,8 @@ import gymnasium as gym
 import numpy as np
 
 from robomimic_tasks import (ROBOMIMIC_DATA_DIR, ROBOMIMIC_OBS_KEYS, ROBOMIMIC_TASKS, ROBOMIMIC_URL,  # noqa: F401
-                             RobomimicEnv, load_robomimic, resolve_robomimic_file, robomimic_generate_command)  # noqa: F401
+                             RobomimicEnv, load_robomimic, resolve_robomimic_file, robomimic_default_path,  # noqa: F401
+                             robomimic_generate_command)
 from runs import atomic, bounded_download, check, fail, why, worker_signals
 
 # ---- families: which benchmark an env id belongs to
@@ -77,6 +78,11 @@ def generate_command(dataset_file: str) -> str:
     return f"{cmd}  ({steps / 1e6:.1f}M oracle steps: about {minutes:.0f} min on {cores} CPU cores, faster with more)"
 
 
+def ogbench_default_path(env_id: str) -> str:
+    """Where the scripts look for a singletask id's play file first: ~/.ogbench/data/cube-double-play-v0.npz (+ -val)."""
+    return os.path.join(os.path.expanduser(OGBENCH_DATA_DIR), re.sub(r"-singletask-task\d", "", env_id) + ".npz")
+
+
 def load_ogbench(env_id: str, dataset_path: Optional[str] = None, env=None, timeout: float = 30.0):
     """(env, train, val) of a singletask id (ogbench.make_env_and_datasets; with `env`, only the data is read: a shard).
     The dataset: dataset_path (with its -val twin), else ~/.ogbench/data/<dataset>.npz, else OGBench's download (each
@@ -88,9 +94,10 @@ def load_ogbench(env_id: str, dataset_path: Optional[str] = None, env=None, time
         check(os.path.isfile(path) and os.path.isfile(twin), f"--dataset-path {path} or its twin "
               f"{os.path.basename(twin)} does not exist; create both with: {generate_command(path)}")
     else:
-        name, data_dir = re.sub(r"-singletask-task\d", "", env_id), os.path.expanduser(OGBENCH_DATA_DIR)  # cube-double-play-v0
-        path, twin = os.path.join(data_dir, f"{name}.npz"), os.path.join(data_dir, f"{name}-val.npz")
+        path = ogbench_default_path(env_id)
+        twin = path.replace(".npz", "-val.npz")
     if not (os.path.isfile(path) and os.path.isfile(twin)):  # not in the default folder (a given path was checked)
+        data_dir, name = os.path.dirname(path), os.path.basename(path)[: -len(".npz")]  # cube-double-play-v0
         with bounded_download(timeout, [path + ".tmp", twin + ".tmp"], f"{name} is not in {data_dir} and downloading it",
                               f"regenerate it locally with: {generate_command(path)}"):
             ogbench.download_datasets([name], data_dir)

@@ -20,12 +20,17 @@ ROBOMIMIC_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"
 ROBOMIMIC_URL = "https://huggingface.co/datasets/robomimic/robomimic_datasets/resolve/main/v1.5/{}/{}/low_dim_v15.hdf5"
 
 
+def robomimic_default_path(env_id: str) -> str:
+    """Where the scripts look for env_id's file first (and the generator writes it): ~/.robomimic/<task>/<kind>/..."""
+    task, kind = env_id.split("-")[:2]
+    return os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
+
+
 def robomimic_generate_command(env_id: str, path: str) -> str:
     """The scripts/generate_robomimic_dataset.py command that writes `path` for env_id."""
     task, kind = env_id.split("-")[:2]
     cmd = f"python scripts/generate_robomimic_dataset.py --task {task} --kind {kind}"
-    default = os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
-    return cmd if os.path.abspath(os.path.expanduser(path)) == default else f"{cmd} --out {path}"
+    return cmd if os.path.abspath(os.path.expanduser(path)) == robomimic_default_path(env_id) else f"{cmd} --out {path}"
 
 
 def resolve_robomimic_file(env_id: str, dataset_path: Optional[str] = None, timeout: float = 30.0) -> str:
@@ -36,7 +41,7 @@ def resolve_robomimic_file(env_id: str, dataset_path: Optional[str] = None, time
         check(os.path.isfile(path), f"--dataset-path {path} does not exist; create it with: "
                                     f"{robomimic_generate_command(env_id, path)}")
         return path
-    path = os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
+    path = robomimic_default_path(env_id)
     if os.path.isfile(path):
         return path
     url = ROBOMIMIC_URL.format(task, kind)

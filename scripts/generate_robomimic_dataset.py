@@ -39,7 +39,7 @@ from typing import Literal, Optional
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: envs, runs
-from envs import ROBOMIMIC_DATA_DIR, ROBOMIMIC_TASKS, RobomimicEnv  # noqa: E402
+from envs import ROBOMIMIC_TASKS, RobomimicEnv, robomimic_default_path  # noqa: E402
 from runs import atomic, check, fail, parse  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def check_args(args: Args) -> dict:
     check(args.episodes >= 1 and args.workers >= 1 and length >= 2, f"--episodes and --workers must be >= 1 and "
           f"--episode-length >= 2, got {args.episodes}, {args.workers}, {length}")
     check(args.noise is None or args.noise >= 0, f"--noise must be >= 0, got {args.noise}")
-    out = os.path.abspath(os.path.expanduser(args.out or f"{ROBOMIMIC_DATA_DIR}/{args.task}/{args.kind}/low_dim_v15.hdf5"))
+    out = os.path.abspath(os.path.expanduser(args.out or robomimic_default_path(f"{args.task}-{args.kind}")))
     check(args.overwrite or not os.path.exists(out), f"{out} exists; pass --overwrite to replace it")
     try:  # last, because it creates the folder
         os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -232,12 +232,10 @@ def missing_dataset(run: dict) -> Optional[tuple]:
     given = os.path.expanduser(flags["dataset_path"]) if "dataset_path" in flags else None
     env_id = envs.resolve_env_id(env, gym_ids=None)
     if envs.family(env_id) == "robomimic":
-        task, kind = env_id.split("-")[:2]
-        path = given or os.path.expanduser(f"{envs.ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
+        path = given or envs.robomimic_default_path(env_id)
         return None if os.path.isfile(path) else (path, envs.robomimic_generate_command(env_id, path))
     if envs.family(env_id) == "ogbench":
-        name = re.sub(r"-singletask-task\d", "", env_id)  # cube-double-play-v0, as envs.load_ogbench reads it
-        path = given or os.path.join(os.path.expanduser(envs.OGBENCH_DATA_DIR), f"{name}.npz")
+        path = given or envs.ogbench_default_path(env_id)
         ok = os.path.isfile(path) and os.path.isfile(path.replace(".npz", "-val.npz"))
         return None if ok else (path, envs.generate_command(path).split("  (")[0])
     return None if given is None or os.path.isfile(given) else (given, "a D4RL-layout .npz (see docs/dbp.md)")
