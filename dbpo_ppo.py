@@ -179,7 +179,8 @@ class DBPOAgent(nn.Module):
         nn.init.zeros_(self.log_std_head.weight)
         nn.init.constant_(self.log_std_head.bias, float(np.log(init_std)))
         self.log_std_min, self.log_std_max = float(np.log(min_std)), float(np.log(max_std))
-        # critic V(s): MLP 3x256 Mish on the RAW flattened observation history (authors' code)
+        # critic V(s): MLP 3x256 Mish on the observation history normalized by the checkpoint's fixed normalizer,
+        # as the authors' env wrappers hand it to their critic (dataset min/max to [-1, 1])
         self.critic = nn.Sequential(nn.Linear(cond_dim, 256), nn.Mish(), nn.Linear(256, 256), nn.Mish(), nn.Linear(256, 256),
                                     nn.Mish(), nn.Linear(256, 1))
         # an mse-trained DBP ignores z (it was trained with z = 0): keep z = 0 so mu is what was trained
@@ -188,6 +189,8 @@ class DBPOAgent(nn.Module):
         anchor = {**ckpt, **ckpt.get("dbpo", {}).get("anchor_stats", {})}  # a dbpo_ppo.pt: its anchor's own normalizer
         for k in ("obs_offset", "obs_scale", "action_offset", "action_scale", "action_low", "action_high"):
             self.register_buffer(k, f32(anchor, k))  # the anchor's x_n = (x - offset) / scale; the env's bounds
+        self.register_buffer("critic_obs_offset", self.obs_offset.clone())  # the critic's input: fixed, never trained
+        self.register_buffer("critic_obs_scale", self.obs_scale.clone())
         for k in ("obs", "action"):  # the actor's, as the authors' LinearNormalizer in their deep-copied actor: x_n = x *
             gain = 1 / f32(ckpt, f"{k}_scale")  # gain + bias, Parameters trained by the actor's AdamW (or frozen)
             self.register_parameter(f"{k}_gain", nn.Parameter(gain, requires_grad=train_normalizer))
@@ -205,7 +208,7 @@ class DBPOAgent(nn.Module):
         return torch.zeros(shape, device=device) if self.zero_latent else torch.randn(shape, device=device)
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs.flatten(1)).squeeze(-1)  # [B]
+        return self.critic(((obs - self.critic_obs_offset) / self.critic_obs_scale).flatten(1)).squeeze(-1)  # [B]
 
     def dist_params(self, obs: torch.Tensor, z: torch.Tensor):
         """mu(s, z) [B, Tp, act_dim] in env units from one generator pass (a = (a_n - bias) / gain); std(s) =
@@ -395,6 +398,8 @@ def evaluate_and_log(agent, eval_envs, args: Args, stop, writer=None, iteration=
     for key, value in (dict(episodic_return=res["return"], episodic_length=res["length"], success_rate=p, success_stderr=se,
                             env_steps=global_step).items() if writer else ()):
         writer.add_scalar(f"eval/{key}", value, iteration)
+    if writer:  # each episode's return, for paired comparisons of evaluations (the same seeds every time)
+        envs.write_episodes(os.path.join(writer.log_dir, "eval_episodes.csv"), res, iteration, global_step, args.seed + 100_000)
     return f"return {res['return']:.4f} | length {res['length']:.2f} | success {p:.4f} +- {se:.4f} ({n} episodes, mean path)"
 
 

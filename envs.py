@@ -7,6 +7,7 @@ one `error:` line (runs.fail), exit code 2. Only episode_generator imports torch
     env_id = envs.resolve_env_id("cube-single-play", task=1)  # cube-single-play-singletask-task1-v0
     env, data, ends, env_args = envs.load_dataset(env_id, args.dataset_path)
     res = envs.evaluate(envs.make_eval_envs(env_id, 4, horizon=5), act, episodes=50, seed=1001)  # success, return, ...
+    envs.write_episodes("runs/x/eval_episodes.csv", res, step=0, env_steps=0, seed=1001)  # one row per episode
 """
 import atexit
 import functools
@@ -361,5 +362,16 @@ def evaluate(envs, act: Callable, episodes: int, seed: int, stop: Callable = lam
         os.makedirs(os.path.dirname(os.path.abspath(video_path)), exist_ok=True)
         with atomic(video_path) as tmp:
             ImageSequenceClip(frames, fps=30).write_videofile(tmp, logger=None)
-    means = np.mean([results[i] for i in range(episodes)], 0)
-    return dict(zip(("success", "return", "length", *sums), (float(v) for v in means)))
+    rows = np.array([results[i] for i in range(episodes)], dtype=np.float64)  # [episodes, 3 + len(sums)]
+    return {**dict(zip(("success", "return", "length", *sums), (float(v) for v in rows.mean(0)))), "episodes": rows[:, :3]}
+
+
+def write_episodes(path: str, res: dict, step: int, env_steps: int, seed: int) -> None:
+    """Add one evaluation's episodes (res["episodes"] of evaluate) to the CSV `path`, atomically: columns step, env_steps,
+    episode, env_seed, success, return, length. Rows of this step or later (a resumed run redoing them) are replaced."""
+    head = "step,env_steps,episode,env_seed,success,return,length"
+    old = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2) if os.path.exists(path) else np.zeros((0, 7))
+    new = [[step, env_steps, i, seed + i, *row] for i, row in enumerate(res["episodes"])]
+    rows = np.concatenate([old[old[:, 0] < step], np.array(new, dtype=np.float64).reshape(-1, 7)])
+    with atomic(path) as tmp:
+        np.savetxt(tmp, rows, delimiter=",", header=head, comments="", fmt=["%d"] * 4 + ["%.10g"] * 3)

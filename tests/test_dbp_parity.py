@@ -169,6 +169,9 @@ def reference_agent(ppo_ref):
         for k in ("obs", "action"):
             getattr(agent, f"{k}_gain").copy_(torch.as_tensor(ppo_ref[f"{ft}.{k}.scale"]))
             getattr(agent, f"{k}_bias").copy_(torch.as_tensor(ppo_ref[f"{ft}.{k}.offset"]))
+    # their `state` is what their env wrapper hands over, already normalized to [-1, 1]; ours normalizes the raw
+    # observation for the critic itself, so here the critic's normalizer is the identity
+    agent.critic_obs_offset.zero_(), agent.critic_obs_scale.fill_(1.0)
     agent.obs_horizon = 1  # their log-prob prefix is A[:Ta] (= ours A[To-1 : To-1+Ta] at To = 1, their task configs)
     return agent
 
@@ -192,7 +195,7 @@ def test_dbpo_distribution_and_log_prob_parity_with_reference(ppo_ref):
     close(agent.anchor_mean(obs, z), ppo_ref["loss/old_actions"])
     close(dbpo_ppo.prefix_log_prob(mu, std, chunk, 1, 4), ppo_ref["loss/newlogprobs_raw"])  # sum over Ta x Da / (Ta * Da)
     close(dbpo_ppo.prefix_entropy(std, 1, 4), ppo_ref["loss/entropy"])
-    close(agent.get_value(obs), ppo_ref["loss/newvalues"])  # the critic reads the raw observations
+    close(agent.get_value(obs), ppo_ref["loss/newvalues"])
 
 
 def test_dbpo_loss_terms_and_gradients_parity_with_reference(ppo_ref):

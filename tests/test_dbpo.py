@@ -432,17 +432,21 @@ def test_mean_path_draws_each_episodes_latent_from_its_own_generator(D):
     assert not np.allclose(both, zero)
 
 
-def test_evaluation_line_has_the_binomial_standard_error_and_an_interrupted_one_logs_nothing(D, monkeypatch):
+def test_evaluation_line_has_the_binomial_standard_error_and_an_interrupted_one_logs_nothing(D, monkeypatch, tmp_path):
     logged = []
-    writer = type("Writer", (), {"add_scalar": lambda self, *a: logged.append(a)})()
+    writer = type("Writer", (), {"add_scalar": lambda self, *a: logged.append(a), "log_dir": str(tmp_path)})()
     stop = type("Stop", (), {"requested": False, "check": lambda self: None})()
-    monkeypatch.setattr(D.envs, "evaluate", lambda *a, **k: {"success": 0.25, "return": -3.0, "length": 40.0})
+    episodes = np.array([[np.nan, -3.5, 38.0], [np.nan, -2.5, 42.0]])
+    monkeypatch.setattr(D.envs, "evaluate", lambda *a, **k: {"success": 0.25, "return": -3.0, "length": 40.0,
+                                                             "episodes": episodes})
     line = D.evaluate_and_log(None, None, D.Args(eval_episodes=48), stop, writer, iteration=7, global_step=99)
     se = (0.25 * 0.75 / 48) ** 0.5  # sqrt(p (1 - p) / n)
     assert line == f"return -3.0000 | length 40.00 | success 0.2500 +- {se:.4f} (48 episodes, mean path)"
     assert dict((k, (v, s)) for k, v, s in logged) == {"eval/episodic_return": (-3.0, 7), "eval/episodic_length": (40.0, 7),
                                                        "eval/success_rate": (0.25, 7), "eval/success_stderr": (se, 7),
                                                        "eval/env_steps": (99, 7)}
+    rows = np.loadtxt(tmp_path / "eval_episodes.csv", delimiter=",", skiprows=1)  # step, env steps, episode, env seed, ...
+    np.testing.assert_equal(rows, [[7, 99, 0, 100_001, np.nan, -3.5, 38.0], [7, 99, 1, 100_002, np.nan, -2.5, 42.0]])
     logged.clear()
     monkeypatch.setattr(D.envs, "evaluate", lambda *a, **k: None)  # stopped by a signal
     stop.check = lambda: (_ for _ in ()).throw(D.runs.Interrupted())

@@ -311,7 +311,8 @@ def test_evaluation_does_not_depend_on_the_number_of_envs_nor_the_global_rng(tra
         vec.close()
     torch.set_num_threads(threads)
     (res1, acts1), (res2, acts2) = runs
-    assert res1 == res2 and sorted(acts1) == sorted(acts2) == [1001, 1002, 1003]
+    np.testing.assert_equal(res1, res2)
+    assert sorted(acts1) == sorted(acts2) == [1001, 1002, 1003]
     for ep in acts1:
         np.testing.assert_array_equal(np.stack(acts1[ep]), np.stack(acts2[ep]))
     assert not np.array_equal(np.stack(acts1[1001]), np.stack(acts1[1002]))  # episodes differ from each other

@@ -356,7 +356,9 @@ def test_evaluation_is_the_same_with_1_and_3_envs():
         vec.close()
     (res1, acts1, first1), (res3, acts3, first3) = runs
     np.testing.assert_equal(res1, res3)  # exactly (NaN == NaN here)
-    assert set(res1) == {"success", "return", "length", "noise"} and np.isnan(res1["success"])  # no success signal
+    assert set(res1) == {"success", "return", "length", "noise", "episodes"} and np.isnan(res1["success"])  # no success signal
+    assert res1["episodes"].shape == (5, 3)  # per episode: success, return, length; their means are the result
+    np.testing.assert_allclose(res1["episodes"][:, 1:].mean(0), [res1["return"], res1["length"]], rtol=1e-12)
     assert sorted(acts1) == sorted(acts3) == [100, 101, 102, 103, 104]  # episode i: env seed 100 + i
     for ep in acts1:
         np.testing.assert_array_equal(np.stack(acts1[ep]), np.stack(acts3[ep]))
@@ -404,4 +406,20 @@ def test_evaluate_reproduces_dfp_evaluate_exactly():
     torch.set_num_threads(threads)
     old_envs.close()
     new_envs.close()
-    assert new == old and set(new) == {"success", "return", "length", "q_chosen"}
+    np.testing.assert_equal(new, old)
+    assert set(new) == {"success", "return", "length", "q_chosen", "episodes"}
+
+
+def test_write_episodes_adds_rows_and_a_resumed_run_replaces_the_redone_evaluations(tmp_path):
+    path = str(tmp_path / "eval_episodes.csv")
+    res = lambda r: {"episodes": np.array([[np.nan, r, 10.0], [np.nan, r + 1, 12.0]])}  # noqa: E731
+    envs.write_episodes(path, res(1.0), step=0, env_steps=0, seed=100)
+    envs.write_episodes(path, res(5.0), step=10, env_steps=800, seed=100)
+    envs.write_episodes(path, res(7.0), step=20, env_steps=1600, seed=100)
+    envs.write_episodes(path, res(6.0), step=10, env_steps=800, seed=100)  # resumed before step 10: 10 and 20 redone
+    with open(path) as f:
+        assert f.readline().strip() == "step,env_steps,episode,env_seed,success,return,length"
+    rows = np.loadtxt(path, delimiter=",", skiprows=1)
+    np.testing.assert_equal(rows[:, :4], [[0, 0, 0, 100], [0, 0, 1, 101], [10, 800, 0, 100], [10, 800, 1, 101]])
+    np.testing.assert_equal(rows[:, 5], [1.0, 2.0, 6.0, 7.0]) and np.testing.assert_equal(rows[:, 4], np.nan)
+    assert os.listdir(tmp_path) == ["eval_episodes.csv"]  # no temporary file left
