@@ -66,8 +66,8 @@ class Args:
     """OGBench singletask task 1..5 (default: the id's task, else 2)"""
     dataset_path: Optional[str] = None
     """dataset: an OGBench-format .npz (e.g. cube-single-expert-task1-v0.npz, needs its -val twin), a D4RL-layout .npz for gymnasium envs, or a Robomimic low_dim_v15.hdf5"""
-    val_ratio: float = 0.02
-    """fraction of the episodes held out for losses/val_loss (authors: 2%, at least one episode when > 0)"""
+    val_ratio: Optional[float] = None
+    """fraction of episodes held out for losses/val_loss (>= 1 if > 0); default: locomotion 0 (authors' D4RL configs), else 2%"""
     eval_interval: int = 10_000
     """evaluate the EMA policy every this many gradient steps (0: only at the end)"""
     eval_episodes: int = 10
@@ -289,10 +289,10 @@ def holdout_episodes(num_episodes: int, val_ratio: float, seed: int) -> np.ndarr
     return val
 
 
-def sample_steps(episode_ends: np.ndarray, obs_horizon: int, pred_horizon: int, action_horizon: int) -> np.ndarray:
-    """The "now" steps t whose chunk a_{t-To+1..t-To+Tp} ends at most Ta-1 steps past its episode (the authors' sampler)."""
+def sample_steps(episode_ends: np.ndarray, obs_horizon: int, pred_horizon: int, action_horizon: int, pad=True) -> np.ndarray:
+    """The "now" steps t whose chunk a_{t-To+1..t-To+Tp} ends at most Ta-1 steps past its episode, or with pad=False inside it."""
     t, (_, last) = np.arange(len(episode_ends)), episode_bounds(episode_ends)
-    return t[t - obs_horizon + pred_horizon - last <= action_horizon - 1]
+    return t[t - obs_horizon + pred_horizon - last <= (action_horizon - 1 if pad else 0)]
 
 
 def chunk_indices(t: torch.Tensor, ep_first: torch.Tensor, ep_last: torch.Tensor, obs_horizon: int, pred_horizon: int):
@@ -409,7 +409,7 @@ RANGES = {  # requirement: (test, flags)
     "a positive finite number": (lambda v: 0 < v < math.inf, ("lr", "min_lr", "max_grad_norm", "ema_power", "bandwidth")),
     "a finite number >= 0": (lambda v: 0 <= v < math.inf, ("weight_decay",)),
     "in [0, 1]": (lambda v: 0 <= v <= 1, ("ema_max_decay",)),
-    "in [0, 0.5)": (lambda v: 0 <= v < 0.5, ("val_ratio",)),
+    "in [0, 0.5)": (lambda v: v is None or 0 <= v < 0.5, ("val_ratio",)),
     "two numbers in [0, 1)": (lambda v: all(0 <= b < 1 for b in v), ("adam_betas",)),
     "positive finite numbers": (lambda v: len(v) > 0 and all(0 < r < math.inf for r in v), ("temperatures",)),
     "odd": (lambda v: v >= 1 and v % 2 == 1, ("unet_kernel_size",)),
@@ -426,6 +426,7 @@ def rules(args: Args):
     # (To, Tp, Ta) of the authors' D4RL and Robomimic low-dim configs 1/4/4, OGBench their PushT-style 2/16/8; max_steps 400
     fam = envs.family(envs.resolve_env_id(args.env, args.task, gym_ids=None))  # an unknown env is refused here
     args.max_episode_steps = args.max_episode_steps or (400 if fam == "robomimic" else None)
+    args.val_ratio = (0.0 if fam == "gym" else 0.02) if args.val_ratio is None else args.val_ratio
     To, Tp, Ta = (d if v is None else v for v, d in zip((args.obs_horizon, args.pred_horizon, args.action_horizon),
                                                          (2, 16, 8) if fam == "ogbench" else (1, 4, 4)))
     args.obs_horizon, args.pred_horizon, args.action_horizon = To, Tp, Ta
@@ -483,7 +484,7 @@ def load_data(run) -> None:
     ep_first, ep_last = episode_bounds(ends)  # [N] each
     episode_of = np.searchsorted(np.unique(ep_first), ep_first)  # [N] episode index of every step
     val_episode = holdout_episodes(int(episode_of[-1]) + 1, a.val_ratio, a.seed)
-    steps = sample_steps(ends, To, Tp, Ta)
+    steps = sample_steps(ends, To, Tp, Ta, pad=envs.family(run.env_id) != "gym")  # locomotion: no padding (authors' D4RL)
     train_t, val_t = steps[~val_episode[episode_of[steps]]], steps[val_episode[episode_of[steps]]]
     runs.check(len(train_t) > 0, f"no training samples: every training episode is shorter than Tp - To - Ta + 2 = {Tp - To - Ta + 2}")
     run.steps_per_epoch = max(1, len(train_t) // a.batch_size)  # the authors drop the last partial batch
@@ -518,9 +519,8 @@ def build(run, num_envs: int) -> None:
     run.nonfinite = torch.zeros(2, dtype=torch.bool, device=run.device)  # [loss, grad norm] was non-finite at some step
     if ckpt is not None:
         runs.load_states({"train_model": run.gen, "model": run.ema_gen, "optimizer": run.optimizer}, ckpt, HINT)
-        run.start_step, run.wall_time, rng = ckpt["step"], ckpt["wall_time"], dict(ckpt["rng"])
-        rng["cuda"] = [rng["cuda"]] if isinstance(rng.get("cuda"), torch.Tensor) else rng.get("cuda")  # older: one device's
-        runs.set_rng_state(rng)
+        run.start_step, run.wall_time = ckpt["step"], ckpt["wall_time"]
+        runs.set_rng_state(ckpt["rng"])
     run.eval_envs = envs.make_eval_envs(run.env_id, num_envs, horizon=a.action_horizon, obs_horizon=a.obs_horizon,
                                         render=a.capture_video, env_args=run.env_args, max_episode_steps=a.max_episode_steps)
     run.writer = runs.tensorboard(run.run_dir, a, os.path.basename(run.run_dir), run.start_step + 1,
@@ -618,7 +618,7 @@ def main() -> None:
                           ckpt_path=os.path.join(run_dir, "dbp_bc.pt"))
     load_data(run)
     build(run, min(args.eval_envs or os.cpu_count() or 1, args.eval_episodes))
-    print(f"start: env {env_id} | data {args.dataset_path or 'OGBench default'}: {run.summary} | {args.backbone} generator of "
+    print(f"start: env {env_id} | data {args.dataset_path or 'default'}: {run.summary} | {args.backbone} generator of "
           f"{sum(p.numel() for p in run.gen.parameters())} parameters, To={args.obs_horizon} Tp={args.pred_horizon} Ta="
           f"{args.action_horizon} | device {device} | threads {torch.get_num_threads()} | eval envs {run.eval_envs.num_envs} | "
           f"run dir {run_dir}" + (f" | resuming {os.path.basename(run_dir)} at step {run.start_step}" if ckpt else ""), flush=True)

@@ -379,8 +379,9 @@ def set_rng_state(state: dict, **generators) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")  # older DBP checkpoints: one device's state, not a list
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([cuda] if isinstance(cuda, torch.Tensor) else cuda)
     for k, g in generators.items():
         g.set_state(state[k])
 

@@ -96,7 +96,10 @@ def test_preset_defaults_are_the_authors():
     assert (a.lr, a.min_lr, a.warmup_epochs) == (1e-4, 1e-5, 100)
     assert (a.adam_betas, a.weight_decay, a.max_grad_norm) == ((0.9, 0.999), 1e-6, 10.0)
     assert (a.ema_every, a.ema_start_epoch, a.ema_power, a.ema_max_decay) == (10, 20, 0.75, 0.9999)
-    assert (a.val_ratio, a.num_hypotheses, a.temperatures, a.drift_mode) == (0.02, 4, (0.02, 0.05, 0.2), "chunk")
+    assert (a.val_ratio, a.num_hypotheses, a.temperatures, a.drift_mode) == (None, 4, (0.02, 0.05, 0.2), "chunk")
+    for env, val_ratio in (("cube-single-play", 0.02), ("lift-ph", 0.02), ("Hopper-v5", 0.0), ("mujoco/hopper/medium-v0", 0.0)):
+        a = dbp_bc.Args(env=env)  # filled in by env family: the authors' D4RL configs hold nothing out
+        assert all(ok for ok, _ in dbp_bc.rules(a)) and a.val_ratio == val_ratio, env
     assert (a.save_model, a.keep_checkpoints, a.wandb_project_name, a.eval_envs) == (True, 10, "drift-policies", None)
     assert (a.normalization, dbp_bc.ROBOMIMIC_OBS_KEYS[0]) == ("authors", "object")  # their task configs list `object` first
     # horizons (and Robomimic's time limit, their max_steps) by env family, filled in by the rules when not given, overridable
@@ -164,6 +167,9 @@ def test_padding_rule_matches_the_authors_sampler():
         _, act_idx = dbp_bc.chunk_indices(t, torch.as_tensor(first)[t], torch.as_tensor(last)[t], To, Tp)
         raw_end = t - (To - 1) + Tp - 1  # the chunk's last index before clamping
         assert (raw_end - torch.as_tensor(last)[t]).max() <= Ta - 1
+    # pad=False, the authors' D4RL loader (To = 1): starts 0 .. L - Tp of each episode, the whole chunk inside it
+    ref = [o + s for o, L in zip(np.cumsum([0] + lengths[:-1]), lengths) for s in range(L - 4 + 1)]
+    assert dbp_bc.sample_steps(ends, 1, 4, 4, pad=False).tolist() == ref
 
 
 def test_holdout_two_percent_of_episodes():
@@ -447,7 +453,7 @@ def test_smoke_eval_only_reproduces_training_evaluations(d4rl_file, tmp_path):
     p = run(["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "30", "--eval-interval", "10",
              "--save-interval", "10", "--keep-checkpoints", "2", "--warmup-epochs", "0", "--lr", "3e-3",
              "--ema-start-epoch", "0", "--ema-every", "1", "--capture-video", "--runs-dir", str(tmp_path / "runs"), "--seed", "3",
-             "--eval-envs", "1"], tmp_path)
+             "--eval-envs", "1", "--val-ratio", "0.2"], tmp_path)  # locomotion holds nothing out by default
     assert "SPS" in p.stdout and "ETA" in p.stdout and "val_loss" in p.stdout and p.stdout.splitlines()[-1].startswith("final")
     assert p.stdout.splitlines()[0].startswith("start: env InvertedPendulum-v5")
     run_dir = the_run_dir(tmp_path / "runs")
