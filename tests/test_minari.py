@@ -28,6 +28,7 @@ from test_runs import error_line  # noqa: E402
 ID = "mujoco/hopper/medium-v0"
 LIMIT = 50  # the recorded env's time limit: not the registry's 1000, so an env with it came from the dataset's spec
 DBP, DBPO = os.path.join(ROOT, "dbp_bc.py"), os.path.join(ROOT, "dbpo_ppo.py")
+REPORT = os.path.join(ROOT, "scripts", "dbpo_report.py")
 TINY_DBP = ["--backbone", "mlp", "--hidden-dim", "32", "--depth", "2", "--batch-size", "16", "--num-hypotheses", "4",
             "--num-threads", "1", "--log-interval", "5", "--eval-interval", "0", "--eval-episodes", "2", "--eval-envs", "1"]
 FAST_DBPO = ["--num-threads", "1", "--num-envs", "2", "--eval-envs", "2", "--eval-episodes", "2", "--update-epochs", "2",
@@ -147,6 +148,13 @@ def test_dbp_trains_saves_and_evaluates_then_dbpo_fine_tunes_its_checkpoint(made
     assert f"dbpo_ppo: {ID}" in out and out.strip().splitlines()[-1].startswith("final: 2 iterations")
     state = torch.load(tmp_path / "runs" / "dbpo" / "state.pt", weights_only=False)
     assert state["env_id"] == ID and state["iteration"] == 2 and state["finished"]
+    # each episode of iteration 0 (the DBP policy) and of the final evaluation, on the same seeds: the paired report
+    rows = np.loadtxt(tmp_path / "runs" / "dbpo" / "eval_episodes.csv", delimiter=",", skiprows=1, ndmin=2)
+    assert rows[:, 0].tolist() == [0, 0, 2, 2] and rows[:, 3].tolist() == [100_001, 100_002] * 2
+    out = run(REPORT, os.path.join("runs", "dbpo"), "--out", "report")
+    d = rows[2:, 5] - rows[:2, 5]  # the per-episode changes: their mean and std(d) / sqrt(2) are the paired row
+    assert f"| {d.mean():+.1f} | {d.std(ddof=1) / np.sqrt(2):.1f} |" in out.splitlines()[3]
+    assert "clip fraction" in out and (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "report.csv").exists()
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -208,3 +216,19 @@ def test_misfit_or_damaged_datasets_are_refused_in_one_line_before_any_work(tmp_
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert "generate_locomotion_dataset.py --dataset-id mujoco/hopper/expert-v0" in err or "observations" in err
     assert not (tmp_path / "runs").exists() and sorted(str(p) for p in root.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("case", ["no folder", "no csv", "damaged csv", "other seeds"])
+def test_report_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, case):
+    run_dir = tmp_path / "run"
+    if case != "no folder":
+        run_dir.mkdir()
+    head = "step,env_steps,episode,env_seed,success,return,length\n"
+    if case == "damaged csv":
+        (run_dir / "eval_episodes.csv").write_text(head + "0,0,0,1,nan,oops\n")
+    if case == "other seeds":  # iteration 10 played 3 episodes, iteration 0 two: no pairs
+        (run_dir / "eval_episodes.csv").write_text(head + "".join(f"{s},0,{i},{100 + i},nan,1.0,5\n" for s, n in ((0, 2), (10, 3))
+                                                                  for i in range(n)))
+    p = subprocess.run([sys.executable, REPORT, str(run_dir), "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and p.stdout == "", p.stderr
+    assert not (tmp_path / "r.png").exists() and not (tmp_path / "r.csv").exists()
