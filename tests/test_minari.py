@@ -4,7 +4,6 @@ rebuilt from the dataset's own spec, dbp_bc.py trained, saved and evaluated on o
 checkpoint, and the refusals (no dataset and no network, a dataset of another env, damaged files): one line, exit 2,
 nothing written."""
 import os
-import shutil
 import socket
 import subprocess
 import sys
