@@ -301,6 +301,9 @@ def test_normalizer_is_trained_by_the_actor_optimizer_unless_frozen(D):
         opt.step()
         assert torch.equal(agent.obs_gain.detach(), 1 / ckpt["obs_scale"]) != train  # moved only when trained
         torch.testing.assert_close(agent.anchor_mean(obs, z), anchor_before, rtol=0, atol=0)
+        # the critic reads the observation through the checkpoint's normalizer, fixed (the authors' env wrapper's)
+        expected = agent.critic(((obs - ckpt["obs_offset"]) / ckpt["obs_scale"]).flatten(1)).squeeze(-1)
+        torch.testing.assert_close(agent.get_value(obs), expected, rtol=0, atol=0)
 
 
 def test_ppo_improves_a_contextual_bandit_and_the_anchor_limits_drift(D, one_thread):
