@@ -366,12 +366,15 @@ def evaluate(envs, act: Callable, episodes: int, seed: int, stop: Callable = lam
     return {**dict(zip(("success", "return", "length", *sums), (float(v) for v in rows.mean(0)))), "episodes": rows[:, :3]}
 
 
+EPISODE_COLUMNS = ("step", "env_steps", "episode", "env_seed", "success", "return", "length")  # write_episodes' CSV
+
+
 def write_episodes(path: str, res: dict, step: int, env_steps: int, seed: int) -> None:
-    """Add one evaluation's episodes (res["episodes"] of evaluate) to the CSV `path`, atomically: columns step, env_steps,
-    episode, env_seed, success, return, length. Rows of this step or later (a resumed run redoing them) are replaced."""
-    head = "step,env_steps,episode,env_seed,success,return,length"
-    old = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2) if os.path.exists(path) else np.zeros((0, 7))
+    """Add one evaluation's episodes (res["episodes"] of evaluate) to the CSV `path` (EPISODE_COLUMNS), atomically.
+    Rows of this step or later (a resumed run redoing them) are replaced."""
+    n = len(EPISODE_COLUMNS)
+    old = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2) if os.path.exists(path) else np.zeros((0, n))
     new = [[step, env_steps, i, seed + i, *row] for i, row in enumerate(res["episodes"])]
-    rows = np.concatenate([old[old[:, 0] < step], np.array(new, dtype=np.float64).reshape(-1, 7)])
+    rows = np.concatenate([old[old[:, 0] < step], np.array(new, dtype=np.float64).reshape(-1, n)])
     with atomic(path) as tmp:
-        np.savetxt(tmp, rows, delimiter=",", header=head, comments="", fmt=["%d"] * 4 + ["%.10g"] * 3)
+        np.savetxt(tmp, rows, delimiter=",", header=",".join(EPISODE_COLUMNS), comments="", fmt=["%d"] * 4 + ["%.10g"] * 3)

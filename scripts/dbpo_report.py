@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from envs import EPISODE_COLUMNS  # noqa: E402
 from runs import atomic, check  # noqa: E402
 
 DIAGNOSTICS = (("approx. KL per update", "losses/approx_kl", ".1e"), ("clip fraction", "losses/clipfrac", ".3f"),
@@ -35,11 +36,15 @@ def read_episodes(path: str) -> dict:
         rows = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     except ValueError as e:
         check(False, f"{path} is not an eval_episodes.csv of dbpo_ppo.py ({e})")
-    check(rows.shape[1] == 7 and len(rows) > 0, f"{path}: expected the 7 columns of dbpo_ppo.py's eval_episodes.csv")
+    with open(path) as f:
+        head = f.readline().strip()
+    check(head == ",".join(EPISODE_COLUMNS) and rows.shape[1] == len(EPISODE_COLUMNS) and len(rows) > 0,
+          f"{path}: expected the columns {','.join(EPISODE_COLUMNS)} of dbpo_ppo.py's eval_episodes.csv")
+    c = {name: rows[:, i] for i, name in enumerate(EPISODE_COLUMNS)}
     out = {}
-    for step in np.unique(rows[:, 0]).astype(int):
-        r = rows[rows[:, 0] == step]
-        out[step] = (int(r[0, 1]), r[:, 5], r[:, 6], r[:, 3])
+    for step in np.unique(c["step"]).astype(int):
+        r = c["step"] == step
+        out[step] = (int(c["env_steps"][r][0]), c["return"][r], c["length"][r], c["env_seed"][r])
     first = out[min(out)][3]
     check(all(len(v[3]) == len(first) and (v[3] == first).all() for v in out.values()),
           f"{path}: the evaluations do not play the same seeded episodes (different --eval-episodes?); cannot pair them")
