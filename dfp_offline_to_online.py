@@ -7,6 +7,7 @@ Offline: drift the actor toward the data chunk (L_BC) while Q-chunking critics l
 toward the top-K of N candidates of a slow EMA policy pi_old scored by the critic, L = lambda * L_topK + L_BC, with the
 replay buffer (replay.py) seeded by the offline data. Benchmarks and evaluation: envs.py; run plumbing: runs.py.
 """
+
 import copy
 import importlib.util
 import math
@@ -176,8 +177,11 @@ class Actor(nn.Module):
 
     def noise(self, obs: torch.Tensor, generator=None) -> torch.Tensor:
         """eps ~ N(0, I) [B, n, D]: the global RNG or one CPU generator per state (evaluation); tests replace it."""
-        return (torch.randn(*obs.shape[:2], self.act_dim, device=obs.device) if generator is None else
-                torch.stack([torch.randn(obs.shape[1], self.act_dim, generator=g) for g in generator]).to(obs.device))
+        return (
+            torch.randn(*obs.shape[:2], self.act_dim, device=obs.device)
+            if generator is None
+            else torch.stack([torch.randn(obs.shape[1], self.act_dim, generator=g) for g in generator]).to(obs.device)
+        )
 
 
 class Critic(nn.Module):
@@ -188,7 +192,8 @@ class Critic(nn.Module):
         super().__init__()
         E, dims, self.gelu = num_critics, [obs_dim + act_dim] + [hidden_dim] * num_layers + [1], gelu
         self.weights = nn.ParameterList(  # W_e^T [E, in, out] (the ref code's kernels), mlp's init member by member
-            torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(E)]) for i, o in zip(dims, dims[1:]))
+            torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(E)]) for i, o in zip(dims, dims[1:])
+        )
         self.biases = nn.ParameterList(torch.zeros(E, 1, o) for o in dims[1:])
         self.norm_weights = nn.ParameterList(torch.ones(E, 1, hidden_dim) for _ in range(num_layers))
         self.norm_biases = nn.ParameterList(torch.zeros(E, 1, hidden_dim) for _ in range(num_layers))
@@ -299,13 +304,20 @@ def make_update(args, actor, critic, target_critic, ema_actor, optimizer):
     return update
 
 
-LOSS_NAMES = ("losses/critic", "losses/drift_bc", "losses/drift_topk", "stats/q_mean", "stats/drift_scale",
-              "stats/drift_bc_force_sq")  # of the BC drift (the loss is ~1 per temperature by design, not the force)
+LOSS_NAMES = (
+    "losses/critic",
+    "losses/drift_bc",
+    "losses/drift_topk",
+    "stats/q_mean",
+    "stats/drift_scale",
+    "stats/drift_bc_force_sq",
+)  # of the BC drift (the loss is ~1 per temperature by design, not the force)
 
 
 # ---- acting in evaluation: best-of-N by the critic, each episode with its own noise (envs.evaluate)
 def make_act(actor: Actor, critic: Critic, n: int, device) -> Callable:
     """act(obs [B, O], generators) for envs.evaluate: the best of n chunks by the critic, and its value (q_chosen)."""
+
     @torch.no_grad()
     def act(obs: np.ndarray, generators: list):
         o = torch.as_tensor(obs, device=device)  # [B, O]
@@ -313,54 +325,114 @@ def make_act(actor: Actor, critic: Critic, n: int, device) -> Callable:
         q = q_mean(critic, o, cand)  # [B, n]; q_chosen from here: rescoring B chunks alone rounds with B
         best, idx = drift_field.top_k(cand, q, 1)  # [B, 1, D]: the chunk the critic likes best
         return best[:, 0].cpu().numpy(), {"q_chosen": q.gather(1, idx)[:, 0].cpu().numpy()}  # [B, D], [B]
+
     return act
 
 
 # ---- the command line: every refusal is one `error:` line, exit 2, before anything is written
 RANGES = {  # requirement: (test, flags); a NaN fails every comparison, so it is refused too
-    ">= 1": (lambda v: v is None or v >= 1, ("horizon", "batch_size", "hidden_dim", "num_layers", "num_critics", "num_gen", "N",
-             "q_best_of", "act_best_of", "utd_ratio", "buffer_size", "eval_interval", "eval_episodes",
-             "log_interval", "save_interval", "shard_interval", "eval_envs")),  # eval_envs: None is its default
+    ">= 1": (
+        lambda v: v is None or v >= 1,
+        (
+            "horizon",
+            "batch_size",
+            "hidden_dim",
+            "num_layers",
+            "num_critics",
+            "num_gen",
+            "N",
+            "q_best_of",
+            "act_best_of",
+            "utd_ratio",
+            "buffer_size",
+            "eval_interval",
+            "eval_episodes",
+            "log_interval",
+            "save_interval",
+            "shard_interval",
+            "eval_envs",
+        ),
+    ),  # eval_envs: None is its default
     ">= 0": (lambda v: v >= 0, ("seed", "offline_steps", "online_steps", "start_training", "num_threads")),
     "a finite number > 0": (lambda v: 0 < v < math.inf, ("lr", "bandwidth")),
     "a finite number >= 0": (lambda v: 0 <= v < math.inf, ("alpha", "topk_weight", "bc_weight")),
     "in (0, 1]": (lambda v: 0 < v <= 1, ("discount", "tau")),
-    "in [0, 1]": (lambda v: 0 <= v <= 1, ("ema_tau",))}
+    "in [0, 1]": (lambda v: 0 <= v <= 1, ("ema_tau",)),
+}
 
 
 def rules(a: Args) -> list:
     """(ok, message) pairs for runs.parse: the RANGES, then how the flags go together."""
     plain = lambda v: v is None or (v not in ("", ".", "..") and "/" not in v and os.sep not in v)  # noqa: E731
     return runs.ranges(a, RANGES) + [
-        (a.temperatures and all(0 < t < math.inf for t in a.temperatures),
-         f"--temperatures must be finite numbers > 0, got {a.temperatures}"),
+        (
+            a.temperatures and all(0 < t < math.inf for t in a.temperatures),
+            f"--temperatures must be finite numbers > 0, got {a.temperatures}",
+        ),
         (1 <= a.K <= a.N, f"--K must be in 1..N = 1..{a.N}, got {a.K}"),
         (a.offline_steps + a.online_steps >= 1, "--offline-steps + --online-steps must be >= 1"),
-        (not a.cudagraphs or a.cuda and torch.cuda.is_available(), "--cudagraphs needs a CUDA device (and no --no-cuda); "
-                                                                    "drop the flag on CPU"),
+        (
+            not a.cudagraphs or a.cuda and torch.cuda.is_available(),
+            "--cudagraphs needs a CUDA device (and no --no-cuda); drop the flag on CPU",
+        ),
         (not (a.eval_only and a.resume), "give --eval-only --checkpoint PATH or --resume PATH, not both"),
         (not a.eval_only or a.checkpoint is not None, "--eval-only needs --checkpoint PATH"),
         (a.checkpoint is None or a.eval_only, "--checkpoint is for --eval-only; to continue a run use --resume"),
         (a.dataset_path is None or a.dataset_dir is None, "give --dataset-path or --dataset-dir, not both"),
-        (a.dataset_path is None or not os.path.isdir(os.path.expanduser(a.dataset_path)),
-         f"--dataset-path {a.dataset_path} is a folder, not a dataset file"),
-        *((plain(v), f"--{k} must be a plain folder name (no '/'), got {v!r}")
-          for k, v in (("run-name", a.run_name), ("exp-name", a.exp_name))),
-        *((not on or importlib.util.find_spec(m), f"{flag} needs {m}: pip install {m}")
-          for flag, on, m in (("--track", a.track, "wandb"), ("--capture-video", a.capture_video, "moviepy")))]
+        (
+            a.dataset_path is None or not os.path.isdir(os.path.expanduser(a.dataset_path)),
+            f"--dataset-path {a.dataset_path} is a folder, not a dataset file",
+        ),
+        *(
+            (plain(v), f"--{k} must be a plain folder name (no '/'), got {v!r}")
+            for k, v in (("run-name", a.run_name), ("exp-name", a.exp_name))
+        ),
+        *(
+            (not on or importlib.util.find_spec(m), f"{flag} needs {m}: pip install {m}")
+            for flag, on, m in (("--track", a.track, "wandb"), ("--capture-video", a.capture_video, "moviepy"))
+        ),
+    ]
 
 
 CKPT_FORMAT, CKPT_HINT = "dfp-v1", "pass the checkpoint.pt of a DFP run"
-CKPT_KEYS = ("args", "env_id", "run_name", "step", "phase", "obs_dim", "act_dim", "actor", "critic", "target_critic",
-             "ema_actor", "optimizer", "rng", "buffer_online", "shard_idx", "last_success", "eval_pending")
-EVAL_ONLY_ARGS = ("env", "task", "horizon", "hidden_dim", "num_layers", "num_critics", "exact_gelu", "act_best_of",
-                  "seed", "offline_steps")
+CKPT_KEYS = (
+    "args",
+    "env_id",
+    "run_name",
+    "step",
+    "phase",
+    "obs_dim",
+    "act_dim",
+    "actor",
+    "critic",
+    "target_critic",
+    "ema_actor",
+    "optimizer",
+    "rng",
+    "buffer_online",
+    "shard_idx",
+    "last_success",
+    "eval_pending",
+)
+EVAL_ONLY_ARGS = (
+    "env",
+    "task",
+    "horizon",
+    "hidden_dim",
+    "num_layers",
+    "num_critics",
+    "exact_gelu",
+    "act_best_of",
+    "seed",
+    "offline_steps",
+)
 
 
 # ---- the run: its state, and the steps of the loop
 @dataclass
 class Run:
     """What the loop carries from step to step; save() writes it as a dfp-v1 checkpoint."""
+
     args: Args
     env_id: str
     dir: str
@@ -428,8 +500,11 @@ def online_step(r: Run, step: int) -> None:
     r.buffer.add(r.obs, action, reward, 1.0 - terminated, float(terminated or truncated), next_obs)  # in KEYS order
     r.obs = next_obs
     if terminated or truncated:
-        for tag, v in (("episodic_return", info["episode"]["r"]), ("episodic_length", info["episode"]["l"]),
-                       ("success", float(info.get("success", 0.0)))):
+        for tag, v in (
+            ("episodic_return", info["episode"]["r"]),
+            ("episodic_length", info["episode"]["l"]),
+            ("success", float(info.get("success", 0.0))),
+        ):
             r.writer.add_scalar(f"charts/{tag}", v, step)
         (r.obs, _), r.queue = r.env.reset(), []
     for _ in range(a.utd_ratio if step - a.offline_steps >= a.start_training else 0):
@@ -440,8 +515,13 @@ def online_step(r: Run, step: int) -> None:
 def check_finite(r: Run, step: int) -> None:
     """Stop (exit 1) on a non-finite loss sum since the last log or parameter, before it is evaluated or saved."""
     finite = torch.isfinite(r.stats[:3]).tolist()  # a device sync: at log, evaluation and save time only
-    bad = LOSS_NAMES[finite.index(False)] if False in finite else runs.nonfinite(  # else a parameter: critic.weights.0
-        {k: v.state_dict() for k, v in r.modules.items() if k != "optimizer"})
+    bad = (
+        LOSS_NAMES[finite.index(False)]
+        if False in finite
+        else runs.nonfinite(  # else a parameter: critic.weights.0
+            {k: v.state_dict() for k, v in r.modules.items() if k != "optimizer"}
+        )
+    )
     runs.stop_nonfinite(bad, step, os.path.join(r.dir, "checkpoint.pt"))
 
 
@@ -453,9 +533,12 @@ def log_step(r: Run, step: int, total: int) -> None:
         r.writer.add_scalar(name, v, step)
     sps = (step - r.t0[1] + 1) / (time.time() - r.t0[0])
     r.writer.add_scalar("charts/SPS", sps, step)
-    print(f"step {step}/{total} [{'offline' if step <= r.args.offline_steps else 'online'}] SPS {sps:.1f} ETA "
-          f"{(total - step) / max(sps, 1e-9) / 60:.1f} min | critic {vals[0]:.4f} drift_bc {vals[1]:.4f} drift_topk "
-          f"{vals[2]:.4f} q {vals[3]:.2f} | success {r.last_success:.2f}", flush=True)
+    print(
+        f"step {step}/{total} [{'offline' if step <= r.args.offline_steps else 'online'}] SPS {sps:.1f} ETA "
+        f"{(total - step) / max(sps, 1e-9) / 60:.1f} min | critic {vals[0]:.4f} drift_bc {vals[1]:.4f} drift_topk "
+        f"{vals[2]:.4f} q {vals[3]:.2f} | success {r.last_success:.2f}",
+        flush=True,
+    )
     r.stats, r.n_stats = torch.zeros_like(r.stats), 0
 
 
@@ -472,8 +555,11 @@ def evaluate_and_log(r: Run, step: int) -> Optional[dict]:
     if res is None:
         print(f"evaluation at step {step} interrupted: no result", flush=True)
         return None
-    print(f"eval step {step}: success {res['success']:.3f} return {res['return']:.3f} length {res['length']:.1f} "
-          f"q {res['q_chosen']:.6f} ({a.eval_episodes} episodes, {time.time() - t:.1f} s)", flush=True)
+    print(
+        f"eval step {step}: success {res['success']:.3f} return {res['return']:.3f} length {res['length']:.1f} "
+        f"q {res['q_chosen']:.6f} ({a.eval_episodes} episodes, {time.time() - t:.1f} s)",
+        flush=True,
+    )
     r.last_success = res["success"]
     tags = {"success": "success", "episodic_return": "return", "episodic_length": "length", "q_chosen": "q_chosen"}
     for tag, k in tags.items() if r.writer is not None else ():  # --eval-only logs nothing
@@ -485,12 +571,26 @@ def save(r: Run, step: int, eval_pending: bool = False) -> str:
     """The dfp-v1 checkpoint: all a resume needs to continue exactly (eval_pending: the evaluation of `step` is due)."""
     check_finite(r, step)  # never overwrite a good checkpoint with non-finite weights
     path, a = os.path.join(r.dir, "checkpoint.pt"), r.args
-    runs.save({"format": CKPT_FORMAT, "args": asdict(a), "env_id": r.env_id, "run_name": os.path.basename(r.dir),
-               "step": step, "phase": "offline" if step <= a.offline_steps else "online", "shard_idx": r.shard_idx,
-               "obs_dim": r.env.observation_space.shape[0], "act_dim": r.env.action_space.shape[0],
-               "env_args": r.env_args, "last_success": r.last_success, "eval_pending": eval_pending,
-               **{k: v.state_dict() for k, v in r.modules.items()}, "rng": runs.rng_state(sampler=r.sampler),
-               "buffer_online": r.buffer.online_part() if r.buffer is not None else None}, path)
+    runs.save(
+        {
+            "format": CKPT_FORMAT,
+            "args": asdict(a),
+            "env_id": r.env_id,
+            "run_name": os.path.basename(r.dir),
+            "step": step,
+            "phase": "offline" if step <= a.offline_steps else "online",
+            "shard_idx": r.shard_idx,
+            "obs_dim": r.env.observation_space.shape[0],
+            "act_dim": r.env.action_space.shape[0],
+            "env_args": r.env_args,
+            "last_success": r.last_success,
+            "eval_pending": eval_pending,
+            **{k: v.state_dict() for k, v in r.modules.items()},
+            "rng": runs.rng_state(sampler=r.sampler),
+            "buffer_online": r.buffer.online_part() if r.buffer is not None else None,
+        },
+        path,
+    )
     return path
 
 
@@ -506,23 +606,31 @@ def main():
     args = runs.parse(Args, rules)
     stop = runs.Stop()  # until armed, a signal exits at once: nothing is worth saving yet
     path = args.resume or args.checkpoint  # --resume, or --eval-only --checkpoint
-    ckpt = path and runs.load_checkpoint(path, "--checkpoint" if args.eval_only else "--resume", CKPT_FORMAT,
-                                         CKPT_KEYS, CKPT_HINT)
+    ckpt = path and runs.load_checkpoint(
+        path, "--checkpoint" if args.eval_only else "--resume", CKPT_FORMAT, CKPT_KEYS, CKPT_HINT
+    )
     for k in EVAL_ONLY_ARGS if args.eval_only else ():  # the policy, env and evaluation seeds of the checkpoint
         setattr(args, k, ckpt["args"].get(k, True))  # only exact_gelu can be missing: older runs had the exact GELU
     env_id = envs.resolve_env_id(args.env, args.task, gym_ids=())  # OGBench and Robomimic
-    check(not ckpt or ckpt["env_id"] == env_id,
-          f"checkpoint was made for {ckpt and ckpt['env_id']}, not {env_id}; pass the same --env/--task")
-    check(args.dataset_dir is None or envs.family(env_id) == "ogbench",
-          "--dataset-dir is for OGBench shards; give a Robomimic file with --dataset-path")
+    check(
+        not ckpt or ckpt["env_id"] == env_id,
+        f"checkpoint was made for {ckpt and ckpt['env_id']}, not {env_id}; pass the same --env/--task",
+    )
+    check(
+        args.dataset_dir is None or envs.family(env_id) == "ogbench",
+        "--dataset-dir is for OGBench shards; give a Robomimic file with --dataset-path",
+    )
     name = ckpt["run_name"] if ckpt else args.run_name or runs.run_name(env_id, args.exp_name, args.seed)
     run_dir = runs.plan_run_dir(args.runs_dir, name, "checkpoint.pt", path, not args.eval_only or args.capture_video)
     device = runs.seed(args.seed, args.torch_deterministic, args.num_threads, args.cuda)
     sampler = torch.Generator(device=device).manual_seed(args.seed)  # chunk sampling, on the training device
     runs.check_rng_devices(ckpt["rng"] if args.resume else {}, sampler=sampler)  # a CPU run continues on the CPU only
     shards, shard_idx = envs.shard_paths(args.dataset_dir) if args.dataset_dir else [], ckpt["shard_idx"] if ckpt else 0
-    check(not shards or shard_idx < len(shards), f"the checkpoint reads shard {shard_idx} but --dataset-dir holds "
-                                                 f"{len(shards)}; pass the --dataset-dir it was trained on")
+    check(
+        not shards or shard_idx < len(shards),
+        f"the checkpoint reads shard {shard_idx} but --dataset-dir holds "
+        f"{len(shards)}; pass the --dataset-dir it was trained on",
+    )
     data_path = shards[shard_idx] if shards else args.dataset_path
     if args.eval_only:  # no data: the env (for its sizes) is rebuilt from the checkpoint
         env, data, env_args = envs.make_env(env_id, ckpt.get("env_args"), reward_shift=-1.0), None, ckpt.get("env_args")
@@ -531,31 +639,55 @@ def main():
         env, data, _, env_args = envs.load_dataset(env_id, data_path, reward_shift=-1.0, min_len=args.horizon + 1)
         data = to_tensors(data, device)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    check(not ckpt or (ckpt["obs_dim"], ckpt["act_dim"]) == (obs_dim, act_dim),
-          f"the checkpoint's observation/action sizes {ckpt and (ckpt['obs_dim'], ckpt['act_dim'])} differ from "
-          f"{env_id}'s {(obs_dim, act_dim)}; pass the env it was made for")
+    check(
+        not ckpt or (ckpt["obs_dim"], ckpt["act_dim"]) == (obs_dim, act_dim),
+        f"the checkpoint's observation/action sizes {ckpt and (ckpt['obs_dim'], ckpt['act_dim'])} differ from "
+        f"{env_id}'s {(obs_dim, act_dim)}; pass the env it was made for",
+    )
     modules = build(args, obs_dim, act_dim, device, ckpt)
     num_eval_envs = min(args.eval_envs or os.cpu_count() or 1, args.eval_episodes)
-    eval_envs = envs.make_eval_envs(env_id, num_eval_envs, args.horizon, env_args=env_args,
-                                    render=args.capture_video, reward_shift=-1.0)  # after every check: workers start
-    r = Run(args, env_id, run_dir, gym.wrappers.RecordEpisodeStatistics(env), env_args, data, shards, shard_idx,
-            modules, sampler, eval_envs, stop, torch.zeros(len(LOSS_NAMES), device=device))
+    eval_envs = envs.make_eval_envs(
+        env_id, num_eval_envs, args.horizon, env_args=env_args, render=args.capture_video, reward_shift=-1.0
+    )  # after every check: workers start
+    r = Run(
+        args,
+        env_id,
+        run_dir,
+        gym.wrappers.RecordEpisodeStatistics(env),
+        env_args,
+        data,
+        shards,
+        shard_idx,
+        modules,
+        sampler,
+        eval_envs,
+        stop,
+        torch.zeros(len(LOSS_NAMES), device=device),
+    )
     threads, total = torch.get_num_threads(), args.offline_steps + args.online_steps
 
     if args.eval_only:
-        print(f"dfp eval-only: {env_id} | checkpoint {args.checkpoint} (step {ckpt['step']}) | device {device} | "
-              f"threads {threads} | eval envs {num_eval_envs}", flush=True)
+        print(
+            f"dfp eval-only: {env_id} | checkpoint {args.checkpoint} (step {ckpt['step']}) | device {device} | "
+            f"threads {threads} | eval envs {num_eval_envs}",
+            flush=True,
+        )
         stop.armed = True  # a signal abandons the evaluation: no result
         res = evaluate_and_log(r, ckpt["step"])
         if res is None:
             runs.leave(stop.exit_code, eval_envs)
-        print(f"eval-only {env_id} step {ckpt['step']}: success {res['success']:.3f} return {res['return']:.3f} "
-              f"length {res['length']:.1f} q {res['q_chosen']:.6f} over {args.eval_episodes} episodes")
+        print(
+            f"eval-only {env_id} step {ckpt['step']}: success {res['success']:.3f} return {res['return']:.3f} "
+            f"length {res['length']:.1f} q {res['q_chosen']:.6f} over {args.eval_episodes} episodes"
+        )
         return eval_envs.close()
 
     data_name = f"{args.dataset_dir} ({len(shards)} shards)" if shards else data_path or f"the {env_id} dataset"
-    print(f"dfp: {env_id} | data {data_name}: {len(data['observations'])} transitions | device {device} | threads "
-          f"{threads} | eval envs {num_eval_envs} | run folder {run_dir} | steps {total}", flush=True)
+    print(
+        f"dfp: {env_id} | data {data_name}: {len(data['observations'])} transitions | device {device} | threads "
+        f"{threads} | eval envs {num_eval_envs} | run folder {run_dir} | steps {total}",
+        flush=True,
+    )
     start = ckpt["step"] + 1 if ckpt else 1
     r.writer = runs.tensorboard(run_dir, args, name, start, args.track and args.wandb_project_name, args.wandb_entity)
     r.update = make_update(args, *modules.values())  # (actor, critic, target_critic, ema_actor, optimizer)

@@ -35,7 +35,9 @@ def _check_samples(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str)
 
 def _check_weight(w: Optional[torch.Tensor], name: str, samples: torch.Tensor, samples_name: str) -> None:
     if w is not None and tuple(w.shape) != tuple(samples.shape[:2]):
-        raise ValueError(f"{name} must have shape {tuple(samples.shape[:2])} to match {samples_name} {tuple(samples.shape)}, got {tuple(w.shape)}")
+        raise ValueError(
+            f"{name} must have shape {tuple(samples.shape[:2])} to match {samples_name} {tuple(samples.shape)}, got {tuple(w.shape)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +199,9 @@ def top_k(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> Tuple[torch
     equal scores is unspecified (and differs between CPU and CUDA); for N ~ 16 it costs the same.
     """
     if candidates.dim() != 3 or scores.dim() != 2 or candidates.shape[:2] != scores.shape:
-        raise ValueError(f"candidates must be [B, N, D] and scores [B, N], got {tuple(candidates.shape)} and {tuple(scores.shape)}")
+        raise ValueError(
+            f"candidates must be [B, N, D] and scores [B, N], got {tuple(candidates.shape)} and {tuple(scores.shape)}"
+        )
     n = scores.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..N = 1..{n}, got k={k}")

@@ -9,6 +9,7 @@ one `error:` line (runs.fail), exit code 2. Only episode_generator imports torch
     res = envs.evaluate(envs.make_eval_envs(env_id, 4, horizon=5), act, episodes=50, seed=1001)  # success, return, ...
     envs.write_episodes("runs/x/eval_episodes.csv", res, step=0, env_steps=0, seed=1001)  # one row per episode
 """
+
 import atexit
 import functools
 import os
@@ -20,9 +21,17 @@ from typing import Callable, Optional
 import gymnasium as gym
 import numpy as np
 
-from robomimic_tasks import (ROBOMIMIC_DATA_DIR, ROBOMIMIC_OBS_KEYS, ROBOMIMIC_TASKS, ROBOMIMIC_URL,  # noqa: F401
-                             RobomimicEnv, load_robomimic, resolve_robomimic_file, robomimic_default_path,  # noqa: F401
-                             robomimic_generate_command)
+from robomimic_tasks import (
+    ROBOMIMIC_DATA_DIR,
+    ROBOMIMIC_OBS_KEYS,
+    ROBOMIMIC_TASKS,
+    ROBOMIMIC_URL,  # noqa: F401
+    RobomimicEnv,
+    load_robomimic,
+    resolve_robomimic_file,
+    robomimic_default_path,  # noqa: F401
+    robomimic_generate_command,
+)
 from runs import atomic, bounded_download, check, fail, why, worker_signals
 
 # ---- families: which benchmark an env id belongs to
@@ -36,7 +45,13 @@ MINARI_ID = r"mujoco/([a-z0-9]+)/[a-z0-9_-]+-v\d+"  # Minari's mujoco/hopper/med
 
 def family(env_id: str) -> str:
     """'robomimic', 'ogbench' or 'gym' (Minari ids too) for a resolved id; the first two are manipulation (success)."""
-    return "robomimic" if re.fullmatch(ROBOMIMIC_NAME, env_id) else "ogbench" if re.fullmatch(OGBENCH_ID, env_id) else "gym"
+    return (
+        "robomimic"
+        if re.fullmatch(ROBOMIMIC_NAME, env_id)
+        else "ogbench"
+        if re.fullmatch(OGBENCH_ID, env_id)
+        else "gym"
+    )
 
 
 def resolve_env_id(env: str, task: Optional[int] = None, gym_ids=()) -> str:
@@ -53,8 +68,10 @@ def resolve_env_id(env: str, task: Optional[int] = None, gym_ids=()) -> str:
         check(task is None, "--task only applies to cube-* names; drop it (or put the task in the full OGBench id)")
         return env.removesuffix("-low_dim")
     gyms = ", a gymnasium id like Hopper-v5" if gym_ids is None else "".join(f", {g}" for g in gym_ids)
-    fail(f"unknown env '{env}'; valid: {', '.join(f'cube-{k}-play' for k in CUBE_PLAY_EPISODES)} (or a full id like "
-         f"cube-double-play-singletask-task2-v0), Robomimic lift/can/square-mh/ph, Minari mujoco/hopper/medium-v0{gyms}")
+    fail(
+        f"unknown env '{env}'; valid: {', '.join(f'cube-{k}-play' for k in CUBE_PLAY_EPISODES)} (or a full id like "
+        f"cube-double-play-singletask-task2-v0), Robomimic lift/can/square-mh/ph, Minari mujoco/hopper/medium-v0{gyms}"
+    )
 
 
 # ---- OGBench: datasets in ~/.ogbench/data, else a bounded download, else the command that regenerates them
@@ -74,7 +91,10 @@ def generate_command(dataset_file: str) -> str:
     cmd += f" --out-dir {out_dir}" if out_dir != os.path.abspath(os.path.expanduser(OGBENCH_DATA_DIR)) else ""
     if m.group(3):
         return cmd  # expert demos stop once solved: minutes, not hours
-    steps, cores = int(CUBE_PLAY_EPISODES[m.group(1)] * 1.1) * 1001, os.cpu_count() or 1  # +10% val episodes of 1001 steps
+    steps, cores = (
+        int(CUBE_PLAY_EPISODES[m.group(1)] * 1.1) * 1001,
+        os.cpu_count() or 1,
+    )  # +10% val episodes of 1001 steps
     minutes = steps / (ORACLE_STEPS_PER_SEC * cores) / 60
     return f"{cmd}  ({steps / 1e6:.1f}M oracle steps: about {minutes:.0f} min on {cores} CPU cores, faster with more)"
 
@@ -89,26 +109,36 @@ def load_ogbench(env_id: str, dataset_path: Optional[str] = None, env=None, time
     The dataset: dataset_path (with its -val twin), else ~/.ogbench/data/<dataset>.npz, else OGBench's download (each
     connect and read bounded by `timeout` s); else one error with the command that regenerates it."""
     import ogbench
+
     if dataset_path is not None:
         path = os.path.abspath(os.path.expanduser(dataset_path))
         twin = path.replace(".npz", "-val.npz")  # ogbench's own rule for the -val twin
-        check(os.path.isfile(path) and os.path.isfile(twin), f"--dataset-path {path} or its twin "
-              f"{os.path.basename(twin)} does not exist; create both with: {generate_command(path)}")
+        check(
+            os.path.isfile(path) and os.path.isfile(twin),
+            f"--dataset-path {path} or its twin "
+            f"{os.path.basename(twin)} does not exist; create both with: {generate_command(path)}",
+        )
     else:
         path = ogbench_default_path(env_id)
         twin = path.replace(".npz", "-val.npz")
     if not (os.path.isfile(path) and os.path.isfile(twin)):  # not in the default folder (a given path was checked)
         data_dir, name = os.path.dirname(path), os.path.basename(path)[: -len(".npz")]  # cube-double-play-v0
-        with bounded_download(timeout, [path + ".tmp", twin + ".tmp"], f"{name} is not in {data_dir} and downloading it",
-                              f"regenerate it locally with: {generate_command(path)}"):
+        with bounded_download(
+            timeout,
+            [path + ".tmp", twin + ".tmp"],
+            f"{name} is not in {data_dir} and downloading it",
+            f"regenerate it locally with: {generate_command(path)}",
+        ):
             ogbench.download_datasets([name], data_dir)
     try:
         if env is None:
             return quiet_ogbench(env_id, dataset_path=path)
         return env, *ogbench.make_env_and_datasets(env_id, dataset_path=path, dataset_only=True, cur_env=env)
     except Exception as e:  # a truncated zip, a text file named .npz, a missing key, ...
-        fail(f"could not read dataset {path} ({why(e)}); it needs observations, actions, terminals, qpos, qvel (OGBench "
-             f"format) and a -val twin; regenerate it with: {generate_command(path)}")
+        fail(
+            f"could not read dataset {path} ({why(e)}); it needs observations, actions, terminals, qpos, qvel (OGBench "
+            f"format) and a -val twin; regenerate it with: {generate_command(path)}"
+        )
 
 
 def quiet_ogbench(env_id: str, **kwargs):
@@ -116,6 +146,7 @@ def quiet_ogbench(env_id: str, **kwargs):
     OGBench's action_space property builds a float64-bounded Box at each read (make, reset); read once, it becomes a
     float32 class attribute of the env's own subclass."""
     import ogbench
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r".*Box (low|high)'s precision lowered by casting to float32")
         out = ogbench.make_env_and_datasets(env_id, **kwargs)
@@ -129,7 +160,9 @@ def shard_paths(folder: str) -> list:
     check(os.path.isdir(folder), f"--dataset-dir {folder} is not a folder")
     shards = sorted(os.path.join(folder, f) for f in os.listdir(folder) if re.search(r"(?<!-val)\.npz$", f))
     for p in shards:
-        check(os.path.isfile(p.replace(".npz", "-val.npz")), f"the shard {p} has no -val twin; add it or remove the shard")
+        check(
+            os.path.isfile(p.replace(".npz", "-val.npz")), f"the shard {p} has no -val twin; add it or remove the shard"
+        )
     check(shards, f"--dataset-dir {folder} holds no *.npz shards (+ -val twins)")
     return shards
 
@@ -140,21 +173,36 @@ def load_minari(env_id: str, with_data: bool = True, timeout: float = 30.0):
     that makes it here; the spec (of the env it was recorded on) must name the id's env (mujoco/hopper/... -> Hopper-v5).
     data (with_data): D4RL's layout, observations [N, O], actions [N, A], rewards, terminals, timeouts [N] (truncations)."""
     import minari
+
     root = os.path.abspath(os.path.expanduser(os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets"))
     folder, make = os.path.join(root, env_id), f"python scripts/generate_locomotion_dataset.py --dataset-id {env_id}"
     if not os.path.isdir(os.path.join(folder, "data")):
-        with bounded_download(timeout, [os.path.join(folder, "data")], f"the Minari dataset {env_id} is not in {root} "
-                              "and downloading it", f"make it locally with: {make}"):
+        with bounded_download(
+            timeout,
+            [os.path.join(folder, "data")],
+            f"the Minari dataset {env_id} is not in {root} and downloading it",
+            f"make it locally with: {make}",
+        ):
             minari.download_dataset(env_id)
     try:
         spec, name = (dataset := minari.load_dataset(env_id)).env_spec, re.fullmatch(MINARI_ID, env_id).group(1)
-        check(spec is not None and spec.name.lower() == name, f"the Minari dataset {folder} was recorded on "
-              f"{spec and spec.id}, not on the {name} env its id names; regenerate it with: {make} --overwrite")
+        check(
+            spec is not None and spec.name.lower() == name,
+            f"the Minari dataset {folder} was recorded on "
+            f"{spec and spec.id}, not on the {name} env its id names; regenerate it with: {make} --overwrite",
+        )
         if not with_data:
             return spec, None
-        cols = [(ep.observations[:-1], ep.actions, ep.rewards, ep.terminations,  # observations [T + 1, O]: s_0 .. s_T
-                 ep.truncations | (~ep.terminations & (np.arange(len(ep.rewards)) == len(ep.rewards) - 1)))
-                for ep in dataset.iterate_episodes()]
+        cols = [
+            (
+                ep.observations[:-1],
+                ep.actions,
+                ep.rewards,
+                ep.terminations,  # observations [T + 1, O]: s_0 .. s_T
+                ep.truncations | (~ep.terminations & (np.arange(len(ep.rewards)) == len(ep.rewards) - 1)),
+            )
+            for ep in dataset.iterate_episodes()
+        ]
         return spec, {k: np.concatenate(v) for k, v in zip(D4RL_KEYS, zip(*cols))}
     except Exception as e:  # a truncated HDF5 file, damaged metadata, episodes of different layouts, ...
         fail(f"could not read the Minari dataset {folder} ({why(e)}); regenerate it with: {make} --overwrite")
@@ -165,7 +213,9 @@ minari_env_spec = functools.lru_cache(maxsize=None)(lambda env_id, root: load_mi
 
 
 # ---- datasets of every family, checked against their env
-def load_dataset(env_id: str, dataset_path: Optional[str] = None, env=None, reward_shift=0.0, min_len=1, obs_keys=ROBOMIMIC_OBS_KEYS):
+def load_dataset(
+    env_id: str, dataset_path: Optional[str] = None, env=None, reward_shift=0.0, min_len=1, obs_keys=ROBOMIMIC_OBS_KEYS
+):
     """(env, data, episode_ends [N] bool, env_args) of a resolved id, checked by check_dataset; data: observations [N, O],
     actions [N, A], and rewards, masks, terminals, next_observations (OGBench, Robomimic) or rewards, terminals, timeouts
     (D4RL's layout: a Minari id's or a .npz). env_args: how to rebuild a Robomimic env (else None). env: reuse this env."""
@@ -177,11 +227,16 @@ def load_dataset(env_id: str, dataset_path: Optional[str] = None, env=None, rewa
         env, data, _ = load_ogbench(env_id, dataset_path, env)
         ends = data["terminals"] > 0  # ogbench drops each episode's final state and marks the new last step
     elif re.fullmatch(MINARI_ID, env_id):
-        check(dataset_path is None, f"--env {env_id} is a Minari dataset (in its root, not a file): drop --dataset-path")
+        check(
+            dataset_path is None, f"--env {env_id} is a Minari dataset (in its root, not a file): drop --dataset-path"
+        )
         data = load_minari(env_id)[1]
     else:
-        check(dataset_path is not None, f"--env {env_id} is a gymnasium env: it needs --dataset-path to a D4RL-layout "
-                                        f".npz ({', '.join(D4RL_KEYS)}), or a Minari id like mujoco/hopper/medium-v0")
+        check(
+            dataset_path is not None,
+            f"--env {env_id} is a gymnasium env: it needs --dataset-path to a D4RL-layout "
+            f".npz ({', '.join(D4RL_KEYS)}), or a Minari id like mujoco/hopper/medium-v0",
+        )
         path = os.path.abspath(os.path.expanduser(dataset_path))
         check(os.path.isfile(path), f"--dataset-path {path} does not exist (or is a folder); pass a D4RL-layout .npz")
         try:
@@ -204,23 +259,32 @@ def check_dataset(data: dict, env, name: str, min_len: int = 1) -> None:
     for k, d in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if k in data or k != "next_observations":  # next_observations: where the format has them
             got = tuple(data[k].shape) if k in data else "missing"
-            check(k in data and data[k].ndim == 2 and data[k].shape[1] == d, f"dataset {name}: '{k}' must have shape "
-                  f"[N, {d}] for this env, got {got}; check --env/--task or regenerate the dataset")
+            check(
+                k in data and data[k].ndim == 2 and data[k].shape[1] == d,
+                f"dataset {name}: '{k}' must have shape "
+                f"[N, {d}] for this env, got {got}; check --env/--task or regenerate the dataset",
+            )
     lengths = {k: len(v) for k, v in data.items()}
-    check(len(set(lengths.values())) == 1, f"dataset {name}: arrays have different lengths {lengths}; one entry per step")
+    check(
+        len(set(lengths.values())) == 1, f"dataset {name}: arrays have different lengths {lengths}; one entry per step"
+    )
     n = len(data["observations"])
     check(n >= min_len, f"dataset {name} has only {n} transitions, fewer than one chunk ({min_len})")
     bad = next((k for k, v in data.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()), None)
     check(bad is None, f"dataset {name}: the dataset contains non-finite values in '{bad}'; regenerate it")
     low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
     bad = np.flatnonzero(((data["actions"] < low - 1e-4) | (data["actions"] > high + 1e-4)).any(1))
-    check(len(bad) == 0, f"dataset {name}: {len(bad)} actions lie outside the env's action bounds [{low.min():g}, "
-                         f"{high.max():g}] (the first at index {bad[:1].tolist()}); is it for this env, and unnormalized?")
+    check(
+        len(bad) == 0,
+        f"dataset {name}: {len(bad)} actions lie outside the env's action bounds [{low.min():g}, "
+        f"{high.max():g}] (the first at index {bad[:1].tolist()}); is it for this env, and unnormalized?",
+    )
 
 
 # ---- envs: one per family, the chunk wrapper, vectorized evaluation envs
-def make_env(env_id: str, env_args=None, render: bool = False, reward_shift: float = 0.0,
-             max_episode_steps: Optional[int] = None) -> gym.Env:
+def make_env(
+    env_id: str, env_args=None, render: bool = False, reward_shift: float = 0.0, max_episode_steps: Optional[int] = None
+) -> gym.Env:
     """The env of a resolved id: Robomimic's robosuite env rebuilt from env_args (reward: success + reward_shift),
     OGBench's singletask env, gymnasium's, or the one a Minari dataset was recorded on; render: RGB frames."""
     if family(env_id) == "robomimic":
@@ -231,7 +295,9 @@ def make_env(env_id: str, env_args=None, render: bool = False, reward_shift: flo
             env.unwrapped.render_mode = "rgb_array"
             env.unwrapped.metadata = {**env.unwrapped.metadata, "render_modes": ["rgb_array"], "render_fps": 20}
         return env
-    spec = minari_env_spec(env_id, os.environ.get("MINARI_DATASETS_PATH")) if re.fullmatch(MINARI_ID, env_id) else env_id
+    spec = (
+        minari_env_spec(env_id, os.environ.get("MINARI_DATASETS_PATH")) if re.fullmatch(MINARI_ID, env_id) else env_id
+    )
     try:
         return gym.make(spec, **({"render_mode": "rgb_array"} if render else {}), max_episode_steps=max_episode_steps)
     except gym.error.Error as e:
@@ -246,13 +312,22 @@ class ChunkEnv(gym.Wrapper):
 
     def __init__(self, env: gym.Env, horizon: int, obs_horizon: Optional[int] = None):
         super().__init__(env)
-        self.obs_horizon, self.act_dim, self.record, self.executed_steps = obs_horizon, env.action_space.shape[0], False, 0
+        self.obs_horizon, self.act_dim, self.record, self.executed_steps = (
+            obs_horizon,
+            env.action_space.shape[0],
+            False,
+            0,
+        )
         low, high = env.action_space.low, env.action_space.high
         if obs_horizon is None:  # [h * A]
-            self.action_space = gym.spaces.Box(np.tile(low, horizon), np.tile(high, horizon), dtype=env.action_space.dtype)
+            self.action_space = gym.spaces.Box(
+                np.tile(low, horizon), np.tile(high, horizon), dtype=env.action_space.dtype
+            )
         else:  # [h, A], and obs [To, O]
             self.action_space = gym.spaces.Box(np.stack([low] * horizon), np.stack([high] * horizon), dtype=np.float32)
-            self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_horizon, *env.observation_space.shape), np.float32)
+            self.observation_space = gym.spaces.Box(
+                -np.inf, np.inf, (obs_horizon, *env.observation_space.shape), np.float32
+            )
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -284,6 +359,7 @@ def make_eval_envs(env_id: str, num_envs: int, horizon: int, obs_horizon: Option
     """num_envs make_chunk_env() envs stepped together: in this process for 1, in worker processes for more.
     Autoreset is off: evaluate() resets each env itself, with the seed of the episode it starts."""
     from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
     fns = [functools.partial(make_chunk_env, env_id, horizon, obs_horizon, **env_kwargs)] * num_envs
     if num_envs == 1:
         return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
@@ -296,11 +372,13 @@ def make_eval_envs(env_id: str, num_envs: int, horizon: int, obs_horizon: Option
 def episode_generator(seed: int, episode: int):
     """The torch.Generator (CPU) of evaluation episode `episode`: its own noise stream, whatever else runs."""
     import torch
+
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, episode]).generate_state(1)[0]))
 
 
-def evaluate(envs, act: Callable, episodes: int, seed: int, stop: Callable = lambda: False,
-             video_path: Optional[str] = None) -> Optional[dict]:
+def evaluate(
+    envs, act: Callable, episodes: int, seed: int, stop: Callable = lambda: False, video_path: Optional[str] = None
+) -> Optional[dict]:
     """Means over `episodes` episodes on the M ChunkEnvs of `envs` (make_eval_envs): success (info['success'] at an
     episode's last step, NaN without), return, length (env steps), and each statistic act reports (averaged over an
     episode's chunks first); None if stop() became true (polled before every chunk). Episode i has env seed seed + i
@@ -359,11 +437,15 @@ def evaluate(envs, act: Callable, episodes: int, seed: int, stop: Callable = lam
         raise
     if len(frames) > 1:
         from moviepy import ImageSequenceClip
+
         os.makedirs(os.path.dirname(os.path.abspath(video_path)), exist_ok=True)
         with atomic(video_path) as tmp:
             ImageSequenceClip(frames, fps=30).write_videofile(tmp, logger=None)
     rows = np.array([results[i] for i in range(episodes)], dtype=np.float64)  # [episodes, 3 + len(sums)]
-    return {**dict(zip(("success", "return", "length", *sums), (float(v) for v in rows.mean(0)))), "episodes": rows[:, :3]}
+    return {
+        **dict(zip(("success", "return", "length", *sums), (float(v) for v in rows.mean(0)))),
+        "episodes": rows[:, :3],
+    }
 
 
 EPISODE_COLUMNS = ("step", "env_steps", "episode", "env_seed", "success", "return", "length")  # write_episodes' CSV
@@ -377,4 +459,6 @@ def write_episodes(path: str, res: dict, step: int, env_steps: int, seed: int) -
     new = [[step, env_steps, i, seed + i, *row] for i, row in enumerate(res["episodes"])]
     rows = np.concatenate([old[old[:, 0] < step], np.array(new, dtype=np.float64).reshape(-1, n)])
     with atomic(path) as tmp:
-        np.savetxt(tmp, rows, delimiter=",", header=",".join(EPISODE_COLUMNS), comments="", fmt=["%d"] * 4 + ["%.10g"] * 3)
+        np.savetxt(
+            tmp, rows, delimiter=",", header=",".join(EPISODE_COLUMNS), comments="", fmt=["%d"] * 4 + ["%.10g"] * 3
+        )

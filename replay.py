@@ -6,6 +6,7 @@ chunks for the chunked TD target is the algorithm, so it lives in the script (`s
     buffer.add(obs, action, reward, mask, terminal, next_obs)      # one env step, in KEYS order
     batch = sample_chunks(buffer.tensors, *buffer.window, gen, batch_size, h, gamma)   # in the script
 """
+
 import numpy as np
 import torch
 
@@ -31,7 +32,11 @@ class ReplayBuffer:
         key: a scalar as it is, an array through torch.as_tensor (which shares its memory): no tensor built per key."""
         for k, v in zip(KEYS, transition, strict=True):
             self.tensors[k][self.ptr] = torch.as_tensor(v) if isinstance(v, (np.ndarray, list)) else float(v)
-        self.ptr, self.size, self.num_added = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity), self.num_added + 1
+        self.ptr, self.size, self.num_added = (
+            (self.ptr + 1) % self.capacity,
+            min(self.size + 1, self.capacity),
+            self.num_added + 1,
+        )
 
     def extend(self, part: dict):
         """Transitions [n, ...] in order: one copy per key (a checkpoint's online part on resume)."""
@@ -39,7 +44,11 @@ class ReplayBuffer:
         idx = (self.ptr + torch.arange(n)) % self.capacity
         for k in KEYS:
             self.tensors[k][idx.to(self.tensors[k].device)] = part[k].to(self.tensors[k].device)
-        self.ptr, self.size, self.num_added = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity), self.num_added + n
+        self.ptr, self.size, self.num_added = (
+            (self.ptr + n) % self.capacity,
+            min(self.size + n, self.capacity),
+            self.num_added + n,
+        )
 
     def online_part(self) -> dict:
         """The last online transitions in insertion order, on the CPU (what a checkpoint stores)."""

@@ -16,6 +16,7 @@ RNG states) and their checks, the non-finite stop, the printed resume command. N
 torch is imported inside the functions that use it: the dataset generators import this module without paying for
 torch in each of their worker processes.
 """
+
 import contextlib
 import io
 import itertools
@@ -76,14 +77,19 @@ def tyro_error(text: str) -> str:
     """The message inside tyro's error box, on one line: the rows between its title and the first rule."""
     rows = [line.strip(" │|") for line in text.splitlines() if line.strip()][1:]  # below the title
     rule = lambda row: re.fullmatch(r"[─\-+╰╯]*", row)  # noqa: E731  (boxed or plain, as the output allows)
-    return " ".join(itertools.takewhile(lambda r: not rule(r), itertools.dropwhile(rule, rows))).rstrip(".") or " ".join(text.split())
+    return " ".join(itertools.takewhile(lambda r: not rule(r), itertools.dropwhile(rule, rows))).rstrip(
+        "."
+    ) or " ".join(text.split())
 
 
 def ranges(args, table: dict) -> list:
     """Rules for parse() from a table {requirement: (test, flag names)}: `--flag must be <requirement>, got <value>`
     for every flag whose value fails its test (a NaN fails every comparison, so it is refused too)."""
-    return [(test(getattr(args, k)), f"--{k.replace('_', '-')} must be {req}, got {getattr(args, k)}")
-            for req, (test, flags) in table.items() for k in flags]
+    return [
+        (test(getattr(args, k)), f"--{k.replace('_', '-')} must be {req}, got {getattr(args, k)}")
+        for req, (test, flags) in table.items()
+        for k in flags
+    ]
 
 
 # ---- the run folder: <runs_dir>/<run name>, or the folder of the checkpoint a run continues
@@ -97,8 +103,10 @@ def check_creatable(folder: str, what: str) -> None:
     p = os.path.abspath(folder)
     while not os.path.exists(p):
         p = os.path.dirname(p)
-    check(os.path.isdir(p) and os.access(p, os.W_OK | os.X_OK),
-          f"cannot create {what} {folder}: {p} is {'not writable' if os.path.isdir(p) else 'a file'}; pick another place")
+    check(
+        os.path.isdir(p) and os.access(p, os.W_OK | os.X_OK),
+        f"cannot create {what} {folder}: {p} is {'not writable' if os.path.isdir(p) else 'a file'}; pick another place",
+    )
 
 
 def plan_run_dir(runs_dir: str, name: str, ckpt_file: str, resume: Optional[str] = None, writable: bool = True) -> str:
@@ -107,15 +115,19 @@ def plan_run_dir(runs_dir: str, name: str, ckpt_file: str, resume: Optional[str]
     already holds ckpt_file (a run: the message names the --resume that continues it) or cannot be created."""
     if resume is not None:
         run_dir = os.path.dirname(os.path.abspath(resume))
-        check(not writable or os.access(run_dir, os.W_OK | os.X_OK),
-              f"the run folder {run_dir} of {resume} is not writable; copy the run folder somewhere writable")
+        check(
+            not writable or os.access(run_dir, os.W_OK | os.X_OK),
+            f"the run folder {run_dir} of {resume} is not writable; copy the run folder somewhere writable",
+        )
         return run_dir
     check(not os.path.isfile(runs_dir), f"--runs-dir {runs_dir} is a file, not a folder; pass another --runs-dir")
     run_dir = os.path.join(runs_dir, name)
     check(not os.path.isfile(run_dir), f"the run folder {run_dir} is a file; pass another --run-name")
     ckpt = os.path.join(run_dir, ckpt_file)
-    check(not os.path.exists(ckpt), f"the run folder {run_dir} already holds a run; pass another --run-name, "
-                                    f"or continue it with --resume {ckpt}")
+    check(
+        not os.path.exists(ckpt),
+        f"the run folder {run_dir} already holds a run; pass another --run-name, or continue it with --resume {ckpt}",
+    )
     check_creatable(run_dir, "the run folder")
     return run_dir
 
@@ -148,8 +160,14 @@ def seed(seed: int, deterministic: bool = True, threads: int = 0, cuda: bool = T
     return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
 
 
-def tensorboard(run_dir: str, args, name: str, start: int = 1, wandb_project: Optional[str] = None,
-                wandb_entity: Optional[str] = None):
+def tensorboard(
+    run_dir: str,
+    args,
+    name: str,
+    start: int = 1,
+    wandb_project: Optional[str] = None,
+    wandb_entity: Optional[str] = None,
+):
     """The run's SummaryWriter in run_dir (created here), writing from step `start` on: a resumed run drops what the
     interrupted process logged after its checkpoint, so no step is written twice; a fresh one (start 1) gets the
     hyperparameter table. wandb_project: the run is tracked with wandb too (imported lazily, synced from tensorboard,
@@ -158,13 +176,23 @@ def tensorboard(run_dir: str, args, name: str, start: int = 1, wandb_project: Op
     if wandb_project:
         import wandb
 
-        wandb.init(project=wandb_project, entity=wandb_entity, sync_tensorboard=True, config=vars(args), name=name,
-                   save_code=True, resume="allow", id=name[-40:])
+        wandb.init(
+            project=wandb_project,
+            entity=wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=name,
+            save_code=True,
+            resume="allow",
+            id=name[-40:],
+        )
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(run_dir, purge_step=start)
     if start == 1:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
     return writer
 
 
@@ -180,8 +208,9 @@ class CudaGraphUpdate:
     def __call__(self, batch: dict, **kw):
         import torch
 
-        p = self.graphs.setdefault(tuple(sorted(kw.items())), {"calls": 0, "inputs": {k: torch.empty_like(v)
-                                                                                      for k, v in batch.items()}})
+        p = self.graphs.setdefault(
+            tuple(sorted(kw.items())), {"calls": 0, "inputs": {k: torch.empty_like(v) for k, v in batch.items()}}
+        )
         for k, v in batch.items():
             p["inputs"][k].copy_(v)  # the graph reads its inputs from these fixed addresses
         p["calls"] += 1
@@ -261,8 +290,15 @@ def leave(code: int, *resources, track: bool = False):
 def interrupted(step: int, saved: Optional[str], code: int, *resources, track: bool = False):
     """After a signal: print `interrupted at step N; checkpoint saved to PATH; continue with:` and the resume command
     (saved: the checkpoint just written; None: nothing was saved), then leave(code, *resources, track=track)."""
-    print(f"interrupted at step {step}; " + (f"checkpoint saved to {saved}; continue with:\n  {resume_command(saved)}"
-                                            if saved else "no checkpoint (--no-save-model)"), flush=True)
+    print(
+        f"interrupted at step {step}; "
+        + (
+            f"checkpoint saved to {saved}; continue with:\n  {resume_command(saved)}"
+            if saved
+            else "no checkpoint (--no-save-model)"
+        ),
+        flush=True,
+    )
     leave(code, *resources, track=track)
 
 
@@ -346,9 +382,14 @@ def rng_state(**generators) -> dict:
     import torch
 
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda, **{k: g.get_state() for k, g in generators.items()},
-            "devices": {k: g.device.type for k, g in generators.items()}}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        **{k: g.get_state() for k, g in generators.items()},
+        "devices": {k: g.device.type for k, g in generators.items()},
+    }
 
 
 def check_rng_devices(state: dict, **generators) -> None:
@@ -364,8 +405,11 @@ def check_rng_devices(state: dict, **generators) -> None:
             fits = made_on in (None, g.device.type)
         except RuntimeError:  # a state of another size: another device type's
             fits = False
-        check(fits, f"the checkpoint's {k} was made on {made_on or 'another device type'}, this run is on "
-                    f"{g.device.type}; resume on the same device type (with or without --no-cuda as it was made)")
+        check(
+            fits,
+            f"the checkpoint's {k} was made on {made_on or 'another device type'}, this run is on "
+            f"{g.device.type}; resume on the same device type (with or without --no-cuda as it was made)",
+        )
 
 
 def set_rng_state(state: dict, **generators) -> None:
@@ -409,8 +453,11 @@ def stop_nonfinite(bad: Optional[str], step: int, ckpt_path: str, hint: str = "T
     `error:` line naming it and the last good checkpoint, which stays as it is (nothing non-finite is saved)."""
     if bad is not None:
         kept = f"the last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint was written"
-        print(f"error: {bad} became non-finite by step {step}; stopping ({kept}). {hint} (with --resume to continue "
-              "from the checkpoint).", file=sys.stderr)
+        print(
+            f"error: {bad} became non-finite by step {step}; stopping ({kept}). {hint} (with --resume to continue "
+            "from the checkpoint).",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

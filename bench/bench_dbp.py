@@ -108,19 +108,35 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.num_threads)
     device = torch.device(args.device)
-    stats = {"obs_offset": torch.zeros(args.obs_dim), "obs_scale": torch.ones(args.obs_dim),
-             "action_offset": torch.zeros(args.action_dim), "action_scale": torch.ones(args.action_dim)}
-    common = dict(obs_dim=args.obs_dim, action_dim=args.action_dim, obs_horizon=args.obs_horizon, pred_horizon=args.pred_horizon)
-    configs = [("mlp", dict(hidden_dim=args.hidden_dim, depth=args.depth)), ("unet", dict(down_dims=list(args.unet_dims)))]
+    stats = {
+        "obs_offset": torch.zeros(args.obs_dim),
+        "obs_scale": torch.ones(args.obs_dim),
+        "action_offset": torch.zeros(args.action_dim),
+        "action_scale": torch.ones(args.action_dim),
+    }
+    common = dict(
+        obs_dim=args.obs_dim, action_dim=args.action_dim, obs_horizon=args.obs_horizon, pred_horizon=args.pred_horizon
+    )
+    configs = [
+        ("mlp", dict(hidden_dim=args.hidden_dim, depth=args.depth)),
+        ("unet", dict(down_dims=list(args.unet_dims))),
+    ]
     if args.extra_unet_dims:
         configs.append(("unet", dict(down_dims=list(args.extra_unet_dims))))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device}, {args.num_threads} thread(s), load average {load:.2f}, torch {torch.__version__}")
-    print(f"{'backbone':<28} {'params':>10} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'chunks/s':>9} "
-          f"{'train ms':>9} (batch {args.batch_size})")
+    print(
+        f"{'backbone':<28} {'params':>10} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'chunks/s':>9} "
+        f"{'train ms':>9} (batch {args.batch_size})"
+    )
     here = os.path.relpath(os.path.abspath(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    results = {"command": "python " + shlex.join([here] + sys.argv[1:]),
-               "device": str(device), "machine": machine.info(device.type), "batch_size": args.batch_size, "rows": []}
+    results = {
+        "command": "python " + shlex.join([here] + sys.argv[1:]),
+        "device": str(device),
+        "machine": machine.info(device.type),
+        "batch_size": args.batch_size,
+        "rows": [],
+    }
     for backbone, kw in configs:
         gen = dbp_bc.make_generator(backbone, **common, **kw).to(device).eval()
         policy = dbp_bc.Policy(gen, stats, -torch.ones(args.action_dim), torch.ones(args.action_dim)).to(device)
@@ -129,7 +145,15 @@ if __name__ == "__main__":
         params = sum(p.numel() for p in gen.parameters())
         train_ms = time_train_step(gen.train(), args, device) if args.train_iters > 0 else float("nan")
         print(f"{name:<28} {params:>10} {med:>10.3f} {p10:>8.3f} {p90:>8.3f} {1e3 / med:>9.0f} {train_ms:>9.2f}")
-        results["rows"].append({"backbone": name, "params": params, "act_ms_median": med, "act_ms_p10": p10,
-                                "act_ms_p90": p90, "train_ms_per_step": train_ms})
+        results["rows"].append(
+            {
+                "backbone": name,
+                "params": params,
+                "act_ms_median": med,
+                "act_ms_p10": p10,
+                "act_ms_p90": p90,
+                "train_ms_per_step": train_ms,
+            }
+        )
         if args.out:
             machine.save_json(results, args.out)

@@ -78,20 +78,39 @@ def fresh_checkpoint(env_id: str, path: str, backbone="mlp", unet_dims=(512, 102
     import dbpo_ppo
     import envs
 
-    env = envs.make_chunk_env(envs.resolve_env_id(env_id, gym_ids=envs.LOCOMOTION_ENVS), 8, 2)  # obs [2, O], chunk [8, A]
+    env = envs.make_chunk_env(
+        envs.resolve_env_id(env_id, gym_ids=envs.LOCOMOTION_ENVS), 8, 2
+    )  # obs [2, O], chunk [8, A]
     obs_dim, act_dim = env.observation_space.shape[-1], env.action_space.shape[-1]
     low, high = env.unwrapped.action_space.low, env.unwrapped.action_space.high
     env.close()
     sizes = dict(hidden_dim=hidden_dim, depth=depth) if backbone == "mlp" else dict(down_dims=list(unet_dims))
     kwargs = dict(obs_dim=obs_dim, action_dim=act_dim, obs_horizon=2, pred_horizon=16, **sizes)
     generator = dbpo_ppo.make_generator(backbone, **kwargs)
-    torch.save({"format": "dbp-v1", "args": {}, "env_id": env_id, "obs_dim": obs_dim, "action_dim": act_dim,
-                "obs_horizon": 2, "pred_horizon": 16, "action_horizon": 8, "backbone": backbone,
-                "generator_kwargs": kwargs,
-                "loss": "drift", "model": generator.state_dict(), "step": 0,
-                "obs_offset": torch.zeros(obs_dim), "obs_scale": torch.ones(obs_dim),
-                "action_offset": torch.zeros(act_dim), "action_scale": torch.ones(act_dim),
-                "action_low": torch.as_tensor(low, dtype=torch.float32), "action_high": torch.as_tensor(high, dtype=torch.float32)}, path)
+    torch.save(
+        {
+            "format": "dbp-v1",
+            "args": {},
+            "env_id": env_id,
+            "obs_dim": obs_dim,
+            "action_dim": act_dim,
+            "obs_horizon": 2,
+            "pred_horizon": 16,
+            "action_horizon": 8,
+            "backbone": backbone,
+            "generator_kwargs": kwargs,
+            "loss": "drift",
+            "model": generator.state_dict(),
+            "step": 0,
+            "obs_offset": torch.zeros(obs_dim),
+            "obs_scale": torch.ones(obs_dim),
+            "action_offset": torch.zeros(act_dim),
+            "action_scale": torch.ones(act_dim),
+            "action_low": torch.as_tensor(low, dtype=torch.float32),
+            "action_high": torch.as_tensor(high, dtype=torch.float32),
+        },
+        path,
+    )
 
 
 def time_update(args: Args, checkpoint: str, device) -> dict:
@@ -99,8 +118,13 @@ def time_update(args: Args, checkpoint: str, device) -> dict:
     import dbpo_ppo
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    a = dbpo_ppo.Args(checkpoint=checkpoint, update_epochs=args.update_epochs, minibatch_size=args.minibatch_size,
-                      target_kl=None, critic_warmup_iters=0)  # every epoch runs; the actor is updated too
+    a = dbpo_ppo.Args(
+        checkpoint=checkpoint,
+        update_epochs=args.update_epochs,
+        minibatch_size=args.minibatch_size,
+        target_kl=None,
+        critic_warmup_iters=0,
+    )  # every epoch runs; the actor is updated too
     agent, optimizers = dbpo_ppo.build_agent(ckpt, None, a, device)[:2]
     n, To, O = args.decisions, ckpt["obs_horizon"], ckpt["obs_dim"]
     obs = torch.randn(n, To, O, device=device)  # [n, To, O]
@@ -117,20 +141,31 @@ def time_update(args: Args, checkpoint: str, device) -> dict:
         stats = dbpo_ppo.ppo_update(agent, optimizers, batch, 1, a, stop)  # returns host floats: synced
         best = min(best, time.perf_counter() - t0)
     params = sum(p.numel() for p in agent.generator.parameters())
-    return {"backbone": ckpt["backbone"], "generator_params": params, "decisions": n,
-            "epochs": stats["update_epochs_done"], "minibatches": stats["minibatches_done"],
-            "ms_per_update": best * 1e3,
-            "decisions_per_s": n * stats["update_epochs_done"] / best,
-            "env_steps_per_s": n * ckpt["action_horizon"] / best}  # the script's "update SPS": Ta env steps a decision
+    return {
+        "backbone": ckpt["backbone"],
+        "generator_params": params,
+        "decisions": n,
+        "epochs": stats["update_epochs_done"],
+        "minibatches": stats["minibatches_done"],
+        "ms_per_update": best * 1e3,
+        "decisions_per_s": n * stats["update_epochs_done"] / best,
+        "env_steps_per_s": n * ckpt["action_horizon"] / best,
+    }  # the script's "update SPS": Ta env steps a decision
 
 
 def update_only(args: Args) -> None:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     here = os.path.relpath(os.path.abspath(__file__), ROOT)
-    results = {"command": "python " + shlex.join([here] + sys.argv[1:]), "device": str(device),
-               "machine": machine.info(device.type), "rows": []}
-    print(f"ppo_update on {args.decisions} decisions, {args.update_epochs} epochs, minibatch {args.minibatch_size}, "
-          f"device {device}, {torch.get_num_threads()} thread(s)")
+    results = {
+        "command": "python " + shlex.join([here] + sys.argv[1:]),
+        "device": str(device),
+        "machine": machine.info(device.type),
+        "rows": [],
+    }
+    print(
+        f"ppo_update on {args.decisions} decisions, {args.update_epochs} epochs, minibatch {args.minibatch_size}, "
+        f"device {device}, {torch.get_num_threads()} thread(s)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         paths = [args.checkpoint] if args.checkpoint else []
         for b in () if args.checkpoint else args.backbones:
@@ -147,9 +182,12 @@ def update_only(args: Args) -> None:
                     torch.cuda.empty_cache()
                 continue
             results["rows"].append(row)
-            print(f"{row['backbone']:<5} {row['generator_params']:>10} params | {row['ms_per_update']:9.1f} ms per "
-                  f"update ({row['epochs']} epochs x {row['minibatches'] // row['epochs']} minibatches) | "
-                  f"{row['decisions_per_s']:.0f} decisions/s | {row['env_steps_per_s']:.0f} env steps/s", flush=True)
+            print(
+                f"{row['backbone']:<5} {row['generator_params']:>10} params | {row['ms_per_update']:9.1f} ms per "
+                f"update ({row['epochs']} epochs x {row['minibatches'] // row['epochs']} minibatches) | "
+                f"{row['decisions_per_s']:.0f} decisions/s | {row['env_steps_per_s']:.0f} env steps/s",
+                flush=True,
+            )
             if args.out:
                 machine.save_json(results, args.out)
     if args.out:
@@ -169,20 +207,50 @@ if __name__ == "__main__":
         if checkpoint is None:
             checkpoint = os.path.join(tmp, "fresh.pt")
             fresh_checkpoint(args.env_id, checkpoint)
-        cmd = [sys.executable, os.path.join(ROOT, "dbpo_ppo.py"), "--checkpoint", checkpoint, "--env-id", args.env_id,
-               "--num-iterations", str(args.iterations + 1), "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps),
-               "--update-epochs", str(args.update_epochs), "--minibatch-size", str(args.minibatch_size),
-               "--num-threads", str(args.num_threads), "--critic-warmup-iters", "0", "--target-kl", "None",
-               # iteration 0 is an evaluation (as the authors count); one 1-episode evaluation, no checkpoint
-               "--eval-interval", str(args.iterations + 1), "--eval-episodes", "1", "--eval-envs", "1",
-               "--no-save-model", "--cuda" if args.cuda else "--no-cuda"]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "dbpo_ppo.py"),
+            "--checkpoint",
+            checkpoint,
+            "--env-id",
+            args.env_id,
+            "--num-iterations",
+            str(args.iterations + 1),
+            "--num-envs",
+            str(args.num_envs),
+            "--num-steps",
+            str(args.num_steps),
+            "--update-epochs",
+            str(args.update_epochs),
+            "--minibatch-size",
+            str(args.minibatch_size),
+            "--num-threads",
+            str(args.num_threads),
+            "--critic-warmup-iters",
+            "0",
+            "--target-kl",
+            "None",
+            # iteration 0 is an evaluation (as the authors count); one 1-episode evaluation, no checkpoint
+            "--eval-interval",
+            str(args.iterations + 1),
+            "--eval-episodes",
+            "1",
+            "--eval-envs",
+            "1",
+            "--no-save-model",
+            "--cuda" if args.cuda else "--no-cuda",
+        ]
         env = dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
         if proc.returncode != 0:
             raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
-    timing = re.search(r"timing: rollout ([\d.]+) env steps/s, update ([\d.]+) env steps/s \((\d+) env steps", proc.stdout)
+    timing = re.search(
+        r"timing: rollout ([\d.]+) env steps/s, update ([\d.]+) env steps/s \((\d+) env steps", proc.stdout
+    )
     device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
-    print(f"{args.env_id} | {args.num_envs} envs x {args.num_steps} decisions x {args.iterations} iterations "
-          f"({timing.group(3)} env steps) | {args.update_epochs} epochs | device {device}, {args.num_threads} thread(s)")
+    print(
+        f"{args.env_id} | {args.num_envs} envs x {args.num_steps} decisions x {args.iterations} iterations "
+        f"({timing.group(3)} env steps) | {args.update_epochs} epochs | device {device}, {args.num_threads} thread(s)"
+    )
     print(f"rollout: {float(timing.group(1)):.0f} env steps/s | update: {float(timing.group(2)):.0f} env steps/s")
     print(f"load average: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} CPUs")

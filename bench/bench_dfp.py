@@ -22,6 +22,7 @@ Needs only torch and numpy (gymnasium/ogbench only for the optional evaluation r
 and on what else runs on it: pass --label to say what the machine was. The JSON (with the GPU's name and the versions)
 is rewritten after every row, so a run stopped by a timeout keeps the rows it measured.
 """
+
 import argparse
 import os
 import shlex
@@ -52,8 +53,11 @@ def parse():
     p.add_argument("--updates", type=int, default=8, help="timed updates per block, phase and mode (after warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks per measurement; the best one counts")
     p.add_argument("--actions", type=int, default=50, help="timed action selections per acting mode")
-    p.add_argument("--no-compile", action="store_true", help="skip the --compile rows, with and without --cudagraphs "
-                   "(compiling takes minutes)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the --compile rows, with and without --cudagraphs (compiling takes minutes)",
+    )
     p.add_argument("--eval-episodes", type=int, default=50, help="episodes of the evaluation-time row (0: skip)")
     p.add_argument("--eval-envs", type=int, default=2, help="envs (worker processes) of the vectorized evaluation")
     p.add_argument("--online-step-only", action="store_true", help="only the whole-online-step rows")
@@ -119,40 +123,71 @@ def main():
 
     dev = torch.device(b.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    modes = [m for m in ("eager", "compile", "cudagraphs", "compile+cudagraphs")
-             if not (b.no_compile and "compile" in m) and (dev.type == "cuda" or "cudagraphs" not in m)]
+    modes = [
+        m
+        for m in ("eager", "compile", "cudagraphs", "compile+cudagraphs")
+        if not (b.no_compile and "compile" in m) and (dev.type == "cuda" or "cudagraphs" not in m)
+    ]
     O, D = b.obs_dim, b.act_dim * b.horizon
     load = os.getloadavg()
-    print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}, obs {O}, chunk {b.horizon}x{b.act_dim}, batch "
-          f"{b.batch_size}, load average {load[0]:.2f} {b.label}", flush=True)
-    results = {"command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]), "label": b.label,
-               "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "load_average_start": load, "machine": machine.info(dev.type), "training": [], "acting": [],
-               "online_step": [], "evaluation": None}
+    print(
+        f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), threads "
+        f"{torch.get_num_threads()}, torch {torch.__version__}, obs {O}, chunk {b.horizon}x{b.act_dim}, batch "
+        f"{b.batch_size}, load average {load[0]:.2f} {b.label}",
+        flush=True,
+    )
+    results = {
+        "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "label": b.label,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_start": load,
+        "machine": machine.info(dev.type),
+        "training": [],
+        "acting": [],
+        "online_step": [],
+        "evaluation": None,
+    }
     out = b.out or os.path.join(ROOT, "bench", "results", f"dfp_{dev.type}.json")
 
     g = torch.Generator().manual_seed(0)
     n = 10_000
-    data = dfp.to_tensors({
-        "observations": torch.randn(n, O, generator=g), "next_observations": torch.randn(n, O, generator=g),
-        "actions": torch.rand(n, b.act_dim, generator=g) * 2 - 1, "rewards": -torch.ones(n), "masks": torch.ones(n),
-        "terminals": (torch.arange(n) % 1000 == 999).float()}, dev)
+    data = dfp.to_tensors(
+        {
+            "observations": torch.randn(n, O, generator=g),
+            "next_observations": torch.randn(n, O, generator=g),
+            "actions": torch.rand(n, b.act_dim, generator=g) * 2 - 1,
+            "rewards": -torch.ones(n),
+            "masks": torch.ones(n),
+            "terminals": (torch.arange(n) % 1000 == 999).float(),
+        },
+        dev,
+    )
     if not b.online_step_only:
-        print(f"{'net':<6} {'phase':<8} {'mode':<19} {'updates/s':>9} {'ms/update':>9} {'limit ms':>8} {'ratio':>6}"
-              f"   (compile s)", flush=True)
+        print(
+            f"{'net':<6} {'phase':<8} {'mode':<19} {'updates/s':>9} {'ms/update':>9} {'limit ms':>8} {'ratio':>6}"
+            f"   (compile s)",
+            flush=True,
+        )
     for H in b.hidden_dims if not b.online_step_only else ():
         args = dfp.Args(horizon=b.horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size)
         net = f"{b.num_layers}x{H}"
         actor_dims, critic_dims = [O + D] + [H] * b.num_layers + [D], [O + D] + [H] * b.num_layers + [1]
         E, B, G, N, Q = args.num_critics, b.batch_size, args.num_gen, args.N, args.q_best_of
         # the limit: the update's matrix products alone (shapes in the module docstring)
-        offline = [gemm_chain(actor_dims, 1, B * G, True, dev), gemm_chain(critic_dims, E, B, True, dev),
-                   gemm_chain(actor_dims, 1, B * Q, False, dev), gemm_chain(critic_dims, E, B * Q, False, dev),
-                   gemm_chain(critic_dims, E, B, False, dev)]
+        offline = [
+            gemm_chain(actor_dims, 1, B * G, True, dev),
+            gemm_chain(critic_dims, E, B, True, dev),
+            gemm_chain(actor_dims, 1, B * Q, False, dev),
+            gemm_chain(critic_dims, E, B * Q, False, dev),
+            gemm_chain(critic_dims, E, B, False, dev),
+        ]
         online = offline + [gemm_chain(actor_dims, 1, B * N, False, dev), gemm_chain(critic_dims, E, B * N, False, dev)]
-        limits = {phase: lambda chain=chain: [f() for f in chain] for phase, chain in (("offline", offline),
-                                                                                     ("online", online))}
+        limits = {
+            phase: lambda chain=chain: [f() for f in chain]
+            for phase, chain in (("offline", offline), ("online", online))
+        }
         for run_limit in limits.values():
             run_limit()  # warm-up
 
@@ -161,8 +196,9 @@ def main():
             actor, ema = dfp.Actor(O, D, H, b.num_layers).to(dev), dfp.Actor(O, D, H, b.num_layers).to(dev)
             critic = dfp.Critic(O, D, H, b.num_layers, E).to(dev)
             target = dfp.Critic(O, D, H, b.num_layers, E).to(dev)
-            opt = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=args.lr,
-                                   capturable="cudagraphs" in mode)
+            opt = torch.optim.Adam(
+                [*actor.parameters(), *critic.parameters()], lr=args.lr, capturable="cudagraphs" in mode
+            )
             update = dfp.make_update(args, actor, critic, target, ema, opt)  # exactly the script's wrapping
             if "compile" in mode:
                 update = torch.compile(update)
@@ -170,8 +206,10 @@ def main():
                 update = runs.CudaGraphUpdate(update)
             sampler = torch.Generator(device=dev).manual_seed(0)
             for phase in ("offline", "online"):
-                step = lambda: update(dfp.sample_chunks(data, 0, n, n, sampler, B, b.horizon, args.discount),  # noqa
-                                      online=phase == "online")
+                step = lambda: update(
+                    dfp.sample_chunks(data, 0, n, n, sampler, B, b.horizon, args.discount),  # noqa
+                    online=phase == "online",
+                )
                 try:  # a mode that fails (a capture, a compile) is a row with its error; the others still run
                     t = time.perf_counter()
                     for _ in range(4):  # warm-up (compiles, captures the graph)
@@ -184,14 +222,24 @@ def main():
                     machine.save_json(results, out)
                     print(f"{net:<6} {phase:<8} {mode:<19} error: {runs.why(e)}", flush=True)
                     continue
-                row = {"net": net, "phase": phase, "mode": mode, "updates_per_s": 1 / dt, "ms_per_update": dt * 1e3,
-                       "limit_ms": limit * 1e3, "ratio": dt / limit}
+                row = {
+                    "net": net,
+                    "phase": phase,
+                    "mode": mode,
+                    "updates_per_s": 1 / dt,
+                    "ms_per_update": dt * 1e3,
+                    "limit_ms": limit * 1e3,
+                    "ratio": dt / limit,
+                }
                 if "compile" in mode:
                     row["warmup_s"] = warm
                 results["training"].append(row)
                 machine.save_json(results, out)
-                print(f"{net:<6} {phase:<8} {mode:<19} {1 / dt:9.1f} {dt * 1e3:9.2f} {limit * 1e3:8.2f} "
-                      f"{dt / limit:6.2f}" + (f"   ({warm:.0f})" if "compile" in mode else ""), flush=True)
+                print(
+                    f"{net:<6} {phase:<8} {mode:<19} {1 / dt:9.1f} {dt * 1e3:9.2f} {limit * 1e3:8.2f} "
+                    f"{dt / limit:6.2f}" + (f"   ({warm:.0f})" if "compile" in mode else ""),
+                    flush=True,
+                )
             torch._dynamo.reset()
 
         # acting at batch 1: 1 NFE (and best-of-16 by the critic) vs 10 / 100 sequential NFEs of the same network
@@ -204,9 +252,12 @@ def main():
                 x = x + actor.net(torch.cat([obs, x], -1)) / steps
             return x
 
-        samplers = {"1 sample (1 NFE)": lambda: dfp.best_of_n(actor, critic, obs, 1),
-                    "best-of-16 (1 NFE + critic)": lambda: dfp.best_of_n(actor, critic, obs, 16),
-                    "flow, 10 NFE": lambda: euler(10), "diffusion, 100 NFE": lambda: euler(100)}
+        samplers = {
+            "1 sample (1 NFE)": lambda: dfp.best_of_n(actor, critic, obs, 1),
+            "best-of-16 (1 NFE + critic)": lambda: dfp.best_of_n(actor, critic, obs, 16),
+            "flow, 10 NFE": lambda: euler(10),
+            "diffusion, 100 NFE": lambda: euler(100),
+        }
         for name, fn in samplers.items():
             fn().cpu()
             dt = best_time(lambda: fn().cpu(), b.actions, b.repeats, sync)  # the chunk comes back to the host
@@ -214,15 +265,21 @@ def main():
             machine.save_json(results, out)
             print(f"{net:<6} act batch 1: {name:<28} {dt * 1e3:8.3f} ms per chunk", flush=True)
 
-    print(f"{'net':<6} {'threads':>7} {'offline ms':>10} {'online ms before':>16} {'ratio':>6} {'online ms':>9} "
-          f"{'ratio':>6}   (whole online step / offline step)", flush=True)
+    print(
+        f"{'net':<6} {'threads':>7} {'offline ms':>10} {'online ms before':>16} {'ratio':>6} {'online ms':>9} "
+        f"{'ratio':>6}   (whole online step / offline step)",
+        flush=True,
+    )
     for H in b.hidden_dims:
         for threads in dict.fromkeys([default_threads, 1]):
             row = online_step_row(dfp, b, dev, data, H, threads)
             results["online_step"].append(row)
             machine.save_json(results, out)
-            print(f"{row['net']:<6} {threads:>7} {row['offline_ms']:10.2f} {row['online_ms_before']:16.2f} "
-                  f"{row['ratio_before']:6.3f} {row['online_ms']:9.2f} {row['ratio']:6.3f}", flush=True)
+            print(
+                f"{row['net']:<6} {threads:>7} {row['offline_ms']:10.2f} {row['online_ms_before']:16.2f} "
+                f"{row['ratio_before']:6.3f} {row['online_ms']:9.2f} {row['ratio']:6.3f}",
+                flush=True,
+            )
     torch.set_num_threads(b.threads or default_threads)
     results["evaluation"] = eval_row(dfp, b, dev) if not b.online_step_only else "skipped (--online-step-only)"
     print(f"evaluation, {b.eval_episodes} episodes, sequential vs --eval-envs: {results['evaluation']}")
@@ -259,11 +316,31 @@ def online_step_row(dfp, b, dev, data, H: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     O, A, n = b.obs_dim, b.act_dim, len(data["observations"])
-    args = dfp.Args(horizon=b.horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size,
-                    offline_steps=0, online_steps=n, start_training=0)  # every online step updates
+    args = dfp.Args(
+        horizon=b.horizon,
+        hidden_dim=H,
+        num_layers=b.num_layers,
+        batch_size=b.batch_size,
+        offline_steps=0,
+        online_steps=n,
+        start_training=0,
+    )  # every online step updates
     modules = dfp.build(args, O, A, dev, None)
-    r = dfp.Run(args, "bench", "", SyntheticEnv(O, A), None, data, [], 0, modules, torch.Generator(device=dev)
-                .manual_seed(0), None, None, torch.zeros(len(dfp.LOSS_NAMES), device=dev))
+    r = dfp.Run(
+        args,
+        "bench",
+        "",
+        SyntheticEnv(O, A),
+        None,
+        data,
+        [],
+        0,
+        modules,
+        torch.Generator(device=dev).manual_seed(0),
+        None,
+        None,
+        torch.zeros(len(dfp.LOSS_NAMES), device=dev),
+    )
     r.writer = type("NoLog", (), {"add_scalar": lambda *a: None})()  # the episode ends' three scalars
     r.update, step = dfp.make_update(args, *modules.values()), [0]
 
@@ -272,6 +349,7 @@ def online_step_row(dfp, b, dev, data, H: int, threads: int) -> dict:
             step[0] += 1
             r.buffer.add = types.MethodType(add, r.buffer)
             dfp.online_step(r, step[0])
+
         return run
 
     dfp.online_step(r, 0)  # the switch: the buffer starts as the data
@@ -279,10 +357,19 @@ def online_step_row(dfp, b, dev, data, H: int, threads: int) -> dict:
     for f in (*fns.values(), *fns.values()):  # warm-up
         f()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    off, before, now = best_time(fns["offline"], b.updates, b.repeats, sync,
-                                 paired=[(fns["before"], b.updates), (fns["now"], b.updates)])
-    return {"net": f"{b.num_layers}x{H}", "threads": threads, "env": "synthetic", "offline_ms": off * 1e3,
-            "online_ms_before": before * 1e3, "online_ms": now * 1e3, "ratio_before": before / off, "ratio": now / off}
+    off, before, now = best_time(
+        fns["offline"], b.updates, b.repeats, sync, paired=[(fns["before"], b.updates), (fns["now"], b.updates)]
+    )
+    return {
+        "net": f"{b.num_layers}x{H}",
+        "threads": threads,
+        "env": "synthetic",
+        "offline_ms": off * 1e3,
+        "online_ms_before": before * 1e3,
+        "online_ms": now * 1e3,
+        "ratio_before": before / off,
+        "ratio": now / off,
+    }
 
 
 def eval_row(dfp, b, dev):
@@ -310,8 +397,11 @@ def eval_row(dfp, b, dev):
             best[k] = min(best[k], time.perf_counter() - t)
     for e in vec.values():
         e.close()
-    return {"episodes": b.eval_episodes, **{f"{k} envs s": round(v, 2) for k, v in best.items()},
-            "speedup": round(best[1] / best[m], 2)}
+    return {
+        "episodes": b.eval_episodes,
+        **{f"{k} envs s": round(v, 2) for k, v in best.items()},
+        "speedup": round(best[1] / best[m], 2),
+    }
 
 
 if __name__ == "__main__":

@@ -75,8 +75,12 @@ def peak_memory_mb(fn, device: torch.device) -> float:
 
 
 def run(device: torch.device, iters: int) -> None:
-    print(f"\n## device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}")
-    print("| shape | B x Cg x Cp x S | drift_loss ms | gaussian field ms | MLP 4x512 ms | drift / MLP | drift peak MiB | MLP peak MiB |")
+    print(
+        f"\n## device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}"
+    )
+    print(
+        "| shape | B x Cg x Cp x S | drift_loss ms | gaussian field ms | MLP 4x512 ms | drift / MLP | drift peak MiB | MLP peak MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, B, Cg, Cp, S in SHAPES:
         obs_dim = 46  # cube-triple observation; the MLP maps concat(s, eps) -> action chunk
@@ -101,12 +105,19 @@ def run(device: torch.device, iters: int) -> None:
         t_gauss = time_step(gaussian_step, device, iters)
         t_mlp = time_step(mlp_step, device, iters)
         m_drift, m_mlp = peak_memory_mb(drift_step, device), peak_memory_mb(mlp_step, device)
-        print(f"| {label} | {B}x{Cg}x{Cp}x{S} | {t_drift:.2f} | {t_gauss:.2f} | {t_mlp:.2f} | {t_drift / t_mlp:.1%} | {m_drift:.1f} | {m_mlp:.1f} |")
+        print(
+            f"| {label} | {B}x{Cg}x{Cp}x{S} | {t_drift:.2f} | {t_gauss:.2f} | {t_mlp:.2f} | {t_drift / t_mlp:.1%} | {m_drift:.1f} | {m_mlp:.1f} |"
+        )
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all", help="where to measure (all: CPU, and CUDA when present)")
+    p.add_argument(
+        "--device",
+        choices=["all", "cpu", "cuda"],
+        default="all",
+        help="where to measure (all: CPU, and CUDA when present)",
+    )
     p.add_argument("--iters", type=int, default=30, help="timed iterations per measurement (median reported)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     args = p.parse_args()

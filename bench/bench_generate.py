@@ -64,13 +64,19 @@ if __name__ == "__main__":
             flush=True,
         )
     base = min(rates)
-    print(f"cores: {gen.num_cores()}, load average (1 min) at the end: {os.getloadavg()[0]:.1f} "
-          "(above the core count, other processes share the cores and wall rates understate the scaling)")
+    print(
+        f"cores: {gen.num_cores()}, load average (1 min) at the end: {os.getloadavg()[0]:.1f} "
+        "(above the core count, other processes share the cores and wall rates understate the scaling)"
+    )
     for w in rates:
-        print(f"speedup {w} vs {base} worker(s): wall {rates[w] / rates[base]:.2f}x, "
-              f"ideal on {w} free cores {w * cpu_rates[w] / cpu_rates[base]:.2f}x")
+        print(
+            f"speedup {w} vs {base} worker(s): wall {rates[w] / rates[base]:.2f}x, "
+            f"ideal on {w} free cores {w * cpu_rates[w] / cpu_rates[base]:.2f}x"
+        )
     for name, episodes in (("cube-double-play-v0", 1100), ("cube-triple-play-v0", 3300)):
         steps = episodes * 1001
         cores = gen.num_cores()
-        print(f"projected {name} ({steps / 1e6:.1f}M steps): {steps / (cpu_rates[base] * cores) / 60:.0f} min on "
-              f"{cores} free cores; {steps / max(rates.values()) / 60:.0f} min at this run's best wall rate")
+        print(
+            f"projected {name} ({steps / 1e6:.1f}M steps): {steps / (cpu_rates[base] * cores) / 60:.0f} min on "
+            f"{cores} free cores; {steps / max(rates.values()) / 60:.0f} min at this run's best wall rate"
+        )

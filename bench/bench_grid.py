@@ -6,6 +6,7 @@ started directly (subprocesses, same parallelism), and Ray's start-up.
 The trivial run is a tiny Python script with the grid's flags (--env --seed --runs-dir --run-name) that
 writes one file and exits; its own cost is the interpreter's start-up, the same in both paths.
 """
+
 import argparse
 import os
 import subprocess
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import grid  # noqa: E402
 
-TRIVIAL = '''import argparse, os, time
+TRIVIAL = """import argparse, os, time
 p = argparse.ArgumentParser()
 for f in ("--env", "--runs-dir", "--run-name"):
     p.add_argument(f)
@@ -29,7 +30,7 @@ time.sleep(a.sleep)
 os.makedirs(os.path.join(a.runs_dir, a.run_name), exist_ok=True)
 open(os.path.join(a.runs_dir, a.run_name, "out.txt"), "w").write("ok")
 print("final ok")
-'''
+"""
 
 
 def main():
@@ -76,8 +77,10 @@ def main():
     print(f"| grid.py on Ray (without ray.init) | {t_grid:.2f} | {t_grid / a.runs * a.parallel:.3f} s |")
     print(f"| ray.init (local, once per grid) | {t_init:.2f} | |")
     print(f"| ray.shutdown | {t_shutdown:.2f} | |")
-    print(f"grid overhead per run: {(t_grid - t_direct) / a.runs * a.parallel:.3f} s "
-          f"(includes parsing the script's --help once and writing the run's files)")
+    print(
+        f"grid overhead per run: {(t_grid - t_direct) / a.runs * a.parallel:.3f} s "
+        f"(includes parsing the script's --help once and writing the run's files)"
+    )
 
 
 if __name__ == "__main__":

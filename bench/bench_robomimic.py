@@ -22,7 +22,9 @@ import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("generate_robomimic_dataset", os.path.join(ROOT, "scripts", "generate_robomimic_dataset.py"))
+spec = importlib.util.spec_from_file_location(
+    "generate_robomimic_dataset", os.path.join(ROOT, "scripts", "generate_robomimic_dataset.py")
+)
 gen = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gen)
 
@@ -54,14 +56,19 @@ if __name__ == "__main__":
         _, reset_wall, reset_cpu = timed(lambda: [env.reset(seed=i) for i in range(args.resets)])
         actions = rng.uniform(-1, 1, (args.steps, 7))
         _, wall, cpu = timed(lambda: [env.step(a) for a in actions])
-        print(f"{task}: env steps/s {args.steps / wall:.0f} wall, {args.steps / cpu:.0f} per CPU-second | "
-              f"reset {reset_wall / args.resets:.2f} s wall ({reset_cpu / args.resets:.2f} CPU s) | build {build_wall:.1f} s",
-              flush=True)
+        print(
+            f"{task}: env steps/s {args.steps / wall:.0f} wall, {args.steps / cpu:.0f} per CPU-second | "
+            f"reset {reset_wall / args.resets:.2f} s wall ({reset_cpu / args.resets:.2f} CPU s) | build {build_wall:.1f} s",
+            flush=True,
+        )
         if task in gen.OBJECT_POS:  # has a scripted expert
             gen.init_worker(dict(task=task, kind="mh", length=gen.ROBOMIMIC_TASKS[task][1], seed=0, noise=None))
             eps, wall, cpu = timed(lambda: [gen.run_episode(i) for i in range(args.episodes)])
             steps = sum(len(e["actions"]) for e in eps)
             success = np.mean([bool(e["success"]) for e in eps])
-            print(f"{task} generator: {steps} steps in {args.episodes} episodes, {steps / wall:.0f} steps/s wall, "
-                  f"{steps / cpu:.0f} per CPU-second (resets included), success {success:.2f}", flush=True)
+            print(
+                f"{task} generator: {steps} steps in {args.episodes} episodes, {steps / wall:.0f} steps/s wall, "
+                f"{steps / cpu:.0f} per CPU-second (resets included), success {success:.2f}",
+                flush=True,
+            )
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {gen.num_cores()} cores")

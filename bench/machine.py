@@ -1,4 +1,5 @@
 """What a benchmark's JSON says about the machine it ran on (GPU name, versions), and its atomic write."""
+
 import importlib.metadata
 import json
 import os
@@ -19,13 +20,21 @@ def info(device: str = "cpu") -> dict:
     (no import but torch: jax's version is read from its metadata)."""
     import torch
 
-    out = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-           **{p: version(p) for p in PACKAGES}}
+    out = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        **{p: version(p) for p in PACKAGES},
+    }
     if device == "cuda" and torch.cuda.is_available():
-        out.update(gpu=torch.cuda.get_device_name(), capability=".".join(map(str, torch.cuda.get_device_capability())),
-                   gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+        out.update(
+            gpu=torch.cuda.get_device_name(),
+            capability=".".join(map(str, torch.cuda.get_device_capability())),
+            gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
     return out
 
 

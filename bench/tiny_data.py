@@ -8,6 +8,7 @@ the cube near the table centre: what dfp_offline_to_online.py and dbp_bc.py read
 hopper-v5.npz: the D4RL layout envs.load_dataset reads for a gymnasium env (observations [N, 11], actions [N, 3],
 rewards, terminals, timeouts). Random data: the stages check that the code runs, not what it learns.
 """
+
 import os
 import sys
 
@@ -21,9 +22,13 @@ def write_cube_single(path: str, episodes: int = 8, length: int = 60, seed: int 
     terminals[length - 1 :: length] = 1.0  # [N], 1 at the last step of each episode
     qpos = rng.normal(0, 0.05, (n, 21)).astype(np.float32)
     qpos[:, 14:17] += [0.45, 0.0, 0.02]  # the cube's position: near the table centre
-    data = dict(observations=rng.normal(size=(n, 28)).astype(np.float32),
-                actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32), terminals=terminals, qpos=qpos,
-                qvel=rng.normal(size=(n, 20)).astype(np.float32))
+    data = dict(
+        observations=rng.normal(size=(n, 28)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32),
+        terminals=terminals,
+        qpos=qpos,
+        qvel=rng.normal(size=(n, 20)).astype(np.float32),
+    )
     np.savez(path, **data)
     np.savez(path.replace(".npz", "-val.npz"), **data)  # ogbench reads the -val twin too
 
@@ -33,9 +38,14 @@ def write_hopper(path: str, episodes: int = 4, length: int = 40, seed: int = 0) 
     n = episodes * length
     timeouts = np.zeros(n, bool)
     timeouts[length - 1 :: length] = True  # each episode ends by its time limit
-    np.savez(path, observations=rng.normal(size=(n, 11)).astype(np.float32),
-             actions=rng.uniform(-1, 1, (n, 3)).astype(np.float32), rewards=rng.normal(size=n).astype(np.float32),
-             terminals=np.zeros(n, bool), timeouts=timeouts)
+    np.savez(
+        path,
+        observations=rng.normal(size=(n, 11)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+        rewards=rng.normal(size=n).astype(np.float32),
+        terminals=np.zeros(n, bool),
+        timeouts=timeouts,
+    )
 
 
 def paths(folder: str) -> dict:

@@ -11,6 +11,7 @@ Prints a markdown table of the evaluations, and one of the training diagnostics 
 over blocks of iterations. With --out PREFIX it writes PREFIX.csv (the curve) and PREFIX.png (return vs env steps).
 Bad input: one `error:` line, exit 2, nothing written.
 """
+
 import argparse
 import glob
 import os
@@ -22,11 +23,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from envs import EPISODE_COLUMNS  # noqa: E402
 from runs import atomic, check  # noqa: E402
 
-DIAGNOSTICS = (("approx. KL per update", "losses/approx_kl", ".1e"), ("clip fraction", "losses/clipfrac", ".3f"),
-               ("critic explained variance", "losses/explained_variance", ".2f"), ("anchor loss", "losses/anchor_loss", ".1e"),
-               ("raw advantage std", "charts/advantage_std", ".1f"), ("exploration std", "charts/std", ".3f"),
-               ("actor lr", "charts/actor_lr", ".1e"), ("critic lr", "charts/critic_lr", ".1e"),
-               ("training-episode return", "charts/episodic_return", ".0f"))
+DIAGNOSTICS = (
+    ("approx. KL per update", "losses/approx_kl", ".1e"),
+    ("clip fraction", "losses/clipfrac", ".3f"),
+    ("critic explained variance", "losses/explained_variance", ".2f"),
+    ("anchor loss", "losses/anchor_loss", ".1e"),
+    ("raw advantage std", "charts/advantage_std", ".1f"),
+    ("exploration std", "charts/std", ".3f"),
+    ("actor lr", "charts/actor_lr", ".1e"),
+    ("critic lr", "charts/critic_lr", ".1e"),
+    ("training-episode return", "charts/episodic_return", ".0f"),
+)
 
 
 def read_episodes(path: str) -> dict:
@@ -38,16 +45,20 @@ def read_episodes(path: str) -> dict:
         check(False, f"{path} is not an eval_episodes.csv of dbpo_ppo.py ({e})")
     with open(path) as f:
         head = f.readline().strip()
-    check(head == ",".join(EPISODE_COLUMNS) and rows.shape[1] == len(EPISODE_COLUMNS) and len(rows) > 0,
-          f"{path}: expected the columns {','.join(EPISODE_COLUMNS)} of dbpo_ppo.py's eval_episodes.csv")
+    check(
+        head == ",".join(EPISODE_COLUMNS) and rows.shape[1] == len(EPISODE_COLUMNS) and len(rows) > 0,
+        f"{path}: expected the columns {','.join(EPISODE_COLUMNS)} of dbpo_ppo.py's eval_episodes.csv",
+    )
     c = {name: rows[:, i] for i, name in enumerate(EPISODE_COLUMNS)}
     out = {}
     for step in np.unique(c["step"]).astype(int):
         r = c["step"] == step
         out[step] = (int(c["env_steps"][r][0]), c["return"][r], c["length"][r], c["env_seed"][r])
     first = out[min(out)][3]
-    check(all(len(v[3]) == len(first) and (v[3] == first).all() for v in out.values()),
-          f"{path}: the evaluations do not play the same seeded episodes (different --eval-episodes?); cannot pair them")
+    check(
+        all(len(v[3]) == len(first) and (v[3] == first).all() for v in out.values()),
+        f"{path}: the evaluations do not play the same seeded episodes (different --eval-episodes?); cannot pair them",
+    )
     return out
 
 
@@ -79,7 +90,9 @@ def main():
     tb = scalars(a.run_dir)
 
     base = evals[min(evals)][1]
-    print("| iteration | env steps | mean return +- SE | mean length | paired change | paired SE | change / SE | up / down |")
+    print(
+        "| iteration | env steps | mean return +- SE | mean length | paired change | paired SE | change / SE | up / down |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     curve = []
     for step, (env_steps, ret, length, _) in sorted(evals.items()):
@@ -87,8 +100,14 @@ def main():
         se, d_se = ret.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0, d.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
         z = d.mean() / d_se if d_se > 0 else 0.0
         first = step == min(evals)
-        print(f"| {step} | {env_steps} | {ret.mean():.1f} +- {se:.1f} | {length.mean():.1f} | "
-              + ("| | | |" if first else f"{d.mean():+.1f} | {d_se:.1f} | {z:+.2f} | {int((d > 0).sum())} / {int((d < 0).sum())} |"))
+        print(
+            f"| {step} | {env_steps} | {ret.mean():.1f} +- {se:.1f} | {length.mean():.1f} | "
+            + (
+                "| | | |"
+                if first
+                else f"{d.mean():+.1f} | {d_se:.1f} | {z:+.2f} | {int((d > 0).sum())} / {int((d < 0).sum())} |"
+            )
+        )
         curve.append((step, env_steps, ret.mean(), se, d.mean(), d_se))
 
     trained = sorted(tb.get("charts/env_steps", {}))
@@ -117,9 +136,24 @@ def main():
 
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         ti = [i for i in sorted(train) if i in steps_of]
-        ax.plot([steps_of[i] for i in ti], [train[i] for i in ti], "-", lw=1, alpha=0.6, label="training episodes (sampled actions)")
+        ax.plot(
+            [steps_of[i] for i in ti],
+            [train[i] for i in ti],
+            "-",
+            lw=1,
+            alpha=0.6,
+            label="training episodes (sampled actions)",
+        )
         x, m, se = (np.array([c[k] for c in curve]) for k in (1, 2, 3))
-        ax.errorbar(x, m, yerr=se, fmt="s--", ms=5, capsize=3, label=f"evaluation: mean path, the same {len(base)} seeded episodes")
+        ax.errorbar(
+            x,
+            m,
+            yerr=se,
+            fmt="s--",
+            ms=5,
+            capsize=3,
+            label=f"evaluation: mean path, the same {len(base)} seeded episodes",
+        )
         ax.set(xlabel="fine-tuning env steps", ylabel="episode return", title=a.title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

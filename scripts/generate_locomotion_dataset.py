@@ -61,8 +61,18 @@ SCRIPT = "scripts/generate_locomotion_dataset.py"
 CODE_PERMALINK = f"drift-policies: {SCRIPT}"  # the project's repository
 AUTHOR = "The drift-policies contributors"
 FORMAT = "locomotion-sac-v1"  # the checkpoint's tag
-SAC_KEYS = ("buffer_size", "gamma", "tau", "batch_size", "learning_starts", "policy_lr", "q_lr", "policy_frequency",
-            "alpha", "autotune")  # the flags a checkpoint was trained with: a rerun must pass the same ones
+SAC_KEYS = (
+    "buffer_size",
+    "gamma",
+    "tau",
+    "batch_size",
+    "learning_starts",
+    "policy_lr",
+    "q_lr",
+    "policy_frequency",
+    "alpha",
+    "autotune",
+)  # the flags a checkpoint was trained with: a rerun must pass the same ones
 
 
 @dataclass
@@ -120,13 +130,29 @@ class Args:
 
 
 def rules(a: Args):
-    yield from ranges(a, {
-        "positive": (lambda v: v > 0, ("num_steps", "max_train_steps", "eval_interval", "eval_episodes",
-                                       "checkpoint_interval", "buffer_size", "batch_size", "policy_frequency",
-                                       "policy_lr", "q_lr", "alpha")),
-        "non-negative": (lambda v: v >= 0, ("learning_starts",)),
-        "in (0, 1]": (lambda v: 0 < v <= 1, ("gamma", "tau")),
-    })
+    yield from ranges(
+        a,
+        {
+            "positive": (
+                lambda v: v > 0,
+                (
+                    "num_steps",
+                    "max_train_steps",
+                    "eval_interval",
+                    "eval_episodes",
+                    "checkpoint_interval",
+                    "buffer_size",
+                    "batch_size",
+                    "policy_frequency",
+                    "policy_lr",
+                    "q_lr",
+                    "alpha",
+                ),
+            ),
+            "non-negative": (lambda v: v >= 0, ("learning_starts",)),
+            "in (0, 1]": (lambda v: 0 < v <= 1, ("gamma", "tau")),
+        },
+    )
     finite = a.target_return is None or math.isfinite(a.target_return)
     yield finite, f"--target-return must be finite, got {a.target_return}"
 
@@ -173,8 +199,10 @@ class ReplayBuffer:
 
     def __init__(self, size: int, obs_dim: int, act_dim: int):
         self.size, self.pos, self.full = size, 0, False
-        self.data = {k: np.zeros((size, d), np.float32) for k, d in
-                     (("obs", obs_dim), ("act", act_dim), ("rew", 1), ("next_obs", obs_dim), ("term", 1))}
+        self.data = {
+            k: np.zeros((size, d), np.float32)
+            for k, d in (("obs", obs_dim), ("act", act_dim), ("rew", 1), ("next_obs", obs_dim), ("term", 1))
+        }
 
     def add(self, **transition):
         for k, v in transition.items():
@@ -243,13 +271,19 @@ def record(actor: Actor, env_id: str, num_steps: int, seed: int, staging: str, s
         if stop.requested():
             collector.close()
             shutil.rmtree(staging, ignore_errors=True)
-            print(f"stopped while recording (step {t}): no dataset written; the training is done, rerun the same "
-                  f"command to record", flush=True)
+            print(
+                f"stopped while recording (step {t}): no dataset written; the training is done, rerun the same "
+                f"command to record",
+                flush=True,
+            )
             leave(stop.exit_code)
         if time.time() - last_print >= 10:
             last_print, rate = time.time(), t / (time.time() - start)
-            print(f"recorded {t}/{num_steps} steps | {len(returns)} episodes | {rate:.0f} steps/s | elapsed "
-                  f"{fmt_time(time.time() - start)} | ETA {fmt_time((num_steps - t) / rate)}", flush=True)
+            print(
+                f"recorded {t}/{num_steps} steps | {len(returns)} episodes | {rate:.0f} steps/s | elapsed "
+                f"{fmt_time(time.time() - start)} | ETA {fmt_time((num_steps - t) / rate)}",
+                flush=True,
+            )
     return collector, returns, time.time() - start
 
 
@@ -286,13 +320,18 @@ if __name__ == "__main__":
     stop = Stop()  # until armed, a signal exits at once (nothing to save yet)
     env_id, target = TARGETS[args.dataset_id]
     target = args.target_return if args.target_return is not None else target
-    root = os.path.abspath(os.path.expanduser(
-        args.root or os.environ.get("MINARI_DATASETS_PATH") or os.path.join("~", ".minari", "datasets")))
+    root = os.path.abspath(
+        os.path.expanduser(
+            args.root or os.environ.get("MINARI_DATASETS_PATH") or os.path.join("~", ".minari", "datasets")
+        )
+    )
     check(not os.path.isfile(root), f"the Minari root {root} is a file, not a folder; pass another --root")
     check_creatable(root, "the Minari root")
     final_dir = os.path.join(root, args.dataset_id)
-    check(args.overwrite or not os.path.exists(final_dir),
-          f"{final_dir} exists: the dataset {args.dataset_id} is already made; pass --overwrite to replace it")
+    check(
+        args.overwrite or not os.path.exists(final_dir),
+        f"{final_dir} exists: the dataset {args.dataset_id} is already made; pass --overwrite to replace it",
+    )
     # All of this run but the dataset: a hidden folder of the root (Minari skips hidden folders), same filesystem.
     work_dir = os.path.join(root, ".generate_locomotion", f"{args.dataset_id.replace('/', '__')}__seed{args.seed}")
     ckpt_path = os.path.join(work_dir, "checkpoint.pt")
@@ -301,8 +340,11 @@ if __name__ == "__main__":
         hint = "pass --no-resume to train from scratch"
         ckpt = load_checkpoint(ckpt_path, "the training checkpoint", FORMAT, ("args", "step", "actor", "buffer"), hint)
         changed = [f"--{k.replace('_', '-')} {v}" for k, v in ckpt["args"].items() if v != getattr(args, k)]
-        check(not changed, f"the training checkpoint {ckpt_path} was trained with {', '.join(changed)}; rerun with "
-                           f"those flags to continue it, or {hint}")
+        check(
+            not changed,
+            f"the training checkpoint {ckpt_path} was trained with {', '.join(changed)}; rerun with "
+            f"those flags to continue it, or {hint}",
+        )
 
     # ---- set-up (everything above refused bad input without writing anything)
     torch.set_num_threads(1)
@@ -322,8 +364,9 @@ if __name__ == "__main__":
     alpha_opt = torch.optim.Adam([log_alpha], lr=args.policy_lr)
     target_entropy = -float(act_dim)
     buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
-    state = dict(actor=actor, critic=critic, critic_target=critic_target, q_opt=q_opt, actor_opt=actor_opt,
-                 alpha_opt=alpha_opt)  # what a checkpoint holds as state dicts
+    state = dict(
+        actor=actor, critic=critic, critic_target=critic_target, q_opt=q_opt, actor_opt=actor_opt, alpha_opt=alpha_opt
+    )  # what a checkpoint holds as state dicts
     step, last_eval, train_time = 0, -math.inf, 0.0
     if ckpt is not None:  # continue exactly where it stopped: networks, optimizers, buffer, RNGs (a new episode)
         for name, obj in state.items():
@@ -374,23 +417,39 @@ if __name__ == "__main__":
 
     def save_checkpoint():
         os.makedirs(work_dir, exist_ok=True)
-        save({"format": FORMAT, "args": {k: getattr(args, k) for k in SAC_KEYS}, "dataset_id": args.dataset_id,
-              "step": step, "eval_return": last_eval, "train_time": train_time, "log_alpha": log_alpha.detach(),
-              **{name: obj.state_dict() for name, obj in state.items()}, "buffer": buffer.state(),
-              "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}},
-             ckpt_path)
+        save(
+            {
+                "format": FORMAT,
+                "args": {k: getattr(args, k) for k in SAC_KEYS},
+                "dataset_id": args.dataset_id,
+                "step": step,
+                "eval_return": last_eval,
+                "train_time": train_time,
+                "log_alpha": log_alpha.detach(),
+                **{name: obj.state_dict() for name, obj in state.items()},
+                "buffer": buffer.state(),
+                "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()},
+            },
+            ckpt_path,
+        )
 
     def interrupted():
         """A signal: save the checkpoint, say how to continue, exit with 128 + signum."""
         save_checkpoint()
-        print(f"stopped at step {step}; checkpoint {ckpt_path}; rerun the same command to continue:\n  "
-              f"{shlex.join(['python', *sys.argv])}", flush=True)
+        print(
+            f"stopped at step {step}; checkpoint {ckpt_path}; rerun the same command to continue:\n  "
+            f"{shlex.join(['python', *sys.argv])}",
+            flush=True,
+        )
         leave(stop.exit_code, env, eval_env)
 
     # ---- training: SAC until the evaluation return reaches the target, or --max-train-steps
     stop.armed = True  # from here a signal stops the run at the next step, with a checkpoint
-    print(f"training SAC on {env_id} from step {step} until the evaluation return reaches {target:.1f} "
-          f"(at most {args.max_train_steps} steps); checkpoint {ckpt_path}", flush=True)
+    print(
+        f"training SAC on {env_id} from step {step} until the evaluation return reaches {target:.1f} "
+        f"(at most {args.max_train_steps} steps); checkpoint {ckpt_path}",
+        flush=True,
+    )
     eval_seed = sub_seed(args.seed, 1)
     start = time.time()
     try:
@@ -424,9 +483,12 @@ if __name__ == "__main__":
                 sps = (step - last_step) / (time.time() - last_print)  # env steps/s, updates and evaluations included
                 last_step, last_print = step, time.time()
                 losses = " | ".join(f"{k.split('/')[1]} {float(v):.3g}" for k, v in info.items())  # a sync, every 10 s
-                print(f"step {step} | return {np.mean(returns) if returns else float('nan'):.1f} (last "
-                      f"{len(returns)} episodes) | eval {last_eval:.1f} | {losses} | {sps:.0f} SPS | ETA at most "
-                      f"{fmt_time((args.max_train_steps - step) / sps)} (to --max-train-steps)", flush=True)
+                print(
+                    f"step {step} | return {np.mean(returns) if returns else float('nan'):.1f} (last "
+                    f"{len(returns)} episodes) | eval {last_eval:.1f} | {losses} | {sps:.0f} SPS | ETA at most "
+                    f"{fmt_time((args.max_train_steps - step) / sps)} (to --max-train-steps)",
+                    flush=True,
+                )
             if stop.requested():
                 raise Interrupted
     except Interrupted:  # a signal, at a step or in an evaluation
@@ -435,9 +497,12 @@ if __name__ == "__main__":
     train_time += time.time() - start
     reached = last_eval >= target
     save_checkpoint()
-    print(f"{'target reached' if reached else 'target NOT reached'} at step {step}: evaluation return {last_eval:.1f} "
-          f"{'>=' if reached else '<'} {target:.1f}; {step} training steps in {fmt_time(train_time)}"
-          f"{'' if reached else ' (recording the policy as it is)'}", flush=True)
+    print(
+        f"{'target reached' if reached else 'target NOT reached'} at step {step}: evaluation return {last_eval:.1f} "
+        f"{'>=' if reached else '<'} {target:.1f}; {step} training steps in {fmt_time(train_time)}"
+        f"{'' if reached else ' (recording the policy as it is)'}",
+        flush=True,
+    )
 
     # ---- recording: --num-steps steps of the policy, under a staging root, then one rename into place
     staging = os.path.join(work_dir, "staging")
@@ -449,22 +514,36 @@ if __name__ == "__main__":
         f"actions) trained for {step} steps on {env_id}, seed {args.seed}. Its evaluation return {last_eval:.1f} "
         f"({args.eval_episodes} episodes) {'reached' if reached else 'did not reach'} the target {target:.1f} (D4RL's "
         f"levels: medium 1/3 of D4RL's expert return {ref_max}, expert all of it). The {len(returns)} complete "
-        f"episodes return {mean_return:.1f} on average. Reference scores: D4RL's random and expert returns.")
+        f"episodes return {mean_return:.1f} on average. Reference scores: D4RL's random and expert returns."
+    )
     stop.armed = False  # from here a signal exits at once: the dataset appears whole (one rename) or not at all
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*author_email.*")  # none to give
         collector.create_dataset(
-            dataset_id=args.dataset_id, eval_env=env_id, algorithm_name="SAC", author=AUTHOR,
-            code_permalink=CODE_PERMALINK, ref_min_score=ref_min, ref_max_score=ref_max, description=description,
-            requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"])
+            dataset_id=args.dataset_id,
+            eval_env=env_id,
+            algorithm_name="SAC",
+            author=AUTHOR,
+            code_permalink=CODE_PERMALINK,
+            ref_min_score=ref_min,
+            ref_max_score=ref_max,
+            description=description,
+            requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"],
+        )
     collector.close()
     publish(staging, root, args.dataset_id, work_dir)
 
     os.environ["MINARI_DATASETS_PATH"] = root
     dataset = minari.load_dataset(args.dataset_id)
-    print(f"wrote {args.dataset_id} to {root}: {dataset.total_episodes} episodes, {dataset.total_steps} steps; the "
-          f"{len(returns)} complete ones return {mean_return:.1f} on average (target {target:.1f}; D4RL-normalized "
-          f"{100 * (mean_return - ref_min) / (ref_max - ref_min):.1f})", flush=True)
-    print(f"training {fmt_time(train_time)} ({step} steps); recording {fmt_time(record_time)} "
-          f"({args.num_steps / max(record_time, 1e-9):.0f} steps/s)", flush=True)
+    print(
+        f"wrote {args.dataset_id} to {root}: {dataset.total_episodes} episodes, {dataset.total_steps} steps; the "
+        f"{len(returns)} complete ones return {mean_return:.1f} on average (target {target:.1f}; D4RL-normalized "
+        f"{100 * (mean_return - ref_min) / (ref_max - ref_min):.1f})",
+        flush=True,
+    )
+    print(
+        f"training {fmt_time(train_time)} ({step} steps); recording {fmt_time(record_time)} "
+        f"({args.num_steps / max(record_time, 1e-9):.0f} steps/s)",
+        flush=True,
+    )
     leave(0, env, eval_env)

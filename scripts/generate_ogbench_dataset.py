@@ -90,8 +90,12 @@ DTYPES = dict(
 def check_args(args: Args) -> dict:
     """Validate everything up front and return the run's resolved settings."""
     # Also accepted: a singletask id (cube-double-play-singletask-task2-v0), whose task serves --kind expert.
-    m = re.fullmatch(r"(?:cube-)?(single|double|triple|quadruple)(?:-play)?(?:-singletask)?(?:-task(\d+))?(?:-v0)?", args.env)
-    check(m is not None, f"unknown --env '{args.env}'; valid: " + ", ".join(f"cube-{s}-play" for s in CUBE_PLAY_EPISODES))
+    m = re.fullmatch(
+        r"(?:cube-)?(single|double|triple|quadruple)(?:-play)?(?:-singletask)?(?:-task(\d+))?(?:-v0)?", args.env
+    )
+    check(
+        m is not None, f"unknown --env '{args.env}'; valid: " + ", ".join(f"cube-{s}-play" for s in CUBE_PLAY_EPISODES)
+    )
     size = m.group(1)
     if args.kind == "expert":
         task = args.task if args.task is not None else (int(m.group(2)) if m.group(2) else None)
@@ -101,7 +105,9 @@ def check_args(args: Args) -> dict:
     else:
         check(args.task is None, "--task only applies to --kind expert (play data serves every task)")
         name = f"cube-{size}-play-v0"
-    episodes = args.episodes if args.episodes is not None else (CUBE_PLAY_EPISODES[size] if args.kind == "play" else 1000)
+    episodes = (
+        args.episodes if args.episodes is not None else (CUBE_PLAY_EPISODES[size] if args.kind == "play" else 1000)
+    )
     length = args.episode_length
     if length is None:
         length = 1001 if args.kind == "play" else EVAL_HORIZON[size]
@@ -211,7 +217,9 @@ def next_move(xyzs: np.ndarray, goals: np.ndarray, bounds: np.ndarray):
         return [j for j in range(n) if j != i and flat(xyzs[j], p) < CUBE_SIZE and abs(xyzs[j][2] - p[2]) < 0.03]
 
     def support(p, i):  # for a goal above the table: the cube it would rest on, if any
-        below = [j for j in range(n) if j != i and flat(xyzs[j], p) < 0.02 and abs(xyzs[j][2] - (p[2] - CUBE_SIZE)) < 0.02]
+        below = [
+            j for j in range(n) if j != i and flat(xyzs[j], p) < 0.02 and abs(xyzs[j][2] - (p[2] - CUBE_SIZE)) < 0.02
+        ]
         return below[0] if below else None
 
     todo = [i for i in range(n) if np.linalg.norm(xyzs[i] - goals[i]) > SUCCESS_RADIUS]
@@ -297,7 +305,9 @@ def expert_episode(env, oracle, task_info: dict, max_steps: int, env_seed: int) 
             break
         ob = next_ob
     # Success of the last recorded state (the state of obs[-1], whose qpos is qpos[-1]).
-    success = bool(np.all(np.linalg.norm(np.asarray(qpos[-1])[14:].reshape(-1, 7)[:, :3] - goals, axis=-1) <= SUCCESS_RADIUS))
+    success = bool(
+        np.all(np.linalg.norm(np.asarray(qpos[-1])[14:].reshape(-1, 7)[:, :3] - goals, axis=-1) <= SUCCESS_RADIUS)
+    )
     return dict(observations=obs, actions=actions, terminals=terminals, qpos=qpos, qvel=qvel, episode_success=[success])
 
 
@@ -316,8 +326,13 @@ if __name__ == "__main__":
     run = check_args(args)
     total_episodes = run["episodes"] + run["val_episodes"]
     cfg = dict(
-        size=run["size"], kind=args.kind, task=args.task, length=run["length"], seed=args.seed,
-        noise=args.noise, noise_smoothing=args.noise_smoothing,
+        size=run["size"],
+        kind=args.kind,
+        task=args.task,
+        length=run["length"],
+        seed=args.seed,
+        noise=args.noise,
+        noise_smoothing=args.noise_smoothing,
     )
     workers = min(args.workers, total_episodes)
     print(
@@ -385,7 +400,9 @@ if __name__ == "__main__":
     shutil.rmtree(parts_dir)
 
     print(f"wrote {run['paths'][0]} and {run['paths'][1]}")
-    print(f"{steps} new steps in {fmt_time(gen_time)} ({steps / max(gen_time, 1e-9):.0f} steps/s with {workers} worker(s))")
+    print(
+        f"{steps} new steps in {fmt_time(gen_time)} ({steps / max(gen_time, 1e-9):.0f} steps/s with {workers} worker(s))"
+    )
     if args.kind == "expert":
         succ = np.array([e["episode_success"][0] for e in episodes])
         print(f"success rate: {succ.mean():.3f} ({succ.sum()}/{len(succ)} episodes solved task {args.task})")

@@ -77,27 +77,56 @@ class Args:
 NOISE_MIX = {"mh": (0.1, 0.5, 1.2), "ph": (0.05,)}  # per-episode translation-noise std, drawn in turn
 POST_SUCCESS_STEPS = 5  # steps recorded after the first success (the expert keeps holding)
 OSC_POSE_1_4 = {  # the controller of the official files, in robosuite <= 1.4's format
-    "type": "OSC_POSE", "input_max": 1, "input_min": -1, "output_max": [0.05, 0.05, 0.05, 0.5, 0.5, 0.5],
-    "output_min": [-0.05, -0.05, -0.05, -0.5, -0.5, -0.5], "kp": 150, "damping": 1, "impedance_mode": "fixed",
-    "kp_limits": [0, 300], "damping_limits": [0, 10], "position_limits": None, "orientation_limits": None,
-    "uncouple_pos_ori": True, "control_delta": True, "interpolation": None, "ramp_ratio": 0.2,
+    "type": "OSC_POSE",
+    "input_max": 1,
+    "input_min": -1,
+    "output_max": [0.05, 0.05, 0.05, 0.5, 0.5, 0.5],
+    "output_min": [-0.05, -0.05, -0.05, -0.5, -0.5, -0.5],
+    "kp": 150,
+    "damping": 1,
+    "impedance_mode": "fixed",
+    "kp_limits": [0, 300],
+    "damping_limits": [0, 10],
+    "position_limits": None,
+    "orientation_limits": None,
+    "uncouple_pos_ori": True,
+    "control_delta": True,
+    "interpolation": None,
+    "ramp_ratio": 0.2,
 }
 
 
 def make_env_args(task: str, horizon: int) -> dict:
-    kwargs = dict(has_renderer=False, has_offscreen_renderer=False, ignore_done=True, use_object_obs=True,
-                  use_camera_obs=False, control_freq=20, controller_configs=OSC_POSE_1_4, robots=["Panda"],
-                  camera_depths=False, camera_heights=84, camera_widths=84, reward_shaping=False, horizon=horizon)
+    kwargs = dict(
+        has_renderer=False,
+        has_offscreen_renderer=False,
+        ignore_done=True,
+        use_object_obs=True,
+        use_camera_obs=False,
+        control_freq=20,
+        controller_configs=OSC_POSE_1_4,
+        robots=["Panda"],
+        camera_depths=False,
+        camera_heights=84,
+        camera_widths=84,
+        reward_shaping=False,
+        horizon=horizon,
+    )
     return {"env_name": ROBOMIMIC_TASKS[task][0], "env_version": "1.5.2", "type": 1, "env_kwargs": kwargs}
 
 
 def check_args(args: Args) -> dict:
     """Validate everything up front (exit 2, nothing written) and return the resolved settings."""
-    check(args.task != "square", "square has no scripted expert yet; use --task lift or --task can (or the official file "
-                                 "from robomimic)")
+    check(
+        args.task != "square",
+        "square has no scripted expert yet; use --task lift or --task can (or the official file from robomimic)",
+    )
     length = args.episode_length if args.episode_length is not None else ROBOMIMIC_TASKS[args.task][1]
-    check(args.episodes >= 1 and args.workers >= 1 and length >= 2, f"--episodes and --workers must be >= 1 and "
-          f"--episode-length >= 2, got {args.episodes}, {args.workers}, {length}")
+    check(
+        args.episodes >= 1 and args.workers >= 1 and length >= 2,
+        f"--episodes and --workers must be >= 1 and "
+        f"--episode-length >= 2, got {args.episodes}, {args.workers}, {length}",
+    )
     check(args.noise is None or args.noise >= 0, f"--noise must be >= 0, got {args.noise}")
     out = os.path.abspath(os.path.expanduser(args.out or robomimic_default_path(f"{args.task}-{args.kind}")))
     check(args.overwrite or not os.path.exists(out), f"{out} exists; pass --overwrite to replace it")
@@ -212,9 +241,14 @@ def run_episode(episode: int) -> dict:
     rewards = np.asarray(rec["rewards"], np.float32)
     dones = rewards.copy()
     dones[-1] = 1.0  # robomimic's done_mode 2: done at success and at the end
-    out = dict(obs=np.asarray(rec["obs"], np.float32), next_obs=np.asarray(rec["next_obs"], np.float32),
-               actions=np.asarray(rec["actions"], np.float32), rewards=rewards, dones=dones,
-               states=np.asarray(rec["states"], np.float64))
+    out = dict(
+        obs=np.asarray(rec["obs"], np.float32),
+        next_obs=np.asarray(rec["next_obs"], np.float32),
+        actions=np.asarray(rec["actions"], np.float32),
+        rewards=rewards,
+        dones=dones,
+        states=np.asarray(rec["states"], np.float64),
+    )
     out.update(noise=np.float32(noise), success=np.bool_(first_success is not None))
     return out
 
@@ -225,8 +259,12 @@ def indexed_episode(episode: int):
 
 def split_obs(flat: np.ndarray) -> dict:
     """[T, O] -> the robomimic obs keys (eef_pos 3, eef_quat 4, gripper_qpos 2, object rest)."""
-    return {"robot0_eef_pos": flat[:, 0:3], "robot0_eef_quat": flat[:, 3:7], "robot0_gripper_qpos": flat[:, 7:9],
-            "object": flat[:, 9:]}
+    return {
+        "robot0_eef_pos": flat[:, 0:3],
+        "robot0_eef_quat": flat[:, 3:7],
+        "robot0_gripper_qpos": flat[:, 7:9],
+        "object": flat[:, 9:],
+    }
 
 
 def write_hdf5(path: str, episodes: list, env_args: dict) -> None:
@@ -257,9 +295,12 @@ if __name__ == "__main__":
     run = check_args(args)
     cfg = dict(task=args.task, kind=args.kind, length=run["length"], seed=args.seed, noise=args.noise)
     workers = min(args.workers, args.episodes)
-    print(f"generating {run['out']}: {args.episodes} {args.task} episodes of up to {run['length']} steps "
-          f"({args.kind}, noise {args.noise if args.noise is not None else NOISE_MIX[args.kind]}), {workers} worker(s), "
-          f"seed {args.seed}", flush=True)
+    print(
+        f"generating {run['out']}: {args.episodes} {args.task} episodes of up to {run['length']} steps "
+        f"({args.kind}, noise {args.noise if args.noise is not None else NOISE_MIX[args.kind]}), {workers} worker(s), "
+        f"seed {args.seed}",
+        flush=True,
+    )
 
     # Finished episodes go to a hidden parts folder named after what determines them: a rerun continues.
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
@@ -293,8 +334,11 @@ if __name__ == "__main__":
             if now - last_print >= 10 or done == args.episodes:
                 last_print = now
                 eta = (now - start) / (done - args.episodes + len(todo)) * (args.episodes - done)
-                print(f"episodes {done}/{args.episodes} | {steps / (now - start):.0f} steps/s | elapsed "
-                      f"{fmt_time(now - start)} | ETA {fmt_time(eta)}", flush=True)
+                print(
+                    f"episodes {done}/{args.episodes} | {steps / (now - start):.0f} steps/s | elapsed "
+                    f"{fmt_time(now - start)} | ETA {fmt_time(eta)}",
+                    flush=True,
+                )
     finally:
         if pool is not None:
             pool.terminate()  # also on Ctrl-C: no orphaned workers
@@ -308,7 +352,9 @@ if __name__ == "__main__":
     write_hdf5(run["out"], episodes, make_env_args(args.task, run["length"]))
     shutil.rmtree(parts_dir)
     print(f"wrote {run['out']}")
-    print(f"{steps} new steps in {fmt_time(gen_time)} ({steps / max(gen_time, 1e-9):.0f} steps/s with {workers} worker(s))")
+    print(
+        f"{steps} new steps in {fmt_time(gen_time)} ({steps / max(gen_time, 1e-9):.0f} steps/s with {workers} worker(s))"
+    )
     noise = np.array([float(e["noise"]) for e in episodes])
     succ = np.array([bool(e["success"]) for e in episodes])
     for level in sorted(set(noise.tolist())):

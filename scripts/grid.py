@@ -49,8 +49,10 @@ ENV_PATTERNS = [
     r"(lift|can|square|transport|tool_hang)-(mh|ph)(-low_dim)?",  # Robomimic
     r"[A-Z][A-Za-z0-9]*-v[0-9]+",  # gymnasium ids (Hopper-v5, ...)
 ]
-ENV_HELP = ("cube-{single,double,triple,quadruple}-play[-taskN], scene-play[-taskN], puzzle-4x4-play[-taskN], "
-            "Robomimic lift-mh / can-mh / square-mh, or a gymnasium id such as Hopper-v5")
+ENV_HELP = (
+    "cube-{single,double,triple,quadruple}-play[-taskN], scene-play[-taskN], puzzle-4x4-play[-taskN], "
+    "Robomimic lift-mh / can-mh / square-mh, or a gymnasium id such as Hopper-v5"
+)
 
 # ---- presets: the papers' tables ----
 DFP_CUBE = [f"cube-{n}-play-task{t}" for n in ("double", "triple", "quadruple") for t in (2, 3, 4)]
@@ -58,24 +60,51 @@ DFP_TASKS = ["lift-mh", "can-mh", "square-mh", *DFP_CUBE]
 PRESETS = {
     "dfp-table": dict(
         about="DFP main table: 12 tasks x 5 seeds, the script's defaults (1M offline + 1M online steps)",
-        script="dfp_offline_to_online.py", envs=DFP_TASKS, seeds=[1, 2, 3, 4, 5], variants={"dfp": {}}),
+        script="dfp_offline_to_online.py",
+        envs=DFP_TASKS,
+        seeds=[1, 2, 3, 4, 5],
+        variants={"dfp": {}},
+    ),
     "dfp-kofn": dict(
         about="DFP top-K-of-N ablation: K in 1, 2, 4, 8 with N = 16, 12 tasks x 5 seeds",
-        script="dfp_offline_to_online.py", envs=DFP_TASKS, seeds=[1, 2, 3, 4, 5],
-        variants={f"dfp-K{k}": {"K": str(k), "N": "16"} for k in (1, 2, 4, 8)}),
+        script="dfp_offline_to_online.py",
+        envs=DFP_TASKS,
+        seeds=[1, 2, 3, 4, 5],
+        variants={f"dfp-K{k}": {"K": str(k), "N": "16"} for k in (1, 2, 4, 8)},
+    ),
     "dbp-vs-mse": dict(
         about="DBP drift loss (temperature 0.2) vs MSE regression, same MLP, cube-single task 1 expert demos",
-        script="dbp_bc.py", envs=["cube-single-play-task1"], seeds=[1, 2, 3, 4, 5],
-        flags={"dataset_path": "~/.ogbench/data/cube-single-expert-task1-v0.npz", "backbone": "mlp", "hidden_dim": "256",
-               "total_steps": "30000", "eval_interval": "15000", "eval_episodes": "50", "save_model": "true"},
-        variants={"dbp-drift": {"temperatures": "0.2"}, "dbp-mse": {"loss": "mse"}}),
+        script="dbp_bc.py",
+        envs=["cube-single-play-task1"],
+        seeds=[1, 2, 3, 4, 5],
+        flags={
+            "dataset_path": "~/.ogbench/data/cube-single-expert-task1-v0.npz",
+            "backbone": "mlp",
+            "hidden_dim": "256",
+            "total_steps": "30000",
+            "eval_interval": "15000",
+            "eval_episodes": "50",
+            "save_model": "true",
+        },
+        variants={"dbp-drift": {"temperatures": "0.2"}, "dbp-mse": {"loss": "mse"}},
+    ),
 }
 
 # ---- the papers' numbers (DFP, arXiv 2605.07727: success %, offline-to-online, mean of 5 seeds) ----
-PAPER_DFP = {"lift-mh": 100.0, "square-mh": 93.2, "can-mh": 90.6,
-             "cube-double-play-task2": 100.0, "cube-double-play-task3": 99.6, "cube-double-play-task4": 99.6,
-             "cube-triple-play-task2": 98.4, "cube-triple-play-task3": 91.6, "cube-triple-play-task4": 81.2,
-             "cube-quadruple-play-task2": 99.6, "cube-quadruple-play-task3": 96.6, "cube-quadruple-play-task4": 99.0}
+PAPER_DFP = {
+    "lift-mh": 100.0,
+    "square-mh": 93.2,
+    "can-mh": 90.6,
+    "cube-double-play-task2": 100.0,
+    "cube-double-play-task3": 99.6,
+    "cube-double-play-task4": 99.6,
+    "cube-triple-play-task2": 98.4,
+    "cube-triple-play-task3": 91.6,
+    "cube-triple-play-task4": 81.2,
+    "cube-quadruple-play-task2": 99.6,
+    "cube-quadruple-play-task3": 96.6,
+    "cube-quadruple-play-task4": 99.0,
+}
 PAPER_DFP_KOFN = {1: 85.8, 2: 91.9, 4: 95.6, 8: 92.5}  # average over the 12 tasks, N = 16
 
 
@@ -107,8 +136,13 @@ def script_flags(script: str) -> dict:
     if script not in _FLAGS_CACHE:
         path, *sub = script.split()
         env = dict(os.environ, COLUMNS="300", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
-        r = subprocess.run([sys.executable, os.path.join(ROOT, path), *sub, "--help"], capture_output=True,
-                           text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [sys.executable, os.path.join(ROOT, path), *sub, "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         check(r.returncode == 0, f"{script} --help failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         flags = {}
         for line in r.stdout.splitlines():
@@ -118,7 +152,7 @@ def script_flags(script: str) -> dict:
             names = re.findall(r"--[A-Za-z0-9][\w-]*", head)
             if not names:
                 continue
-            meta = head[head.index(names[0]) + len(names[0]):].split(", -")[0].strip()
+            meta = head[head.index(names[0]) + len(names[0]) :].split(", -")[0].strip()
             if len(names) == 2 and names[1] == "--no-" + names[0][2:]:
                 flags[names[0]] = flags[names[1]] = "BOOL"
             else:
@@ -135,8 +169,10 @@ def flag_args(script: str, key: str, value: str) -> list:
     check(name[2:] not in GRID_FLAGS, f"--set {key}: the grid sets this itself (use --envs / --seeds)")
     if name not in flags:
         near = [f for f in flags if key.lower().replace("_", "-") in f.lower()]
-        fail(f"unknown flag {name} for {script}" + (f" (did you mean {', '.join(near[:4])}?)" if near else
-                                                       f"; see python {script} --help"))
+        fail(
+            f"unknown flag {name} for {script}"
+            + (f" (did you mean {', '.join(near[:4])}?)" if near else f"; see python {script} --help")
+        )
     meta = flags[name]
     if meta == "BOOL":
         low = value.lower()
@@ -154,8 +190,11 @@ def flag_args(script: str, key: str, value: str) -> list:
 # ------------------------------------------------------------------------------------------ the grid
 def resolve_script(name: str) -> str:
     name = ALIASES.get(name, name)
-    check(os.path.isfile(os.path.join(ROOT, name)), f"unknown script '{name}'; valid: {', '.join(ALIASES.values())} "
-          f"(or dfp, dbp, dbpo), or a path relative to the repository")
+    check(
+        os.path.isfile(os.path.join(ROOT, name)),
+        f"unknown script '{name}'; valid: {', '.join(ALIASES.values())} "
+        f"(or dfp, dbp, dbpo), or a path relative to the repository",
+    )
     return name
 
 
@@ -178,7 +217,10 @@ def build_grid(a) -> list:
         check(a.preset in PRESETS, f"unknown preset '{a.preset}'; valid: {', '.join(PRESETS)}")
         check(not a.script, "--script and --preset exclude each other (a preset names its script)")
         p = PRESETS[a.preset]
-        scripts, variants = [p["script"]], [(p["script"], n, {**p.get("flags", {}), **f}) for n, f in p["variants"].items()]
+        scripts, variants = (
+            [p["script"]],
+            [(p["script"], n, {**p.get("flags", {}), **f}) for n, f in p["variants"].items()],
+        )
         envs, seeds = a.envs or p["envs"], a.seeds or p["seeds"]
     else:
         check(a.script, "give --preset NAME or --script SCRIPT [SCRIPT ...]")
@@ -202,10 +244,19 @@ def build_grid(a) -> list:
         check(env_flag is not None, f"{script} has no --env or --env-id flag")
         variant = "-".join([vname] + [slug(f"{k}{v}") for k, v in combo.items()])
         run_id = f"{variant}__{short_env(env)}__s{seed}"
-        runs.append(dict(id=run_id, script=script, variant=variant, env=env, seed=seed,
-                         args=[env_flag, env, "--seed", str(seed), *args], flags=flags,
-                         threads="--num-threads" in known and "num_threads" not in flags,
-                         checkpoint=CHECKPOINT.get(os.path.basename(script))))
+        runs.append(
+            dict(
+                id=run_id,
+                script=script,
+                variant=variant,
+                env=env,
+                seed=seed,
+                args=[env_flag, env, "--seed", str(seed), *args],
+                flags=flags,
+                threads="--num-threads" in known and "num_threads" not in flags,
+                checkpoint=CHECKPOINT.get(os.path.basename(script)),
+            )
+        )
     check(runs, "the grid has no runs")
     ids = [r["id"] for r in runs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -214,8 +265,15 @@ def build_grid(a) -> list:
 
 
 def command(run: dict, out_dir: str, cpus: float) -> list:
-    cmd = [sys.executable, os.path.join(ROOT, run["script"]), *run["args"], "--runs-dir", out_dir,
-           "--run-name", run["id"]]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, run["script"]),
+        *run["args"],
+        "--runs-dir",
+        out_dir,
+        "--run-name",
+        run["id"],
+    ]
     if run["threads"]:
         cmd += ["--num-threads", str(max(1, int(cpus)))]
     return cmd
@@ -288,11 +346,20 @@ def execute(spec: dict, term_timeout: float) -> dict:
     env.setdefault("MUJOCO_GL", "egl")
     t0 = time.time()
     with open(os.path.join(run_dir, LOG_FILE), "a") as log:
-        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resumed else 'start'} on "
-                  f"{socket.gethostname()}: {shlex.join(cmd)}\n")
+        log.write(
+            f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resumed else 'start'} on "
+            f"{socket.gethostname()}: {shlex.join(cmd)}\n"
+        )
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=spec["cwd"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=die_with_parent())
+        proc = subprocess.Popen(
+            cmd,
+            cwd=spec["cwd"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         cancelled = False
         try:
             while proc.poll() is None:
@@ -306,8 +373,14 @@ def execute(spec: dict, term_timeout: float) -> dict:
                 proc.kill()
                 proc.wait()
     seconds = time.time() - t0
-    result = dict(id=spec["id"], rc=proc.returncode, seconds=seconds, resumed=resumed, host=socket.gethostname(),
-                  status="cancelled" if cancelled else "done" if proc.returncode == 0 else "failed")
+    result = dict(
+        id=spec["id"],
+        rc=proc.returncode,
+        seconds=seconds,
+        resumed=resumed,
+        host=socket.gethostname(),
+        status="cancelled" if cancelled else "done" if proc.returncode == 0 else "failed",
+    )
     if result["status"] == "done":
         write_json(os.path.join(run_dir, DONE_FILE), {**result, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     else:
@@ -326,15 +399,16 @@ def connect(a):
         try:
             socket.create_connection((m.group(1), int(m.group(2))), timeout=a.connect_timeout).close()
         except OSError as e:
-            fail(f"cannot reach a Ray cluster at {a.address} within {a.connect_timeout:.0f} s ({e}); "
-                 "start one with `ray start --head` or check the address")
+            fail(
+                f"cannot reach a Ray cluster at {a.address} within {a.connect_timeout:.0f} s ({e}); "
+                "start one with `ray start --head` or check the address"
+            )
     if ray.is_initialized():  # e.g. the tests' shared instance
         return ray
     if a.address is None:  # (cmd_run made SIGINT raise KeyboardInterrupt: Ray's processes inherit it, and
         # ray.cancel interrupts a running task with SIGINT, which must not be ignored there)
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's secure default, chosen explicitly: no warning about it
-        ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=256 * 2**20)
+        ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
     else:
         try:
             ray.init(address=a.address, log_to_driver=False)
@@ -353,16 +427,20 @@ def cmd_run(a) -> int:
         if os.path.isfile(old):
             with open(old) as f:
                 prev = json.load(f)
-            check(prev.get("args") == run["args"] and prev.get("script") == run["script"],
-                  f"{os.path.dirname(old)} was made with other flags ({shlex.join(prev.get('args', []))}); "
-                  "use another --out, or delete that folder")
+            check(
+                prev.get("args") == run["args"] and prev.get("script") == run["script"],
+                f"{os.path.dirname(old)} was made with other flags ({shlex.join(prev.get('args', []))}); "
+                "use another --out, or delete that folder",
+            )
     states = {r["id"]: run_state(os.path.join(out_dir, r["id"]), r["checkpoint"]) for r in runs}
     if a.dry_run:
         missing = {}
         for r in runs:
             need = missing_dataset(r)
-            print(f"{states[r['id']]:6s} {r['id']}: {shlex.join(command(r, out_dir, a.cpus_per_run))}"
-                  + (f"\n       dataset missing: {need[0]}" if need else ""))
+            print(
+                f"{states[r['id']]:6s} {r['id']}: {shlex.join(command(r, out_dir, a.cpus_per_run))}"
+                + (f"\n       dataset missing: {need[0]}" if need else "")
+            )
             if need:
                 missing[need[0]] = need[1]
         if missing:
@@ -373,9 +451,14 @@ def cmd_run(a) -> int:
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     ray = connect(a)  # Ctrl-C works even where a parent ignores SIGINT (and Ray's processes inherit that)
     total = ray.cluster_resources()
-    check(total.get("CPU", 0) >= a.cpus_per_run, f"the cluster has {total.get('CPU', 0):g} CPUs, fewer than --cpus-per-run")
-    check(total.get("GPU", 0) >= a.gpus_per_run,
-          f"the cluster has {total.get('GPU', 0):g} GPUs, fewer than --gpus-per-run {a.gpus_per_run:g}")
+    check(
+        total.get("CPU", 0) >= a.cpus_per_run,
+        f"the cluster has {total.get('CPU', 0):g} CPUs, fewer than --cpus-per-run",
+    )
+    check(
+        total.get("GPU", 0) >= a.gpus_per_run,
+        f"the cluster has {total.get('GPU', 0):g} GPUs, fewer than --gpus-per-run {a.gpus_per_run:g}",
+    )
     capacity = int(total["CPU"] // a.cpus_per_run)
     if a.gpus_per_run > 0:
         capacity = min(capacity, int(total["GPU"] // a.gpus_per_run))
@@ -385,16 +468,28 @@ def cmd_run(a) -> int:
     task = ray.remote(execute).options(num_cpus=a.cpus_per_run, num_gpus=a.gpus_per_run, max_retries=0)
     skipped = [r for r in runs if states[r["id"]] == "done"]
     todo = [r for r in runs if states[r["id"]] != "done"]
-    print(f"[grid] {len(runs)} runs in {out_dir}: {len(skipped)} finished (skipped), "
-          f"{sum(states[r['id']] == 'resume' for r in todo)} to resume, {sum(states[r['id']] == 'new' for r in todo)} new; "
-          f"{capacity} at a time ({a.cpus_per_run:g} CPU, {a.gpus_per_run:g} GPU each)", flush=True)
+    print(
+        f"[grid] {len(runs)} runs in {out_dir}: {len(skipped)} finished (skipped), "
+        f"{sum(states[r['id']] == 'resume' for r in todo)} to resume, {sum(states[r['id']] == 'new' for r in todo)} new; "
+        f"{capacity} at a time ({a.cpus_per_run:g} CPU, {a.gpus_per_run:g} GPU each)",
+        flush=True,
+    )
     pending = {}
     for r in todo:
         run_dir = os.path.join(out_dir, r["id"])
         os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, RUN_FILE), {k: r[k] for k in ("id", "script", "variant", "env", "seed", "args", "flags")})
-        spec = dict(id=r["id"], dir=run_dir, cwd=cwd, checkpoint=r["checkpoint"],
-                    command=command(r, out_dir, a.cpus_per_run), threads=max(1, int(a.cpus_per_run)))
+        write_json(
+            os.path.join(run_dir, RUN_FILE),
+            {k: r[k] for k in ("id", "script", "variant", "env", "seed", "args", "flags")},
+        )
+        spec = dict(
+            id=r["id"],
+            dir=run_dir,
+            cwd=cwd,
+            checkpoint=r["checkpoint"],
+            command=command(r, out_dir, a.cpus_per_run),
+            threads=max(1, int(a.cpus_per_run)),
+        )
         pending[task.remote(spec, a.term_timeout)] = r
 
     t0, done, failed, durations = time.time(), [], [], []
@@ -403,9 +498,14 @@ def cmd_run(a) -> int:
         avail = ray.available_resources().get("CPU", 0.0)
         running = min(len(pending), capacity, max(0, round((total["CPU"] - avail) / a.cpus_per_run)))
         left = len(pending)
-        eta = f"{sum(durations) / len(durations) * left / min(capacity, max(left, 1)) / 60:.1f} min" if durations else "?"
-        print(f"[grid] {len(done) + len(skipped)}/{len(runs)} done, {running} running, {len(failed)} failed, "
-              f"{left - running} queued | {(time.time() - t0) / 60:.1f} min, ETA {eta}", flush=True)
+        eta = (
+            f"{sum(durations) / len(durations) * left / min(capacity, max(left, 1)) / 60:.1f} min" if durations else "?"
+        )
+        print(
+            f"[grid] {len(done) + len(skipped)}/{len(runs)} done, {running} running, {len(failed)} failed, "
+            f"{left - running} queued | {(time.time() - t0) / 60:.1f} min, ETA {eta}",
+            flush=True,
+        )
 
     def collect(ref) -> None:
         r = pending.pop(ref)
@@ -416,13 +516,19 @@ def cmd_run(a) -> int:
         if res["status"] == "done":
             done.append(res)
             durations.append(res["seconds"])
-            print(f"[grid] finished {res['id']} in {res['seconds'] / 60:.1f} min"
-                  + (" (resumed)" if res.get("resumed") else ""), flush=True)
+            print(
+                f"[grid] finished {res['id']} in {res['seconds'] / 60:.1f} min"
+                + (" (resumed)" if res.get("resumed") else ""),
+                flush=True,
+            )
         elif res["status"] == "failed":
             failed.append(res)
             log = os.path.join(out_dir, r["id"], LOG_FILE)
-            print(f"[grid] FAILED {res['id']} (exit code {res['rc']}); log {log}, last lines:\n"
-                  + "".join("    " + line + "\n" for line in res["log_tail"].rstrip().splitlines()), flush=True)
+            print(
+                f"[grid] FAILED {res['id']} (exit code {res['rc']}); log {log}, last lines:\n"
+                + "".join("    " + line + "\n" for line in res["log_tail"].rstrip().splitlines()),
+                flush=True,
+            )
 
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
@@ -435,14 +541,19 @@ def cmd_run(a) -> int:
                 progress()
                 last = time.time()
     except KeyboardInterrupt:
-        print(f"[grid] stopping: cancelling {len(pending)} runs; running ones save their checkpoint "
-              f"(Ctrl-C again to quit at once)", flush=True)
+        print(
+            f"[grid] stopping: cancelling {len(pending)} runs; running ones save their checkpoint "
+            f"(Ctrl-C again to quit at once)",
+            flush=True,
+        )
         try:
             for ref in pending:
                 ray.cancel(ref)  # a running task gets KeyboardInterrupt: execute() sends SIGTERM and waits
             ray.wait(list(pending), num_returns=len(pending), timeout=a.term_timeout + 10)
-            print(f"[grid] stopped: {len(done) + len(skipped)}/{len(runs)} done. Rerun the same command to continue.",
-                  flush=True)
+            print(
+                f"[grid] stopped: {len(done) + len(skipped)}/{len(runs)} done. Rerun the same command to continue.",
+                flush=True,
+            )
         except KeyboardInterrupt:
             print("[grid] quit at once (runs still saving get a second signal and stop without saving)", flush=True)
         return 130
@@ -450,9 +561,12 @@ def cmd_run(a) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous_term)
             signal.signal(signal.SIGINT, previous_int)
-    print(f"[grid] all {len(runs)} runs ended in {(time.time() - t0) / 60:.1f} min: {len(done) + len(skipped)} done "
-          f"({len(skipped)} skipped), {len(failed)} failed" + (f": {', '.join(f['id'] for f in failed)}" if failed else ""),
-          flush=True)
+    print(
+        f"[grid] all {len(runs)} runs ended in {(time.time() - t0) / 60:.1f} min: {len(done) + len(skipped)} done "
+        f"({len(skipped)} skipped), {len(failed)} failed"
+        + (f": {', '.join(f['id'] for f in failed)}" if failed else ""),
+        flush=True,
+    )
     print(f"[grid] results: python scripts/grid.py report {os.path.relpath(out_dir)}", flush=True)
     return 1 if failed else 0
 
@@ -499,8 +613,9 @@ def mean_se(values: list) -> tuple:
 
 def cmd_report(a) -> int:
     check(os.path.isdir(a.runs_dir), f"{a.runs_dir} is not a folder")
-    run_dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(a.runs_dir, "**", "events.out.tfevents.*"),
-                                                                 recursive=True)})
+    run_dirs = sorted(
+        {os.path.dirname(p) for p in glob.glob(os.path.join(a.runs_dir, "**", "events.out.tfevents.*"), recursive=True)}
+    )
     check(run_dirs, f"no tensorboard logs (events.out.tfevents.*) under {a.runs_dir}")
     out_dir = a.out or a.runs_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -509,7 +624,9 @@ def cmd_report(a) -> int:
         info, scalars = run_info(d), read_scalars(d)
         name = os.path.relpath(d, a.runs_dir)
         for tag, series in scalars.items():
-            rows += [(name, info["script"], info["env"], info["seed"], s, tag, f"{v:.6g}") for s, v in sorted(series.items())]
+            rows += [
+                (name, info["script"], info["env"], info["seed"], s, tag, f"{v:.6g}") for s, v in sorted(series.items())
+            ]
         success = next((scalars[t] for t in SUCCESS_TAGS if t in scalars), None)
         if success:
             curves.setdefault((info["variant"], info["env"]), []).append(dict(success, _info=info))
@@ -525,8 +642,10 @@ def cmd_report(a) -> int:
         return PAPER_DFP.get(env) if "dfp" in info["script"] or variant.startswith("dfp") else None
 
     with_paper = any(paper_number(v, e, runs[0]["_info"]) is not None for (v, e), runs in curves.items())
-    lines = ["| variant | env | seeds | final step | success % (mean ± s.e.) |" + (" DFP paper % |" if with_paper else ""),
-             "|---|---|---|---|---|" + ("---|" if with_paper else "")]
+    lines = [
+        "| variant | env | seeds | final step | success % (mean ± s.e.) |" + (" DFP paper % |" if with_paper else ""),
+        "|---|---|---|---|---|" + ("---|" if with_paper else ""),
+    ]
     kofn = {}
     for (variant, env), runs in sorted(curves.items()):
         finals = [100 * r[max(k for k in r if k != "_info")] for r in runs]
@@ -535,14 +654,22 @@ def cmd_report(a) -> int:
         info = runs[0]["_info"]
         paper = paper_number(variant, env, info)
         pm = f"{m:.1f} ± {se:.1f}" if len(finals) > 1 else f"{m:.1f}"
-        lines.append(f"| {variant} | {env} | {len(finals)} | {'/'.join(map(str, steps))} | {pm} |"
-                     + (f" {'' if paper is None else f'{paper:.1f}'} |" if with_paper else ""))
+        lines.append(
+            f"| {variant} | {env} | {len(finals)} | {'/'.join(map(str, steps))} | {pm} |"
+            + (f" {'' if paper is None else f'{paper:.1f}'} |" if with_paper else "")
+        )
         flags = info["flags"]
         if paper is not None and flags.get("K") and flags.get("N", "16") == "16":
             kofn.setdefault(int(flags["K"]), []).append(m)
     if kofn:
-        lines += ["", "| K (of N = 16) | tasks | average success % | DFP paper average % (12 tasks) |", "|---|---|---|---|"]
-        lines += [f"| {k} | {len(v)} | {sum(v) / len(v):.1f} | {PAPER_DFP_KOFN.get(k, '')} |" for k, v in sorted(kofn.items())]
+        lines += [
+            "",
+            "| K (of N = 16) | tasks | average success % | DFP paper average % (12 tasks) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {len(v)} | {sum(v) / len(v):.1f} | {PAPER_DFP_KOFN.get(k, '')} |" for k, v in sorted(kofn.items())
+        ]
     md_path = os.path.join(out_dir, f"{a.name}.md")
     with open(md_path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -550,8 +677,10 @@ def cmd_report(a) -> int:
 
     print("\n".join(lines))
     if not curves:
-        print(f"wrote {csv_path} ({len(rows)} rows) and {md_path} from {len(run_dirs)} runs; no figure: no run logged "
-              f"{' or '.join(SUCCESS_TAGS)}")
+        print(
+            f"wrote {csv_path} ({len(rows)} rows) and {md_path} from {len(run_dirs)} runs; no figure: no run logged "
+            f"{' or '.join(SUCCESS_TAGS)}"
+        )
         return 0
 
     # ---- learning curves: one panel per env, one line per variant (mean over seeds, band = +- s.e.) ----
@@ -580,39 +709,61 @@ def cmd_report(a) -> int:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(envs):]:
+    for ax in list(axes.flat)[len(envs) :]:
         ax.axis("off")
     fig.tight_layout()
     png_path = os.path.join(out_dir, f"{a.name}.png")
     fig.savefig(png_path + ".tmp.png", dpi=100)
     os.replace(png_path + ".tmp.png", png_path)
-    write_json(os.path.join(out_dir, f"{a.name}.json"),
-               dict(panels=envs, size_px=[int(v) for v in fig.get_size_inches() * 100], runs=len(run_dirs),
-                    lines={env: sorted(v for v, e in curves if e == env) for env in envs}))
+    write_json(
+        os.path.join(out_dir, f"{a.name}.json"),
+        dict(
+            panels=envs,
+            size_px=[int(v) for v in fig.get_size_inches() * 100],
+            runs=len(run_dirs),
+            lines={env: sorted(v for v, e in curves if e == env) for env in envs},
+        ),
+    )
     print(f"wrote {csv_path} ({len(rows)} rows), {md_path}, {png_path} ({len(envs)} panels) from {len(run_dirs)} runs")
     return 0
 
 
 # ------------------------------------------------------------------------------------------ command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a grid (skips finished runs, resumes interrupted ones)",
-                       epilog="presets:\n" + "\n".join(f"  {k}: {v['about']}" for k, v in PRESETS.items()),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser(
+        "run",
+        help="run a grid (skips finished runs, resumes interrupted ones)",
+        epilog="presets:\n" + "\n".join(f"  {k}: {v['about']}" for k, v in PRESETS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("--preset", help=f"a named grid: {', '.join(PRESETS)}")
     r.add_argument("--script", nargs="+", help="training scripts (dfp, dbp, dbpo or file names), without --preset")
     r.add_argument("--envs", nargs="+", help="environments (replaces the preset's)")
     r.add_argument("--seeds", nargs="+", type=int, help="seeds (replaces the preset's; default 1)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="a flag for every run, e.g. offline_steps=1000 "
-                   "(booleans: save_model=false; lists: temperatures='0.1 0.2'); repeatable")
-    r.add_argument("--sweep", action="append", metavar="KEY=V1,V2", help="a flag swept over values (one run per "
-                   "value, crossed with the rest), e.g. K=1,2,4,8; repeatable")
+    r.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a flag for every run, e.g. offline_steps=1000 "
+        "(booleans: save_model=false; lists: temperatures='0.1 0.2'); repeatable",
+    )
+    r.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="a flag swept over values (one run per value, crossed with the rest), e.g. K=1,2,4,8; repeatable",
+    )
     r.add_argument("--out", help="grid folder (default runs/<preset> or runs/grid)")
     r.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs reserved per run; also its torch threads")
     r.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per run (fractions share a GPU, e.g. 0.25)")
-    r.add_argument("--address", help="join a Ray cluster (HOST:PORT from `ray start --head`, or auto); "
-                   "default: start Ray on this machine")
+    r.add_argument(
+        "--address",
+        help="join a Ray cluster (HOST:PORT from `ray start --head`, or auto); default: start Ray on this machine",
+    )
     r.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for --address")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--term-timeout", type=float, default=60.0, help="seconds a cancelled run gets to save")

@@ -1,5 +1,6 @@
 """Run a training script's __main__ in the test process: the bad-input matrices use it because it is fast
 (torch is imported once, not once per case). Each test file also checks a few cases in a real process."""
+
 import contextlib
 import io
 import os

@@ -30,9 +30,32 @@ from inprocess import run_main  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "dbp_bc.py")
 ENV = dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1")
-TINY = ["--backbone", "mlp", "--hidden-dim", "32", "--depth", "2", "--batch-size", "16", "--num-hypotheses", "4",
-        "--obs-horizon", "2", "--pred-horizon", "8", "--action-horizon", "4", "--num-threads", "1", "--log-interval", "10",
-        "--eval-interval", "0", "--eval-episodes", "2"]
+TINY = [
+    "--backbone",
+    "mlp",
+    "--hidden-dim",
+    "32",
+    "--depth",
+    "2",
+    "--batch-size",
+    "16",
+    "--num-hypotheses",
+    "4",
+    "--obs-horizon",
+    "2",
+    "--pred-horizon",
+    "8",
+    "--action-horizon",
+    "4",
+    "--num-threads",
+    "1",
+    "--log-interval",
+    "10",
+    "--eval-interval",
+    "0",
+    "--eval-episodes",
+    "2",
+]
 EVAL_RE = re.compile(r"(?:eval/success=(\S+) )?eval/episodic_return=(\S+) eval/episode_length=(\S+)")
 
 
@@ -65,14 +88,19 @@ def write_d4rl(path, episodes=5, length=40, seed=0, **overrides):
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         for t in range(length):
-            action = np.clip([2 * obs[1] + 0.3 * obs[3] + 0.2 * obs[0] + 0.05 * rng.standard_normal()], -3, 3).astype(np.float32)
+            action = np.clip([2 * obs[1] + 0.3 * obs[3] + 0.2 * obs[0] + 0.05 * rng.standard_normal()], -3, 3).astype(
+                np.float32
+            )
             nxt, reward, term, trunc, _ = env.step(action)
             for k, v in zip(data, (obs, action, reward, term, t == length - 1 and not term)):
                 data[k].append(v)
             obs = nxt
             if term:
                 break
-    arrays = {k: np.asarray(v, dtype=np.float32 if k in ("observations", "actions", "rewards") else bool) for k, v in data.items()}
+    arrays = {
+        k: np.asarray(v, dtype=np.float32 if k in ("observations", "actions", "rewards") else bool)
+        for k, v in data.items()
+    }
     arrays.update(overrides)
     arrays = {k: v for k, v in arrays.items() if v is not None}
     np.savez(path, **arrays)
@@ -97,14 +125,27 @@ def test_preset_defaults_are_the_authors():
     assert (a.adam_betas, a.weight_decay, a.max_grad_norm) == ((0.9, 0.999), 1e-6, 10.0)
     assert (a.ema_every, a.ema_start_epoch, a.ema_power, a.ema_max_decay) == (10, 20, 0.75, 0.9999)
     assert (a.val_ratio, a.num_hypotheses, a.temperatures, a.drift_mode) == (None, 4, (0.02, 0.05, 0.2), "chunk")
-    for env, val_ratio in (("cube-single-play", 0.02), ("lift-ph", 0.02), ("Hopper-v5", 0.0), ("mujoco/hopper/medium-v0", 0.0)):
+    for env, val_ratio in (
+        ("cube-single-play", 0.02),
+        ("lift-ph", 0.02),
+        ("Hopper-v5", 0.0),
+        ("mujoco/hopper/medium-v0", 0.0),
+    ):
         a = dbp_bc.Args(env=env)  # filled in by env family: the authors' D4RL configs hold nothing out
         assert all(ok for ok, _ in dbp_bc.rules(a)) and a.val_ratio == val_ratio, env
     assert (a.save_model, a.keep_checkpoints, a.wandb_project_name, a.eval_envs) == (True, 10, "drift-policies", None)
-    assert (a.normalization, dbp_bc.ROBOMIMIC_OBS_KEYS[0]) == ("authors", "object")  # their task configs list `object` first
+    assert (a.normalization, dbp_bc.ROBOMIMIC_OBS_KEYS[0]) == (
+        "authors",
+        "object",
+    )  # their task configs list `object` first
     # horizons (and Robomimic's time limit, their max_steps) by env family, filled in by the rules when not given, overridable
-    for env, expected, limit in [("cube-single-play", (2, 16, 8), None), ("cube-double-play-singletask-task2-v0", (2, 16, 8), None),
-                                 ("lift-mh", (1, 4, 4), 400), ("square-ph", (1, 4, 4), 400), ("Hopper-v5", (1, 4, 4), None)]:
+    for env, expected, limit in [
+        ("cube-single-play", (2, 16, 8), None),
+        ("cube-double-play-singletask-task2-v0", (2, 16, 8), None),
+        ("lift-mh", (1, 4, 4), 400),
+        ("square-ph", (1, 4, 4), 400),
+        ("Hopper-v5", (1, 4, 4), None),
+    ]:
         a = dbp_bc.Args(env=env)
         assert all(ok for ok, _ in dbp_bc.rules(a))
         assert (a.obs_horizon, a.pred_horizon, a.action_horizon, a.max_episode_steps) == (*expected, limit)
@@ -118,9 +159,14 @@ def test_preset_defaults_are_the_authors():
 def test_lr_schedule_per_epoch():
     lr = lambda e: dbp_bc.lr_at(e, 1e-4, 1e-5, 100, 500)  # noqa: E731
     assert lr(0) == pytest.approx(1e-5) and lr(50) == pytest.approx(5.5e-5) and lr(100) == pytest.approx(1e-4)
-    assert lr(300) == pytest.approx(5.5e-5) and lr(500) == pytest.approx(1e-5) and lr(499) == pytest.approx(1e-5, rel=1e-3)
+    assert (
+        lr(300) == pytest.approx(5.5e-5) and lr(500) == pytest.approx(1e-5) and lr(499) == pytest.approx(1e-5, rel=1e-3)
+    )
     # the authors' CosineAnnealingWarmupRestarts(first_cycle_steps=500, warmup 100), stepped once per epoch
-    ref = [1e-5 + 9e-5 * e / 100 if e < 100 else 1e-5 + 9e-5 * (1 + math.cos(math.pi * (e - 100) / 400)) / 2 for e in range(500)]
+    ref = [
+        1e-5 + 9e-5 * e / 100 if e < 100 else 1e-5 + 9e-5 * (1 + math.cos(math.pi * (e - 100) / 400)) / 2
+        for e in range(500)
+    ]
     assert np.allclose([lr(e) for e in range(500)], ref, rtol=1e-12)
 
 
@@ -195,15 +241,31 @@ def test_minmax_normalization_and_checkpoint_roundtrip(tmp_path):
     kw = dict(obs_dim=4, action_dim=2, obs_horizon=2, pred_horizon=4, hidden_dim=16, depth=2)
     gen = dbp_bc.make_generator("mlp", **kw)
     policy = dbp_bc.Policy(gen, stats, [-1, 0], [3, 0.5])
-    ckpt = {"backbone": "mlp", "generator_kwargs": kw, "model": gen.state_dict(), "action_low": torch.tensor([-1.0, 0.0]),
-            "action_high": torch.tensor([3.0, 0.5]), **policy.stats()}
+    ckpt = {
+        "backbone": "mlp",
+        "generator_kwargs": kw,
+        "model": gen.state_dict(),
+        "action_low": torch.tensor([-1.0, 0.0]),
+        "action_high": torch.tensor([3.0, 0.5]),
+        **policy.stats(),
+    }
     torch.save(ckpt, tmp_path / "c.pt")
     reloaded = dbp_bc.load_policy(torch.load(tmp_path / "c.pt", weights_only=False))
     raw_hist, z = torch.as_tensor(obs[:20]).view(10, 2, 4), torch.randn(10, 4, 2)
     a1, a2 = policy(raw_hist, z), reloaded(raw_hist, z)
     assert torch.equal(a1, a2)
     assert (a1 >= torch.tensor([-1.0, 0.0])).all() and (a1 <= torch.tensor([3.0, 0.5])).all()
-    ident = dbp_bc.Policy(gen, {"obs_offset": torch.zeros(4), "obs_scale": torch.ones(4), "action_offset": torch.zeros(2), "action_scale": torch.ones(2)}, [-1, 0], [3, 0.5])
+    ident = dbp_bc.Policy(
+        gen,
+        {
+            "obs_offset": torch.zeros(4),
+            "obs_scale": torch.ones(4),
+            "action_offset": torch.zeros(2),
+            "action_scale": torch.ones(2),
+        },
+        [-1, 0],
+        [3, 0.5],
+    )
     assert not torch.allclose(ident(raw_hist, z), a1)  # the stats are really used
 
 
@@ -215,10 +277,20 @@ def test_episode_bounds_and_chunk_padding():
     first, last = dbp_bc.episode_bounds(ends)
     assert first.tolist() == [0] * 5 + [5] * 3 and last.tolist() == [4] * 5 + [7] * 3
     t = torch.arange(8)
-    obs_idx, act_idx = dbp_bc.chunk_indices(t, torch.as_tensor(first), torch.as_tensor(last), obs_horizon=2, pred_horizon=4)
+    obs_idx, act_idx = dbp_bc.chunk_indices(
+        t, torch.as_tensor(first), torch.as_tensor(last), obs_horizon=2, pred_horizon=4
+    )
     assert obs_idx.tolist() == [[0, 0], [0, 1], [1, 2], [2, 3], [3, 4], [5, 5], [5, 6], [6, 7]]
-    assert act_idx.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 4], [3, 4, 4, 4],
-                                [5, 5, 6, 7], [5, 6, 7, 7], [6, 7, 7, 7]]
+    assert act_idx.tolist() == [
+        [0, 0, 1, 2],
+        [0, 1, 2, 3],
+        [1, 2, 3, 4],
+        [2, 3, 4, 4],
+        [3, 4, 4, 4],
+        [5, 5, 6, 7],
+        [5, 6, 7, 7],
+        [6, 7, 7, 7],
+    ]
     assert (act_idx[:, 1] == t).all()  # chunk index To-1 is the current step's action
     first, last = dbp_bc.episode_bounds(np.array([0, 1, 0, 0], dtype=bool))  # an unterminated tail is an episode
     assert first.tolist() == [0, 0, 2, 2] and last.tolist() == [1, 1, 3, 3]
@@ -226,6 +298,7 @@ def test_episode_bounds_and_chunk_padding():
 
 def test_horizon_rule():
     """The paper's validity conditions To - 1 + Ta <= Tp, all >= 1 (a rule of dbp_bc.rules)."""
+
     def refused(To, Tp, Ta):
         args = dbp_bc.Args(obs_horizon=To, pred_horizon=Tp, action_horizon=Ta, backbone="mlp")
         return [msg for ok, msg in dbp_bc.rules(args) if not ok]
@@ -268,7 +341,12 @@ class ReplanCounter(torch.nn.Module):
         return (100.0 * (len(self.histories) - 1) + torch.arange(16.0)).view(1, 16, 1)
 
 
-IDENTITY = {"obs_offset": torch.zeros(1), "obs_scale": torch.ones(1), "action_offset": torch.zeros(1), "action_scale": torch.ones(1)}
+IDENTITY = {
+    "obs_offset": torch.zeros(1),
+    "obs_scale": torch.ones(1),
+    "action_offset": torch.zeros(1),
+    "action_scale": torch.ones(1),
+}
 
 
 def test_receding_horizon_executes_chunk_from_now_then_replans():
@@ -277,18 +355,26 @@ def test_receding_horizon_executes_chunk_from_now_then_replans():
     To, Tp, Ta = 2, 16, 8
     gen, counter = ReplanCounter(), CounterEnv(horizon=20)
     policy = dbp_bc.Policy(gen, IDENTITY, [-1e6], [1e6])
-    vec = gym.vector.SyncVectorEnv([lambda: envs.ChunkEnv(counter, Ta, obs_horizon=To)],
-                                   autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    vec = gym.vector.SyncVectorEnv(
+        [lambda: envs.ChunkEnv(counter, Ta, obs_horizon=To)], autoreset_mode=gym.vector.AutoresetMode.DISABLED
+    )
     res = envs.evaluate(vec, functools.partial(dbp_bc.act, policy, Ta), episodes=1, seed=0)
     assert gen.histories == [[0.0, 0.0], [7.0, 8.0], [15.0, 16.0]]  # replans at 0, 8, 16; first obs repeated at reset
-    assert counter.actions == [100 * k + j for k in range(3) for j in range(To - 1, To - 1 + Ta)][:20]  # chunk[To-1 : To-1+Ta]
+    assert (
+        counter.actions == [100 * k + j for k in range(3) for j in range(To - 1, To - 1 + Ta)][:20]
+    )  # chunk[To-1 : To-1+Ta]
     assert (res["return"], res["length"], res["success"]) == (20.0, 20.0, 1.0)
 
 
 def test_act_draws_each_rows_latent_from_its_own_generator_bit_for_bit():
     torch.manual_seed(0)
     gen = dbp_bc.make_generator("mlp", obs_dim=3, action_dim=2, obs_horizon=2, pred_horizon=8, hidden_dim=16, depth=2)
-    stats = {"obs_offset": torch.zeros(3), "obs_scale": torch.ones(3), "action_offset": torch.zeros(2), "action_scale": torch.ones(2)}
+    stats = {
+        "obs_offset": torch.zeros(3),
+        "obs_scale": torch.ones(3),
+        "action_offset": torch.zeros(2),
+        "action_scale": torch.ones(2),
+    }
     policy = dbp_bc.Policy(gen, stats, [-10, -10], [10, 10])
     obs = np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32)  # [B, To, O]
     obs[1] = obs[0]
@@ -345,9 +431,13 @@ def bad_files(tmp_path_factory, d4rl_file):
     d = tmp_path_factory.mktemp("bad")
     good = dict(np.load(d4rl_file))
     files = {"good": d4rl_file}
-    for name, override in {"missing_key": {"timeouts": None}, "lengths": {"rewards": good["rewards"][:-3]},
-                           "bounds": {"actions": good["actions"] * 0 + 5.0}, "nan": {"observations": good["observations"] * np.nan},
-                           "hopper": {"observations": np.zeros((len(good["actions"]), 11), np.float32)}}.items():
+    for name, override in {
+        "missing_key": {"timeouts": None},
+        "lengths": {"rewards": good["rewards"][:-3]},
+        "bounds": {"actions": good["actions"] * 0 + 5.0},
+        "nan": {"observations": good["observations"] * np.nan},
+        "hopper": {"observations": np.zeros((len(good["actions"]), 11), np.float32)},
+    }.items():
         files[name] = str(d / f"{name}.npz")
         np.savez(files[name], **{k: v for k, v in {**good, **override}.items() if v is not None})
     raw = open(d4rl_file, "rb").read()
@@ -367,8 +457,14 @@ def bad_files(tmp_path_factory, d4rl_file):
     terminals = np.zeros(n, np.float32)
     terminals[[29, 59]] = 1
     for suffix in ("", "-val"):
-        np.savez(d / f"cube-double-expert-task1-v0{suffix}.npz", observations=np.zeros((n, 37), np.float32),
-                 actions=np.zeros((n, 5), np.float32), terminals=terminals, qpos=np.zeros((n, 18)), qvel=np.zeros((n, 18)))
+        np.savez(
+            d / f"cube-double-expert-task1-v0{suffix}.npz",
+            observations=np.zeros((n, 37), np.float32),
+            actions=np.zeros((n, 5), np.float32),
+            terminals=terminals,
+            qpos=np.zeros((n, 18)),
+            qvel=np.zeros((n, 18)),
+        )
     files["cube_double"] = str(d / "cube-double-expert-task1-v0.npz")
     files["snapshot"] = str(d / "dbp_bc_10.pt")  # a policy snapshot: every dbp-v1 key, no training state
     torch.save({"format": "dbp-v1", **{k: None for k in dbp_bc.CKPT_KEYS}}, files["snapshot"])
@@ -412,12 +508,20 @@ BAD_CASES = {  # name: (argv with {file} placeholders, message fragment)
     "action bounds": ([*IP, "--dataset-path", "{bounds}"], "actions lie outside the env's action bounds"),
     "nan data": ([*IP, "--dataset-path", "{nan}"], "non-finite values in 'observations'"),
     "other env (d4rl)": ([*IP, "--dataset-path", "{hopper}"], "'observations' must have shape [N, 4] for this env"),
-    "other env (ogbench 37 vs 28)": (["--env", "cube-single-play", "--task", "1", "--dataset-path", "{cube_double}", "--backbone", "mlp"],
-                                     "'observations' must have shape [N, 28] for this env, got (58, 37)"),
+    "other env (ogbench 37 vs 28)": (
+        ["--env", "cube-single-play", "--task", "1", "--dataset-path", "{cube_double}", "--backbone", "mlp"],
+        "'observations' must have shape [N, 28] for this env, got (58, 37)",
+    ),
     "runs dir is a file": ([*IP, "--dataset-path", "{good}", "--runs-dir", "{afile}"], "is a file, not a folder"),
-    "run exists": ([*IP, "--dataset-path", "{good}", "--runs-dir", "{runs}", "--run-name", "taken"], "already holds a run"),
+    "run exists": (
+        [*IP, "--dataset-path", "{good}", "--runs-dir", "{runs}", "--run-name", "taken"],
+        "already holds a run",
+    ),
     "resume missing": ([*IP, "--dataset-path", "{good}", "--resume", "nope.pt"], "--resume nope.pt does not exist"),
-    "resume other script": ([*IP, "--dataset-path", "{good}", "--resume", "{dfp_ckpt}"], "is of another kind (format 'dfp-v1', expected 'dbp-v1')"),
+    "resume other script": (
+        [*IP, "--dataset-path", "{good}", "--resume", "{dfp_ckpt}"],
+        "is of another kind (format 'dfp-v1', expected 'dbp-v1')",
+    ),
     "resume a snapshot": ([*IP, "--dataset-path", "{good}", "--resume", "{snapshot}"], "holds only a policy"),
     "eval-only no checkpoint": (["--eval-only"], "--eval-only needs --checkpoint"),
     "eval-only truncated": (["--eval-only", "--checkpoint", "{trunc_ckpt}"], "cannot read --checkpoint"),
@@ -450,43 +554,121 @@ def test_bad_input_subprocess(tmp_path, bad_files):
 # smoke runs, reproducible evaluation, resume
 # ---------------------------------------------------------------------------------------------
 def test_smoke_eval_only_reproduces_training_evaluations(d4rl_file, tmp_path):
-    p = run(["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "30", "--eval-interval", "10",
-             "--save-interval", "10", "--keep-checkpoints", "2", "--warmup-epochs", "0", "--lr", "3e-3",
-             "--ema-start-epoch", "0", "--ema-every", "1", "--capture-video", "--runs-dir", str(tmp_path / "runs"), "--seed", "3",
-             "--eval-envs", "1", "--val-ratio", "0.2"], tmp_path)  # locomotion holds nothing out by default
-    assert "SPS" in p.stdout and "ETA" in p.stdout and "val_loss" in p.stdout and p.stdout.splitlines()[-1].startswith("final")
+    p = run(
+        [
+            "--env",
+            "InvertedPendulum-v5",
+            "--dataset-path",
+            d4rl_file,
+            *TINY,
+            "--total-steps",
+            "30",
+            "--eval-interval",
+            "10",
+            "--save-interval",
+            "10",
+            "--keep-checkpoints",
+            "2",
+            "--warmup-epochs",
+            "0",
+            "--lr",
+            "3e-3",
+            "--ema-start-epoch",
+            "0",
+            "--ema-every",
+            "1",
+            "--capture-video",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--seed",
+            "3",
+            "--eval-envs",
+            "1",
+            "--val-ratio",
+            "0.2",
+        ],
+        tmp_path,
+    )  # locomotion holds nothing out by default
+    assert (
+        "SPS" in p.stdout
+        and "ETA" in p.stdout
+        and "val_loss" in p.stdout
+        and p.stdout.splitlines()[-1].startswith("final")
+    )
     assert p.stdout.splitlines()[0].startswith("start: env InvertedPendulum-v5")
     run_dir = the_run_dir(tmp_path / "runs")
     files = os.listdir(run_dir)
-    assert sorted(f for f in files if f.startswith("dbp_bc")) == ["dbp_bc.pt", "dbp_bc_20.pt", "dbp_bc_30.pt"]  # last 2 kept
+    assert sorted(f for f in files if f.startswith("dbp_bc")) == [
+        "dbp_bc.pt",
+        "dbp_bc_20.pt",
+        "dbp_bc_30.pt",
+    ]  # last 2 kept
     ckpt = torch.load(os.path.join(run_dir, "dbp_bc.pt"), weights_only=False)
     for k in dbp_bc.CKPT_KEYS + ("format", "args", "step", "train_model", "optimizer"):
         assert k in ckpt, k
     assert ckpt["step"] == 30 and ckpt["format"] == "dbp-v1" and (ckpt["obs_dim"], ckpt["action_dim"]) == (4, 1)
     assert "train_model" not in torch.load(os.path.join(run_dir, "dbp_bc_20.pt"), weights_only=False)  # policy only
     assert any(f.startswith("events.out.tfevents") for f in files)
-    videos = [os.path.join(run_dir, "videos", f) for f in os.listdir(os.path.join(run_dir, "videos")) if f.endswith(".mp4")]
+    videos = [
+        os.path.join(run_dir, "videos", f) for f in os.listdir(os.path.join(run_dir, "videos")) if f.endswith(".mp4")
+    ]
     import imageio.v3 as iio
 
-    assert len(videos) == 1 and len(list(iio.imiter(videos[0]))) > 1  # the first final-eval episode, never a 1-frame file
+    assert (
+        len(videos) == 1 and len(list(iio.imiter(videos[0]))) > 1
+    )  # the first final-eval episode, never a 1-frame file
     logged = {int(s): EVAL_RE.search(line).groups() for s, line in re.findall(r"eval step (\d+): (.*)", p.stdout)}
     assert sorted(logged) == [10, 20, 30]
     # --eval-only on the step-20 and step-30 snapshots reproduces the evaluations logged at those steps (30: the final
     # one), with episodes spread over 2 worker envs instead of 1
-    q = run(["--eval-only", "--checkpoint", os.path.join(run_dir, "dbp_bc_20.pt"), os.path.join(run_dir, "dbp_bc_30.pt"),
-             "--eval-episodes", "2", "--seed", "3", "--num-threads", "1", "--eval-envs", "2"], tmp_path)
+    q = run(
+        [
+            "--eval-only",
+            "--checkpoint",
+            os.path.join(run_dir, "dbp_bc_20.pt"),
+            os.path.join(run_dir, "dbp_bc_30.pt"),
+            "--eval-episodes",
+            "2",
+            "--seed",
+            "3",
+            "--num-threads",
+            "1",
+            "--eval-envs",
+            "2",
+        ],
+        tmp_path,
+    )
     assert "eval envs 1" in p.stdout.splitlines()[0] and "eval envs 2" in q.stdout.splitlines()[0]
     lines = [line for line in q.stdout.splitlines() if line.startswith("eval-only")]
     assert [EVAL_RE.search(line).groups() for line in lines] == [logged[20], logged[30]]
     returns = np.array([float(logged[20][1]), float(logged[30][1])])
     final = q.stdout.splitlines()[-1]
-    assert final.startswith("final eval-only over 2") and f"mean {returns.mean():.4f} +- std {returns.std(ddof=1):.4f}" in final
+    assert (
+        final.startswith("final eval-only over 2")
+        and f"mean {returns.mean():.4f} +- std {returns.std(ddof=1):.4f}" in final
+    )
     assert "eval/success" not in p.stdout  # locomotion: no success signal
 
 
 def test_smoke_unet_step_gaussian_and_exact_resume(d4rl_file, tmp_path):
-    base = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--backbone", "unet", "--unet-dims", "8", "16",
-            "--drift-mode", "step", "--ema-start-epoch", "1", "--ema-every", "3"]
+    base = [
+        "--env",
+        "InvertedPendulum-v5",
+        "--dataset-path",
+        d4rl_file,
+        *TINY,
+        "--backbone",
+        "unet",
+        "--unet-dims",
+        "8",
+        "16",
+        "--drift-mode",
+        "step",
+        "--ema-start-epoch",
+        "1",
+        "--ema-every",
+        "3",
+    ]
     run([*base, "--total-steps", "20", "--runs-dir", str(tmp_path / "a")], tmp_path)
     run([*base, "--total-steps", "10", "--runs-dir", str(tmp_path / "b")], tmp_path)
     b_dir = the_run_dir(tmp_path / "b")
@@ -498,17 +680,74 @@ def test_smoke_unet_step_gaussian_and_exact_resume(d4rl_file, tmp_path):
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
     # the Gaussian mean-shift field and the MSE baseline run too
     run([*base, "--total-steps", "5", "--drift-field", "gaussian", "--runs-dir", str(tmp_path / "c")], tmp_path)
-    run(["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "5", "--loss", "mse", "--runs-dir", str(tmp_path / "d")], tmp_path)
+    run(
+        [
+            "--env",
+            "InvertedPendulum-v5",
+            "--dataset-path",
+            d4rl_file,
+            *TINY,
+            "--total-steps",
+            "5",
+            "--loss",
+            "mse",
+            "--runs-dir",
+            str(tmp_path / "d"),
+        ],
+        tmp_path,
+    )
 
 
 def test_smoke_ogbench_expert_data(tmp_path):
-    gen = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate_ogbench_dataset.py"), "--env", "cube-single-play",
-                          "--kind", "expert", "--task", "1", "--episodes", "3", "--episode-length", "40", "--workers", "1",
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=ENV)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "generate_ogbench_dataset.py"),
+            "--env",
+            "cube-single-play",
+            "--kind",
+            "expert",
+            "--task",
+            "1",
+            "--episodes",
+            "3",
+            "--episode-length",
+            "40",
+            "--workers",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     path = str(tmp_path / "cube-single-expert-task1-v0.npz")
-    p = run(["--env", "cube-single-play", "--task", "1", "--dataset-path", path, *TINY, "--backbone", "unet", "--unet-dims", "8", "16",
-             "--total-steps", "10", "--eval-episodes", "1", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    p = run(
+        [
+            "--env",
+            "cube-single-play",
+            "--task",
+            "1",
+            "--dataset-path",
+            path,
+            *TINY,
+            "--backbone",
+            "unet",
+            "--unet-dims",
+            "8",
+            "16",
+            "--total-steps",
+            "10",
+            "--eval-episodes",
+            "1",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        tmp_path,
+    )
     assert "cube-single-play-singletask-task1-v0" in p.stdout
     assert last_eval(p.stdout)[0] in (0.0, 1.0)  # OGBench singletask reports eval/success
 
@@ -518,7 +757,9 @@ def test_smoke_ogbench_expert_data(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def start_and_signal(args, cwd, marker):
     """Start the script, send SIGTERM once `marker` appears on stdout; return (exit code, seconds to exit, stdout)."""
-    p = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen(
+        [sys.executable, SCRIPT, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
     out = []
     for line in p.stdout:
         out.append(line)
@@ -534,11 +775,34 @@ def start_and_signal(args, cwd, marker):
 def test_sigterm_saves_and_resumes(phase, d4rl_file, tmp_path):
     runs = str(tmp_path / "runs")
     if phase == "training":
-        args = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "1000000", "--runs-dir", runs]
+        args = [
+            "--env",
+            "InvertedPendulum-v5",
+            "--dataset-path",
+            d4rl_file,
+            *TINY,
+            "--total-steps",
+            "1000000",
+            "--runs-dir",
+            runs,
+        ]
         rc, dt, out = start_and_signal(args, tmp_path, "step 20/")
     else:
-        args = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--total-steps", "20", "--eval-interval", "10",
-                "--eval-episodes", "1000000", "--runs-dir", runs]
+        args = [
+            "--env",
+            "InvertedPendulum-v5",
+            "--dataset-path",
+            d4rl_file,
+            *TINY,
+            "--total-steps",
+            "20",
+            "--eval-interval",
+            "10",
+            "--eval-episodes",
+            "1000000",
+            "--runs-dir",
+            runs,
+        ]
         rc, dt, out = start_and_signal(args, tmp_path, "evaluating step 10")
     assert rc == 128 + signal.SIGTERM and dt < 5, (rc, dt, out[-2000:])
     done = int(re.search(r"interrupted at step (\d+); checkpoint saved to", out).group(1))
@@ -553,13 +817,38 @@ def test_sigterm_saves_and_resumes(phase, d4rl_file, tmp_path):
 
 
 def test_nonfinite_stops_and_keeps_the_good_checkpoint(d4rl_file, tmp_path):
-    base = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--save-interval", "5", "--log-interval", "5"]
+    base = [
+        "--env",
+        "InvertedPendulum-v5",
+        "--dataset-path",
+        d4rl_file,
+        *TINY,
+        "--save-interval",
+        "5",
+        "--log-interval",
+        "5",
+    ]
     run([*base, "--total-steps", "10", "--runs-dir", str(tmp_path / "runs")], tmp_path)
     run_dir = the_run_dir(tmp_path / "runs")
     before = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".pt")}
-    p = run([*base, "--total-steps", "30", "--lr", "1e30", "--min-lr", "1e30", "--resume", os.path.join(run_dir, "dbp_bc.pt")],
-            tmp_path, expect_ok=False)
-    assert p.returncode == 1 and re.search(r"error: the (loss|gradient norm) became non-finite", p.stderr), p.stderr[-2000:]
+    p = run(
+        [
+            *base,
+            "--total-steps",
+            "30",
+            "--lr",
+            "1e30",
+            "--min-lr",
+            "1e30",
+            "--resume",
+            os.path.join(run_dir, "dbp_bc.pt"),
+        ],
+        tmp_path,
+        expect_ok=False,
+    )
+    assert p.returncode == 1 and re.search(r"error: the (loss|gradient norm) became non-finite", p.stderr), p.stderr[
+        -2000:
+    ]
     assert "the last good checkpoint is " + os.path.join(run_dir, "dbp_bc.pt") in p.stderr
     after = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".pt")}
     assert after == before  # byte-identical, and no new snapshot
@@ -568,7 +857,17 @@ def test_nonfinite_stops_and_keeps_the_good_checkpoint(d4rl_file, tmp_path):
 def test_tensorboard_steps_strictly_increase_across_resume(d4rl_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    base = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--log-interval", "5", "--keep-checkpoints", "0"]
+    base = [
+        "--env",
+        "InvertedPendulum-v5",
+        "--dataset-path",
+        d4rl_file,
+        *TINY,
+        "--log-interval",
+        "5",
+        "--keep-checkpoints",
+        "0",
+    ]
     run([*base, "--total-steps", "20", "--runs-dir", str(tmp_path / "runs")], tmp_path)
     run_dir = the_run_dir(tmp_path / "runs")
     old = os.path.join(run_dir, "at20.pt")
@@ -589,6 +888,7 @@ def test_robomimic_observations_put_object_first_and_the_env_follows_the_checkpo
     """The authors' obs_keys order (object, eef_pos, eef_quat, gripper_qpos), recorded in env_args so that the env
     rebuilt from a checkpoint concatenates the same order; env_args without obs_keys keep the robot keys first."""
     import h5py
+
     dims = {"object": 10, "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2}
     path = tmp_path / "lift.hdf5"
     with h5py.File(path, "w") as f:
@@ -603,8 +903,12 @@ def test_robomimic_observations_put_object_first_and_the_env_follows_the_checkpo
     expected = np.repeat([0, 1, 2, 3], [10, 3, 4, 2]).astype(np.float32)
     np.testing.assert_array_equal(data["observations"][0], expected)
     assert env_args["obs_keys"] == list(dbp_bc.ROBOMIMIC_OBS_KEYS) and env_args["env_name"] == "Lift"
-    raw = {"object-state": np.zeros(10), "robot0_eef_pos": np.ones(3), "robot0_eef_quat": np.full(4, 2.0),
-           "robot0_gripper_qpos": np.full(2, 3.0)}
+    raw = {
+        "object-state": np.zeros(10),
+        "robot0_eef_pos": np.ones(3),
+        "robot0_eef_quat": np.full(4, 2.0),
+        "robot0_gripper_qpos": np.full(2, 3.0),
+    }
     obs = envs.RobomimicEnv._obs(SimpleNamespace(env_args=env_args), raw)  # the env's concatenation, without robosuite
     np.testing.assert_array_equal(obs, expected)
     old = envs.RobomimicEnv._obs(SimpleNamespace(env_args={"env_name": "Lift"}), raw)  # an older checkpoint's env_args

@@ -1,6 +1,7 @@
 """Parity of dbp_bc.py and dbpo_ppo.py with the authors' DBPO code (GitHub YuxuanGao0822/DBPO, 19413f2), against the
 reference values it produced (tests/data/README.md: dbp_reference.npz, dbpo_loss_reference.npz). CPU, float32, seconds;
 the authors' code is not needed. Their parameter names are mapped onto ours here (one table, `ours()`)."""
+
 import os
 import re
 
@@ -46,9 +47,17 @@ def close(ours, theirs, rtol=RTOL, atol=0.0):
 
 
 # their DBPUNet1D names -> our UNetGenerator names
-NAME_MAP = [(r"^down_modules\.", "down."), (r"^up_modules\.", "up."), (r"^mid_modules\.", "mid."), (r"^final_conv\.", "final."),
-            (r"\.blocks\.0\.", ".conv1."), (r"\.blocks\.1\.", ".conv2."), (r"\.cond_encoder\.", ".film."),
-            (r"\.residual_conv\.", ".skip."), (r"\.2\.conv\.", ".2.")]
+NAME_MAP = [
+    (r"^down_modules\.", "down."),
+    (r"^up_modules\.", "up."),
+    (r"^mid_modules\.", "mid."),
+    (r"^final_conv\.", "final."),
+    (r"\.blocks\.0\.", ".conv1."),
+    (r"\.blocks\.1\.", ".conv2."),
+    (r"\.cond_encoder\.", ".film."),
+    (r"\.residual_conv\.", ".skip."),
+    (r"\.2\.conv\.", ".2."),
+]
 
 
 def ours(name: str) -> str:
@@ -60,7 +69,7 @@ def ours(name: str) -> str:
 def reference_unet(ref) -> dbp_bc.UNetGenerator:
     obs_dim, act_dim, To, Tp = (int(v) for v in ref["config/shapes"][:4])
     gen = dbp_bc.UNetGenerator(obs_dim, act_dim, To, Tp, down_dims=(8, 16), kernel_size=5, n_groups=8)
-    theirs = {ours(k[len("unet/"):]): torch.as_tensor(v) for k, v in ref.items() if k.startswith("unet/")}
+    theirs = {ours(k[len("unet/") :]): torch.as_tensor(v) for k, v in ref.items() if k.startswith("unet/")}
     gen.load_state_dict(theirs)  # strict: every parameter has its counterpart, and the shapes agree
     return gen
 
@@ -100,16 +109,27 @@ def test_dbp_loss_and_gradient_parity_with_reference(ref, mode):
     noise = torch.as_tensor(ref[f"{mode}/noise"])
     x = gen(obs_hist.repeat_interleave(G, dim=0), noise).view(*ref[f"{mode}/pred"].shape)
     close(x, ref[f"{mode}/pred"])
-    loss, info = dbp_bc.compute_loss(gen, obs_hist, chunk, "drift", G, mode, "official",
-                                     tuple(float(t) for t in ref["config/temperatures"]), noise=noise)
+    loss, info = dbp_bc.compute_loss(
+        gen,
+        obs_hist,
+        chunk,
+        "drift",
+        G,
+        mode,
+        "official",
+        tuple(float(t) for t in ref["config/temperatures"]),
+        noise=noise,
+    )
     close(loss, ref[f"{mode}/loss"])
     if mode == "chunk":  # one drifting space: its scale is theirs (step mode: the mean over the Tp spaces). 1e-4: the
         # self distances sqrt(max(|x|^2 + |x|^2 - 2 x.x, 1e-8)) are float32 cancellation noise (einsum vs matmul order)
         close(info["scale"], ref["chunk/metrics/global_scale"], rtol=1e-4)
     loss.backward()
-    grads = {ours(k[len(f"{mode}/grad/"):]): v for k, v in ref.items() if k.startswith(f"{mode}/grad/")}
+    grads = {ours(k[len(f"{mode}/grad/") :]): v for k, v in ref.items() if k.startswith(f"{mode}/grad/")}
     assert set(grads) == {n for n, _ in gen.named_parameters()}
-    gmax = max(np.abs(g).max() for g in grads.values())  # (biases before a GroupNorm have ~0 gradients: an absolute scale)
+    gmax = max(
+        np.abs(g).max() for g in grads.values()
+    )  # (biases before a GroupNorm have ~0 gradients: an absolute scale)
     for name, p in gen.named_parameters():  # measured: 2e-5 (chunk, through the scale above), 3e-6 (step) of gmax
         close(p.grad, grads[name], rtol=0, atol=1e-4 * gmax)
 
@@ -142,26 +162,50 @@ def test_pusht_limits_normalizer_parity_with_reference(ref):
 
 # ---------------------------------------------------------------- DBPO: the PPO loss terms and the rollout buffer
 def state(ppo_ref, prefix, rename=ours):
-    return {rename(k[len(prefix):]): torch.as_tensor(v) for k, v in ppo_ref.items() if k.startswith(prefix)}
+    return {rename(k[len(prefix) :]): torch.as_tensor(v) for k, v in ppo_ref.items() if k.startswith(prefix)}
 
 
 def reference_agent(ppo_ref):
     """Our DBPOAgent holding their actor_old (anchor), actor_ft (generator, log-std head, trained normalizer), critic."""
     obs_dim, act_dim, To, Tp, Ta = (int(v) for v in ppo_ref["config/shapes"][:5])
     p = "actor_old/normalizer.params_dict"  # theirs x * scale + offset = ours (x - offset') / scale'
-    kwargs = dict(obs_dim=obs_dim, action_dim=act_dim, obs_horizon=To, pred_horizon=Tp, down_dims=(8, 16), kernel_size=5, n_groups=8)
-    ckpt = {"obs_horizon": To, "pred_horizon": Tp, "action_horizon": Ta, "obs_dim": obs_dim, "action_dim": act_dim, "loss": "drift",
-            "action_low": -np.ones(act_dim), "action_high": np.ones(act_dim),  # their act_min, act_max
-            **{f"{k}_{n}": v for k in ("obs", "action") for n, v in (("scale", 1 / ppo_ref[f"{p}.{k}.scale"]),
-                                                                    ("offset", -ppo_ref[f"{p}.{k}.offset"] / ppo_ref[f"{p}.{k}.scale"]))}}
+    kwargs = dict(
+        obs_dim=obs_dim,
+        action_dim=act_dim,
+        obs_horizon=To,
+        pred_horizon=Tp,
+        down_dims=(8, 16),
+        kernel_size=5,
+        n_groups=8,
+    )
+    ckpt = {
+        "obs_horizon": To,
+        "pred_horizon": Tp,
+        "action_horizon": Ta,
+        "obs_dim": obs_dim,
+        "action_dim": act_dim,
+        "loss": "drift",
+        "action_low": -np.ones(act_dim),
+        "action_high": np.ones(act_dim),  # their act_min, act_max
+        **{
+            f"{k}_{n}": v
+            for k in ("obs", "action")
+            for n, v in (
+                ("scale", 1 / ppo_ref[f"{p}.{k}.scale"]),
+                ("offset", -ppo_ref[f"{p}.{k}.offset"] / ppo_ref[f"{p}.{k}.scale"]),
+            )
+        },
+    }
     gens = [dbp_bc.UNetGenerator(**kwargs) for _ in range(2)]
     gens[0].load_state_dict(state(ppo_ref, "actor_ft/policy.model."))
     gens[1].load_state_dict(state(ppo_ref, "actor_old/model."))
     agent = dbpo_ppo.DBPOAgent(ckpt, gens[0], gens[1])
     hidden = [int(h) for h in ppo_ref["config/critic_hidden_dims"]]  # theirs is smaller than our 3 x 256 here
     dims = [To * obs_dim, *hidden]
-    agent.critic = torch.nn.Sequential(*[m for i, o in zip(dims[:-1], dims[1:]) for m in (torch.nn.Linear(i, o), torch.nn.Mish())],
-                                       torch.nn.Linear(dims[-1], 1))
+    agent.critic = torch.nn.Sequential(
+        *[m for i, o in zip(dims[:-1], dims[1:]) for m in (torch.nn.Linear(i, o), torch.nn.Mish())],
+        torch.nn.Linear(dims[-1], 1),
+    )
     agent.critic.load_state_dict(state(ppo_ref, "critic/net.", str))
     agent.log_std_head.load_state_dict(state(ppo_ref, "actor_ft/logstd_head.proj.", str))
     ft = "actor_ft/policy.normalizer.params_dict"
@@ -178,10 +222,14 @@ def reference_agent(ppo_ref):
 
 def reference_loss(ppo_ref):
     agent = reference_agent(ppo_ref)
-    b = {k: torch.as_tensor(ppo_ref[f"batch/{k}"]) for k in ("state", "chains", "returns", "oldvalues", "advantages", "oldlogprobs")}
+    b = {
+        k: torch.as_tensor(ppo_ref[f"batch/{k}"])
+        for k in ("state", "chains", "returns", "oldvalues", "advantages", "oldlogprobs")
+    }
     obs, z, chunk = b["state"], b["chains"][:, 0], b["chains"][:, 1]  # raw obs, the stored latent and action chunk
-    loss, info = dbpo_ppo.dbpo_loss(agent, obs, z, chunk, b["oldlogprobs"], b["advantages"], b["returns"], b["oldvalues"],
-                                    dbpo_ppo.Args())  # the defaults: clip 0.02, ent 0.01, vf 0.5, anchor 1, logprob_min -2
+    loss, info = dbpo_ppo.dbpo_loss(
+        agent, obs, z, chunk, b["oldlogprobs"], b["advantages"], b["returns"], b["oldvalues"], dbpo_ppo.Args()
+    )  # the defaults: clip 0.02, ent 0.01, vf 0.5, anchor 1, logprob_min -2
     return agent, obs, z, chunk, loss, info
 
 
@@ -193,7 +241,9 @@ def test_dbpo_distribution_and_log_prob_parity_with_reference(ppo_ref):
     close(mu, ppo_ref["loss/new_actions"])
     close(std, ppo_ref["loss/std"])
     close(agent.anchor_mean(obs, z), ppo_ref["loss/old_actions"])
-    close(dbpo_ppo.prefix_log_prob(mu, std, chunk, 1, 4), ppo_ref["loss/newlogprobs_raw"])  # sum over Ta x Da / (Ta * Da)
+    close(
+        dbpo_ppo.prefix_log_prob(mu, std, chunk, 1, 4), ppo_ref["loss/newlogprobs_raw"]
+    )  # sum over Ta x Da / (Ta * Da)
     close(dbpo_ppo.prefix_entropy(std, 1, 4), ppo_ref["loss/entropy"])
     close(agent.get_value(obs), ppo_ref["loss/newvalues"])
 
@@ -202,17 +252,28 @@ def test_dbpo_loss_terms_and_gradients_parity_with_reference(ppo_ref):
     """The clamped ratio, the clipped surrogate, value loss, entropy, anchor, their sum and d total / d params."""
     agent, _, _, _, loss, info = reference_loss(ppo_ref)
     close(info["ratio"], ppo_ref["loss/ratio"])  # both log-probs clamped at -2 first (chunks 0 and 1 bind)
-    for ours_key, theirs, sign in (("policy_loss", "pg_loss", 1), ("value_loss", "v_loss", 1), ("entropy", "entropy_loss", -1),
-                                   ("approx_kl", "approx_kl", 1), ("clipfrac", "clipfrac", 1), ("loss", "total", 1)):
+    for ours_key, theirs, sign in (
+        ("policy_loss", "pg_loss", 1),
+        ("value_loss", "v_loss", 1),
+        ("entropy", "entropy_loss", -1),
+        ("approx_kl", "approx_kl", 1),
+        ("clipfrac", "clipfrac", 1),
+        ("loss", "total", 1),
+    ):
         close(sign * info[ours_key], ppo_ref[f"loss/{theirs}"])
     close(info["anchor_loss"], ppo_ref["loss/anchor_loss"], rtol=1e-4)  # 2.4e-5: the mean square of a small difference
     close(info["std"], ppo_ref["loss/noise_std"])
     loss.backward()
-    theirs = {**{f"generator.{ours(k)}": v for k, v in state(ppo_ref, "grad/actor_ft/policy.model.", str).items()},
-              **{f"log_std_head.{k}": v for k, v in state(ppo_ref, "grad/actor_ft/logstd_head.proj.", str).items()},
-              **{f"critic.{k}": v for k, v in state(ppo_ref, "grad/critic/net.", str).items()},
-              **{f"{k}_{n}": torch.as_tensor(ppo_ref[f"grad/actor_ft/policy.normalizer.params_dict.{k}.{t}"])
-                 for k in ("obs", "action") for n, t in (("gain", "scale"), ("bias", "offset"))}}
+    theirs = {
+        **{f"generator.{ours(k)}": v for k, v in state(ppo_ref, "grad/actor_ft/policy.model.", str).items()},
+        **{f"log_std_head.{k}": v for k, v in state(ppo_ref, "grad/actor_ft/logstd_head.proj.", str).items()},
+        **{f"critic.{k}": v for k, v in state(ppo_ref, "grad/critic/net.", str).items()},
+        **{
+            f"{k}_{n}": torch.as_tensor(ppo_ref[f"grad/actor_ft/policy.normalizer.params_dict.{k}.{t}"])
+            for k in ("obs", "action")
+            for n, t in (("gain", "scale"), ("bias", "offset"))
+        },
+    }
     trained = {n: p for n, p in agent.named_parameters() if p.requires_grad}  # the anchor is frozen
     assert set(trained) == set(theirs)  # the normalizer is trained, as theirs (no --freeze-normalizer)
     gmax = max(g.abs().max().item() for g in theirs.values())
@@ -230,7 +291,8 @@ def test_rollout_buffer_reward_scaling_and_gae_parity_with_reference(ppo_ref):
     close(agent.get_value(torch.as_tensor(ppo_ref["buffer/last_state"])), b["last_values"])
     gamma, lam = (float(v) for v in ppo_ref["buffer/gamma_lambda_scale"][:2])
     # a truncation without termination (env 2 at step 3) bootstraps from the next slot's value, as their buffer does
-    adv, ret = dbpo_ppo.compute_gae(torch.as_tensor(scaled), *(torch.as_tensor(b[k]) for k in ("values", "terminated", "last_values")),
-                                    gamma, lam)
+    adv, ret = dbpo_ppo.compute_gae(
+        torch.as_tensor(scaled), *(torch.as_tensor(b[k]) for k in ("values", "terminated", "last_values")), gamma, lam
+    )
     close(adv, ppo_ref["buffer/advantages"])
     close(ret, ppo_ref["buffer/returns"])

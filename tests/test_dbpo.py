@@ -35,9 +35,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import envs  # noqa: E402
 from inprocess import run_main  # noqa: E402
+
 ENV = dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
-TINY = ["--num-threads", "1", "--num-iterations", "3", "--num-envs", "2", "--num-steps", "4", "--critic-warmup-iters", "2",
-        "--update-epochs", "2", "--eval-episodes", "2", "--eval-envs", "2", "--eval-interval", "5"]
+TINY = [
+    "--num-threads",
+    "1",
+    "--num-iterations",
+    "3",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "4",
+    "--critic-warmup-iters",
+    "2",
+    "--update-epochs",
+    "2",
+    "--eval-episodes",
+    "2",
+    "--eval-envs",
+    "2",
+    "--eval-interval",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +79,9 @@ def one_thread():
 
 
 def run(*flags, cwd, check=True, timeout=300):
-    proc = subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *flags], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -70,12 +91,27 @@ def contract_checkpoint(D, obs_dim, act_dim, To=2, Tp=4, Ta=2, env_id="Hopper-v5
     """A checkpoint in dbp_bc.py's format (keys: docs/dbpo.md, checkpoint contract) with a fresh MLP generator."""
     kwargs = dict(obs_dim=obs_dim, action_dim=act_dim, obs_horizon=To, pred_horizon=Tp, hidden_dim=hidden, depth=2)
     generator = D.make_generator("mlp", **kwargs)
-    return {"format": "dbp-v1", "args": {}, "env_id": env_id, "obs_dim": obs_dim, "action_dim": act_dim,
-            "obs_horizon": To, "pred_horizon": Tp, "action_horizon": Ta, "backbone": "mlp", "generator_kwargs": kwargs,
-            "loss": "drift", "model": generator.state_dict(), "step": 0,
-            "obs_offset": torch.zeros(obs_dim), "obs_scale": torch.ones(obs_dim),
-            "action_offset": torch.zeros(act_dim), "action_scale": torch.ones(act_dim),
-            "action_low": -torch.ones(act_dim), "action_high": torch.ones(act_dim)}
+    return {
+        "format": "dbp-v1",
+        "args": {},
+        "env_id": env_id,
+        "obs_dim": obs_dim,
+        "action_dim": act_dim,
+        "obs_horizon": To,
+        "pred_horizon": Tp,
+        "action_horizon": Ta,
+        "backbone": "mlp",
+        "generator_kwargs": kwargs,
+        "loss": "drift",
+        "model": generator.state_dict(),
+        "step": 0,
+        "obs_offset": torch.zeros(obs_dim),
+        "obs_scale": torch.ones(obs_dim),
+        "action_offset": torch.zeros(act_dim),
+        "action_scale": torch.ones(act_dim),
+        "action_low": -torch.ones(act_dim),
+        "action_high": torch.ones(act_dim),
+    }
 
 
 def generator(D, ckpt):
@@ -92,10 +128,40 @@ def make_agent(D, ckpt, **kw):
 # ---------------------------------------------------------------- checkpoints made by dbp_bc.py on tiny data
 def train_dbp(tmp, *flags):
     runs = tmp / "runs"
-    cmd = [sys.executable, os.path.join(ROOT, "dbp_bc.py"), *flags, "--total-steps", "20", "--batch-size", "8",
-           "--hidden-dim", "32", "--depth", "2", "--obs-horizon", "2", "--pred-horizon", "8", "--action-horizon", "4",
-           "--backbone", "mlp", "--warmup-epochs", "0", "--eval-interval", "0", "--eval-episodes", "1", "--log-interval", "10",
-           "--num-threads", "1", "--save-model", "--runs-dir", str(runs)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "dbp_bc.py"),
+        *flags,
+        "--total-steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--hidden-dim",
+        "32",
+        "--depth",
+        "2",
+        "--obs-horizon",
+        "2",
+        "--pred-horizon",
+        "8",
+        "--action-horizon",
+        "4",
+        "--backbone",
+        "mlp",
+        "--warmup-epochs",
+        "0",
+        "--eval-interval",
+        "0",
+        "--eval-episodes",
+        "1",
+        "--log-interval",
+        "10",
+        "--num-threads",
+        "1",
+        "--save-model",
+        "--runs-dir",
+        str(runs),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     paths = glob.glob(str(runs / "*" / "dbp_bc.pt"))
@@ -107,11 +173,29 @@ def train_dbp(tmp, *flags):
 def cube_checkpoint(tmp_path_factory):
     """dbp_bc.py on 2 (+1 val) expert episodes of 40 steps for cube-single task 1."""
     tmp = tmp_path_factory.mktemp("cube")
-    gen = [sys.executable, os.path.join(ROOT, "scripts", "generate_ogbench_dataset.py"), "--env", "cube-single-play",
-           "--kind", "expert", "--task", "1", "--episodes", "2", "--episode-length", "40", "--workers", "1", "--out-dir", str(tmp)]
+    gen = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "generate_ogbench_dataset.py"),
+        "--env",
+        "cube-single-play",
+        "--kind",
+        "expert",
+        "--task",
+        "1",
+        "--episodes",
+        "2",
+        "--episode-length",
+        "40",
+        "--workers",
+        "1",
+        "--out-dir",
+        str(tmp),
+    ]
     proc = subprocess.run(gen, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return train_dbp(tmp, "--env", "cube-single-play", "--task", "1", "--dataset-path", str(tmp / "cube-single-expert-task1-v0.npz"))
+    return train_dbp(
+        tmp, "--env", "cube-single-play", "--task", "1", "--dataset-path", str(tmp / "cube-single-expert-task1-v0.npz")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +206,14 @@ def hopper_checkpoint(tmp_path_factory):
     n = 60
     timeouts = np.zeros(n, bool)
     timeouts[[29, 59]] = True
-    np.savez(tmp / "hopper.npz", observations=rng.normal(size=(n, 11)).astype(np.float32),
-             actions=rng.uniform(-1, 1, (n, 3)).astype(np.float32), rewards=rng.normal(size=n).astype(np.float32),
-             terminals=np.zeros(n, bool), timeouts=timeouts)
+    np.savez(
+        tmp / "hopper.npz",
+        observations=rng.normal(size=(n, 11)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+        rewards=rng.normal(size=n).astype(np.float32),
+        terminals=np.zeros(n, bool),
+        timeouts=timeouts,
+    )
     return train_dbp(tmp, "--env", "Hopper-v5", "--dataset-path", str(tmp / "hopper.npz"))
 
 
@@ -152,7 +241,9 @@ def test_prefix_log_likelihood_ignores_the_unexecuted_suffix(D):
     logp = D.prefix_log_prob(mu, std, chunk, To, Ta, normalize=False)
     # against the Gaussian density written out over indices To-1 .. To-2+Ta
     sl = slice(To - 1, To - 1 + Ta)
-    manual = (-0.5 * ((chunk[:, sl] - mu[:, sl]) / std[:, sl]) ** 2 - std[:, sl].log() - 0.5 * np.log(2 * np.pi)).sum((1, 2))
+    manual = (-0.5 * ((chunk[:, sl] - mu[:, sl]) / std[:, sl]) ** 2 - std[:, sl].log() - 0.5 * np.log(2 * np.pi)).sum(
+        (1, 2)
+    )
     torch.testing.assert_close(logp, manual)
     torch.testing.assert_close(D.prefix_log_prob(mu, std, chunk, To, Ta, normalize=True), manual / (Ta * da))
     changed = chunk.clone()
@@ -173,11 +264,15 @@ def test_stored_latent_gives_ratio_one_and_anchor_zero_before_the_first_update(D
     whole batch and a shuffled minibatch with the update's loss: every ratio is 1, the anchor is exactly 0."""
     ckpt = contract_checkpoint(D, 11, 3, To=2, Tp=8, Ta=4)
     agent = make_agent(D, ckpt)
-    train_envs = gym.vector.SyncVectorEnv([functools.partial(envs.make_chunk_env, "Hopper-v5", 4, 2)] * 3,
-                                          autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    train_envs = gym.vector.SyncVectorEnv(
+        [functools.partial(envs.make_chunk_env, "Hopper-v5", 4, 2)] * 3,
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
     obs, _ = train_envs.reset(seed=0)
     args = D.Args(num_steps=10, num_envs=3)
-    obs, buf, (steps, _, _) = D.rollout(agent, train_envs, obs, args, stop=type("NoStop", (), {"check": lambda self: None})())
+    obs, buf, (steps, _, _) = D.rollout(
+        agent, train_envs, obs, args, stop=type("NoStop", (), {"check": lambda self: None})()
+    )
     train_envs.close()
     assert buf["obs"].shape == (10, 3, 2, 11) and buf["z"].shape == buf["chunk"].shape == (10, 3, 8, 3)
     assert 10 * 3 <= steps <= 10 * 3 * 4  # Ta = 4 env steps per decision, fewer where an episode ended
@@ -185,14 +280,32 @@ def test_stored_latent_gives_ratio_one_and_anchor_zero_before_the_first_update(D
     n = len(b["logp"])
     perm = torch.randperm(n)
     for idx in (torch.arange(n), perm[: n // 2]):
-        _, info = D.dbpo_loss(agent, b["obs"][idx], b["z"][idx], b["chunk"][idx], b["logp"][idx],
-                              torch.randn(len(idx)), torch.randn(len(idx)), torch.randn(len(idx)), args)
+        _, info = D.dbpo_loss(
+            agent,
+            b["obs"][idx],
+            b["z"][idx],
+            b["chunk"][idx],
+            b["logp"][idx],
+            torch.randn(len(idx)),
+            torch.randn(len(idx)),
+            torch.randn(len(idx)),
+            args,
+        )
         torch.testing.assert_close(info["ratio"], torch.ones(len(idx)), rtol=0, atol=1e-5)
         assert info["anchor_loss"].item() == 0.0
         assert abs(info["approx_kl"].item()) < 1e-6
     # the stored z is what makes the ratio exact: a fresh latent gives a different likelihood
-    _, info = D.dbpo_loss(agent, b["obs"], torch.randn_like(b["z"]), b["chunk"], b["logp"],
-                          torch.randn(n), torch.randn(n), torch.randn(n), args)
+    _, info = D.dbpo_loss(
+        agent,
+        b["obs"],
+        torch.randn_like(b["z"]),
+        b["chunk"],
+        b["logp"],
+        torch.randn(n),
+        torch.randn(n),
+        torch.randn(n),
+        args,
+    )
     assert (info["ratio"] - 1).abs().max() > 0.1
     # after one actor step the anchor is positive and the ratio moves
     actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=1e-3)
@@ -227,7 +340,9 @@ def test_gae_bootstraps_through_truncation_but_not_termination(D):
     rewards[1, 1] += gamma * 2.0
     next_value = torch.tensor([4.0, 4.0])
     adv, ret = D.compute_gae(rewards, values, dones, next_value, gamma, lam)
-    expected = torch.tensor([[1 + gamma * 1, 1 + gamma * (1 + gamma * 2.0)], [1.0, 1 + gamma * 2.0], [1 + gamma * 4, 1 + gamma * 4]])
+    expected = torch.tensor(
+        [[1 + gamma * 1, 1 + gamma * (1 + gamma * 2.0)], [1.0, 1 + gamma * 2.0], [1 + gamma * 4, 1 + gamma * 4]]
+    )
     torch.testing.assert_close(ret, expected)
     torch.testing.assert_close(adv, expected - values)
 
@@ -270,15 +385,24 @@ def test_time_limits_are_terminal_by_default_and_bootstrapped_with_the_flag(D):
     agent = make_agent(D, ckpt)
     stop = type("Stop", (), {"check": lambda self: None})()
     for bootstrap in (False, True):
-        make = lambda: envs.ChunkEnv(gym.wrappers.RecordEpisodeStatistics(gym.wrappers.TimeLimit(CountingEnv(100), 4)), 2, 2)  # noqa: E731
+        make = lambda: envs.ChunkEnv(
+            gym.wrappers.RecordEpisodeStatistics(gym.wrappers.TimeLimit(CountingEnv(100), 4)), 2, 2
+        )  # noqa: E731
         train_envs = gym.vector.SyncVectorEnv([make] * 2, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
         next_obs, _ = train_envs.reset(seed=0)
         args = D.Args(num_steps=3, num_envs=2, bootstrap_timeouts=bootstrap)
         _, buf, (steps, returns, _) = D.rollout(agent, train_envs, next_obs, args, stop)
-        assert buf["done"].tolist() == [[False, False], [True, True], [False, False]] and returns == [10.0, 10.0] and steps == 12
+        assert (
+            buf["done"].tolist() == [[False, False], [True, True], [False, False]]
+            and returns == [10.0, 10.0]
+            and steps == 12
+        )
         final = torch.tensor([[[3.0], [4.0]]] * 2)  # the last To observations of the ended episodes
-        expected = torch.zeros(3, 2) if not bootstrap else torch.stack([torch.zeros(2), args.gamma * agent.get_value(final).detach(),
-                                                                      torch.zeros(2)])
+        expected = (
+            torch.zeros(3, 2)
+            if not bootstrap
+            else torch.stack([torch.zeros(2), args.gamma * agent.get_value(final).detach(), torch.zeros(2)])
+        )
         torch.testing.assert_close(buf["bootstrap"], expected)
 
 
@@ -292,9 +416,13 @@ def test_normalizer_is_trained_by_the_actor_optimizer_unless_frozen(D):
     for train in (True, False):
         agent = make_agent(D, ckpt, train_normalizer=train)
         ids = {id(p) for p in agent.actor_parameters()}
-        assert all((id(getattr(agent, f"{k}_{n}")) in ids) == train for k in ("obs", "action") for n in ("gain", "bias"))
+        assert all(
+            (id(getattr(agent, f"{k}_{n}")) in ids) == train for k in ("obs", "action") for n in ("gain", "bias")
+        )
         torch.testing.assert_close(agent.normalize_obs(obs), (obs - ckpt["obs_offset"]) / ckpt["obs_scale"])
-        torch.testing.assert_close(agent.dist_params(obs, z)[0], agent.anchor_mean(obs, z))  # the same policy at the start
+        torch.testing.assert_close(
+            agent.dist_params(obs, z)[0], agent.anchor_mean(obs, z)
+        )  # the same policy at the start
         anchor_before = agent.anchor_mean(obs, z)
         opt = torch.optim.AdamW(agent.actor_parameters(), lr=1e-2)
         agent.dist_params(obs, z)[0].square().sum().backward()
@@ -319,8 +447,16 @@ def test_ppo_improves_a_contextual_bandit_and_the_anchor_limits_drift(D, one_thr
         with torch.no_grad():
             gen.net[-1].bias.fill_(-0.6)  # poorly initialized: every action near -0.6
         ckpt["model"] = gen.state_dict()
-        args = D.Args(anchor_coef=anchor_coef, actor_lr=1e-3, critic_lr=1e-3, init_std=0.1, min_std=0.05, max_std=0.3,
-                      clip_coef=0.2, target_kl=None)
+        args = D.Args(
+            anchor_coef=anchor_coef,
+            actor_lr=1e-3,
+            critic_lr=1e-3,
+            init_std=0.1,
+            min_std=0.05,
+            max_std=0.3,
+            clip_coef=0.2,
+            target_kl=None,
+        )
         agent = make_agent(D, ckpt, init_std=args.init_std, min_std=args.min_std, max_std=args.max_std)
         actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=args.actor_lr)
         critic_opt = torch.optim.Adam(agent.critic.parameters(), lr=args.critic_lr)
@@ -342,12 +478,21 @@ def test_ppo_improves_a_contextual_bandit_and_the_anchor_limits_drift(D, one_thr
             chunk, logp = agent.act(obs, z, noise_clip=args.noise_clip)
             with torch.no_grad():
                 values = agent.get_value(obs)
-            adv, ret = D.compute_gae(reward(obs, chunk)[None], values[None], torch.ones(1, B), torch.zeros(B), args.gamma, args.gae_lambda)
+            adv, ret = D.compute_gae(
+                reward(obs, chunk)[None], values[None], torch.ones(1, B), torch.zeros(B), args.gamma, args.gae_lambda
+            )
             for _ in range(args.update_epochs):
                 perm = torch.randperm(B)
                 for start in range(0, B, 64):
                     mb = perm[start : start + 64]
-                    D.update(agent, actor_opt, critic_opt, (obs[mb], z[mb], chunk[mb], logp[mb], adv[0, mb], ret[0, mb], values[mb]), args, True)
+                    D.update(
+                        agent,
+                        actor_opt,
+                        critic_opt,
+                        (obs[mb], z[mb], chunk[mb], logp[mb], adv[0, mb], ret[0, mb], values[mb]),
+                        args,
+                        True,
+                    )
         with torch.no_grad():
             drift = ((agent.generator(probe_obs, probe_z) - mu_init) ** 2).mean().item()
         return before, mean_path_return(), drift
@@ -362,21 +507,62 @@ def test_ppo_improves_a_contextual_bandit_and_the_anchor_limits_drift(D, one_thr
 def test_presets_follow_the_authors_code(D):
     """The defaults of the built config and of --help (authors' configs/finetune.yaml and ppo_adapter.py)."""
     args = tyro.cli(D.Args, args=[])
-    expected = dict(num_iterations=1500, num_envs=40, num_steps=500, minibatch_size=50000, update_epochs=5, gamma=0.99,
-                    gae_lambda=0.95, clip_coef=0.02, ent_coef=0.01, vf_coef=0.5, anchor_coef=1.0, max_grad_norm=0.5,
-                    target_kl=0.02, critic_warmup_iters=5, actor_lr=1e-5, actor_min_lr=3e-6, critic_lr=1e-4,
-                    critic_min_lr=3e-5, lr_schedule="cosine", lr_warmup_iters=10, lr_cycle_iters=None, weight_decay=1e-6,
-                    reward_scaling="rollout_std", logprob_min=-2.0, init_std=0.03, min_std=0.03, max_std=0.10,
-                    noise_clip=3.0, normalize_logprob=True, eval_interval=10, eval_episodes=100, eval_envs=10,
-                    eval_latent="sample", bootstrap_timeouts=False, freeze_normalizer=False, save_model=True, num_threads=0, clip_vloss=None)
+    expected = dict(
+        num_iterations=1500,
+        num_envs=40,
+        num_steps=500,
+        minibatch_size=50000,
+        update_epochs=5,
+        gamma=0.99,
+        gae_lambda=0.95,
+        clip_coef=0.02,
+        ent_coef=0.01,
+        vf_coef=0.5,
+        anchor_coef=1.0,
+        max_grad_norm=0.5,
+        target_kl=0.02,
+        critic_warmup_iters=5,
+        actor_lr=1e-5,
+        actor_min_lr=3e-6,
+        critic_lr=1e-4,
+        critic_min_lr=3e-5,
+        lr_schedule="cosine",
+        lr_warmup_iters=10,
+        lr_cycle_iters=None,
+        weight_decay=1e-6,
+        reward_scaling="rollout_std",
+        logprob_min=-2.0,
+        init_std=0.03,
+        min_std=0.03,
+        max_std=0.10,
+        noise_clip=3.0,
+        normalize_logprob=True,
+        eval_interval=10,
+        eval_episodes=100,
+        eval_envs=10,
+        eval_latent="sample",
+        bootstrap_timeouts=False,
+        freeze_normalizer=False,
+        save_model=True,
+        num_threads=0,
+        clip_vloss=None,
+    )
     assert {k: getattr(args, k) for k in expected} == expected
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         tyro.cli(D.Args, args=["--help"])
     text = " ".join(out.getvalue().split())
-    for flag, default in (("--reward-scaling", "rollout_std"), ("--logprob-min", "-2.0"), ("--actor-lr", "1e-05"),
-                          ("--critic-min-lr", "3e-05"), ("--lr-warmup-iters", "10"), ("--eval-interval", "10"),
-                          ("--eval-episodes", "100"), ("--eval-envs", "10"), ("--save-model", "True")):
+    for flag, default in (
+        ("--reward-scaling", "rollout_std"),
+        ("--logprob-min", "-2.0"),
+        ("--actor-lr", "1e-05"),
+        ("--critic-min-lr", "3e-05"),
+        ("--lr-warmup-iters", "10"),
+        ("--eval-interval", "10"),
+        ("--eval-episodes", "100"),
+        ("--eval-envs", "10"),
+        ("--save-model", "True"),
+    ):
         assert flag in text and f"(default: {default})" in text, flag
 
 
@@ -414,7 +600,9 @@ def test_learning_rate_schedules_at_key_iterations(D):
     peak at 10, cosine half-way back at 10 + 745, min at the end of the cycle, restart after it."""
     for peak, low in ((1e-5, 3e-6), (1e-4, 3e-5)):
         lr = lambda k: D.scheduled_lr(k, peak, low, 10, 1500)  # noqa: E731
-        assert lr(0) == pytest.approx(low) and lr(5) == pytest.approx((low + peak) / 2) and lr(10) == pytest.approx(peak)
+        assert (
+            lr(0) == pytest.approx(low) and lr(5) == pytest.approx((low + peak) / 2) and lr(10) == pytest.approx(peak)
+        )
         assert lr(755) == pytest.approx((low + peak) / 2) and lr(1499) == pytest.approx(low, rel=1e-4)
         assert lr(1500) == pytest.approx(low) and lr(1510) == pytest.approx(peak)
         assert D.scheduled_lr(123, peak, low, 10, 1500, "constant") == peak
@@ -440,15 +628,22 @@ def test_evaluation_line_has_the_binomial_standard_error_and_an_interrupted_one_
     writer = type("Writer", (), {"add_scalar": lambda self, *a: logged.append(a), "log_dir": str(tmp_path)})()
     stop = type("Stop", (), {"requested": False, "check": lambda self: None})()
     episodes = np.array([[np.nan, -3.5, 38.0], [np.nan, -2.5, 42.0]])
-    monkeypatch.setattr(D.envs, "evaluate", lambda *a, **k: {"success": 0.25, "return": -3.0, "length": 40.0,
-                                                             "episodes": episodes})
+    monkeypatch.setattr(
+        D.envs, "evaluate", lambda *a, **k: {"success": 0.25, "return": -3.0, "length": 40.0, "episodes": episodes}
+    )
     line = D.evaluate_and_log(None, None, D.Args(eval_episodes=48), stop, writer, iteration=7, global_step=99)
     se = (0.25 * 0.75 / 48) ** 0.5  # sqrt(p (1 - p) / n)
     assert line == f"return -3.0000 | length 40.00 | success 0.2500 +- {se:.4f} (48 episodes, mean path)"
-    assert dict((k, (v, s)) for k, v, s in logged) == {"eval/episodic_return": (-3.0, 7), "eval/episodic_length": (40.0, 7),
-                                                       "eval/success_rate": (0.25, 7), "eval/success_stderr": (se, 7),
-                                                       "eval/env_steps": (99, 7)}
-    rows = np.loadtxt(tmp_path / "eval_episodes.csv", delimiter=",", skiprows=1)  # step, env steps, episode, env seed, ...
+    assert dict((k, (v, s)) for k, v, s in logged) == {
+        "eval/episodic_return": (-3.0, 7),
+        "eval/episodic_length": (40.0, 7),
+        "eval/success_rate": (0.25, 7),
+        "eval/success_stderr": (se, 7),
+        "eval/env_steps": (99, 7),
+    }
+    rows = np.loadtxt(
+        tmp_path / "eval_episodes.csv", delimiter=",", skiprows=1
+    )  # step, env steps, episode, env seed, ...
     np.testing.assert_equal(rows, [[7, 99, 0, 100_001, np.nan, -3.5, 38.0], [7, 99, 1, 100_002, np.nan, -2.5, 42.0]])
     logged.clear()
     monkeypatch.setattr(D.envs, "evaluate", lambda *a, **k: None)  # stopped by a signal
@@ -481,9 +676,19 @@ def test_bad_input_matrix_exits_2_with_one_line_before_writing_anything(D, tmp_p
     misfit["generator_kwargs"]["hidden_dim"] = 48
     misfit = save("misfit.pt", misfit)
     other = make_agent(D, contract_checkpoint(D, 11, 3, hidden=32))
-    state = {"format": "dbpo-state-v1", "env_id": "Hopper-v5", "num_envs": 2, "iteration": 1, "finished": False,
-             "run_name": "r", "agent": other.state_dict(), "global_step": 0, "actor_optimizer": {}, "critic_optimizer": {},
-             "rng": {}}
+    state = {
+        "format": "dbpo-state-v1",
+        "env_id": "Hopper-v5",
+        "num_envs": 2,
+        "iteration": 1,
+        "finished": False,
+        "run_name": "r",
+        "agent": other.state_dict(),
+        "global_step": 0,
+        "actor_optimizer": {},
+        "critic_optimizer": {},
+        "rng": {},
+    }
     walker = save("walker_state.pt", {**state, "env_id": "Walker2d-v5"})
     envs3 = save("envs3_state.pt", {**state, "num_envs": 3})
     sizes = save("sizes_state.pt", state)
@@ -551,12 +756,30 @@ def hopper_ckpt_file(tmp_path_factory):
     return str(path)
 
 
-FAST = ["--num-threads", "1", "--num-envs", "2", "--eval-envs", "2", "--eval-episodes", "2", "--update-epochs", "2",
-        "--minibatch-size", "4", "--critic-warmup-iters", "0", "--lr-cycle-iters", "1500"]
+FAST = [
+    "--num-threads",
+    "1",
+    "--num-envs",
+    "2",
+    "--eval-envs",
+    "2",
+    "--eval-episodes",
+    "2",
+    "--update-epochs",
+    "2",
+    "--minibatch-size",
+    "4",
+    "--critic-warmup-iters",
+    "0",
+    "--lr-cycle-iters",
+    "1500",
+]
 
 
 def start(*flags, cwd):
-    return subprocess.Popen([sys.executable, SCRIPT, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd)
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=cwd
+    )
 
 
 def wait_for_line(proc, text, timeout=120):
@@ -578,7 +801,17 @@ def interrupt(proc, delay):
 
 
 def test_sigterm_in_a_rollout_saves_and_the_printed_command_resumes(hopper_ckpt_file, tmp_path):
-    flags = ["--checkpoint", hopper_ckpt_file, *FAST, "--num-steps", "100000", "--num-iterations", "3", "--run-name", "r"]
+    flags = [
+        "--checkpoint",
+        hopper_ckpt_file,
+        *FAST,
+        "--num-steps",
+        "100000",
+        "--num-iterations",
+        "3",
+        "--run-name",
+        "r",
+    ]
     proc = start(*flags, cwd=tmp_path)
     wait_for_line(proc, "eval at iteration 0")  # iteration 1 is now rolling out 100000 decisions per env
     elapsed, out, err = interrupt(proc, 1.0)
@@ -592,7 +825,9 @@ def test_sigterm_in_a_rollout_saves_and_the_printed_command_resumes(hopper_ckpt_
     argv[argv.index("--num-steps") + 1] = "3"  # a short rollout this time
     proc = run(*argv, cwd=tmp_path)
     assert "resumed r at iteration 1" in proc.stdout and "iter 1/3" in proc.stdout and "iter 2/3" in proc.stdout
-    assert "eval at iteration 0" not in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("final: 3 iterations")
+    assert "eval at iteration 0" not in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith(
+        "final: 3 iterations"
+    )
     state = torch.load(state_path, weights_only=False)
     assert state["iteration"] == 3 and state["finished"] and state["format"] == "dbpo-state-v1"
 
@@ -615,10 +850,24 @@ def test_non_finite_update_stops_and_keeps_the_last_good_state(hopper_ckpt_file,
     run(*flags, "--num-iterations", "2", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "r"
     before = {name: (run_dir / name).read_bytes() for name in ("state.pt", "dbpo_ppo.pt")}
-    proc = run(*flags, "--num-iterations", "3", "--actor-lr", "1e30", "--actor-min-lr", "1e30",
-               "--resume", str(run_dir / "state.pt"), cwd=tmp_path, check=False)
+    proc = run(
+        *flags,
+        "--num-iterations",
+        "3",
+        "--actor-lr",
+        "1e30",
+        "--actor-min-lr",
+        "1e30",
+        "--resume",
+        str(run_dir / "state.pt"),
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1 and "error: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "became non-finite by step 2" in proc.stderr and f"the last good checkpoint is {run_dir / 'state.pt'}" in proc.stderr
+    assert (
+        "became non-finite by step 2" in proc.stderr
+        and f"the last good checkpoint is {run_dir / 'state.pt'}" in proc.stderr
+    )
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
@@ -639,11 +888,15 @@ def tensorboard_scalars(run_dir):
                 if value.HasField("simple_value"):
                     scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
                 elif value.metadata.plugin_data.plugin_name == "scalars":
-                    scalars.setdefault(value.tag, []).append((event.step, float(tensor_util.make_ndarray(value.tensor))))
+                    scalars.setdefault(value.tag, []).append(
+                        (event.step, float(tensor_util.make_ndarray(value.tensor)))
+                    )
     return scalars, starts
 
 
-def test_eval_only_reproduces_the_logged_evaluation_and_resumes_never_repeat_a_tensorboard_step(D, hopper_ckpt_file, tmp_path):
+def test_eval_only_reproduces_the_logged_evaluation_and_resumes_never_repeat_a_tensorboard_step(
+    D, hopper_ckpt_file, tmp_path
+):
     flags = ["--checkpoint", hopper_ckpt_file, *FAST, "--num-steps", "3", "--run-name", "r", "--eval-interval", "3"]
     proc = run(*flags, "--num-iterations", "2", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "r"
@@ -653,13 +906,17 @@ def test_eval_only_reproduces_the_logged_evaluation_and_resumes_never_repeat_a_t
     assert not (tmp_path / "runs" / "Hopper-v5").exists() and sorted(os.listdir(tmp_path / "runs")) == ["r"]
     shutil.copy(run_dir / "state.pt", run_dir / "state_after_2.pt")
     run(*flags, "--num-iterations", "5", "--resume", str(run_dir / "state.pt"), cwd=tmp_path)
-    run(*flags, "--num-iterations", "5", "--resume", str(run_dir / "state_after_2.pt"), cwd=tmp_path)  # again from iteration 2
+    run(
+        *flags, "--num-iterations", "5", "--resume", str(run_dir / "state_after_2.pt"), cwd=tmp_path
+    )  # again from iteration 2
     scalars, starts = tensorboard_scalars(run_dir)
     assert starts == 3  # the fresh run's writer and one per resume (purge_step: a resume drops the steps it repeats)
     for tag, points in scalars.items():
         steps = [s for s, _ in points]
         assert steps == sorted(set(steps)), (tag, steps)
-    assert [s for s, _ in scalars["charts/actor_lr"]] == [1, 2, 4] and [s for s, _ in scalars["eval/episodic_return"]] == [0, 3, 5]
+    assert [s for s, _ in scalars["charts/actor_lr"]] == [1, 2, 4] and [
+        s for s, _ in scalars["eval/episodic_return"]
+    ] == [0, 3, 5]
     for step, value in scalars["charts/actor_lr"]:  # no critic warm-up here: the actor's schedule starts at iteration 0
         assert value == pytest.approx(D.scheduled_lr(step, 1e-5, 3e-6, 10, 1500), rel=1e-5)
 
@@ -676,7 +933,17 @@ def test_more_evaluation_envs_than_episodes_and_a_cpu_policy_file(hopper_ckpt_fi
 
 
 def test_smoke_cube_single_train_video_save_and_eval_only(cube_checkpoint, tmp_path):
-    proc = run("--checkpoint", cube_checkpoint, *TINY, "--max-episode-steps", "24", "--capture-video", "--run-name", "c", cwd=tmp_path)
+    proc = run(
+        "--checkpoint",
+        cube_checkpoint,
+        *TINY,
+        "--max-episode-steps",
+        "24",
+        "--capture-video",
+        "--run-name",
+        "c",
+        cwd=tmp_path,
+    )
     out = proc.stdout
     assert "eval at iteration 0" in out and "iter 1/3" in out and "iter 2/3" in out and "ETA" in out
     assert "critic warm-up" in out and "actor+critic" in out
@@ -691,15 +958,49 @@ def test_smoke_cube_single_train_video_save_and_eval_only(cube_checkpoint, tmp_p
         assert imageio.get_reader(str(run_dir / "videos" / name)).count_frames() > 1
     model = torch.load(run_dir / "dbpo_ppo.pt", weights_only=False)
     assert model["format"] == "dbp-v1" and "anchor_model" in model and "dbpo" in model
-    proc = run("--checkpoint", str(run_dir / "dbpo_ppo.pt"), "--eval-only", "--eval-episodes", "2",
-               "--eval-envs", "2", "--max-episode-steps", "24", "--num-threads", "1", cwd=tmp_path)
+    proc = run(
+        "--checkpoint",
+        str(run_dir / "dbpo_ppo.pt"),
+        "--eval-only",
+        "--eval-episodes",
+        "2",
+        "--eval-envs",
+        "2",
+        "--max-episode-steps",
+        "24",
+        "--num-threads",
+        "1",
+        cwd=tmp_path,
+    )
     assert proc.stdout.strip().splitlines()[-1].startswith("final eval cube-single-play-singletask-task1-v0: return")
 
 
 def test_smoke_hopper_other_modes(hopper_checkpoint, tmp_path):
     """The non-default modes: unscaled rewards, bootstrapped time limits, a frozen normalizer, no anchor, raw log-probs."""
-    proc = run("--checkpoint", hopper_checkpoint, *TINY, "--no-normalize-logprob", "--anchor-coef", "0", "--reward-scaling",
-               "none", "--bootstrap-timeouts", "--freeze-normalizer", "--max-episode-steps", "6", "--lr-schedule", "constant", "--no-save-model", cwd=tmp_path)
-    assert "iter 2/3" in proc.stdout and "timing: rollout" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("final:")
+    proc = run(
+        "--checkpoint",
+        hopper_checkpoint,
+        *TINY,
+        "--no-normalize-logprob",
+        "--anchor-coef",
+        "0",
+        "--reward-scaling",
+        "none",
+        "--bootstrap-timeouts",
+        "--freeze-normalizer",
+        "--max-episode-steps",
+        "6",
+        "--lr-schedule",
+        "constant",
+        "--no-save-model",
+        cwd=tmp_path,
+    )
+    assert (
+        "iter 2/3" in proc.stdout
+        and "timing: rollout" in proc.stdout
+        and proc.stdout.strip().splitlines()[-1].startswith("final:")
+    )
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Hopper-v5__dbpo_ppo__1__*"))
-    assert not os.path.exists(os.path.join(run_dir, "state.pt")) and not os.path.exists(os.path.join(run_dir, "dbpo_ppo.pt"))
+    assert not os.path.exists(os.path.join(run_dir, "state.pt")) and not os.path.exists(
+        os.path.join(run_dir, "dbpo_ppo.pt")
+    )

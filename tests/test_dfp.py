@@ -1,6 +1,7 @@
 """Tests of dfp_offline_to_online.py: smoke runs as subprocesses on a tiny generated dataset, unit tests of the
 pieces that can be silently wrong (chunk sampling, TD target, top-K positives, EMA reset), a learning test of the
 improvement mechanism on a contextual bandit with a known critic, and resume after an interruption."""
+
 import copy
 import glob
 import os
@@ -20,8 +21,30 @@ import runs  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "dfp_offline_to_online.py")
 ENV = ["--env", "cube-single-play", "--task", "1"]
-TINY = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--num-gen", "4", "--N", "8", "--K", "2",
-        "--q-best-of", "4", "--act-best-of", "4", "--eval-episodes", "1", "--eval-interval", "1000", "--log-interval", "5"]
+TINY = [
+    "--hidden-dim",
+    "32",
+    "--num-layers",
+    "2",
+    "--batch-size",
+    "16",
+    "--num-gen",
+    "4",
+    "--N",
+    "8",
+    "--K",
+    "2",
+    "--q-best-of",
+    "4",
+    "--act-best-of",
+    "4",
+    "--eval-episodes",
+    "1",
+    "--eval-interval",
+    "1000",
+    "--log-interval",
+    "5",
+]
 SUBENV = dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
@@ -33,9 +56,13 @@ def write_dataset(path, episodes, length, seed, obs_dim=28, drop=None):
     terminals[length - 1 :: length] = 1.0  # 1 at the last step of each episode
     qpos = rng.normal(0, 0.05, (n, 21)).astype(np.float32)
     qpos[:, 14:17] += [0.45, 0.0, 0.02]  # the cube near the table centre
-    data = dict(observations=rng.normal(size=(n, obs_dim)).astype(np.float32),
-                actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32), terminals=terminals, qpos=qpos,
-                qvel=rng.normal(size=(n, 20)).astype(np.float32))
+    data = dict(
+        observations=rng.normal(size=(n, obs_dim)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32),
+        terminals=terminals,
+        qpos=qpos,
+        qvel=rng.normal(size=(n, 20)).astype(np.float32),
+    )
     if drop:
         del data[drop]
     np.savez(path, **data)
@@ -50,8 +77,9 @@ def dataset(tmp_path_factory):
 
 
 def run(args, cwd, **kw):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=SUBENV, capture_output=True, text=True,
-                          timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=cwd, env=SUBENV, capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 def scalars(run_dir, tag):
@@ -69,8 +97,25 @@ def scalars(run_dir, tag):
 
 # ------------------------------------------------------------------------------------------------ smoke runs
 def test_smoke_chunked_both_phases_checkpoint_and_eval_only(dataset, tmp_path):
-    r = run([*ENV, *TINY, "--dataset-path", dataset, "--horizon", "5", "--offline-steps", "20", "--online-steps",
-             "30", "--start-training", "10", "--save-interval", "10"], tmp_path)
+    r = run(
+        [
+            *ENV,
+            *TINY,
+            "--dataset-path",
+            dataset,
+            "--horizon",
+            "5",
+            "--offline-steps",
+            "20",
+            "--online-steps",
+            "30",
+            "--start-training",
+            "10",
+            "--save-interval",
+            "10",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[offline]" in r.stdout and "[online]" in r.stdout
     assert "final cube-single-play-singletask-task1-v0 step 50: success" in r.stdout
@@ -81,8 +126,14 @@ def test_smoke_chunked_both_phases_checkpoint_and_eval_only(dataset, tmp_path):
     assert sorted(scalars(run_dir, "eval/success")) == [1, 20, 50]  # step 1, end of offline, end
     topk = scalars(run_dir, "losses/drift_topk")
     assert topk[20] == 0.0 and topk[45] > 0  # the top-K term exists only online, after --start-training
-    for tag in ("losses/critic", "losses/drift_bc", "stats/q_mean", "stats/drift_scale", "charts/SPS",
-                "eval/episodic_return"):
+    for tag in (
+        "losses/critic",
+        "losses/drift_bc",
+        "stats/q_mean",
+        "stats/drift_scale",
+        "charts/SPS",
+        "eval/episodic_return",
+    ):
         assert scalars(run_dir, tag), tag
 
     r = run(["--eval-only", "--checkpoint", ckpt_path, "--eval-episodes", "1"], tmp_path)
@@ -100,9 +151,32 @@ def test_smoke_horizon1_gaussian_soft_single_sample_shards(tmp_path):
     shards.mkdir()
     for i in range(2):
         write_dataset(str(shards / f"cube-single-play-v0-shard{i}.npz"), episodes=4, length=50, seed=10 + i)
-    r = run([*ENV, *TINY, "--dataset-dir", str(shards), "--shard-interval", "5", "--horizon", "1", "--drift-field",
-             "gaussian", "--online-mode", "soft", "--act-best-of", "1", "--offline-steps", "15", "--online-steps", "25",
-             "--start-training", "5", "--no-save-model"], tmp_path)
+    r = run(
+        [
+            *ENV,
+            *TINY,
+            "--dataset-dir",
+            str(shards),
+            "--shard-interval",
+            "5",
+            "--horizon",
+            "1",
+            "--drift-field",
+            "gaussian",
+            "--online-mode",
+            "soft",
+            "--act-best-of",
+            "1",
+            "--offline-steps",
+            "15",
+            "--online-steps",
+            "25",
+            "--start-training",
+            "5",
+            "--no-save-model",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "final cube-single-play-singletask-task1-v0 step 40: success" in r.stdout
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
@@ -114,10 +188,28 @@ def test_smoke_horizon1_gaussian_soft_single_sample_shards(tmp_path):
 def test_interrupt_and_resume_continue_the_run(dataset, tmp_path):
     """SIGINT in the online phase saves a checkpoint (with the online buffer and pi_old = the actor at the
     switch); --resume ends at the same final step with one continuous log."""
-    args = [*ENV, *TINY, "--dataset-path", dataset, "--offline-steps", "20", "--online-steps", "40",
-            "--start-training", "30", "--save-interval", "1000"]
-    p = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=SUBENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    args = [
+        *ENV,
+        *TINY,
+        "--dataset-path",
+        dataset,
+        "--offline-steps",
+        "20",
+        "--online-steps",
+        "40",
+        "--start-training",
+        "30",
+        "--save-interval",
+        "1000",
+    ]
+    p = subprocess.Popen(
+        [sys.executable, SCRIPT, *args],
+        cwd=tmp_path,
+        env=SUBENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in p.stdout:
         if line.startswith("step 30/"):
             p.send_signal(signal.SIGINT)
@@ -151,8 +243,11 @@ def test_offline_resume_continues_with_identical_losses(dataset, tmp_path):
     uninterrupted 20-step run, bit for bit (weights, Adam, RNG states and the chunk sampler are restored; the
     evaluation at the first run's end draws from its own generators, not the training RNG)."""
     base = [*ENV, *TINY, "--dataset-path", dataset, "--online-steps", "0", "--save-interval", "10"]
-    for argv in (["--offline-steps", "20", "--run-name", "whole"], ["--offline-steps", "10", "--run-name", "part"],
-                 ["--offline-steps", "20", "--resume", str(tmp_path / "runs" / "part" / "checkpoint.pt")]):
+    for argv in (
+        ["--offline-steps", "20", "--run-name", "whole"],
+        ["--offline-steps", "10", "--run-name", "part"],
+        ["--offline-steps", "20", "--resume", str(tmp_path / "runs" / "part" / "checkpoint.pt")],
+    ):
         r = run([*base, *argv], tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed part" in r.stdout and "final cube-single-play-singletask-task1-v0 step 20: success" in r.stdout
@@ -200,8 +295,10 @@ def test_bad_input_is_refused_with_a_clear_message(dataset, tmp_path):
     write_dataset(no_actions, 2, 30, 0, drop="actions")
     r = run([*ENV, "--dataset-path", no_actions], tmp_path)
     assert r.returncode != 0 and "could not read dataset" in r.stderr, r.stderr[-2000:]
-    r = run([*ENV, *TINY, "--dataset-path", dataset, "--offline-steps", "20", "--online-steps", "0", "--lr", "1e30"],
-            tmp_path)
+    r = run(
+        [*ENV, *TINY, "--dataset-path", dataset, "--offline-steps", "20", "--online-steps", "0", "--lr", "1e30"],
+        tmp_path,
+    )
     assert r.returncode != 0 and "became non-finite by step" in r.stderr, r.stderr[-2000:]
 
 
@@ -235,8 +332,10 @@ def test_chunk_sampling_rewards_masks_valid_next_obs():
 
 
 def tiny_buffer(capacity=8):
-    data = {k: torch.zeros(5, 1) if k in ("observations", "actions", "next_observations") else torch.zeros(5)
-            for k in replay.KEYS}
+    data = {
+        k: torch.zeros(5, 1) if k in ("observations", "actions", "next_observations") else torch.zeros(5)
+        for k in replay.KEYS
+    }
     return dfp.ReplayBuffer(data, capacity=capacity)
 
 
@@ -317,7 +416,9 @@ def test_batched_critic_ensemble_equals_a_loop_of_ordinary_mlps(gelu):
         for i, (w, b) in enumerate(zip(weights, biases)):
             g = torch.stack([q[i].weight.grad for q in layers])
             torch.testing.assert_close(w.grad, g.transpose(1, 2) if g.dim() == 3 else g[:, None], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(b.grad[:, 0], torch.stack([q[i].bias.grad for q in layers]), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                b.grad[:, 0], torch.stack([q[i].bias.grad for q in layers]), rtol=1e-4, atol=1e-5
+            )
     # initialization: U(+-sqrt(6 / (d_in + d_out))) weights (Xavier), zero biases, members independent
     big = dfp.Critic(40, 24, 256, 2, 2)
     bound = (6 / (256 + 256)) ** 0.5
@@ -353,9 +454,17 @@ def tiny_update_setup(seed=0, device="cpu", capturable=False):
     target.load_state_dict(critic.state_dict())
     opt = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=1e-3, capturable=capturable)
     g = torch.Generator().manual_seed(seed)
-    batches = [{"observations": torch.randn(8, O, generator=g), "next_observations": torch.randn(8, O, generator=g),
-                "actions": torch.rand(8, D, generator=g) * 2 - 1, "rewards": -torch.rand(8, generator=g),
-                "masks": torch.ones(8), "valid": (torch.rand(8, generator=g) > 0.2).float()} for _ in range(3)]
+    batches = [
+        {
+            "observations": torch.randn(8, O, generator=g),
+            "next_observations": torch.randn(8, O, generator=g),
+            "actions": torch.rand(8, D, generator=g) * 2 - 1,
+            "rewards": -torch.rand(8, generator=g),
+            "masks": torch.ones(8),
+            "valid": (torch.rand(8, generator=g) > 0.2).float(),
+        }
+        for _ in range(3)
+    ]
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     nets = (actor, critic, target, ema)
     return dfp.make_update(args, actor, critic, target, ema, opt), nets, batches
@@ -411,9 +520,14 @@ def test_td_target_uses_gamma_h_mask_and_valid():
     args = dfp.Args(horizon=5, discount=0.9, q_best_of=3)
     actor = dfp.Actor(3, 10, 8, 1)
     critic, target = constant_critic(3, 10, 2.0), constant_critic(3, 10, 7.0)
-    batch = {"observations": torch.randn(4, 3), "next_observations": torch.randn(4, 3),
-             "actions": torch.rand(4, 10) * 2 - 1, "rewards": torch.tensor([-1.0, -2.0, 0.5, -3.0]),
-             "masks": torch.tensor([1.0, 0.0, 1.0, 1.0]), "valid": torch.tensor([1.0, 1.0, 1.0, 0.0])}
+    batch = {
+        "observations": torch.randn(4, 3),
+        "next_observations": torch.randn(4, 3),
+        "actions": torch.rand(4, 10) * 2 - 1,
+        "rewards": torch.tensor([-1.0, -2.0, 0.5, -3.0]),
+        "masks": torch.tensor([1.0, 0.0, 1.0, 1.0]),
+        "valid": torch.tensor([1.0, 1.0, 1.0, 0.0]),
+    }
     loss, q, y = dfp.critic_loss(args, actor, critic, target, batch)
     expected_y = batch["rewards"] + 0.9**5 * batch["masks"] * 7.0
     expected = ((2.0 - expected_y) ** 2 * batch["valid"]).mean()  # over E * B, not sum(valid)
@@ -497,14 +611,33 @@ def test_bench_runs_without_the_environment_stack(tmp_path):
     """bench/bench_dfp.py (tiniest settings) runs with gymnasium, ogbench and mujoco unimportable and writes its
     table as JSON: every row present, every limit and ratio positive."""
     out = tmp_path / "dfp.json"
-    argv = ["bench_dfp.py", "--no-compile", "--hidden-dims", "16", "--num-layers", "1", "--batch-size", "4",
-            "--updates", "1", "--repeats", "1", "--actions", "1", "--out", str(out)]
-    code = ("import runpy, sys\n"
-            "for m in ('gymnasium', 'ogbench', 'mujoco'):\n    sys.modules[m] = None  # import m -> ImportError\n"
-            f"sys.argv = {argv!r}\n"
-            f"runpy.run_path({os.path.join(ROOT, 'bench', 'bench_dfp.py')!r}, run_name='__main__')\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=SUBENV, capture_output=True, text=True,
-                       timeout=300)
+    argv = [
+        "bench_dfp.py",
+        "--no-compile",
+        "--hidden-dims",
+        "16",
+        "--num-layers",
+        "1",
+        "--batch-size",
+        "4",
+        "--updates",
+        "1",
+        "--repeats",
+        "1",
+        "--actions",
+        "1",
+        "--out",
+        str(out),
+    ]
+    code = (
+        "import runpy, sys\n"
+        "for m in ('gymnasium', 'ogbench', 'mujoco'):\n    sys.modules[m] = None  # import m -> ImportError\n"
+        f"sys.argv = {argv!r}\n"
+        f"runpy.run_path({os.path.join(ROOT, 'bench', 'bench_dfp.py')!r}, run_name='__main__')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=SUBENV, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     import json
 

@@ -6,6 +6,7 @@ into our Actor and Critic, feed the same batches and the same noise draws (each 
 recorded draws), and compare the TD target, the critic loss, every actor-loss term, the Q values, the gradient of
 every parameter and the parameters after Adam, Polyak and EMA. CPU, float32, no JAX.
 """
+
 import copy
 import os
 import sys
@@ -37,8 +38,13 @@ def ref(key: str) -> torch.Tensor:
 def close(ours, key: str, rel=REL, atol=0.0, map_ref=lambda x: x):
     """max |ours - reference| <= atol + rel * max |reference| over the tensor."""
     theirs = map_ref(ref(key))
-    torch.testing.assert_close(torch.as_tensor(ours).detach().float(), theirs, rtol=0.0,
-                               atol=atol + rel * theirs.abs().max().item(), msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(
+        torch.as_tensor(ours).detach().float(),
+        theirs,
+        rtol=0.0,
+        atol=atol + rel * theirs.abs().max().item(),
+        msg=lambda m: f"{key}: {m}",
+    )
 
 
 def ref_args(mode: str = "hard") -> dfp.Args:
@@ -52,16 +58,22 @@ def flax_paths(modules: dict) -> list:
     for name, flax_name in ((ACTOR, "actor"), (EMA, "ema_actor")):
         linears = [m for m in modules[flax_name].net if isinstance(m, torch.nn.Linear)]
         for i, lin in enumerate(linears):  # Dense kernel [in, out] = torch weight [out, in] transposed
-            out += [(lin.weight, f"{name}/mlp/Dense_{i}/kernel", lambda x: x.T),
-                    (lin.bias, f"{name}/mlp/Dense_{i}/bias", lambda x: x)]
+            out += [
+                (lin.weight, f"{name}/mlp/Dense_{i}/kernel", lambda x: x.T),
+                (lin.bias, f"{name}/mlp/Dense_{i}/bias", lambda x: x),
+            ]
     for name, flax_name in ((CRITIC, "critic"), (TARGET, "target_critic")):
         c = modules[flax_name]  # kernels [E, in, out] are our stacked layout; vectors get the broadcast axis [E, 1, d]
         for i in range(LAYERS + 1):
-            out += [(c.weights[i], f"{name}/value_net/Dense_{i}/kernel", lambda x: x),
-                    (c.biases[i], f"{name}/value_net/Dense_{i}/bias", lambda x: x[:, None])]
+            out += [
+                (c.weights[i], f"{name}/value_net/Dense_{i}/kernel", lambda x: x),
+                (c.biases[i], f"{name}/value_net/Dense_{i}/bias", lambda x: x[:, None]),
+            ]
         for i in range(LAYERS):
-            out += [(c.norm_weights[i], f"{name}/value_net/LayerNorm_{i}/scale", lambda x: x[:, None]),
-                    (c.norm_biases[i], f"{name}/value_net/LayerNorm_{i}/bias", lambda x: x[:, None])]
+            out += [
+                (c.norm_weights[i], f"{name}/value_net/LayerNorm_{i}/scale", lambda x: x[:, None]),
+                (c.norm_biases[i], f"{name}/value_net/LayerNorm_{i}/bias", lambda x: x[:, None]),
+            ]
     return out
 
 
@@ -77,10 +89,18 @@ def load(modules: dict, prefix: str, copies: dict = ()) -> None:
 
 def batch_of(tag: str) -> dict:
     """Their sample_sequence batch ([B, h, ...], cumulative rewards/masks) as our chunk batch: the last entries."""
-    b = {k: ref(f"{tag}/batch/{k}") for k in ("observations", "actions", "rewards", "masks", "valid",
-                                              "next_observations")}
-    return {"observations": b["observations"], "actions": b["actions"].reshape(B, D), "rewards": b["rewards"][:, -1],
-            "masks": b["masks"][:, -1], "valid": b["valid"][:, -1], "next_observations": b["next_observations"][:, -1]}
+    b = {
+        k: ref(f"{tag}/batch/{k}")
+        for k in ("observations", "actions", "rewards", "masks", "valid", "next_observations")
+    }
+    return {
+        "observations": b["observations"],
+        "actions": b["actions"].reshape(B, D),
+        "rewards": b["rewards"][:, -1],
+        "masks": b["masks"][:, -1],
+        "valid": b["valid"][:, -1],
+        "next_observations": b["next_observations"][:, -1],
+    }
 
 
 def inject(actor: dfp.Actor, *draws: torch.Tensor) -> list:
@@ -91,6 +111,7 @@ def inject(actor: dfp.Actor, *draws: torch.Tensor) -> list:
         eps = queue.pop(0)
         assert eps.shape == (*obs.shape[:2], D), (eps.shape, obs.shape)
         return eps
+
     actor.noise = noise
     return queue
 
@@ -99,8 +120,10 @@ def draws(tag: str, online: bool) -> dict:
     """The reference's noise for one update: the actor's (TD target's best-of-16, then the generated samples) and,
     online, pi_old's (the N candidates)."""
     gen = ref(f"{tag}/actor/noise_drift" if online else f"{tag}/actor/noise").reshape(B, -1, D)
-    return {"actor": [ref(f"{tag}/critic/noise_next"), gen],
-            "ema_actor": [ref(f"{tag}/actor/noise_sel").reshape(B, -1, D)] if online else []}
+    return {
+        "actor": [ref(f"{tag}/critic/noise_next"), gen],
+        "ema_actor": [ref(f"{tag}/actor/noise_sel").reshape(B, -1, D)] if online else [],
+    }
 
 
 def fresh_modules() -> dict:
@@ -136,6 +159,7 @@ def record_drift(monkeypatch) -> list:
         out = drift(args, gen, pos, pos_weight)
         calls.append({"gen": gen, "pos": pos, "weight": pos_weight, "out": out})
         return out
+
     monkeypatch.setattr(dfp, "drift", recorded)
     return calls
 
@@ -147,8 +171,7 @@ def check_update(args, modules, tag, online):
     out = dfp.make_update(args, *modules.values())(batch_of(tag), online=online)
     assert not any(queues)  # every recorded draw was used, in order
     close(out[0], f"{tag}/info/critic/critic_loss")
-    close(out[0] + (out[1] if not online else args.topk_weight * out[2] + args.bc_weight * out[1]),
-          f"{tag}/total_loss")
+    close(out[0] + (out[1] if not online else args.topk_weight * out[2] + args.bc_weight * out[1]), f"{tag}/total_loss")
     grads = {path: (p.grad, f) for p, path, f in flax_paths(modules) if path.split("/")[0] in (ACTOR, CRITIC)}
     for path, (g, f) in grads.items():  # d total loss / d params, through one backward of critic + actor loss
         close(g, f"grads/{tag}/{path}", rel=GRAD_REL, map_ref=f)
@@ -171,13 +194,34 @@ def after_offline():
 # ------------------------------------------------------------------------------------------------ the defaults
 def test_defaults_are_the_reference_config():
     """Our defaults are the authors' cube config, as recorded with the reference (sizes aside)."""
-    a, c = dfp.Args(), lambda k: REF[f"config/{k}"].item() if REF[f"config/{k}"].ndim == 0 else tuple(REF[f"config/{k}"])
-    pairs = {"lr": a.lr, "tau": a.tau, "actor_ema_tau": a.ema_tau, "discount": a.discount, "alpha": a.alpha,
-             "alpha_pos": a.topk_weight, "alpha_target": a.bc_weight, "gen_per_label": a.num_gen,
-             "online_n_samples": a.N, "online_pos_samples": a.K, "q_bon": a.q_best_of, "eval_bon": a.act_best_of,
-             "num_qs": a.num_critics, "horizon_length": a.horizon, "drift_temps": a.temperatures,
-             "online_drift_mode": a.online_mode, "q_agg": "mean", "online_neg_samples": 0, "q_alpha": 0.0,
-             "use_actor_ema": 1.0, "actor_layer_norm": 0.0, "layer_norm": 1.0}
+    a, c = (
+        dfp.Args(),
+        lambda k: REF[f"config/{k}"].item() if REF[f"config/{k}"].ndim == 0 else tuple(REF[f"config/{k}"]),
+    )
+    pairs = {
+        "lr": a.lr,
+        "tau": a.tau,
+        "actor_ema_tau": a.ema_tau,
+        "discount": a.discount,
+        "alpha": a.alpha,
+        "alpha_pos": a.topk_weight,
+        "alpha_target": a.bc_weight,
+        "gen_per_label": a.num_gen,
+        "online_n_samples": a.N,
+        "online_pos_samples": a.K,
+        "q_bon": a.q_best_of,
+        "eval_bon": a.act_best_of,
+        "num_qs": a.num_critics,
+        "horizon_length": a.horizon,
+        "drift_temps": a.temperatures,
+        "online_drift_mode": a.online_mode,
+        "q_agg": "mean",
+        "online_neg_samples": 0,
+        "q_alpha": 0.0,
+        "use_actor_ema": 1.0,
+        "actor_layer_norm": 0.0,
+        "layer_norm": 1.0,
+    }
     for k, ours in pairs.items():
         assert np.allclose(c(k), ours) if not isinstance(ours, str) else c(k) == ours, (k, c(k), ours)
     assert np.allclose(REF["config/adam_b1_b2_eps"], [0.9, 0.999, 1e-8])  # torch.optim.Adam's defaults
@@ -207,8 +251,9 @@ def test_chunk_construction_matches_reference_batches():
     import make_references
 
     np.random.seed(make_references.DFP_DATA_SEED)
-    data = make_references._dfp_dataset(types.SimpleNamespace(create=dict),
-                                        np.random.default_rng(make_references.DFP_DATA_SEED))
+    data = make_references._dfp_dataset(
+        types.SimpleNamespace(create=dict), np.random.default_rng(make_references.DFP_DATA_SEED)
+    )
     data = {k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in data.items()}
     n = len(data["observations"])
     for tag in ("offline", "online_hard"):
@@ -228,8 +273,9 @@ def test_offline_update_parity_with_reference(monkeypatch):
     check_critic_terms(args, modules, "offline")
     calls = record_drift(monkeypatch)
     inject(modules["actor"], draws("offline", online=False)["actor"][1])
-    la, lbc, ltop, scale, _ = dfp.actor_loss(args, modules["actor"], modules["ema_actor"], modules["critic"],
-                                             batch_of("offline"), online=False)
+    la, lbc, ltop, scale, _ = dfp.actor_loss(
+        args, modules["actor"], modules["ema_actor"], modules["critic"], batch_of("offline"), online=False
+    )
     (call,) = calls
     close(call["gen"], "offline/actor/gen")
     close(la, "offline/actor/actor_drift_loss")
@@ -253,9 +299,10 @@ def test_online_update_parity_with_reference(mode, after_offline, monkeypatch):
     d = draws(tag, online=True)
     inject(modules["actor"], d["actor"][1])
     inject(modules["ema_actor"], *d["ema_actor"])
-    la, lbc, ltop, scale, _ = dfp.actor_loss(args, modules["actor"], modules["ema_actor"], modules["critic"],
-                                             batch_of(tag), online=True)
-    (pool, cand_q), = qs
+    la, lbc, ltop, scale, _ = dfp.actor_loss(
+        args, modules["actor"], modules["ema_actor"], modules["critic"], batch_of(tag), online=True
+    )
+    ((pool, cand_q),) = qs
     close(pool, f"{tag}/actor/sel_pool")  # pi_old's N candidates
     close(cand_q, f"{tag}/actor/cand_qs")  # scored by the current critic's mean
     bc, topk = calls

@@ -1,6 +1,7 @@
 """Reliability of dfp_offline_to_online.py (docs/dfp.md, Guarantees): bad input is refused before any work, SIGTERM
 in training and in evaluation saves a checkpoint that resumes, the non-finite guard keeps the last good checkpoint,
 evaluation is reproducible (--eval-only, any --eval-envs), tensorboard steps never repeat across a resume."""
+
 import glob
 import os
 import re
@@ -21,19 +22,41 @@ from inprocess import run_main  # noqa: E402
 from test_dfp import ENV, SCRIPT, SUBENV, dataset, dfp, write_dataset  # noqa: E402, F401  (dataset: a fixture)
 import envs  # noqa: E402  (on the path through test_dfp)
 
-TINY = ["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--num-gen", "4", "--N", "8", "--K", "2",
-        "--q-best-of", "4", "--act-best-of", "4", "--log-interval", "5", "--num-threads", "1"]
+TINY = [
+    "--hidden-dim",
+    "32",
+    "--num-layers",
+    "2",
+    "--batch-size",
+    "16",
+    "--num-gen",
+    "4",
+    "--N",
+    "8",
+    "--K",
+    "2",
+    "--q-best-of",
+    "4",
+    "--act-best-of",
+    "4",
+    "--log-interval",
+    "5",
+    "--num-threads",
+    "1",
+]
 ENV_ID = "cube-single-play-singletask-task1-v0"
 
 
 def popen(args, cwd):
-    return subprocess.Popen([sys.executable, SCRIPT, *args], cwd=cwd, env=SUBENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args], cwd=cwd, env=SUBENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def run(args, cwd):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=SUBENV, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=cwd, env=SUBENV, capture_output=True, text=True, timeout=300
+    )
 
 
 def tree(folder):
@@ -44,8 +67,24 @@ def tree(folder):
 def trained(dataset, tmp_path_factory):
     """A finished tiny run (10 offline + 10 online steps, evaluations on 2 envs): (its args, its run folder)."""
     cwd = tmp_path_factory.mktemp("trained")
-    args = [*ENV, *TINY, "--dataset-path", dataset, "--offline-steps", "10", "--online-steps", "10",
-            "--start-training", "5", "--eval-episodes", "2", "--eval-envs", "2", "--eval-interval", "1000"]
+    args = [
+        *ENV,
+        *TINY,
+        "--dataset-path",
+        dataset,
+        "--offline-steps",
+        "10",
+        "--online-steps",
+        "10",
+        "--start-training",
+        "5",
+        "--eval-episodes",
+        "2",
+        "--eval-envs",
+        "2",
+        "--eval-interval",
+        "1000",
+    ]
     r = run(args, cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = glob.glob(str(cwd / "runs" / "*"))
@@ -77,8 +116,11 @@ def bad(trained, tmp_path_factory):
     write_dataset(files["noact"], 2, 30, 0, drop="actions")
     os.makedirs(files["folder"])
     ckpt = torch.load(files["ckpt"], weights_only=False)
-    variants = {"untagged": {k: v for k, v in ckpt.items() if k != "format"}, "dbp": {**ckpt, "format": "dbp-v1"},
-                "obsdim": {**ckpt, "obs_dim": 99}}  # an older or another script's checkpoint; another env's sizes
+    variants = {
+        "untagged": {k: v for k, v in ckpt.items() if k != "format"},
+        "dbp": {**ckpt, "format": "dbp-v1"},
+        "obsdim": {**ckpt, "obs_dim": 99},
+    }  # an older or another script's checkpoint; another env's sizes
     for name, c in variants.items():
         files[name] = str(d / f"{name}.pt")
         torch.save(c, files[name])
@@ -129,8 +171,11 @@ BAD_INPUT = [  # (id, argv with {placeholders} from the `bad` fixture, what the 
     ("ckpt-dbp", ["--resume", "{dbp}"], "format 'dbp-v1', expected 'dfp-v1'"),
     ("ckpt-env", [*ENV[:2], "--task", "2", "--resume", "{ckpt}"], "checkpoint was made for " + ENV_ID),
     ("ckpt-sizes", ["--eval-only", "--checkpoint", "{obsdim}", "--eval-episodes", "1"], "observation/action sizes"),
-    ("ckpt-networks", [*DATA, "{nan_free}", *TINY, "--hidden-dim", "64", "--resume", "{ckpt}"],
-     "checkpoint does not match these networks"),
+    (
+        "ckpt-networks",
+        [*DATA, "{nan_free}", *TINY, "--hidden-dim", "64", "--resume", "{ckpt}"],
+        "checkpoint does not match these networks",
+    ),
     ("runs-dir-file", ["--runs-dir", "taken"], "--runs-dir taken is a file"),
     ("run-exists", [*DATA, "{nan_free}", "--run-name", "old"], "already holds a run"),
 ]
@@ -202,9 +247,26 @@ def eval_numbers(line):
 
 
 def test_sigterm_in_training_resume_tensorboard_and_eval_only(dataset, tmp_path):
-    args = [*ENV, *TINY, "--dataset-path", dataset, "--offline-steps", "30", "--online-steps", "10",
-            "--start-training", "5", "--eval-episodes", "2", "--eval-envs", "2", "--eval-interval", "1000",
-            "--save-interval", "1000"]
+    args = [
+        *ENV,
+        *TINY,
+        "--dataset-path",
+        dataset,
+        "--offline-steps",
+        "30",
+        "--online-steps",
+        "10",
+        "--start-training",
+        "5",
+        "--eval-episodes",
+        "2",
+        "--eval-envs",
+        "2",
+        "--eval-interval",
+        "1000",
+        "--save-interval",
+        "1000",
+    ]
     out, err, took = stop_at(popen(args, tmp_path), r"step 10/40")
     assert took < 5 and "Traceback" not in err, err[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
@@ -225,16 +287,40 @@ def test_sigterm_in_training_resume_tensorboard_and_eval_only(dataset, tmp_path)
 
     # --eval-only of the final checkpoint, on 1 env, reproduces the in-training evaluation at step 40 (2 envs)
     (train_line,) = [line for line in r.stdout.splitlines() if line.startswith("eval step 40:")]
-    e = run(["--eval-only", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--eval-episodes", "2",
-             "--eval-envs", "1", "--num-threads", "1"], tmp_path)
+    e = run(
+        [
+            "--eval-only",
+            "--checkpoint",
+            os.path.join(run_dir, "checkpoint.pt"),
+            "--eval-episodes",
+            "2",
+            "--eval-envs",
+            "1",
+            "--num-threads",
+            "1",
+        ],
+        tmp_path,
+    )
     assert e.returncode == 0, e.stderr[-3000:]
     (only_line,) = [line for line in e.stdout.splitlines() if line.startswith(f"eval-only {ENV_ID} step 40:")]
     assert eval_numbers(only_line) == eval_numbers(train_line)
 
 
 def test_sigterm_during_evaluation_abandons_it_and_resume_redoes_it(dataset, tmp_path):
-    args = [*ENV, *TINY, "--dataset-path", dataset, "--offline-steps", "10", "--online-steps", "0",
-            "--eval-envs", "1", "--eval-interval", "1000"]
+    args = [
+        *ENV,
+        *TINY,
+        "--dataset-path",
+        dataset,
+        "--offline-steps",
+        "10",
+        "--online-steps",
+        "0",
+        "--eval-envs",
+        "1",
+        "--eval-interval",
+        "1000",
+    ]
     # an evaluation that cannot end before the signal, however fast the machine (the resume asks for 3 episodes)
     out, err, took = stop_at(popen([*args, "--eval-episodes", "1000000"], tmp_path), r"evaluating step 1:", delay=0.2)
     assert took < 5 and "Traceback" not in err, err[-2000:]

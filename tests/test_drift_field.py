@@ -70,11 +70,15 @@ def test_field_properties():
     torch.testing.assert_close(df.mean_shift_field(x + c, pos + c, neg + c, 0.8), df.mean_shift_field(x, pos, neg, 0.8))
     # joint scaling of points and bandwidth scales the field
     a = 3.5
-    torch.testing.assert_close(df.mean_shift_field(a * x, a * pos, a * neg, a * 0.8), a * df.mean_shift_field(x, pos, neg, 0.8))
+    torch.testing.assert_close(
+        df.mean_shift_field(a * x, a * pos, a * neg, a * 0.8), a * df.mean_shift_field(x, pos, neg, 0.8)
+    )
     # integer weights act like repeated samples
     w = torch.tensor([[1.0, 3.0, 2.0, 1.0, 1.0, 1.0]] * 3, **f64)
     repeated = torch.repeat_interleave(pos, w[0].long(), dim=1)
-    torch.testing.assert_close(df.mean_shift_field(x, pos, neg, 0.9, pos_weight=w), df.mean_shift_field(x, repeated, neg, 0.9))
+    torch.testing.assert_close(
+        df.mean_shift_field(x, pos, neg, 0.9, pos_weight=w), df.mean_shift_field(x, repeated, neg, 0.9)
+    )
 
 
 def test_field_bad_input():
@@ -106,7 +110,9 @@ def test_drift_loss_parity_with_published_implementation():
         gen = get("gen").requires_grad_(True)
         temps = tuple(float(t) for t in ref[f"{c}/temperatures"])
         flags = dict(attraction_only=bool(ref[f"{c}/attraction_only"]), neg_only=bool(ref[f"{c}/neg_only"]))
-        loss, info = df.drift_loss(gen, get("pos"), get("neg"), temps, get("gen_weight"), get("pos_weight"), get("neg_weight"), **flags)
+        loss, info = df.drift_loss(
+            gen, get("pos"), get("neg"), temps, get("gen_weight"), get("pos_weight"), get("neg_weight"), **flags
+        )
         loss.sum().backward()
         torch.testing.assert_close(loss, get("loss"), rtol=1e-4, atol=1e-6, msg=f"loss, case {c}")
         torch.testing.assert_close(gen.grad, get("grad"), rtol=1e-4, atol=1e-6, msg=f"grad, case {c}")
@@ -248,7 +254,9 @@ def test_top_k_bad_input():
 # ---------------------------------------------------------------------------------------------
 def _train_generator(loss_kind, steps=300, seed=0):
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1)
+    )
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     B, G, P = 16, 16, 16
     for _ in range(steps):

@@ -2,6 +2,7 @@
 and env, the dataset checks, the chunk wrapper (open-loop execution, history, an episode's end inside a chunk), and the
 evaluation (the same episodes with 1 and 3 envs; DFP's numbers exactly). Nothing is downloaded: HOME is redirected and
 the downloaders are replaced; nothing is written outside pytest's tmp_path."""
+
 import importlib.util
 import json
 import os
@@ -34,8 +35,13 @@ def write_cube_single(path, episodes=2, length=30, seed=0, obs_dim=28):
     terminals[length - 1 :: length] = 1.0
     qpos = rng.normal(0, 0.05, (n, 21)).astype(np.float32)
     qpos[:, 14:17] += [0.45, 0.0, 0.02]
-    data = dict(observations=rng.normal(size=(n, obs_dim)).astype(np.float32), actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32),
-                terminals=terminals, qpos=qpos, qvel=rng.normal(size=(n, 20)).astype(np.float32))
+    data = dict(
+        observations=rng.normal(size=(n, obs_dim)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32),
+        terminals=terminals,
+        qpos=qpos,
+        qvel=rng.normal(size=(n, 20)).astype(np.float32),
+    )
     for p in (path, path.replace(".npz", "-val.npz")):
         np.savez(p, **data)
     return data
@@ -159,18 +165,28 @@ class BoxEnv(gym.Env):
 
 
 def transitions(n=10):
-    return {"observations": np.zeros((n, 3), np.float32), "actions": np.zeros((n, 2), np.float32),
-            "terminals": np.zeros(n, bool), "next_observations": np.zeros((n, 3), np.float32)}
+    return {
+        "observations": np.zeros((n, 3), np.float32),
+        "actions": np.zeros((n, 2), np.float32),
+        "terminals": np.zeros(n, bool),
+        "next_observations": np.zeros((n, 3), np.float32),
+    }
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(observations=np.zeros((10, 4), np.float32)), "'observations' must have shape [N, 3]"),
-    (lambda d: d.pop("actions"), "'actions' must have shape [N, 2] for this env, got missing"),
-    (lambda d: d.update(next_observations=np.zeros((10, 2), np.float32)), "'next_observations' must have shape"),
-    (lambda d: d.update(terminals=np.zeros(9, bool)), "arrays have different lengths"),
-    (lambda d: d["observations"].__setitem__((4, 1), np.nan), "non-finite values in 'observations'"),
-    (lambda d: d["actions"].__setitem__((6, 0), 1.5), "1 actions lie outside the env's action bounds [-1, 1] (the first at index [6])"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(observations=np.zeros((10, 4), np.float32)), "'observations' must have shape [N, 3]"),
+        (lambda d: d.pop("actions"), "'actions' must have shape [N, 2] for this env, got missing"),
+        (lambda d: d.update(next_observations=np.zeros((10, 2), np.float32)), "'next_observations' must have shape"),
+        (lambda d: d.update(terminals=np.zeros(9, bool)), "arrays have different lengths"),
+        (lambda d: d["observations"].__setitem__((4, 1), np.nan), "non-finite values in 'observations'"),
+        (
+            lambda d: d["actions"].__setitem__((6, 0), 1.5),
+            "1 actions lie outside the env's action bounds [-1, 1] (the first at index [6])",
+        ),
+    ],
+)
 def test_check_dataset_refuses_what_does_not_fit_the_env(capsys, change, message):
     envs.check_dataset(transitions(), BoxEnv(), "tiny")  # the good one passes
     data = transitions()
@@ -183,8 +199,13 @@ def test_check_dataset_refuses_what_does_not_fit_the_env(capsys, change, message
 def write_d4rl(path, episodes=3, length=20, seed=0, **overrides):
     """A D4RL-layout file for InvertedPendulum-v5 (obs 4, action 1 in [-3, 3]): random in-bounds values."""
     rng, n = np.random.default_rng(seed), episodes * length
-    data = {"observations": rng.normal(size=(n, 4)).astype(np.float32), "actions": rng.uniform(-3, 3, (n, 1)).astype(np.float32),
-            "rewards": np.ones(n, np.float32), "terminals": np.zeros(n, bool), "timeouts": np.zeros(n, bool)}
+    data = {
+        "observations": rng.normal(size=(n, 4)).astype(np.float32),
+        "actions": rng.uniform(-3, 3, (n, 1)).astype(np.float32),
+        "rewards": np.ones(n, np.float32),
+        "terminals": np.zeros(n, bool),
+        "timeouts": np.zeros(n, bool),
+    }
     data["terminals"][length - 1] = True  # the first episode fails, the others end by time limit
     data["timeouts"][2 * length - 1 :: length] = True
     data.update(overrides)
@@ -208,7 +229,9 @@ def test_d4rl_dataset_for_a_gymnasium_env(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ Robomimic
 def lift_env_args():
-    spec = importlib.util.spec_from_file_location("generate_robomimic_dataset", os.path.join(ROOT, "scripts", "generate_robomimic_dataset.py"))
+    spec = importlib.util.spec_from_file_location(
+        "generate_robomimic_dataset", os.path.join(ROOT, "scripts", "generate_robomimic_dataset.py")
+    )
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     return gen.make_env_args("lift", 20)  # the official files' format (robosuite <= 1.4 controller), horizon 20
@@ -217,7 +240,10 @@ def lift_env_args():
 def test_robomimic_dataset_env_and_history_wrapper(tmp_path):
     """A hand-written lift file with real env_args: the loader's arrays, the robosuite env rebuilt from the file, and
     that env stepped through the chunk wrapper with an observation history (To = 2)."""
-    path, dims = str(tmp_path / "low_dim_v15.hdf5"), {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}
+    path, dims = (
+        str(tmp_path / "low_dim_v15.hdf5"),
+        {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10},
+    )
     with h5py.File(path, "w") as f:
         f.create_group("data").attrs["env_args"] = json.dumps(lift_env_args())
         for d, n in enumerate((6, 4)):
@@ -244,9 +270,13 @@ def test_robomimic_dataset_env_and_history_wrapper(tmp_path):
 def test_no_family_env_warns_of_float32_precision(tmp_path):
     """OGBench's action_space property built a float64-bounded Box at every read (gymnasium warned at make and reset):
     no env we build (each family, bare and chunked) warns, and OGBench's action space is one float32 Box."""
-    made = [lambda: envs.make_chunk_env(CUBE1, 5), lambda: envs.make_chunk_env(CUBE1, 5, 2),
-            lambda: envs.make_chunk_env("Hopper-v5", 4, 1), lambda: envs.make_chunk_env("Hopper-v5", 4),
-            lambda: envs.make_chunk_env("lift-mh", 3, 2, env_args=lift_env_args())]
+    made = [
+        lambda: envs.make_chunk_env(CUBE1, 5),
+        lambda: envs.make_chunk_env(CUBE1, 5, 2),
+        lambda: envs.make_chunk_env("Hopper-v5", 4, 1),
+        lambda: envs.make_chunk_env("Hopper-v5", 4),
+        lambda: envs.make_chunk_env("lift-mh", 3, 2, env_args=lift_env_args()),
+    ]
     for make in made:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -356,7 +386,9 @@ def test_evaluation_is_the_same_with_1_and_3_envs():
         vec.close()
     (res1, acts1, first1), (res3, acts3, first3) = runs
     np.testing.assert_equal(res1, res3)  # exactly (NaN == NaN here)
-    assert set(res1) == {"success", "return", "length", "noise", "episodes"} and np.isnan(res1["success"])  # no success signal
+    assert set(res1) == {"success", "return", "length", "noise", "episodes"} and np.isnan(
+        res1["success"]
+    )  # no success signal
     assert res1["episodes"].shape == (5, 3)  # per episode: success, return, length; their means are the result
     np.testing.assert_allclose(res1["episodes"][:, 1:].mean(0), [res1["return"], res1["length"]], rtol=1e-12)
     assert sorted(acts1) == sorted(acts3) == [100, 101, 102, 103, 104]  # episode i: env seed 100 + i

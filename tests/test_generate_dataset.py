@@ -57,7 +57,9 @@ def test_play_files_have_official_keys_dtypes_and_episodes(play_single):
         assert np.all(np.abs(data["actions"]) <= 1.0)
         # observations[t] and qpos[t] describe the same state: the cube position in the observation is
         # (cube xyz - (0.425, 0, 0)) * 10 (CubeEnv.compute_observation), cube xyz is qpos[14:17].
-        np.testing.assert_allclose(data["observations"][:, 19:22], (data["qpos"][:, 14:17] - [0.425, 0, 0]) * 10, atol=1e-4)
+        np.testing.assert_allclose(
+            data["observations"][:, 19:22], (data["qpos"][:, 14:17] - [0.425, 0, 0]) * 10, atol=1e-4
+        )
     # the oracle moves the arm: actions are not constant, episodes differ from each other
     assert train["actions"].std(0).min() > 1e-3
     assert not np.allclose(train["observations"][:60], train["observations"][60:120])
@@ -89,7 +91,9 @@ def test_same_seed_same_files_for_any_worker_count(play_single, tmp_path):
 
 
 def test_expert_demos_single_task1_succeed(tmp_path):
-    proc = generate(tmp_path, "--env", "cube-single-play", "--kind", "expert", "--task", "1", "--episodes", "10", "--workers", "1")
+    proc = generate(
+        tmp_path, "--env", "cube-single-play", "--kind", "expert", "--task", "1", "--episodes", "10", "--workers", "1"
+    )
     assert "success rate" in proc.stdout
     train = load_npz(tmp_path / "cube-single-expert-task1-v0.npz")
     val = load_npz(tmp_path / "cube-single-expert-task1-v0-val.npz")
@@ -147,7 +151,10 @@ def test_existing_file_needs_overwrite(tmp_path):
 def test_interrupted_run_leaves_no_file_and_resumes(play_single, tmp_path):
     flags = ["--env", "cube-single-play", "--episodes", "3", "--episode-length", "60", "--workers", "1"]
     proc = subprocess.Popen(
-        [sys.executable, SCRIPT, "--out-dir", str(tmp_path), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+        [sys.executable, SCRIPT, "--out-dir", str(tmp_path), *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
     )
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:  # interrupt once the first episode is saved

@@ -27,8 +27,9 @@ TINY = ["--learning-starts", "50", "--batch-size", "32", "--buffer-size", "5000"
 
 
 def generate(root, *flags, check=True):
-    proc = subprocess.run([sys.executable, SCRIPT, "--root", str(root), *flags], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--root", str(root), *flags], capture_output=True, text=True, env=ENV, timeout=300
+    )
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -106,8 +107,9 @@ def test_existing_dataset_needs_overwrite_and_rerecords_without_retraining(made)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert load(root).total_steps == 400  # untouched
     # With --overwrite and a target the trained policy meets, the checkpoint is reused: no training, a new recording.
-    proc = generate(root, *TINY, "--max-train-steps", "300", "--num-steps", "200", "--overwrite",
-                    "--target-return", "-1e9")
+    proc = generate(
+        root, *TINY, "--max-train-steps", "300", "--num-steps", "200", "--overwrite", "--target-return", "-1e9"
+    )
     assert "resumed from step 300" in proc.stdout and "target reached at step 300" in proc.stdout, proc.stdout
     assert load(root).total_steps == 200
     assert sorted(os.listdir(root)) == [".generate_locomotion", "mujoco"]
@@ -115,10 +117,26 @@ def test_existing_dataset_needs_overwrite_and_rerecords_without_retraining(made)
 
 def test_sigterm_saves_a_checkpoint_and_the_same_command_continues(tmp_path):
     # Unbounded training (a target out of reach, no step budget): the signal cannot come after the work is done.
-    flags = [*TINY, "--target-return", "1e9", "--max-train-steps", "1000000000", "--eval-interval", "1000000000",
-             "--checkpoint-interval", "100", "--num-steps", "200"]
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--root", str(tmp_path), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    flags = [
+        *TINY,
+        "--target-return",
+        "1e9",
+        "--max-train-steps",
+        "1000000000",
+        "--eval-interval",
+        "1000000000",
+        "--checkpoint-interval",
+        "100",
+        "--num-steps",
+        "200",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--root", str(tmp_path), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
     out = []
     for line in proc.stdout:  # wait for the first periodic checkpoint: SAC is updating by then
         out.append(line)
@@ -147,8 +165,13 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_continues(tmp_path):
 def test_interrupted_recording_leaves_no_dataset(tmp_path):
     # The target is met at once (step 0); the recording is unbounded, so the signal comes in the middle of it.
     flags = [*TINY, "--target-return", "-1e9", "--num-steps", "1000000000"]
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--root", str(tmp_path), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--root", str(tmp_path), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
     out = []
     for line in proc.stdout:
         out.append(line)

@@ -3,6 +3,7 @@
 and gpu_cpu.json must agree; the benchmarks' JSONs must hold their rows and the machine; committed results stay as
 they are. Then the stage runner itself: a failing, a silent and a hanging stage are reported (the hanging one's whole
 process group ended), the stages after them go on or are skipped with the reason, and bad flags are refused."""
+
 import hashlib
 import json
 import os
@@ -17,24 +18,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import gpu_check  # noqa: E402
 
-STAGES = ["dfp_eager", "dfp_resume", "dfp_cudagraphs", "dfp_cudagraphs_resume", "dbp_unet", "dbp_unet_eval_only",
-          "dbp_unet_resume", "dbpo", "dbpo_resume", "dbp_mlp", "dbp_mlp_eval_only", "pytest", "bench_dbp", "bench_dbpo",
-          "bench_dfp"]
+STAGES = [
+    "dfp_eager",
+    "dfp_resume",
+    "dfp_cudagraphs",
+    "dfp_cudagraphs_resume",
+    "dbp_unet",
+    "dbp_unet_eval_only",
+    "dbp_unet_resume",
+    "dbpo",
+    "dbpo_resume",
+    "dbp_mlp",
+    "dbp_mlp_eval_only",
+    "pytest",
+    "bench_dbp",
+    "bench_dbpo",
+    "bench_dfp",
+]
 CUDA_ONLY = {"dfp_cudagraphs", "dfp_cudagraphs_resume"}
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
 
 
 def digest(folder):
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
-            for f in sorted(os.listdir(folder))}
+    return {
+        f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))
+    }
 
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     committed = digest(os.path.join(ROOT, "bench", "results"))
-    p = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--cpu", "--out", str(out)], cwd=out, env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--cpu", "--out", str(out)],
+        cwd=out,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert digest(os.path.join(ROOT, "bench", "results")) == committed  # --cpu never writes bench/results
     with open(out / "gpu_cpu.json") as f:
@@ -99,16 +121,24 @@ def stage(name, code, timeout=30, **kw):
 
 def test_a_failing_silent_or_hanging_stage_is_reported_and_the_rest_goes_on(tmp_path):
     pid_file = tmp_path / "child.pid"
-    hang = ("import subprocess, sys, time\n"  # a stage whose own child would outlive it: the group is ended
-            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-            f"open({str(pid_file)!r}, 'w').write(str(p.pid))\nprint('started', flush=True)\ntime.sleep(60)")
-    todo = [stage("fails", "print('partial'); raise SystemExit(3)"), stage("after", "print('done')", needs=("fails",)),
-            stage("silent", "print('nothing to see')", expect=r"^final: "), stage("hangs", hang, timeout=3),
-            stage("ok", "print('final: fine')", expect=r"^final: ", result=gpu_check.last_line(r"^final")),
-            stage("nocuda", "print(1)", skip="no CUDA")]
+    hang = (
+        "import subprocess, sys, time\n"  # a stage whose own child would outlive it: the group is ended
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\nprint('started', flush=True)\ntime.sleep(60)"
+    )
+    todo = [
+        stage("fails", "print('partial'); raise SystemExit(3)"),
+        stage("after", "print('done')", needs=("fails",)),
+        stage("silent", "print('nothing to see')", expect=r"^final: "),
+        stage("hangs", hang, timeout=3),
+        stage("ok", "print('final: fine')", expect=r"^final: ", result=gpu_check.last_line(r"^final")),
+        stage("nocuda", "print(1)", skip="no CUDA"),
+    ]
     done, t0 = {}, time.time()
-    recs = {s.name: gpu_check.run_stage(s, sys.executable, time.time() + 120, done, str(tmp_path), os.environ.copy())
-            for s in todo}
+    recs = {
+        s.name: gpu_check.run_stage(s, sys.executable, time.time() + 120, done, str(tmp_path), os.environ.copy())
+        for s in todo
+    }
     assert time.time() - t0 < 30  # the hanging stage stopped at its timeout, not after its 60 s
     assert (recs["fails"]["status"], recs["fails"]["reason"]) == ("failed", "exit code 3")
     assert "partial" in recs["fails"]["log_tail"]
@@ -129,15 +159,26 @@ def test_a_spent_budget_skips_the_stages_left(tmp_path):
     assert (rec["status"], rec["reason"]) == ("skipped", "the --budget is spent")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--device", "cpu", "--budget", "0"], "error: --budget must be > 0"),
-    (["--device", "cpu", "--jobs", "0"], "error: --jobs must be >= 1"),
-    (["--device", "cpu", "--only", "nope"], "error: --only: unknown stages ['nope']"),
-    pytest.param(["--device", "cuda"], "error: no CUDA device here; for the CPU check run bench/gpu.sh --cpu",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "cpu", "--budget", "0"], "error: --budget must be > 0"),
+        (["--device", "cpu", "--jobs", "0"], "error: --jobs must be >= 1"),
+        (["--device", "cpu", "--only", "nope"], "error: --only: unknown stages ['nope']"),
+        pytest.param(
+            ["--device", "cuda"],
+            "error: no CUDA device here; for the CPU check run bench/gpu.sh --cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here"),
+        ),
+    ],
+)
 def test_bad_flags_are_refused_in_one_line_before_any_work(flags, message, tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), *flags, "--out",
-                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=ENV)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), *flags, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert p.returncode == 2 and p.stderr.startswith(message) and len(p.stderr.splitlines()) == 1, p.stderr
     assert not (tmp_path / "o").exists()

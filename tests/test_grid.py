@@ -1,6 +1,7 @@
 """Tests of scripts/grid.py: a grid of tiny DFP runs on a local Ray instance (finishes, is skipped when
 rerun, a failed run does not stop the others, Ctrl-C stops the grid and a rerun resumes the interrupted runs
 from their checkpoints), the report (CSV, table, figure), and bad input refused before any work."""
+
 import _thread
 import csv
 import glob
@@ -21,9 +22,30 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import grid  # noqa: E402
 
 ray = pytest.importorskip("ray")
-TINY = ["--set", "hidden_dim=32", "--set", "num_layers=2", "--set", "batch_size=16", "--set", "num_gen=4",
-        "--set", "N=8", "--set", "K=2", "--set", "q_best_of=4", "--set", "act_best_of=4", "--set", "eval_episodes=1",
-        "--set", "online_steps=0", "--set", "log_interval=10"]
+TINY = [
+    "--set",
+    "hidden_dim=32",
+    "--set",
+    "num_layers=2",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "num_gen=4",
+    "--set",
+    "N=8",
+    "--set",
+    "K=2",
+    "--set",
+    "q_best_of=4",
+    "--set",
+    "act_best_of=4",
+    "--set",
+    "eval_episodes=1",
+    "--set",
+    "online_steps=0",
+    "--set",
+    "log_interval=10",
+]
 
 
 def write_dataset(path, episodes=6, length=60, seed=0):
@@ -34,9 +56,13 @@ def write_dataset(path, episodes=6, length=60, seed=0):
     terminals[length - 1 :: length] = 1.0
     qpos = rng.normal(0, 0.05, (n, 21)).astype(np.float32)
     qpos[:, 14:17] += [0.45, 0.0, 0.02]
-    data = dict(observations=rng.normal(size=(n, 28)).astype(np.float32),
-                actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32), terminals=terminals, qpos=qpos,
-                qvel=rng.normal(size=(n, 20)).astype(np.float32))
+    data = dict(
+        observations=rng.normal(size=(n, 28)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (n, 5)).astype(np.float32),
+        terminals=terminals,
+        qpos=qpos,
+        qvel=rng.normal(size=(n, 20)).astype(np.float32),
+    )
     np.savez(path, **data)
     np.savez(path.replace(".npz", "-val.npz"), **data)
 
@@ -61,8 +87,19 @@ def dataset(tmp_path_factory):
 
 
 def grid_args(out, dataset, *extra):
-    return ["run", "--script", "dfp", "--out", str(out), "--set", f"dataset_path={dataset}", *TINY,
-            "--progress-interval", "5", *extra]
+    return [
+        "run",
+        "--script",
+        "dfp",
+        "--out",
+        str(out),
+        "--set",
+        f"dataset_path={dataset}",
+        *TINY,
+        "--progress-interval",
+        "5",
+        *extra,
+    ]
 
 
 def scalars(run_dir, tag):
@@ -78,12 +115,26 @@ def png_size(path):
 
 def test_grid_finishes_skips_when_rerun_and_reports(local_ray, dataset, tmp_path, capsys):
     out = tmp_path / "grid"
-    args = grid_args(out, dataset, "--envs", "cube-single-play-task1", "cube-single-play-task2", "--seeds", "1", "2",
-                "--set", "offline_steps=20")
+    args = grid_args(
+        out,
+        dataset,
+        "--envs",
+        "cube-single-play-task1",
+        "cube-single-play-task2",
+        "--seeds",
+        "1",
+        "2",
+        "--set",
+        "offline_steps=20",
+    )
     assert grid.main(args) == 0
     runs = sorted(os.listdir(out))
-    assert runs == ["dfp__cube-single-play-task1__s1", "dfp__cube-single-play-task1__s2",
-                    "dfp__cube-single-play-task2__s1", "dfp__cube-single-play-task2__s2"]
+    assert runs == [
+        "dfp__cube-single-play-task1__s1",
+        "dfp__cube-single-play-task1__s2",
+        "dfp__cube-single-play-task2__s1",
+        "dfp__cube-single-play-task2__s2",
+    ]
     for r in runs:
         d = out / r
         done = json.loads((d / grid.DONE_FILE).read_text())
@@ -100,8 +151,9 @@ def test_grid_finishes_skips_when_rerun_and_reports(local_ray, dataset, tmp_path
     assert grid.main(["report", str(out)]) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["env"], r["seed"]) for r in rows} == {(e, s) for e in ("cube-single-play-task1", "cube-single-play-task2")
-                                                      for s in ("1", "2")}
+    assert {(r["env"], r["seed"]) for r in rows} == {
+        (e, s) for e in ("cube-single-play-task1", "cube-single-play-task2") for s in ("1", "2")
+    }
     assert {r["tag"] for r in rows} == {"eval/success", "eval/episodic_return"}
     assert len(rows) == 4 * 2 * 2  # 4 runs x 2 tags x 2 evaluations (steps 1 and 20)
     table = (out / "results.md").read_text()
@@ -115,8 +167,20 @@ def test_grid_finishes_skips_when_rerun_and_reports(local_ray, dataset, tmp_path
 def test_a_failed_run_is_reported_and_the_others_finish(local_ray, dataset, tmp_path, capsys):
     missing = str(tmp_path / "nowhere" / "cube-single-play-v0.npz")
     out = tmp_path / "grid"
-    args = ["run", "--script", "dfp", "--out", str(out), "--envs", "cube-single-play-task1", *TINY,
-            "--set", "offline_steps=10", "--sweep", f"dataset_path={dataset},{missing}"]
+    args = [
+        "run",
+        "--script",
+        "dfp",
+        "--out",
+        str(out),
+        "--envs",
+        "cube-single-play-task1",
+        *TINY,
+        "--set",
+        "offline_steps=10",
+        "--sweep",
+        f"dataset_path={dataset},{missing}",
+    ]
     assert grid.main(args) == 1
     printed = capsys.readouterr().out
     assert "FAILED" in printed and "does not exist" in printed  # the script's own error, from the log tail
@@ -135,8 +199,10 @@ def run_pid(out, run_id):
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
         except OSError:  # the process ended meanwhile
             continue
-        if all(flag in argv and argv[argv.index(flag) + 1] == value for flag, value in
-               (("--runs-dir", str(out)), ("--run-name", run_id))):
+        if all(
+            flag in argv and argv[argv.index(flag) + 1] == value
+            for flag, value in (("--runs-dir", str(out)), ("--run-name", run_id))
+        ):
             pids[int(p)] = ppid
     top = [p for p, ppid in pids.items() if ppid not in pids]
     return top[0] if len(top) == 1 else None
@@ -158,8 +224,21 @@ def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ra
     run can finish while the other one starts late; Ctrl-C comes once both are paused, and they continue only once
     the grid's SIGTERM waits for them, so each stops at the step where it was paused."""
     out = tmp_path / "grid"
-    args = grid_args(out, dataset, "--envs", "cube-single-play-task1", "--seeds", "1", "2", "--set", "offline_steps=400",
-                "--set", "save_interval=10", "--set", "eval_interval=100000")
+    args = grid_args(
+        out,
+        dataset,
+        "--envs",
+        "cube-single-play-task1",
+        "--seeds",
+        "1",
+        "2",
+        "--set",
+        "offline_steps=400",
+        "--set",
+        "save_interval=10",
+        "--set",
+        "eval_interval=100000",
+    )
     ids = [f"dfp__cube-single-play-task1__s{s}" for s in (1, 2)]
     ckpts = [out / run_id / "checkpoint.pt" for run_id in ids]
     paused = {}
@@ -195,18 +274,23 @@ def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ra
         assert sorted(scalars(str(c.parent), "eval/success")) == [1, 400]
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--preset", "dfp-tabel"], "unknown preset 'dfp-tabel'"),
-    (["--script", "dfp", "--envs", "cube-seven-play"], "unknown env 'cube-seven-play'"),
-    (["--script", "dfp", "--envs", "cube-single-play", "--set", "hiden_dim=8"], "unknown flag --hiden-dim"),
-    (["--script", "dfp", "--envs", "cube-single-play", "--set", "online_mode=medium"], "choose from hard, soft"),
-    (["--script", "dfp", "--envs", "cube-single-play", "--set", "seed=3"], "the grid sets this itself"),
-    (["--script", "dfp", "--envs"], "expected at least one argument"),  # a grid with no runs
-    (["--script", "dfp", "--envs", "cube-single-play", "cube-single-play"], "would share a folder"),
-    (["--script", "nope.py", "--envs", "cube-single-play"], "unknown script 'nope.py'"),
-    (["--script", "dfp", "--envs", "cube-single-play", "--address", "127.0.0.1:1", "--connect-timeout", "3"],
-     "cannot reach a Ray cluster at 127.0.0.1:1"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--preset", "dfp-tabel"], "unknown preset 'dfp-tabel'"),
+        (["--script", "dfp", "--envs", "cube-seven-play"], "unknown env 'cube-seven-play'"),
+        (["--script", "dfp", "--envs", "cube-single-play", "--set", "hiden_dim=8"], "unknown flag --hiden-dim"),
+        (["--script", "dfp", "--envs", "cube-single-play", "--set", "online_mode=medium"], "choose from hard, soft"),
+        (["--script", "dfp", "--envs", "cube-single-play", "--set", "seed=3"], "the grid sets this itself"),
+        (["--script", "dfp", "--envs"], "expected at least one argument"),  # a grid with no runs
+        (["--script", "dfp", "--envs", "cube-single-play", "cube-single-play"], "would share a folder"),
+        (["--script", "nope.py", "--envs", "cube-single-play"], "unknown script 'nope.py'"),
+        (
+            ["--script", "dfp", "--envs", "cube-single-play", "--address", "127.0.0.1:1", "--connect-timeout", "3"],
+            "cannot reach a Ray cluster at 127.0.0.1:1",
+        ),
+    ],
+)
 def test_bad_input_is_refused_before_any_work(args, msg, tmp_path, capsys):
     out = tmp_path / "grid"
     with pytest.raises(SystemExit) as e:
@@ -241,9 +325,18 @@ def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
         run_id = f"{variant}__cube-double-play-task2__s{seed}"
         d = tmp_path / run_id
         d.mkdir()
-        grid.write_json(str(d / grid.RUN_FILE), dict(
-            id=run_id, script="dfp_offline_to_online.py", variant=variant, env="cube-double-play-task2", seed=seed,
-            args=[], flags={"K": variant[-1], "N": "16"}))
+        grid.write_json(
+            str(d / grid.RUN_FILE),
+            dict(
+                id=run_id,
+                script="dfp_offline_to_online.py",
+                variant=variant,
+                env="cube-double-play-task2",
+                seed=seed,
+                args=[],
+                flags={"K": variant[-1], "N": "16"},
+            ),
+        )
         w = SummaryWriter(str(d))
         for step, v in ((1, 0.0), (100, final)):
             w.add_scalar("eval/success", v, step)
@@ -254,7 +347,8 @@ def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
     assert "| dfp-K1 | cube-double-play-task2 | 1 | 100 | 25.0 | 100.0 |" in table
     assert "| 4 | 1 | 75.0 | 95.6 |" in table and "| 1 | 1 | 25.0 | 85.8 |" in table
     assert json.loads((tmp_path / "out" / "kofn.json").read_text())["lines"] == {
-        "cube-double-play-task2": ["dfp-K1", "dfp-K4"]}
+        "cube-double-play-task2": ["dfp-K1", "dfp-K4"]
+    }
 
 
 def test_report_of_runs_without_a_paper_number_has_no_paper_column(tmp_path):
@@ -262,8 +356,12 @@ def test_report_of_runs_without_a_paper_number_has_no_paper_column(tmp_path):
 
     d = tmp_path / "dbp-drift__cube-single-play-task1__s1"
     d.mkdir()
-    grid.write_json(str(d / grid.RUN_FILE), dict(id=d.name, script="dbp_bc.py", variant="dbp-drift",
-                                                 env="cube-single-play-task1", seed=1, args=[], flags={}))
+    grid.write_json(
+        str(d / grid.RUN_FILE),
+        dict(
+            id=d.name, script="dbp_bc.py", variant="dbp-drift", env="cube-single-play-task1", seed=1, args=[], flags={}
+        ),
+    )
     w = SummaryWriter(str(d))
     w.add_scalar("eval/success", 0.5, 10)
     w.close()
@@ -286,15 +384,29 @@ def test_presets_expand_to_the_papers_grids(tmp_path, capsys, monkeypatch):
     assert f"--runs-dir {out} --run-name dfp-K4__cube-triple-play-task3__s5" in k4[0]
     assert grid.main(["run", "--preset", "dfp-table", "--envs", "lift-mh", "--seeds", "1", "2", "--dry-run"]) == 0
     assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("new")] == [
-        "new    dfp__lift-mh__s1", "new    dfp__lift-mh__s2"]
+        "new    dfp__lift-mh__s1",
+        "new    dfp__lift-mh__s2",
+    ]
 
 
 def test_dry_run_marks_runs_whose_dataset_is_missing(tmp_path, capsys, monkeypatch):
     """Each run whose dataset is not there gets a mark, and the commands that make the datasets close the list;
     once the files exist, no mark."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = ["run", "--preset", "dfp-table", "--envs", "lift-mh", "cube-double-play-task2", "cube-double-play-task3",
-            "--seeds", "1", "--out", str(tmp_path / "grid"), "--dry-run"]
+    args = [
+        "run",
+        "--preset",
+        "dfp-table",
+        "--envs",
+        "lift-mh",
+        "cube-double-play-task2",
+        "cube-double-play-task3",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path / "grid"),
+        "--dry-run",
+    ]
     assert grid.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("dataset missing:") == 3 and "[grid] 2 dataset(s) missing" in out

@@ -3,6 +3,7 @@ under a temporary MINARI_DATASETS_PATH (~/.minari is never read or written): the
 rebuilt from the dataset's own spec, dbp_bc.py trained, saved and evaluated on one, dbpo_ppo.py fine-tuning that
 checkpoint, and the refusals (no dataset and no network, a dataset of another env, damaged files): one line, exit 2,
 nothing written."""
+
 import os
 import socket
 import subprocess
@@ -28,10 +29,48 @@ ID = "mujoco/hopper/medium-v0"
 LIMIT = 50  # the recorded env's time limit: not the registry's 1000, so an env with it came from the dataset's spec
 DBP, DBPO = os.path.join(ROOT, "dbp_bc.py"), os.path.join(ROOT, "dbpo_ppo.py")
 REPORT = os.path.join(ROOT, "scripts", "dbpo_report.py")
-TINY_DBP = ["--backbone", "mlp", "--hidden-dim", "32", "--depth", "2", "--batch-size", "16", "--num-hypotheses", "4",
-            "--num-threads", "1", "--log-interval", "5", "--eval-interval", "0", "--eval-episodes", "2", "--eval-envs", "1"]
-FAST_DBPO = ["--num-threads", "1", "--num-envs", "2", "--eval-envs", "2", "--eval-episodes", "2", "--update-epochs", "2",
-             "--minibatch-size", "4", "--critic-warmup-iters", "0", "--lr-cycle-iters", "1500", "--num-steps", "4"]
+TINY_DBP = [
+    "--backbone",
+    "mlp",
+    "--hidden-dim",
+    "32",
+    "--depth",
+    "2",
+    "--batch-size",
+    "16",
+    "--num-hypotheses",
+    "4",
+    "--num-threads",
+    "1",
+    "--log-interval",
+    "5",
+    "--eval-interval",
+    "0",
+    "--eval-episodes",
+    "2",
+    "--eval-envs",
+    "1",
+]
+FAST_DBPO = [
+    "--num-threads",
+    "1",
+    "--num-envs",
+    "2",
+    "--eval-envs",
+    "2",
+    "--eval-episodes",
+    "2",
+    "--update-epochs",
+    "2",
+    "--minibatch-size",
+    "4",
+    "--critic-warmup-iters",
+    "0",
+    "--lr-cycle-iters",
+    "1500",
+    "--num-steps",
+    "4",
+]
 
 
 def record(root, dataset_id=ID, env_id="Hopper-v5", steps=300, seed=0):
@@ -69,8 +108,14 @@ def root(made, monkeypatch):
 
 
 def subprocess_env(root):
-    return dict(os.environ, MINARI_DATASETS_PATH=str(root), MUJOCO_GL="egl", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                HF_HUB_OFFLINE="1")
+    return dict(
+        os.environ,
+        MINARI_DATASETS_PATH=str(root),
+        MUJOCO_GL="egl",
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        HF_HUB_OFFLINE="1",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -80,7 +125,9 @@ def test_episodes_in_d4rl_layout_and_the_env_of_the_dataset_spec(root):
     env, data, ends, env_args = envs.load_dataset(ID)
     episodes = list(minari.load_dataset(ID).iterate_episodes())
     assert env_args is None and sorted(data) == sorted(envs.D4RL_KEYS) and len(data["observations"]) == 300
-    np.testing.assert_array_equal(data["observations"], np.concatenate([ep.observations[:-1] for ep in episodes]))  # s_t
+    np.testing.assert_array_equal(
+        data["observations"], np.concatenate([ep.observations[:-1] for ep in episodes])
+    )  # s_t
     np.testing.assert_array_equal(data["actions"], np.concatenate([ep.actions for ep in episodes]))
     np.testing.assert_array_equal(data["rewards"], np.concatenate([ep.rewards for ep in episodes]))
     assert data["observations"].shape == (300, 11) and data["actions"].shape == (300, 3)
@@ -92,7 +139,9 @@ def test_episodes_in_d4rl_layout_and_the_env_of_the_dataset_spec(root):
     # the env: the dataset's own spec (its time limit), the same from make_env, make_chunk_env and make_eval_envs
     assert env.spec.id == "Hopper-v5" and env.spec.max_episode_steps == LIMIT
     assert env.observation_space.shape == (11,) and env.action_space.shape == (3,)
-    assert envs.make_env(ID).spec.max_episode_steps == minari.load_dataset(ID).recover_environment().spec.max_episode_steps
+    assert (
+        envs.make_env(ID).spec.max_episode_steps == minari.load_dataset(ID).recover_environment().spec.max_episode_steps
+    )
     chunk_env = envs.make_chunk_env(ID, 4, 1)
     assert chunk_env.observation_space.shape == (1, 11) and chunk_env.action_space.shape == (4, 3)
     obs, _ = chunk_env.reset(seed=5)
@@ -127,7 +176,9 @@ def test_dbp_trains_saves_and_evaluates_then_dbpo_fine_tunes_its_checkpoint(made
     env = subprocess_env(made)
 
     def run(script, *flags):
-        p = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, script, *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
         return p.stdout
 
@@ -138,12 +189,32 @@ def test_dbp_trains_saves_and_evaluates_then_dbpo_fine_tunes_its_checkpoint(made
     assert ckpt["env_id"] == ID and (ckpt["obs_dim"], ckpt["action_dim"]) == (11, 3) and ckpt["step"] == 10
     final = out.strip().splitlines()[-1]
     assert final.startswith("final: 10 steps") and "eval/episodic_return=" in final
-    out = run(DBP, "--eval-only", "--checkpoint", str(ckpt_path), "--eval-episodes", "2", "--eval-envs", "1",
-              "--num-threads", "1")
+    out = run(
+        DBP,
+        "--eval-only",
+        "--checkpoint",
+        str(ckpt_path),
+        "--eval-episodes",
+        "2",
+        "--eval-envs",
+        "1",
+        "--num-threads",
+        "1",
+    )
     assert "final eval-only over 1 checkpoint(s): eval/return mean" in out
     assert final.split("eval/episodic_return=")[1].split()[0] in out  # the same 2 seeded episodes, the same return
-    out = run(DBPO, "--checkpoint", str(ckpt_path), *FAST_DBPO, "--num-iterations", "2", "--runs-dir", "runs",
-              "--run-name", "dbpo")
+    out = run(
+        DBPO,
+        "--checkpoint",
+        str(ckpt_path),
+        *FAST_DBPO,
+        "--num-iterations",
+        "2",
+        "--runs-dir",
+        "runs",
+        "--run-name",
+        "dbpo",
+    )
     assert f"dbpo_ppo: {ID}" in out and out.strip().splitlines()[-1].startswith("final: 2 iterations")
     state = torch.load(tmp_path / "runs" / "dbpo" / "state.pt", weights_only=False)
     assert state["env_id"] == ID and state["iteration"] == 2 and state["finished"]
@@ -153,7 +224,9 @@ def test_dbp_trains_saves_and_evaluates_then_dbpo_fine_tunes_its_checkpoint(made
     out = run(REPORT, os.path.join("runs", "dbpo"), "--out", "report")
     d = rows[2:, 5] - rows[:2, 5]  # the per-episode changes: their mean and std(d) / sqrt(2) are the paired row
     assert f"| {d.mean():+.1f} | {d.std(ddof=1) / np.sqrt(2):.1f} |" in out.splitlines()[3]
-    assert "clip fraction" in out and (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "report.csv").exists()
+    assert (
+        "clip fraction" in out and (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "report.csv").exists()
+    )
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -173,7 +246,9 @@ def test_missing_dataset_one_bounded_download_then_the_generator_command(tmp_pat
     assert err.rstrip().endswith("python scripts/generate_locomotion_dataset.py --dataset-id mujoco/walker2d/medium-v0")
     assert not (tmp_path / "nothing").exists()  # what the attempt made is gone
     monkeypatch.undo()  # the real downloader, without network (or without huggingface_hub): fails fast, in one line
-    code, out, err = run_main(DBP, ["--env", "mujoco/walker2d/medium-v0", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    code, out, err = run_main(
+        DBP, ["--env", "mujoco/walker2d/medium-v0", "--runs-dir", str(tmp_path / "runs")], tmp_path
+    )
     assert code == 2 and err.count("\n") == 1 and "--dataset-id mujoco/walker2d/medium-v0" in err, err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing").exists()
 
@@ -193,12 +268,15 @@ def truncate(root, dataset_id):
         f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("walker2d under a hopper id", "was recorded on Walker2d-v5, not on the hopper env its id names"),
-    ("an observation dimension more", "'observations' must have shape [N, 11] for this env, got (300, 12)"),
-    ("a truncated data file", "could not read the Minari dataset"),
-    ("damaged metadata", "could not read the Minari dataset"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("walker2d under a hopper id", "was recorded on Walker2d-v5, not on the hopper env its id names"),
+        ("an observation dimension more", "'observations' must have shape [N, 11] for this env, got (300, 12)"),
+        ("a truncated data file", "could not read the Minari dataset"),
+        ("damaged metadata", "could not read the Minari dataset"),
+    ],
+)
 def test_misfit_or_damaged_datasets_are_refused_in_one_line_before_any_work(tmp_path, monkeypatch, case, message):
     root, dataset_id = tmp_path / "minari", "mujoco/hopper/expert-v0"
     record(root, dataset_id, "Walker2d-v5" if case.startswith("walker2d") else "Hopper-v5")
@@ -226,8 +304,13 @@ def test_report_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, case)
     if case == "damaged csv":
         (run_dir / "eval_episodes.csv").write_text(head + "0,0,0,1,nan,oops\n")
     if case == "other seeds":  # iteration 10 played 3 episodes, iteration 0 two: no pairs
-        (run_dir / "eval_episodes.csv").write_text(head + "".join(f"{s},0,{i},{100 + i},nan,1.0,5\n" for s, n in ((0, 2), (10, 3))
-                                                                  for i in range(n)))
-    p = subprocess.run([sys.executable, REPORT, str(run_dir), "--out", str(tmp_path / "r")], capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and p.stdout == "", p.stderr
+        (run_dir / "eval_episodes.csv").write_text(
+            head + "".join(f"{s},0,{i},{100 + i},nan,1.0,5\n" for s, n in ((0, 2), (10, 3)) for i in range(n))
+        )
+    p = subprocess.run(
+        [sys.executable, REPORT, str(run_dir), "--out", str(tmp_path / "r")], capture_output=True, text=True
+    )
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1 and p.stdout == "", (
+        p.stderr
+    )
     assert not (tmp_path / "r.png").exists() and not (tmp_path / "r.csv").exists()

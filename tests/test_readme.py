@@ -2,6 +2,7 @@
 at the named function or class, every command in the README's ```bash blocks uses scripts and flags that exist,
 every link points at a file of the repository, the README stays a page (at most 200 lines), and the README's quick
 start runs end to end as written and ends in the success range the README states."""
+
 import ast
 import functools
 import glob
@@ -47,7 +48,15 @@ def references():
     for doc in DOCS:
         for i, line in enumerate(open(doc), 1):
             for m in REF.finditer(line):
-                yield os.path.relpath(doc, ROOT), i, m.group(0), m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+                yield (
+                    os.path.relpath(doc, ROOT),
+                    i,
+                    m.group(0),
+                    m.group(1),
+                    int(m.group(2)),
+                    int(m.group(3)),
+                    m.group(4),
+                )
 
 
 def test_docs_have_code_references():
@@ -65,8 +74,11 @@ def test_code_references_point_at_the_named_function():
             bad.append(f"{doc}:{line}: {text}: no file {path}")
             continue
         spans = definitions(full).get(name, [])
-        ok = any((first - SLACK <= a and b <= last + SLACK and first <= a + SLACK and b - SLACK <= last)
-                 or (a <= first <= last <= b) for a, b in spans)
+        ok = any(
+            (first - SLACK <= a and b <= last + SLACK and first <= a + SLACK and b - SLACK <= last)
+            or (a <= first <= last <= b)
+            for a, b in spans
+        )
         if not ok:
             where = ", ".join(f"`{path}:{a}-{b} {name}`" for a, b in spans) or f"nowhere: no def/class {name} in {path}"
             bad.append(f"{doc}:{line}: {text} is off; {name} is now at {where}")
@@ -182,8 +194,11 @@ def test_quick_start_runs_as_written(tmp_path):
         last = r.stdout
     assert ran >= 2, "the quick start should generate data and train"
     final = last.strip().splitlines()[-1]
-    m = re.fullmatch(r"final: (\d+) steps, wall time [0-9.]+ min, eval/success=([0-9.]+) eval/episodic_return=(-?[0-9.]+) "
-                     r"eval/episode_length=([0-9.]+)", final)
+    m = re.fullmatch(
+        r"final: (\d+) steps, wall time [0-9.]+ min, eval/success=([0-9.]+) eval/episodic_return=(-?[0-9.]+) "
+        r"eval/episode_length=([0-9.]+)",
+        final,
+    )
     assert m, f"the last line does not read as the README shows: {final!r}"
     low, high = stated_success_range(readme())
     shown = re.search(r"^final: (\d+) steps", readme(), re.M)  # the last line the README shows

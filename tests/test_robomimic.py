@@ -30,8 +30,9 @@ DIMS = (3, 4, 2, 10)  # lift: 19 in all
 
 
 def run(script, args, cwd, timeout=300):
-    return subprocess.run([sys.executable, script, *args], cwd=cwd, env=SUBENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=cwd, env=SUBENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +59,20 @@ def write_file(path, demo_lengths, env_name="Lift", drop_key=None, env_args=None
             for group in ("obs", "next_obs"):
                 for k, dim in zip(KEYS, DIMS):
                     if k != drop_key:
-                        g.create_dataset(f"{group}/{k}", data=np.full((n, dim), d + (group == "next_obs") * 0.5, np.float32))
+                        g.create_dataset(
+                            f"{group}/{k}", data=np.full((n, dim), d + (group == "next_obs") * 0.5, np.float32)
+                        )
 
 
 @pytest.fixture(scope="module")
 def lift_file(tmp_path_factory):
     """5 noise-free lift episodes of at most 80 steps, from the generator's command line."""
     out = str(tmp_path_factory.mktemp("robomimic") / "lift.hdf5")
-    r = run(GEN, ["--task", "lift", "--noise", "0", "--episodes", "5", "--episode-length", "80", "--workers", "1",
-                  "--out", out], ROOT)
+    r = run(
+        GEN,
+        ["--task", "lift", "--noise", "0", "--episodes", "5", "--episode-length", "80", "--workers", "1", "--out", out],
+        ROOT,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return out
 
@@ -85,6 +91,7 @@ def short_lift_file(lift_file):
 
 
 # ---- loader (no robosuite) ----
+
 
 def test_loader_shapes_numeric_order_reward_shift_and_masks(tmp_path):
     path = str(tmp_path / "f.hdf5")
@@ -118,23 +125,30 @@ def test_chunks_never_cross_demos(tmp_path):
             f[f"data/demo_{d}/dones"][...] = 0
     data, ends, _ = envs.load_robomimic("lift-mh", path)
     demo = data["actions"][:, 0] * 100  # [N] demo index of each step
-    batch = dfp.sample_chunks(dfp.to_tensors(data, "cpu"), 0, len(demo), len(demo), torch.Generator().manual_seed(0),
-                              2000, 5, 0.99)
+    batch = dfp.sample_chunks(
+        dfp.to_tensors(data, "cpu"), 0, len(demo), len(demo), torch.Generator().manual_seed(0), 2000, 5, 0.99
+    )
     chunk_demos = batch["actions"].numpy().reshape(2000, 5, 7)[:, :, 0] * 100  # [B, h]
     inside = (chunk_demos == chunk_demos[:, :1]).all(1)
-    np.testing.assert_array_equal(batch["valid"].numpy(), inside.astype(np.float32))  # valid <=> the chunk stays in one demo
+    np.testing.assert_array_equal(
+        batch["valid"].numpy(), inside.astype(np.float32)
+    )  # valid <=> the chunk stays in one demo
     assert inside.any() and not inside.all()
 
 
 # ---- bad input: one line, exit 2 ----
 
-@pytest.mark.parametrize("case, message", [
-    ("no_data", "no 'data' group"),
-    ("missing_key", "lacks ['obs/object', 'next_obs/object']"),
-    ("unknown_env", "robosuite env 'Spaceship' (not lift, can or square)"),
-    ("can_for_lift", "robosuite env 'PickPlaceCan' (can), but --env lift-mh needs Lift"),
-    ("corrupt", "not a readable HDF5 file"),
-])
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_data", "no 'data' group"),
+        ("missing_key", "lacks ['obs/object', 'next_obs/object']"),
+        ("unknown_env", "robosuite env 'Spaceship' (not lift, can or square)"),
+        ("can_for_lift", "robosuite env 'PickPlaceCan' (can), but --env lift-mh needs Lift"),
+        ("corrupt", "not a readable HDF5 file"),
+    ],
+)
 def test_bad_files_fail_with_one_line_and_exit_2(tmp_path, capsys, case, message):
     path = str(tmp_path / "f.hdf5")
     if case == "no_data":
@@ -144,8 +158,12 @@ def test_bad_files_fail_with_one_line_and_exit_2(tmp_path, capsys, case, message
         with open(path, "wb") as f:
             f.write(b"\x89HDF\r\n\x1a\n" + os.urandom(300))
     else:
-        write_file(path, {0: 4}, env_name={"unknown_env": "Spaceship", "can_for_lift": "PickPlaceCan"}.get(case, "Lift"),
-                   drop_key="object" if case == "missing_key" else None)
+        write_file(
+            path,
+            {0: 4},
+            env_name={"unknown_env": "Spaceship", "can_for_lift": "PickPlaceCan"}.get(case, "Lift"),
+            drop_key="object" if case == "missing_key" else None,
+        )
     with pytest.raises(SystemExit) as e:
         envs.load_robomimic("lift-mh", path)
     assert e.value.code == 2
@@ -199,6 +217,7 @@ def test_scripts_refuse_a_can_file_for_lift_before_any_work(tmp_path, script):
 
 # ---- robosuite env and generator ----
 
+
 def test_both_controller_formats_build_the_same_env(gen):
     from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
 
@@ -231,11 +250,41 @@ def test_generated_file_and_noise_free_lift_expert(lift_file):
 
 # ---- smoke runs of the training scripts on the generated lift file ----
 
+
 def test_dfp_both_phases_eval_checkpoint_and_resume(short_lift_file, tmp_path):
-    tiny = ["--env", "lift-mh", "--dataset-path", short_lift_file, "--hidden-dim", "32", "--num-layers", "2",
-            "--batch-size", "16", "--num-gen", "4", "--N", "8", "--K", "2", "--q-best-of", "2", "--act-best-of", "2",
-            "--eval-episodes", "1", "--eval-interval", "1000", "--log-interval", "10", "--offline-steps", "20",
-            "--start-training", "5", "--no-cuda"]
+    tiny = [
+        "--env",
+        "lift-mh",
+        "--dataset-path",
+        short_lift_file,
+        "--hidden-dim",
+        "32",
+        "--num-layers",
+        "2",
+        "--batch-size",
+        "16",
+        "--num-gen",
+        "4",
+        "--N",
+        "8",
+        "--K",
+        "2",
+        "--q-best-of",
+        "2",
+        "--act-best-of",
+        "2",
+        "--eval-episodes",
+        "1",
+        "--eval-interval",
+        "1000",
+        "--log-interval",
+        "10",
+        "--offline-steps",
+        "20",
+        "--start-training",
+        "5",
+        "--no-cuda",
+    ]
     r = run(DFP, [*tiny, "--online-steps", "20", "--run-name", "lift"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[offline]" in r.stdout and "[online]" in r.stdout and "final lift-mh step 40: success" in r.stdout
@@ -252,9 +301,28 @@ def test_dfp_both_phases_eval_checkpoint_and_resume(short_lift_file, tmp_path):
 
 
 def test_dbp_train_eval_resume_and_dbpo_finetune(short_lift_file, tmp_path):
-    tiny = ["--env", "lift-mh", "--dataset-path", short_lift_file, "--backbone", "mlp", "--hidden-dim", "32",
-            "--batch-size", "16", "--eval-episodes", "1", "--log-interval", "10", "--num-threads", "1", "--no-cuda",
-            "--save-model", "--run-name", "dbp"]
+    tiny = [
+        "--env",
+        "lift-mh",
+        "--dataset-path",
+        short_lift_file,
+        "--backbone",
+        "mlp",
+        "--hidden-dim",
+        "32",
+        "--batch-size",
+        "16",
+        "--eval-episodes",
+        "1",
+        "--log-interval",
+        "10",
+        "--num-threads",
+        "1",
+        "--no-cuda",
+        "--save-model",
+        "--run-name",
+        "dbp",
+    ]
     r = run(DBP, [*tiny, "--total-steps", "20", "--save-interval", "10"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "env lift-mh" in r.stdout and "eval/success=" in r.stdout
@@ -268,9 +336,30 @@ def test_dbp_train_eval_resume_and_dbpo_finetune(short_lift_file, tmp_path):
     # DBPO fine-tunes it in the same robosuite env, rebuilt from the checkpoint's env_args (not from any file)
     os.rename(short_lift_file, short_lift_file + ".away")
     try:
-        r = run(DBPO, ["--checkpoint", ckpt_path, "--num-iterations", "1", "--num-envs", "2", "--num-steps", "4",
-                       "--minibatch-size", "8", "--eval-episodes", "1", "--eval-envs", "1",
-                       "--no-cuda", "--save-model", "--run-name", "dbpo"], tmp_path)
+        r = run(
+            DBPO,
+            [
+                "--checkpoint",
+                ckpt_path,
+                "--num-iterations",
+                "1",
+                "--num-envs",
+                "2",
+                "--num-steps",
+                "4",
+                "--minibatch-size",
+                "8",
+                "--eval-episodes",
+                "1",
+                "--eval-envs",
+                "1",
+                "--no-cuda",
+                "--save-model",
+                "--run-name",
+                "dbpo",
+            ],
+            tmp_path,
+        )
     finally:
         os.rename(short_lift_file + ".away", short_lift_file)
     assert r.returncode == 0, r.stderr[-3000:]

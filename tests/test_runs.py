@@ -1,6 +1,7 @@
 """runs.py: one-line refusals with exit code 2 (through the tyro wrapper too), the run folder, the resume command,
 atomic saves, checkpoint checks, the non-finite search, and the signal design, with real signals sent to a child
 process that waits in unbounded work after printing a marker (no timing races)."""
+
 import multiprocessing
 import os
 import signal
@@ -29,7 +30,10 @@ def error_line(capsys, call, *args, **kwargs) -> str:
 
 
 def test_fail_and_check(capsys):
-    assert error_line(capsys, runs.fail, "--lr must be > 0; pass a positive --lr") == "error: --lr must be > 0; pass a positive --lr\n"
+    assert (
+        error_line(capsys, runs.fail, "--lr must be > 0; pass a positive --lr")
+        == "error: --lr must be > 0; pass a positive --lr\n"
+    )
     runs.check(True, "not printed")
     assert capsys.readouterr().err == ""
     assert "bad" in error_line(capsys, runs.check, False, "bad")
@@ -51,20 +55,31 @@ class Args:
 
 
 def rules(a: Args):
-    yield from runs.ranges(a, {"a finite number > 0": (lambda v: 0 < v < float("inf"), ("lr",)), ">= 1": (lambda v: v >= 1, ("steps",))})
+    yield from runs.ranges(
+        a, {"a finite number > 0": (lambda v: 0 < v < float("inf"), ("lr",)), ">= 1": (lambda v: v >= 1, ("steps",))}
+    )
     yield a.K is None or a.K <= a.steps, f"--K must be in 1..steps = 1..{a.steps}, got {a.K}"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "abc"], "Error parsing --steps: invalid literal for int() with base 10: 'abc'; see --help"),  # a wrong type
-    (["--mode", "cosine"], "invalid choice 'cosine' for argument '--mode'. Expected one of ('hard', 'soft')"),  # an unknown choice
-    (["--no-such-flag", "1"], "Unrecognized options: --no-such-flag"),
-    (["--steps"], "Missing value for argument '--steps'"),
-    (["--K", "1.5"], "Error parsing --K:"),  # an Optional[int] given a float: tyro's box wraps this one over rows
-    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),  # the rules: a NaN fails every comparison
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--K", "20"], "--K must be in 1..steps = 1..10, got 20"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--steps", "abc"],
+            "Error parsing --steps: invalid literal for int() with base 10: 'abc'; see --help",
+        ),  # a wrong type
+        (
+            ["--mode", "cosine"],
+            "invalid choice 'cosine' for argument '--mode'. Expected one of ('hard', 'soft')",
+        ),  # an unknown choice
+        (["--no-such-flag", "1"], "Unrecognized options: --no-such-flag"),
+        (["--steps"], "Missing value for argument '--steps'"),
+        (["--K", "1.5"], "Error parsing --K:"),  # an Optional[int] given a float: tyro's box wraps this one over rows
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),  # the rules: a NaN fails every comparison
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--K", "20"], "--K must be in 1..steps = 1..10, got 20"),
+    ],
+)
 def test_parse_refuses_every_bad_command_line_in_one_line(capsys, argv, message):
     assert message in error_line(capsys, runs.parse, Args, rules, argv)
 
@@ -79,7 +94,8 @@ def test_parse_returns_the_args_and_help_still_works(capsys):
 
 def test_parse_in_a_real_process(tmp_path):
     script = tmp_path / "cli.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {ROOT!r})
         from dataclasses import dataclass
@@ -91,7 +107,8 @@ def test_parse_in_a_real_process(tmp_path):
             \"\"\"steps\"\"\"
 
         print(runs.parse(Args).steps)
-    """))
+    """)
+    )
     bad = subprocess.run([sys.executable, str(script), "--steps", "x"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: Error parsing --steps")
     assert bad.stderr.count("\n") == 1, bad.stderr
@@ -121,7 +138,15 @@ def test_resume_command_replaces_resume_and_drops_the_run_folder_flags(monkeypat
     argv = ["dfp.py", "--env", "cube-single-play", "--resume", "old.pt", "--run-name=x", "--runs-dir", "r", "--K", "4"]
     monkeypatch.setattr(sys, "argv", argv)
     assert runs.resume_command("runs/a/checkpoint.pt").split() == [
-        "python", "dfp.py", "--env", "cube-single-play", "--K", "4", "--resume", os.path.abspath("runs/a/checkpoint.pt")]
+        "python",
+        "dfp.py",
+        "--env",
+        "cube-single-play",
+        "--K",
+        "4",
+        "--resume",
+        os.path.abspath("runs/a/checkpoint.pt"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -130,7 +155,9 @@ def test_atomic_write_replaces_in_one_step_or_not_at_all(tmp_path):
     path.write_text("the last good state")
     with pytest.raises(RuntimeError):
         with runs.atomic(str(path)) as tmp:
-            assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".pt") and os.path.basename(tmp).startswith(".")
+            assert (
+                os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".pt") and os.path.basename(tmp).startswith(".")
+            )
             open(tmp, "w").write("half writ")
             raise RuntimeError("a crash mid-write")
     assert path.read_text() == "the last good state" and os.listdir(tmp_path) == ["state.pt"]
@@ -140,9 +167,15 @@ def test_atomic_write_replaces_in_one_step_or_not_at_all(tmp_path):
 
 @pytest.fixture
 def checkpoints(tmp_path):
-    files = {"good": tmp_path / "good.pt", "other": tmp_path / "other.pt", "untagged": tmp_path / "untagged.pt",
-             "list": tmp_path / "list.pt", "damaged": tmp_path / "damaged.pt", "text": tmp_path / "text.pt",
-             "truncated": tmp_path / "truncated.pt"}
+    files = {
+        "good": tmp_path / "good.pt",
+        "other": tmp_path / "other.pt",
+        "untagged": tmp_path / "untagged.pt",
+        "list": tmp_path / "list.pt",
+        "damaged": tmp_path / "damaged.pt",
+        "text": tmp_path / "text.pt",
+        "truncated": tmp_path / "truncated.pt",
+    }
     torch.save({"format": "dfp-v1", "step": 5, "actor": {"w": torch.zeros(500)}}, files["good"])
     torch.save({"format": "dbp-v1", "step": 5}, files["other"])
     torch.save({"step": 5}, files["untagged"])
@@ -153,25 +186,34 @@ def checkpoints(tmp_path):
     return {k: str(v) for k, v in files.items()}
 
 
-@pytest.mark.parametrize("name, message", [
-    ("missing", "--resume {path} does not exist; pass a checkpoint.pt"),
-    ("folder", "is a folder, not a file"),
-    ("text", "cannot read --resume"),
-    ("truncated", "it is not a complete checkpoint; pass a checkpoint.pt"),
-    ("other", "is of another kind (format 'dbp-v1', expected 'dfp-v1')"),
-    ("untagged", "(format None, expected 'dfp-v1')"),
-    ("list", "(format None, expected 'dfp-v1')"),
-    ("damaged", "lacks actor: it is damaged or from another version"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("missing", "--resume {path} does not exist; pass a checkpoint.pt"),
+        ("folder", "is a folder, not a file"),
+        ("text", "cannot read --resume"),
+        ("truncated", "it is not a complete checkpoint; pass a checkpoint.pt"),
+        ("other", "is of another kind (format 'dbp-v1', expected 'dfp-v1')"),
+        ("untagged", "(format None, expected 'dfp-v1')"),
+        ("list", "(format None, expected 'dfp-v1')"),
+        ("damaged", "lacks actor: it is damaged or from another version"),
+    ],
+)
 def test_load_checkpoint_refuses_wrong_or_damaged_files(checkpoints, tmp_path, capsys, name, message):
     path = checkpoints.get(name) or str(tmp_path if name == "folder" else tmp_path / "missing.pt")
-    err = error_line(capsys, runs.load_checkpoint, path, "--resume", "dfp-v1", ("step", "actor"), "pass a checkpoint.pt")
+    err = error_line(
+        capsys, runs.load_checkpoint, path, "--resume", "dfp-v1", ("step", "actor"), "pass a checkpoint.pt"
+    )
     assert message.format(path=path) in err
     assert runs.load_checkpoint(checkpoints["good"], "--resume", "dfp-v1", ("step", "actor"), "")["step"] == 5
 
 
 def test_nonfinite_names_the_first_bad_entry():
-    tree = {"actor": {"w": torch.ones(3), "steps": torch.tensor([1, 2])}, "rng": [np.zeros(2), 1.5, "x"], "last": float("nan")}
+    tree = {
+        "actor": {"w": torch.ones(3), "steps": torch.tensor([1, 2])},
+        "rng": [np.zeros(2), 1.5, "x"],
+        "last": float("nan"),
+    }
     assert runs.nonfinite(tree) is None  # ints, strings and plain floats are skipped
     tree["rng"][0][1] = np.inf
     assert runs.nonfinite(tree) == "rng.0"
@@ -208,8 +250,9 @@ CHILD = textwrap.dedent(f"""
 
 
 def child(mode, path):
-    return subprocess.Popen([sys.executable, "-c", CHILD, mode, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, mode, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(p, marker):
@@ -325,7 +368,12 @@ def test_rng_state_restores_every_stream():
     gen = torch.Generator().manual_seed(3)
     runs.seed(1, cuda=False)
     state = runs.rng_state(sampler=gen)
-    draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(())), float(torch.rand((), generator=gen)))  # noqa: E731
+    draw = lambda: (
+        random.random(),
+        float(np.random.rand()),
+        float(torch.rand(())),
+        float(torch.rand((), generator=gen)),
+    )  # noqa: E731
     first = draw()
     runs.set_rng_state(state, sampler=gen)
     assert draw() == first and set(state) == {"python", "numpy", "torch", "cuda", "sampler", "devices"}
@@ -343,8 +391,10 @@ def test_a_sampler_state_of_another_device_type_is_refused_before_any_state_is_s
     err = error_line(capsys, runs.check_rng_devices, {**state, "devices": {"sampler": "cuda"}}, sampler=gen)
     assert "sampler was made on cuda, this run is on cpu; resume on the same device type" in err
     torch_state = torch.get_rng_state()
-    wrong = {k: v for k, v in state.items() if k != "devices"} | {"sampler": torch.zeros(16, dtype=torch.uint8),
-                                                                  "torch": torch.zeros_like(state["torch"])}
+    wrong = {k: v for k, v in state.items() if k != "devices"} | {
+        "sampler": torch.zeros(16, dtype=torch.uint8),
+        "torch": torch.zeros_like(state["torch"]),
+    }
     err = error_line(capsys, runs.set_rng_state, wrong, sampler=gen)
     assert "made on another device type, this run is on cpu; resume on the same device type" in err
     assert torch.equal(torch.get_rng_state(), torch_state)  # refused before any state was set
@@ -374,7 +424,9 @@ def test_load_states_refuses_a_checkpoint_of_other_networks(capsys):
     runs.load_states({"net": net, "optimizer": opt}, ckpt, "")
     assert torch.equal(net.weight, ckpt["net"]["weight"])
     err = error_line(capsys, runs.load_states, {"net": torch.nn.Linear(4, 2)}, ckpt, "use the --hidden-dim it had")
-    assert "checkpoint does not match these networks (RuntimeError" in err and err.endswith("use the --hidden-dim it had\n")
+    assert "checkpoint does not match these networks (RuntimeError" in err and err.endswith(
+        "use the --hidden-dim it had\n"
+    )
     err = error_line(capsys, runs.load_states, {"critic": net}, ckpt, "")
     assert "(KeyError: 'critic')" in err
 
@@ -385,8 +437,10 @@ def test_stop_nonfinite_exits_1_naming_the_quantity_and_the_kept_checkpoint(tmp_
     with pytest.raises(SystemExit) as e:
         runs.stop_nonfinite("losses/critic", 7, str(tmp_path / "checkpoint.pt"))
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err.startswith("error: losses/critic became non-finite by step 7; stopping (the last "
-                                                f"good checkpoint is {tmp_path / 'checkpoint.pt'}). Try a lower --lr")
+    assert e.value.code == 1 and err.startswith(
+        "error: losses/critic became non-finite by step 7; stopping (the last "
+        f"good checkpoint is {tmp_path / 'checkpoint.pt'}). Try a lower --lr"
+    )
 
 
 def test_interrupted_prints_the_resume_command_and_leaves_with_the_code(tmp_path):
@@ -400,13 +454,16 @@ def test_interrupted_prints_the_resume_command_and_leaves_with_the_code(tmp_path
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     path = tmp_path / "checkpoint.pt"
-    assert r.returncode == 143 and r.stdout == (f"interrupted at step 12; checkpoint saved to {path}; continue with:\n"
-                                                f"  python train.py --seed 3 --resume {path}\n"), r.stderr
+    assert r.returncode == 143 and r.stdout == (
+        f"interrupted at step 12; checkpoint saved to {path}; continue with:\n"
+        f"  python train.py --seed 3 --resume {path}\n"
+    ), r.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_update_replays_the_eager_steps():
     """A graphed in-place step (w <- w - lr * grad of a loss) per keyword set: the same numbers as eager calls."""
+
     def make():
         w = torch.ones(4, device="cuda", requires_grad=True)
         opt = torch.optim.SGD([w], lr=0.1)
@@ -417,6 +474,7 @@ def test_cuda_graph_update_replays_the_eager_steps():
             loss.backward()
             opt.step()
             return loss.detach()
+
         return w, update
 
     (w1, eager), (w2, step) = make(), make()

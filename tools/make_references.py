@@ -55,6 +55,7 @@ def _check(name, a, b, rtol=1e-5, atol=1e-6):
 
 # ---------------------------------------------------------------------------------------------- DFP
 
+
 def _dfp_config(root, get_config):
     """Their effective config for `python main.py --agent_config=drift` on a cube task: get_config(),
     then config/agent/drift.yaml, then the top level and the `agent:` section of config/main.yaml,
@@ -106,8 +107,14 @@ def _dfp_dataset(Dataset, rng):
     for e in (1, 3, 4):  # these episodes end in success: no bootstrap after their last step
         masks[e * ep_len + ep_len - 1] = 0.0
         rewards[e * ep_len + ep_len - 1] = 0.0
-    return Dataset.create(observations=observations, actions=actions, rewards=rewards, terminals=terminals,
-                          masks=masks, next_observations=next_observations)
+    return Dataset.create(
+        observations=observations,
+        actions=actions,
+        rewards=rewards,
+        terminals=terminals,
+        masks=masks,
+        next_observations=next_observations,
+    )
 
 
 def make_dfp(root, out_path):
@@ -143,7 +150,9 @@ def make_dfp(root, out_path):
 
     for k, v in _flat(params_of(agent), "params/init").items():  # target and EMA start as copies
         if "/modules_target_critic/" in k or "/modules_actor_drift_ema/" in k:
-            base = k.replace("modules_target_critic", "modules_critic").replace("modules_actor_drift_ema", "modules_actor_drift")
+            base = k.replace("modules_target_critic", "modules_critic").replace(
+                "modules_actor_drift_ema", "modules_actor_drift"
+            )
             _check(f"init copy {k}", v, _flat(params_of(agent), "params/init")[base], rtol=0, atol=0)
         else:
             rec[k] = v
@@ -157,8 +166,11 @@ def make_dfp(root, out_path):
         jb = {k: jnp.asarray(v) for k, v in batch.items()}
         for k, v in batch.items():
             rec[f"{tag}/batch/{k}"] = v
-        rec[f"{tag}/rng_before"] = np.asarray(jax.random.key_data(agent.rng)) if jnp.issubdtype(
-            agent.rng.dtype, jax.dtypes.prng_key) else np.asarray(agent.rng)
+        rec[f"{tag}/rng_before"] = (
+            np.asarray(jax.random.key_data(agent.rng))
+            if jnp.issubdtype(agent.rng.dtype, jax.dtypes.prng_key)
+            else np.asarray(agent.rng)
+        )
         if scan:
             new_agent, info = agent.batch_update(jax.tree_util.tree_map(lambda x: x[None], jb))
         else:
@@ -184,10 +196,12 @@ def make_dfp(root, out_path):
         p_old, p_new = agent.network.params, dict(stepped.params)
         tau, etau = cfg["tau"], cfg.get("actor_ema_tau")
         p_new["modules_target_critic"] = jax.tree_util.tree_map(
-            lambda p, tp: p * tau + tp * (1 - tau), p_old["modules_critic"], p_old["modules_target_critic"])
+            lambda p, tp: p * tau + tp * (1 - tau), p_old["modules_critic"], p_old["modules_target_critic"]
+        )
         if cfg.get("use_actor_ema", False):
             p_new["modules_actor_drift_ema"] = jax.tree_util.tree_map(
-                lambda p, ep: p * etau + ep * (1 - etau), p_old["modules_actor_drift"], p_old["modules_actor_drift_ema"])
+                lambda p, ep: p * etau + ep * (1 - etau), p_old["modules_actor_drift"], p_old["modules_actor_drift_ema"]
+            )
         after = params_of(new_agent)
         for k, v in _flat(jax.tree_util.tree_map(np.asarray, p_new), "x").items():
             _check(f"{tag} params after {k}", v, _flat(after, "x")[k], rtol=1e-6, atol=1e-7)
@@ -214,11 +228,20 @@ def make_dfp(root, out_path):
         critic_loss = (jnp.square(q - target_q) * valid).mean()
         _check(f"{tag} critic_loss", critic_loss, info["critic/critic_loss"])
         _check(f"{tag} tgt_q_mean", next_q.mean(), info["critic/tgt_q_mean"])
-        rec.update({f"{tag}/critic/noise_next": noise_next, f"{tag}/critic/next_candidates": cand,
-                    f"{tag}/critic/next_candidate_q": cand_q, f"{tag}/critic/next_best_index": best,
-                    f"{tag}/critic/next_actions": next_actions, f"{tag}/critic/next_qs": next_qs,
-                    f"{tag}/critic/next_q": next_q, f"{tag}/critic/target_q": target_q, f"{tag}/critic/q": q,
-                    f"{tag}/critic/critic_loss": critic_loss})
+        rec.update(
+            {
+                f"{tag}/critic/noise_next": noise_next,
+                f"{tag}/critic/next_candidates": cand,
+                f"{tag}/critic/next_candidate_q": cand_q,
+                f"{tag}/critic/next_best_index": best,
+                f"{tag}/critic/next_actions": next_actions,
+                f"{tag}/critic/next_qs": next_qs,
+                f"{tag}/critic/next_q": next_q,
+                f"{tag}/critic/target_q": target_q,
+                f"{tag}/critic/q": q,
+                f"{tag}/critic/critic_loss": critic_loss,
+            }
+        )
 
         obs, acts = jb["observations"], jb["actions"].reshape(B, -1)
         R = tuple(cfg["drift_temps"])
@@ -230,16 +253,28 @@ def make_dfp(root, out_path):
             obs_g = jnp.repeat(obs, g, axis=0)
             gen = jnp.clip(net.select("actor_drift")(obs_g, noise), -1, 1)
             q_gen = q_agg(net.select("critic")(obs_g, actions=gen), axis=0).reshape(B, g)
-            dl, dinfo = drift_loss(gen=gen.reshape(B, g, D), fixed_pos=acts[:, None], R_list=R,
-                                   plus_only=bool(cfg["drift_plus_only"]))
+            dl, dinfo = drift_loss(
+                gen=gen.reshape(B, g, D), fixed_pos=acts[:, None], R_list=R, plus_only=bool(cfg["drift_plus_only"])
+            )
             actor_drift_loss = cfg["alpha"] * dl.mean()
             _check(f"{tag} actor_drift_loss", actor_drift_loss, info["actor/actor_drift_loss"])
-            rec.update({f"{tag}/actor/noise": noise, f"{tag}/actor/gen": gen.reshape(B, g, D),
-                        f"{tag}/actor/q_gen": q_gen, f"{tag}/actor/drift_loss": dl,
-                        f"{tag}/actor/drift_scale": dinfo["scale"], f"{tag}/actor/actor_drift_loss": actor_drift_loss})
+            rec.update(
+                {
+                    f"{tag}/actor/noise": noise,
+                    f"{tag}/actor/gen": gen.reshape(B, g, D),
+                    f"{tag}/actor/q_gen": q_gen,
+                    f"{tag}/actor/drift_loss": dl,
+                    f"{tag}/actor/drift_scale": dinfo["scale"],
+                    f"{tag}/actor/actor_drift_loss": actor_drift_loss,
+                }
+            )
         else:
-            N, a, b, nb = (cfg["online_n_samples"], cfg["online_pos_samples"], cfg["gen_per_label"],
-                           cfg["online_neg_samples"])
+            N, a, b, nb = (
+                cfg["online_n_samples"],
+                cfg["online_pos_samples"],
+                cfg["gen_per_label"],
+                cfg["online_neg_samples"],
+            )
             _, sel_rng, drift_rng = jax.random.split(actor_rng, 3)
             noise_sel = jax.random.normal(sel_rng, (B * N, D))
             obs_N = jnp.repeat(obs, N, axis=0)
@@ -265,26 +300,44 @@ def make_dfp(root, out_path):
                 dl_pos, dinfo_pos = drift_loss(gen=gen, fixed_pos=pos, fixed_neg=None, weight_pos=weight_pos, **kw)
                 rec.update({f"{tag}/actor/norm_qs": norm_qs, f"{tag}/actor/weight_pos": weight_pos})
                 _check(f"{tag} weight_pos_mean", weight_pos.mean(), info["actor/weight_pos_mean"])
-            dl_tgt, dinfo_tgt = drift_loss(gen=gen, fixed_pos=acts[:, None], fixed_neg=None, R_list=R,
-                                           plus_only=bool(cfg["drift_plus_only"]))
+            dl_tgt, dinfo_tgt = drift_loss(
+                gen=gen, fixed_pos=acts[:, None], fixed_neg=None, R_list=R, plus_only=bool(cfg["drift_plus_only"])
+            )
             alpha = cfg["alpha"]
             alpha_pos = alpha if cfg.get("alpha_pos") is None else cfg["alpha_pos"]
             alpha_tgt = alpha if cfg.get("alpha_target") is None else cfg["alpha_target"]
             l_pos, l_tgt = alpha_pos * dl_pos.mean(), alpha_tgt * dl_tgt.mean()
             _check(f"{tag} actor_drift_loss_pos", l_pos, info["actor/actor_drift_loss_pos"])
             _check(f"{tag} actor_drift_loss_tgt", l_tgt, info["actor/actor_drift_loss_tgt"])
-            _check(f"{tag} online_pos_q_mean", jnp.take_along_axis(cand_qs, pos_idx, 1).mean(),
-                   info["actor/online_pos_q_mean"])
-            rec.update({f"{tag}/actor/noise_sel": noise_sel, f"{tag}/actor/sel_pool": pool,
-                        f"{tag}/actor/cand_qs": cand_qs, f"{tag}/actor/pos_idx": pos_idx,
-                        f"{tag}/actor/pos_acts": pos, f"{tag}/actor/neg_idx": neg_idx,
-                        f"{tag}/actor/noise_drift": noise_drift, f"{tag}/actor/gen": gen,
-                        f"{tag}/actor/q_gen": q_gen, f"{tag}/actor/drift_loss_pos": dl_pos,
-                        f"{tag}/actor/drift_loss_tgt": dl_tgt, f"{tag}/actor/drift_scale_pos": dinfo_pos["scale"],
-                        f"{tag}/actor/drift_scale_tgt": dinfo_tgt["scale"],
-                        f"{tag}/actor/actor_drift_loss_pos": l_pos, f"{tag}/actor/actor_drift_loss_tgt": l_tgt})
-        _check(f"{tag} total loss", info["critic/critic_loss"] + info["actor/actor_loss"],
-               float(ginfo["critic/critic_loss"] + ginfo["actor/actor_loss"]))
+            _check(
+                f"{tag} online_pos_q_mean",
+                jnp.take_along_axis(cand_qs, pos_idx, 1).mean(),
+                info["actor/online_pos_q_mean"],
+            )
+            rec.update(
+                {
+                    f"{tag}/actor/noise_sel": noise_sel,
+                    f"{tag}/actor/sel_pool": pool,
+                    f"{tag}/actor/cand_qs": cand_qs,
+                    f"{tag}/actor/pos_idx": pos_idx,
+                    f"{tag}/actor/pos_acts": pos,
+                    f"{tag}/actor/neg_idx": neg_idx,
+                    f"{tag}/actor/noise_drift": noise_drift,
+                    f"{tag}/actor/gen": gen,
+                    f"{tag}/actor/q_gen": q_gen,
+                    f"{tag}/actor/drift_loss_pos": dl_pos,
+                    f"{tag}/actor/drift_loss_tgt": dl_tgt,
+                    f"{tag}/actor/drift_scale_pos": dinfo_pos["scale"],
+                    f"{tag}/actor/drift_scale_tgt": dinfo_tgt["scale"],
+                    f"{tag}/actor/actor_drift_loss_pos": l_pos,
+                    f"{tag}/actor/actor_drift_loss_tgt": l_tgt,
+                }
+            )
+        _check(
+            f"{tag} total loss",
+            info["critic/critic_loss"] + info["actor/actor_loss"],
+            float(ginfo["critic/critic_loss"] + ginfo["actor/actor_loss"]),
+        )
         rec[f"{tag}/total_loss"] = np.float32(ginfo["critic/critic_loss"] + ginfo["actor/actor_loss"])
         print(f"dfp {tag}: critic_loss {info['critic/critic_loss']:.6g} actor_loss {info['actor/actor_loss']:.6g}")
         return new_agent
@@ -326,7 +379,9 @@ DBP_ACT_DIM = 3
 DBP_OBS_STEPS = 2  # n_obs_steps (obs history)
 DBP_HORIZON = 8  # prediction horizon T (divisible by 2^(len(down_dims) - 1) = 2)
 DBP_ACTION_STEPS = 4  # n_action_steps (executed prefix)
-DBP_BACKBONE = dict(down_dims=[8, 16], kernel_size=5, n_groups=8, cond_predict_scale=True)  # their model/default.yaml but small
+DBP_BACKBONE = dict(
+    down_dims=[8, 16], kernel_size=5, n_groups=8, cond_predict_scale=True
+)  # their model/default.yaml but small
 DBP_TEMPS = [0.02, 0.05, 0.2]  # their model/default.yaml
 DBP_GEN = 4  # gen_per_label, their model/default.yaml
 DBP_BATCH = 6
@@ -348,8 +403,10 @@ def _state(module, prefix):
 
 
 def _grads(module, prefix):
-    return {f"{prefix}/{k}": (p.grad.detach().cpu().numpy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
-            for k, p in module.named_parameters()}
+    return {
+        f"{prefix}/{k}": (p.grad.detach().cpu().numpy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
+        for k, p in module.named_parameters()
+    }
 
 
 def _dbp_data(rng):
@@ -397,8 +454,13 @@ def make_dbp(root, out_path):
 
     rng = np.random.default_rng(DBP_SEED)
     obs, act, keypoint, state, push_act = _dbp_data(rng)
-    rec = {"data/obs": obs, "data/action": act, "data/pusht_keypoint": keypoint, "data/pusht_state": state,
-           "data/pusht_action": push_act}
+    rec = {
+        "data/obs": obs,
+        "data/action": act,
+        "data/pusht_keypoint": keypoint,
+        "data/pusht_state": state,
+        "data/pusht_action": push_act,
+    }
 
     # normalizers, and their outputs on the whole data
     norm = _robomimic_normalizer(obs, act)
@@ -412,21 +474,31 @@ def make_dbp(root, out_path):
     rec["pusht_normalizer/obs"] = pdata["obs"]
     rec["pusht_normalizer/obs_normalized"] = pnorm["obs"].normalize(torch.from_numpy(pdata["obs"])).detach().numpy()
     rec["pusht_normalizer/action_normalized"] = pnorm["action"].normalize(torch.from_numpy(push_act)).detach().numpy()
-    rec["pusht_normalizer/action_unnormalized_roundtrip"] = pnorm["action"].unnormalize(
-        pnorm["action"].normalize(torch.from_numpy(push_act))).detach().numpy()
+    rec["pusht_normalizer/action_unnormalized_roundtrip"] = (
+        pnorm["action"].unnormalize(pnorm["action"].normalize(torch.from_numpy(push_act))).detach().numpy()
+    )
 
     torch.manual_seed(DBP_SEED)
-    policy = LowdimDBPPolicy(obs_dim=DBP_OBS_DIM, action_dim=DBP_ACT_DIM, horizon=DBP_HORIZON,
-                             n_action_steps=DBP_ACTION_STEPS, n_obs_steps=DBP_OBS_STEPS,
-                             backbone_kwargs=DBP_BACKBONE, temperatures=DBP_TEMPS, per_timestep_loss=False,
-                             gen_per_label=DBP_GEN)
+    policy = LowdimDBPPolicy(
+        obs_dim=DBP_OBS_DIM,
+        action_dim=DBP_ACT_DIM,
+        horizon=DBP_HORIZON,
+        n_action_steps=DBP_ACTION_STEPS,
+        n_obs_steps=DBP_OBS_STEPS,
+        backbone_kwargs=DBP_BACKBONE,
+        temperatures=DBP_TEMPS,
+        per_timestep_loss=False,
+        gen_per_label=DBP_GEN,
+    )
     policy.set_normalizer(norm)
     rec.update(_state(policy.model, "unet"))
 
     # a batch as their sampler gives (obs history of n_obs_steps inside a window of T steps)
     starts = rng.integers(0, len(obs) - DBP_HORIZON, size=DBP_BATCH)
-    batch = {"obs": torch.from_numpy(_windows(obs, starts, DBP_HORIZON)),
-             "action": torch.from_numpy(_windows(act, starts, DBP_HORIZON))}
+    batch = {
+        "obs": torch.from_numpy(_windows(obs, starts, DBP_HORIZON)),
+        "action": torch.from_numpy(_windows(act, starts, DBP_HORIZON)),
+    }
     rec["batch/obs"], rec["batch/action"] = batch["obs"].numpy(), batch["action"].numpy()
 
     # forward: latent z [B, T, Da] and the flattened normalized obs history [B, To * Do]
@@ -435,9 +507,15 @@ def make_dbp(root, out_path):
     with torch.no_grad():
         out = policy.model(z, global_cond=cond)
         pa = policy.predict_action(obs_dict={"obs": batch["obs"]}, noise=z)
-    rec.update({"forward/z": z.numpy(), "forward/global_cond": cond.numpy(), "forward/output": out.numpy(),
-                "forward/predict_action/action": pa["action"].numpy(),
-                "forward/predict_action/action_pred": pa["action_pred"].numpy()})
+    rec.update(
+        {
+            "forward/z": z.numpy(),
+            "forward/global_cond": cond.numpy(),
+            "forward/output": out.numpy(),
+            "forward/predict_action/action": pa["action"].numpy(),
+            "forward/predict_action/action_pred": pa["action_pred"].numpy(),
+        }
+    )
 
     for mode, per_step in (("chunk", False), ("step", True)):
         policy.per_timestep_loss = per_step
@@ -455,24 +533,36 @@ def make_dbp(root, out_path):
             pred = policy.model(noise, global_cond=cond.repeat_interleave(DBP_GEN, dim=0))
             pred = pred.reshape(DBP_BATCH, DBP_GEN, DBP_HORIZON, DBP_ACT_DIM)
             if per_step:
-                per = [compute_dbp_loss(pred[:, :, t], nact[:, t].unsqueeze(1), temp_schedule=tuple(DBP_TEMPS))[0]
-                       for t in range(DBP_HORIZON)]
+                per = [
+                    compute_dbp_loss(pred[:, :, t], nact[:, t].unsqueeze(1), temp_schedule=tuple(DBP_TEMPS))[0]
+                    for t in range(DBP_HORIZON)
+                ]
                 per_loss = torch.stack(per, 1)  # [B, T]
                 check = per_loss.mean(0).mean()
             else:
-                per_loss, _ = compute_dbp_loss(pred.reshape(DBP_BATCH, DBP_GEN, -1), nact.reshape(DBP_BATCH, 1, -1),
-                                               temp_schedule=tuple(DBP_TEMPS))
+                per_loss, _ = compute_dbp_loss(
+                    pred.reshape(DBP_BATCH, DBP_GEN, -1), nact.reshape(DBP_BATCH, 1, -1), temp_schedule=tuple(DBP_TEMPS)
+                )
                 check = per_loss.mean()
         _check(f"dbp {mode} loss", check, loss.item())
-        rec.update({f"{mode}/seed": np.asarray(seed), f"{mode}/noise": noise.numpy(), f"{mode}/pred": pred.numpy(),
-                    f"{mode}/per_sample_loss": per_loss.numpy(), f"{mode}/loss": np.float32(loss.item())})
+        rec.update(
+            {
+                f"{mode}/seed": np.asarray(seed),
+                f"{mode}/noise": noise.numpy(),
+                f"{mode}/pred": pred.numpy(),
+                f"{mode}/per_sample_loss": per_loss.numpy(),
+                f"{mode}/loss": np.float32(loss.item()),
+            }
+        )
         for k, v in metrics.items():
             rec[f"{mode}/metrics/{k}"] = np.float32(v)
         print(f"dbp {mode}: loss {loss.item():.6g}")
     rec["config/backbone"] = np.asarray(str(DBP_BACKBONE))
     rec["config/temperatures"] = np.asarray(DBP_TEMPS)
     rec["config/gen_per_label"] = np.asarray(DBP_GEN)
-    rec["config/shapes"] = np.asarray([DBP_OBS_DIM, DBP_ACT_DIM, DBP_OBS_STEPS, DBP_HORIZON, DBP_ACTION_STEPS, DBP_BATCH])
+    rec["config/shapes"] = np.asarray(
+        [DBP_OBS_DIM, DBP_ACT_DIM, DBP_OBS_STEPS, DBP_HORIZON, DBP_ACTION_STEPS, DBP_BATCH]
+    )
     rec["config/versions"] = np.asarray(f"torch {torch.__version__}")
     _save(out_path, rec)
 
@@ -488,16 +578,33 @@ def make_dbpo(root, out_path):
     obs, act, _, _, _ = _dbp_data(np.random.default_rng(DBP_SEED))
     norm = _robomimic_normalizer(obs, act)
     torch.manual_seed(DBP_SEED + 10)
-    actor = LowdimDBPPolicy(obs_dim=DBP_OBS_DIM, action_dim=DBP_ACT_DIM, horizon=DBP_HORIZON,
-                            n_action_steps=DBP_ACTION_STEPS, n_obs_steps=DBP_OBS_STEPS, backbone_kwargs=DBP_BACKBONE,
-                            temperatures=DBP_TEMPS, gen_per_label=DBP_GEN)
+    actor = LowdimDBPPolicy(
+        obs_dim=DBP_OBS_DIM,
+        action_dim=DBP_ACT_DIM,
+        horizon=DBP_HORIZON,
+        n_action_steps=DBP_ACTION_STEPS,
+        n_obs_steps=DBP_OBS_STEPS,
+        backbone_kwargs=DBP_BACKBONE,
+        temperatures=DBP_TEMPS,
+        gen_per_label=DBP_GEN,
+    )
     actor.set_normalizer(norm)
     critic = ValueCritic(obs_dim=DBP_OBS_DIM, n_obs_steps=DBP_OBS_STEPS, hidden_dims=[16, 16])
     # their configs/finetune.yaml model section; the other arguments are the adapter's defaults
-    model = DBPOPolicyOptimizer(actor=actor, critic=critic, actor_policy_path=None, device="cpu",
-                                horizon_steps=DBP_HORIZON, action_dim=DBP_ACT_DIM, act_min=-1.0, act_max=1.0,
-                                executed_act_steps=DBP_ACTION_STEPS, clip_ploss_coef=0.02, norm_adv=True,
-                                anchor_loss_coeff=1.0)
+    model = DBPOPolicyOptimizer(
+        actor=actor,
+        critic=critic,
+        actor_policy_path=None,
+        device="cpu",
+        horizon_steps=DBP_HORIZON,
+        action_dim=DBP_ACT_DIM,
+        act_min=-1.0,
+        act_max=1.0,
+        executed_act_steps=DBP_ACTION_STEPS,
+        clip_ploss_coef=0.02,
+        norm_adv=True,
+        anchor_loss_coeff=1.0,
+    )
     rec = {}
     rec.update(_state(model.actor_old, "actor_old"))
     rec.update(_state(critic, "critic"))
@@ -508,8 +615,9 @@ def make_dbpo(root, out_path):
     state = torch.from_numpy(rng.normal(size=(n, DBP_OBS_STEPS, DBP_OBS_DIM)).astype(np.float32) * 1.5)
     cond = {"state": state}
     torch.manual_seed(DBP_SEED + 11)
-    _, chains, oldlogprobs = model.get_actions(cond, eval_mode=False, save_chains=True,
-                                               normalize_act_space_dimension=True, ret_logprob=True)
+    _, chains, oldlogprobs = model.get_actions(
+        cond, eval_mode=False, save_chains=True, normalize_act_space_dimension=True, ret_logprob=True
+    )
     torch.manual_seed(DBP_SEED + 11)  # recompute the draws: z, then the Gaussian sample
     z_check = torch.randn(n, DBP_HORIZON, DBP_ACT_DIM)
     _check("dbpo z", z_check, chains[:, 0])
@@ -524,22 +632,39 @@ def make_dbpo(root, out_path):
         head.weight.copy_(PERTURB * torch.randn(head.weight.shape, generator=g))
         n_pre = DBP_ACTION_STEPS * DBP_ACT_DIM  # the head's output is [T * Da], the executed prefix first
         # prefix: around the lower std clamp (0.03, the initial std); suffix: above the upper one (0.10)
-        head.bias.add_(torch.cat([torch.linspace(-0.05, 0.05, n_pre), torch.linspace(0.5, 1.5, head.bias.numel() - n_pre)]))
+        head.bias.add_(
+            torch.cat([torch.linspace(-0.05, 0.05, n_pre), torch.linspace(0.5, 1.5, head.bias.numel() - n_pre)])
+        )
     chains = chains.clone()
     chains[2, 1] = -chains[2, 1].sign()  # one stored chunk far from the mean: its new log-prob hits -2
     rec.update(_state(model.actor_ft, "actor_ft"))
     returns = torch.from_numpy(rng.normal(size=n).astype(np.float32))
     oldvalues = torch.from_numpy(rng.normal(size=n).astype(np.float32))
     advantages = torch.from_numpy(rng.normal(size=n).astype(np.float32) * 2 + 0.3)
-    rec.update({"batch/state": state.numpy(), "batch/chains": chains.numpy(), "batch/returns": returns.numpy(),
-                "batch/oldvalues": oldvalues.numpy(), "batch/advantages": advantages.numpy(),
-                "batch/oldlogprobs": oldlogprobs.numpy()})
+    rec.update(
+        {
+            "batch/state": state.numpy(),
+            "batch/chains": chains.numpy(),
+            "batch/returns": returns.numpy(),
+            "batch/oldvalues": oldvalues.numpy(),
+            "batch/advantages": advantages.numpy(),
+            "batch/oldlogprobs": oldlogprobs.numpy(),
+        }
+    )
 
     # the loss, as their finetune workspace calls it
     model.zero_grad()
     pg, ent, v, anchor, clipfrac, approx_kl, ratio_mean, noise_std = model.loss(
-        cond, chains, returns, oldvalues, advantages, oldlogprobs, normalize_act_space_dimension=True,
-        verbose=False, clip_intermediate_actions=True)
+        cond,
+        chains,
+        returns,
+        oldvalues,
+        advantages,
+        oldlogprobs,
+        normalize_act_space_dimension=True,
+        verbose=False,
+        clip_intermediate_actions=True,
+    )
     ent_coef, vf_coef = 0.01, 0.5  # configs/finetune.yaml train section
     total = pg + ent * ent_coef + v * vf_coef + anchor * model.anchor_loss_coeff
     total.backward()
@@ -547,8 +672,9 @@ def make_dbpo(root, out_path):
     rec.update(_grads(model.critic, "grad/critic"))
     # intermediate values with their functions (no randomness in loss)
     with torch.no_grad():
-        newlp, entropy, _ = model.get_logprobs(cond, chains, get_entropy=True, normalize_act_space_dimension=True,
-                                               verbose_entropy_stats=False)
+        newlp, entropy, _ = model.get_logprobs(
+            cond, chains, get_entropy=True, normalize_act_space_dimension=True, verbose_entropy_stats=False
+        )
         dist, mean, std = model._distribution(cond, chains[:, 0])
         newlp_c, oldlp_c = newlp.clamp(min=model.logprob_min), oldlogprobs.clamp(min=model.logprob_min)
         ratio = (newlp_c - oldlp_c).exp()
@@ -559,24 +685,50 @@ def make_dbpo(root, out_path):
         old_actions = model.actor_old.predict_action(cond={"obs": state}, noise=chains[:, 0])["action_pred"]
         new_actions = model.actor_ft.policy.predict_action(cond={"obs": state}, noise=chains[:, 0])["action_pred"]
         values = model.critic(cond).view(-1)
-    rec.update({"loss/mean": mean.numpy(), "loss/std": std.numpy(), "loss/newlogprobs_raw": newlp.numpy(),
-                "loss/newlogprobs": newlp_c.numpy(), "loss/oldlogprobs": oldlp_c.numpy(), "loss/ratio": ratio.numpy(),
-                "loss/advantages_normalized": adv_n.numpy(), "loss/entropy": entropy.numpy(),
-                "loss/newvalues": values.numpy(), "loss/old_actions": old_actions.numpy(),
-                "loss/new_actions": new_actions.numpy(), "loss/pg_loss": np.float32(pg.item()),
-                "loss/entropy_loss": np.float32(ent.item()), "loss/v_loss": np.float32(v.item()),
-                "loss/anchor_loss": np.float32(anchor.item()), "loss/clipfrac": np.float32(clipfrac),
-                "loss/approx_kl": np.float32(approx_kl), "loss/ratio_mean": np.float32(ratio_mean),
-                "loss/noise_std": np.float32(noise_std.item()), "loss/total": np.float32(total.item())})
+    rec.update(
+        {
+            "loss/mean": mean.numpy(),
+            "loss/std": std.numpy(),
+            "loss/newlogprobs_raw": newlp.numpy(),
+            "loss/newlogprobs": newlp_c.numpy(),
+            "loss/oldlogprobs": oldlp_c.numpy(),
+            "loss/ratio": ratio.numpy(),
+            "loss/advantages_normalized": adv_n.numpy(),
+            "loss/entropy": entropy.numpy(),
+            "loss/newvalues": values.numpy(),
+            "loss/old_actions": old_actions.numpy(),
+            "loss/new_actions": new_actions.numpy(),
+            "loss/pg_loss": np.float32(pg.item()),
+            "loss/entropy_loss": np.float32(ent.item()),
+            "loss/v_loss": np.float32(v.item()),
+            "loss/anchor_loss": np.float32(anchor.item()),
+            "loss/clipfrac": np.float32(clipfrac),
+            "loss/approx_kl": np.float32(approx_kl),
+            "loss/ratio_mean": np.float32(ratio_mean),
+            "loss/noise_std": np.float32(noise_std.item()),
+            "loss/total": np.float32(total.item()),
+        }
+    )
     print(f"dbpo loss: pg {pg.item():.6g} ent {ent.item():.6g} v {v.item():.6g} anchor {anchor.item():.6g}")
 
     # rollout buffer: reward scaling, GAE and returns
     n_steps, n_envs = 6, 3
-    buf = RolloutBuffer(n_steps=n_steps, n_envs=n_envs, horizon_steps=DBP_HORIZON, act_steps=DBP_ACTION_STEPS,
-                        action_dim=DBP_ACT_DIM, n_cond_step=DBP_OBS_STEPS, obs_dim=DBP_OBS_DIM,
-                        furniture_sparse_reward=False, best_reward_threshold_for_success=1.0,
-                        reward_scale_running=True, gamma=0.99, gae_lambda=0.95, reward_scale_const=1.0,
-                        device=torch.device("cpu"))
+    buf = RolloutBuffer(
+        n_steps=n_steps,
+        n_envs=n_envs,
+        horizon_steps=DBP_HORIZON,
+        act_steps=DBP_ACTION_STEPS,
+        action_dim=DBP_ACT_DIM,
+        n_cond_step=DBP_OBS_STEPS,
+        obs_dim=DBP_OBS_DIM,
+        furniture_sparse_reward=False,
+        best_reward_threshold_for_success=1.0,
+        reward_scale_running=True,
+        gamma=0.99,
+        gae_lambda=0.95,
+        reward_scale_const=1.0,
+        device=torch.device("cpu"),
+    )
     buf.reset()
     r = rng.normal(size=(n_steps, n_envs)) + 0.5
     term = np.zeros((n_steps, n_envs), bool)
@@ -592,17 +744,41 @@ def make_dbpo(root, out_path):
     with torch.no_grad():
         last_values = critic({"state": torch.from_numpy(last_obs["state"])}).reshape(-1).numpy()
     buf.update(last_obs, critic)
-    rec.update({"buffer/rewards": r, "buffer/terminated": term, "buffer/truncated": trunc, "buffer/values": vals,
-                "buffer/last_state": last_obs["state"], "buffer/last_values": last_values,
-                "buffer/rewards_scaled": buf.reward_trajs, "buffer/advantages": buf.advantages_trajs,
-                "buffer/returns": buf.returns_trajs, "buffer/firsts": buf.firsts_trajs,
-                "buffer/gamma_lambda_scale": np.asarray([0.99, 0.95, 1.0])})
-    rec["config/adapter"] = np.asarray(str(dict(
-        min_sampling_std=model.min_sampling_std, min_logprob_std=model.min_logprob_std,
-        max_logprob_std=model.max_logprob_std, init_logprob_std=model.init_logprob_std, logprob_min=model.logprob_min,
-        logprob_max=model.logprob_max, clip_ploss_coef=model.clip_ploss_coef, clip_vloss_coef=model.clip_vloss_coef,
-        randn_clip_value=model.randn_clip_value, norm_adv=model.norm_adv, anchor_loss_coeff=model.anchor_loss_coeff,
-        executed_act_steps=model.executed_act_steps, ent_coef=ent_coef, vf_coef=vf_coef)))
+    rec.update(
+        {
+            "buffer/rewards": r,
+            "buffer/terminated": term,
+            "buffer/truncated": trunc,
+            "buffer/values": vals,
+            "buffer/last_state": last_obs["state"],
+            "buffer/last_values": last_values,
+            "buffer/rewards_scaled": buf.reward_trajs,
+            "buffer/advantages": buf.advantages_trajs,
+            "buffer/returns": buf.returns_trajs,
+            "buffer/firsts": buf.firsts_trajs,
+            "buffer/gamma_lambda_scale": np.asarray([0.99, 0.95, 1.0]),
+        }
+    )
+    rec["config/adapter"] = np.asarray(
+        str(
+            dict(
+                min_sampling_std=model.min_sampling_std,
+                min_logprob_std=model.min_logprob_std,
+                max_logprob_std=model.max_logprob_std,
+                init_logprob_std=model.init_logprob_std,
+                logprob_min=model.logprob_min,
+                logprob_max=model.logprob_max,
+                clip_ploss_coef=model.clip_ploss_coef,
+                clip_vloss_coef=model.clip_vloss_coef,
+                randn_clip_value=model.randn_clip_value,
+                norm_adv=model.norm_adv,
+                anchor_loss_coeff=model.anchor_loss_coeff,
+                executed_act_steps=model.executed_act_steps,
+                ent_coef=ent_coef,
+                vf_coef=vf_coef,
+            )
+        )
+    )
     rec["config/backbone"] = np.asarray(str(DBP_BACKBONE))
     rec["config/critic_hidden_dims"] = np.asarray([16, 16])
     rec["config/shapes"] = np.asarray([DBP_OBS_DIM, DBP_ACT_DIM, DBP_OBS_STEPS, DBP_HORIZON, DBP_ACTION_STEPS, n])
