@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Literal, Optional, Tuple
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment (training, the 2% hold-out, and the evaluation episodes and latents)"""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
     runs_dir: str = "runs"
     """where run folders (tensorboard, checkpoints, videos) go"""
@@ -51,7 +51,7 @@ class Args:
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "drift-policies"
     """the wandb's project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     save_interval: int = 10_000
     """gradient steps between checkpoints (0: only at the end and on a signal)"""
@@ -63,25 +63,25 @@ class Args:
     """record the first episode of the final evaluation to <run dir>/videos/"""
     env: str = "cube-single-play"
     """OGBench dataset/env (cube-single-play, ..., or a full singletask id), Robomimic {lift,can,square}-{mh,ph}, or a gymnasium id (Hopper-v5) with a D4RL-layout --dataset-path"""
-    task: Optional[int] = None
+    task: int | None = None
     """OGBench singletask task 1..5 (default: the id's task, else 2)"""
-    dataset_path: Optional[str] = None
+    dataset_path: str | None = None
     """dataset: an OGBench-format .npz (e.g. cube-single-expert-task1-v0.npz, needs its -val twin), a D4RL-layout .npz for gymnasium envs, or a Robomimic low_dim_v15.hdf5"""
-    val_ratio: Optional[float] = None
+    val_ratio: float | None = None
     """fraction of episodes held out for losses/val_loss (>= 1 if > 0); default: locomotion 0 (authors' D4RL configs), else 2%"""
     eval_interval: int = 10_000
     """evaluate the EMA policy every this many gradient steps (0: only at the end)"""
     eval_episodes: int = 10
     """episodes per evaluation (episode i: env seed seed + 10000 + i and its own latent stream)"""
-    eval_envs: Optional[int] = None
+    eval_envs: int | None = None
     """envs stepped together in evaluation, in worker processes when > 1 (default: min(CPU cores, --eval-episodes))"""
     log_interval: int = 500
     """gradient steps between progress lines / tensorboard scalars (and the validation loss)"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """continue a run exactly from its checkpoint (runs/<run>/dbp_bc.pt); architecture and data flags must match"""
     eval_only: bool = False
     """only evaluate --checkpoint(s) and exit"""
-    checkpoint: Tuple[str, ...] = ()
+    checkpoint: tuple[str, ...] = ()
     """checkpoint(s) for --eval-only; several (e.g. the last 10 of 3 seeds): each one's result, then mean +- std and stderr"""
 
     # Algorithm specific arguments
@@ -93,19 +93,19 @@ class Args:
     """MLP width"""
     depth: int = 3
     """MLP hidden layers"""
-    unet_dims: Tuple[int, ...] = (512, 1024, 2048)
+    unet_dims: tuple[int, ...] = (512, 1024, 2048)
     """U-Net channel widths per level (authors' code); Tp must be divisible by 2^(levels-1)"""
     unet_kernel_size: int = 5
     """U-Net convolution kernel size (odd)"""
     unet_groups: int = 8
     """U-Net GroupNorm groups (must divide every width)"""
-    obs_horizon: Optional[int] = None
+    obs_horizon: int | None = None
     """To: observations in the history (default by env family: OGBench 2, Robomimic and locomotion 1)"""
-    pred_horizon: Optional[int] = None
+    pred_horizon: int | None = None
     """Tp: actions per predicted chunk (default: OGBench 16, Robomimic and locomotion 4)"""
-    action_horizon: Optional[int] = None
+    action_horizon: int | None = None
     """Ta: actions executed per chunk from index To-1 (default: OGBench 8, Robomimic and locomotion 4)"""
-    max_episode_steps: Optional[int] = None
+    max_episode_steps: int | None = None
     """time limit of the evaluation episodes (default: Robomimic 400 as the authors' task configs, else the env's)"""
     normalization: Literal["authors", "minmax"] = "authors"
     """authors: Robomimic obs / one global max|obs|, actions unscaled, else per-dim min-max; minmax: min-max everywhere"""
@@ -115,13 +115,13 @@ class Args:
     """chunk: drift on the flattened Tp*da chunk (default, better); step: drift per time step, averaged"""
     drift_field: Literal["official", "gaussian"] = "official"
     """official: the normalized multi-temperature loss of the published code (docs/algorithms.md §2); gaussian: the mean-shift field (§1)"""
-    temperatures: Tuple[float, ...] = (0.02, 0.05, 0.2)
+    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     """temperatures R of the official loss (code default; the paper's tuned value is 0.2 alone)"""
     bandwidth: float = 1.0
     """Gaussian kernel bandwidth h (normalized action units) for --drift-field gaussian"""
     num_epochs: int = 500
     """training budget in epochs over the training samples (an epoch = floor(samples / batch size) gradient steps)"""
-    total_steps: Optional[int] = None
+    total_steps: int | None = None
     """training budget in gradient steps; overrides --num-epochs (the lr schedule then ends at the last epoch begun)"""
     batch_size: int = 64
     """observations per batch (each gets G hypotheses)"""
@@ -131,7 +131,7 @@ class Args:
     """learning rate at the first epoch and at the end of the cosine decay"""
     warmup_epochs: int = 100
     """epochs of linear warmup from --min-lr to --lr (the lr changes once per epoch, as the authors')"""
-    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas"""
     weight_decay: float = 1e-6
     """AdamW weight decay"""
@@ -337,7 +337,7 @@ def compute_normalization(
     return stats
 
 
-def episode_bounds(episode_ends: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def episode_bounds(episode_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For every step i: the first and last index of its episode. episode_ends[i] = True at an episode's last step."""
     last = np.flatnonzero(
         np.append(episode_ends[:-1].astype(bool), True)
@@ -384,7 +384,7 @@ def compute_loss(
     field: str = "official",
     temperatures=(0.02, 0.05, 0.2),
     bandwidth: float = 1.0,
-    noise: Optional[torch.Tensor] = None,
+    noise: torch.Tensor | None = None,
 ):
     """(loss, info of detached tensors) on normalized obs histories [B, To, obs_dim], expert chunks [B, Tp, da]; noise: z."""
     B, Tp, da = chunk.shape
@@ -455,7 +455,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         pe.mul_(decay).add_(p.detach(), alpha=1.0 - decay)  # theta_ema <- d theta_ema + (1 - d) theta
 
 
-def ema_schedule(step: int, steps_per_epoch: int, every: int, start_epoch: int) -> Optional[int]:
+def ema_schedule(step: int, steps_per_epoch: int, every: int, start_epoch: int) -> int | None:
     """After gradient step `step`: None (no EMA update), -1 (a plain copy, before start_epoch) or k (for ema_decay)."""
     if step % every:
         return None
@@ -479,7 +479,7 @@ def act(policy: Policy, action_horizon: int, obs: np.ndarray, gens) -> np.ndarra
 EVAL_TAGS = (("success", "eval/success"), ("return", "eval/episodic_return"), ("length", "eval/episode_length"))
 
 
-def evaluate(policy: Policy, eval_envs, args, stop: runs.Stop, label: str, video=None) -> Optional[dict]:
+def evaluate(policy: Policy, eval_envs, args, stop: runs.Stop, label: str, video=None) -> dict | None:
     """envs.evaluate (episode i: env seed seed + 10000 + i) printed as `label: tag=mean ...` (res["line"]); None: stopped."""
     t0, Ta = time.time(), eval_envs.single_action_space.shape[0]
     res = envs.evaluate(

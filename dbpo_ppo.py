@@ -15,7 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -63,14 +63,14 @@ class Args:
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "drift-policies"
     """the wandb's project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     # Algorithm specific arguments
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """(required) the DBP checkpoint to fine-tune: `dbp_bc.py --save-model` output, or a `dbpo_ppo.py` dbpo_ppo.pt"""
-    env_id: Optional[str] = None
+    env_id: str | None = None
     """the environment; default: the checkpoint's env (giving another one is refused)"""
-    max_episode_steps: Optional[int] = None
+    max_episode_steps: int | None = None
     """override the env's time limit (default: the checkpoint's, e.g. Robomimic 400, else the env's)"""
     num_iterations: int = 1500
     """iterations, evaluation iterations included (every --eval-interval-th, starting with iteration 0)"""
@@ -90,7 +90,7 @@ class Args:
     """cosine: linear warm-up min -> peak over --lr-warmup-iters, then cosine back to min over the cycle; constant: peak"""
     lr_warmup_iters: int = 10
     """warm-up iterations of the learning-rate schedules (the actor's starts after the critic warm-up)"""
-    lr_cycle_iters: Optional[int] = None
+    lr_cycle_iters: int | None = None
     """length of one cosine cycle (it restarts after it); default: --num-iterations"""
     weight_decay: float = 1e-6
     """AdamW weight decay of both optimizers"""
@@ -106,7 +106,7 @@ class Args:
     """toggles advantages normalization (per minibatch)"""
     clip_coef: float = 0.02
     """the surrogate clipping coefficient"""
-    clip_vloss: Optional[float] = None
+    clip_vloss: float | None = None
     """if set, clip the value change to +-clip_vloss (off in the authors' code)"""
     ent_coef: float = 0.01
     """coefficient of the entropy bonus"""
@@ -116,7 +116,7 @@ class Args:
     """coefficient of the anchor loss ||mu_ft(s,z) - mu_frozen(s,z)||^2 (0 disables it)"""
     max_grad_norm: float = 0.5
     """the maximum norm for the gradient clipping (actor and critic separately)"""
-    target_kl: Optional[float] = 0.02
+    target_kl: float | None = 0.02
     """stop the update epochs early once the approximate KL exceeds this"""
     critic_warmup_iters: int = 5
     """iterations 0 .. critic_warmup_iters-1 update only the critic"""
@@ -126,7 +126,7 @@ class Args:
     """bootstrap time-limit ends with gamma * V(final obs); default: terminal (authors' code: gym's TimeLimit `done`)"""
     freeze_normalizer: bool = False
     """keep the checkpoint's obs/action normalizer fixed; default: the actor's AdamW trains it (authors' code)"""
-    logprob_min: Optional[float] = -2.0
+    logprob_min: float | None = -2.0
     """clamp the new and old (normalized) log-likelihoods below at this value before the ratio (authors' code)"""
     init_std: float = 0.03
     """initial exploration std (log-std head bias = log init_std, zero weights)"""
@@ -146,13 +146,13 @@ class Args:
     """parallel environments of the evaluation (worker processes when > 1; the result does not depend on it)"""
     eval_latent: Literal["sample", "zero"] = "sample"
     """latent of the evaluation's mean path: sample (z ~ N(0,I) from each episode's generator, as DBP deploys) or zero"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """a <run dir>/state.pt to continue from (networks, optimizers, counters, RNG); envs restart episodes"""
     eval_only: bool = False
     """only evaluate --checkpoint's mean path for --eval-episodes episodes and exit"""
     runs_dir: str = "runs"
     """where run folders (tensorboard, state, model, videos) go"""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
 
@@ -441,7 +441,7 @@ def load_inputs(args: Args) -> tuple:
     runs.check_format(ckpt, f"--checkpoint {path}", "dbp-v1", CKPT_KEYS, hint)
     To, Tp, Ta = ckpt["obs_horizon"], ckpt["pred_horizon"], ckpt["action_horizon"]
     runs.check(
-        1 <= To <= Tp and 1 <= Ta and To - 1 + Ta <= Tp, f"{path} has inconsistent horizons To={To}, Tp={Tp}, Ta={Ta}"
+        1 <= To <= Tp and Ta >= 1 and To - 1 + Ta <= Tp, f"{path} has inconsistent horizons To={To}, Tp={Tp}, Ta={Ta}"
     )
     runs.check(
         runs.nonfinite(ckpt) is None, f"{path} contains NaN or infinite values ({runs.nonfinite(ckpt)}); retrain it"
@@ -469,7 +469,7 @@ def load_inputs(args: Args) -> tuple:
     return ckpt, env_id, state
 
 
-def build_agent(ckpt: dict, state: Optional[dict], args: Args, device="cpu"):
+def build_agent(ckpt: dict, state: dict | None, args: Args, device="cpu"):
     """(agent, (actor, critic) optimizers) of --checkpoint, or of --resume's state (RNG streams too)."""
     try:
         generator, anchor = (make_generator(ckpt["backbone"], **ckpt["generator_kwargs"]) for _ in range(2))

@@ -13,8 +13,9 @@ import importlib.util
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Optional, Tuple
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -43,7 +44,7 @@ class Args:
     """if toggled, this experiment will be tracked with Weights and Biases (imported lazily)"""
     wandb_project_name: str = "drift-policies"
     """the wandb project of --track"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the wandb entity (team) of --track"""
     capture_video: bool = False
     """if toggled, each evaluation's first episode is saved as <run folder>/videos/eval_<step>.mp4 (MUJOCO_GL=egl)"""
@@ -55,11 +56,11 @@ class Args:
     # Environment and data
     env: str = "cube-triple-play"
     """cube-{single,double,triple,quadruple}-play (task 2 unless --task), a full OGBench singletask id, or Robomimic {lift,can,square}-{mh,ph}"""
-    task: Optional[int] = None
+    task: int | None = None
     """singletask task 1..5 (overrides the task in --env)"""
-    dataset_path: Optional[str] = None
+    dataset_path: str | None = None
     """an OGBench .npz (with its -val twin) or a Robomimic low_dim_v15.hdf5; default: ~/.ogbench/data or ~/.robomimic, then a bounded download"""
-    dataset_dir: Optional[str] = None
+    dataset_dir: str | None = None
     """a folder of dataset shards (*.npz with -val twins), one in memory at a time (cube-quadruple-play-100m)"""
     shard_interval: int = 1000
     """offline steps between shard rotations with --dataset-dir"""
@@ -89,7 +90,7 @@ class Args:
     """critic ensemble size (aggregated by mean)"""
     num_gen: int = 8
     """generated samples per state for the drift losses"""
-    temperatures: Tuple[float, ...] = (0.1,)
+    temperatures: tuple[float, ...] = (0.1,)
     """drift kernel temperatures R (official field)"""
     drift_field: Literal["official", "gaussian"] = "official"
     """official: the normalized multi-temperature loss (docs/algorithms.md §2); gaussian: the mean-shift field (§1)"""
@@ -131,21 +132,21 @@ class Args:
     """steps between evaluations (also at step 1, at the end of the offline phase and at the end)"""
     eval_episodes: int = 100
     """episodes per evaluation (episode i: env seed seed + 1000 + i offline, + 2000 + i online, its own policy noise)"""
-    eval_envs: Optional[int] = None
+    eval_envs: int | None = None
     """envs stepped together in evaluation, in worker processes when > 1 (default: min(CPU cores, --eval-episodes))"""
     log_interval: int = 5000
     """steps between loss logs and progress lines"""
     save_interval: int = 100_000
     """steps (offline gradient steps, then online env steps) between checkpoints"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """continue a run from this checkpoint"""
     eval_only: bool = False
     """only evaluate the policy of --checkpoint"""
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """checkpoint for --eval-only"""
     runs_dir: str = "runs"
     """where run folders (tensorboard, checkpoint, videos) go"""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
 
@@ -243,7 +244,7 @@ def sample_chunks(data: dict, start: int, size: int, capacity: int, gen, batch_s
     }
 
 
-def drift(args, gen: torch.Tensor, pos: torch.Tensor, pos_weight: Optional[torch.Tensor] = None):
+def drift(args, gen: torch.Tensor, pos: torch.Tensor, pos_weight: torch.Tensor | None = None):
     """Drift loss of gen [B, G, D] toward pos [B, P, D] (the generated samples are the negatives)."""
     if args.drift_field == "official":  # (docs/algorithms.md §2)
         loss, info = drift_field.drift_loss(gen, pos, temperatures=args.temperatures, pos_weight=pos_weight)
@@ -437,8 +438,8 @@ class Run:
     env_id: str
     dir: str
     env: gym.Env  # the online env (one action per step), with episode statistics
-    env_args: Optional[dict]  # Robomimic: how to rebuild the env (None for OGBench)
-    data: Optional[dict]  # the offline data (the current shard) on the training device
+    env_args: dict | None  # Robomimic: how to rebuild the env (None for OGBench)
+    data: dict | None  # the offline data (the current shard) on the training device
     shards: list  # --dataset-dir: one shard in memory at a time
     shard_idx: int
     modules: dict  # actor, critic, target_critic, ema_actor (pi_old) and their optimizer
@@ -449,14 +450,14 @@ class Run:
     n_stats: int = 0
     writer: object = None  # tensorboard
     update: Callable = None  # update(batch, online) -> the LOSS_NAMES values [6], on the device
-    buffer: Optional[ReplayBuffer] = None  # from the switch on
-    obs: Optional[np.ndarray] = None  # the online env's observation
+    buffer: ReplayBuffer | None = None  # from the switch on
+    obs: np.ndarray | None = None  # the online env's observation
     queue: list = field(default_factory=list)  # the actions left of the chunk being executed
     last_success: float = math.nan
-    t0: Tuple[float, int] = (0.0, 1)  # (time, step) this process started training at: SPS
+    t0: tuple[float, int] = (0.0, 1)  # (time, step) this process started training at: SPS
 
 
-def build(args: Args, obs_dim: int, act_dim: int, device, ckpt: Optional[dict]) -> dict:
+def build(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | None) -> dict:
     """actor, critic, target_critic, ema_actor and the one Adam of actor and critic, with a checkpoint's weights."""
     D, H, L, E = act_dim * args.horizon, args.hidden_dim, args.num_layers, args.num_critics  # D: a flattened chunk
     g = "none" if args.exact_gelu else "tanh"
@@ -542,7 +543,7 @@ def log_step(r: Run, step: int, total: int) -> None:
     r.stats, r.n_stats = torch.zeros_like(r.stats), 0
 
 
-def evaluate_and_log(r: Run, step: int) -> Optional[dict]:
+def evaluate_and_log(r: Run, step: int) -> dict | None:
     """{success, return, length, q_chosen} of the policy now (episode i: env seed seed + 1000 + i offline, seed + 2000 + i
     online, as the ref code), logged when there is a writer; None if a signal abandoned the evaluation (no result)."""
     a = r.args

@@ -16,10 +16,9 @@ Everything is batched over conditions (a leading B axis, one set of samples per 
 Python loop over the batch, and runs unchanged on CPU or CUDA in any float dtype.
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 def _check_samples(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
@@ -33,7 +32,7 @@ def _check_samples(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str)
         )
 
 
-def _check_weight(w: Optional[torch.Tensor], name: str, samples: torch.Tensor, samples_name: str) -> None:
+def _check_weight(w: torch.Tensor | None, name: str, samples: torch.Tensor, samples_name: str) -> None:
     if w is not None and tuple(w.shape) != tuple(samples.shape[:2]):
         raise ValueError(
             f"{name} must have shape {tuple(samples.shape[:2])} to match {samples_name} {tuple(samples.shape)}, got {tuple(w.shape)}"
@@ -43,7 +42,7 @@ def _check_weight(w: Optional[torch.Tensor], name: str, samples: torch.Tensor, s
 # ---------------------------------------------------------------------------------------------
 # docs/algorithms.md §1: the Gaussian kernel mean-shift field
 # ---------------------------------------------------------------------------------------------
-def _mean_shift(x: torch.Tensor, y: torch.Tensor, bandwidth: float, weight: Optional[torch.Tensor]) -> torch.Tensor:
+def _mean_shift(x: torch.Tensor, y: torch.Tensor, bandwidth: float, weight: torch.Tensor | None) -> torch.Tensor:
     """sum_j k(x,y_j) w_j (y_j - x) / sum_j k(x,y_j) w_j, with k(x,y) = exp(-||x-y||^2 / (2 h^2))."""
     diff = y[:, None, :, :] - x[:, :, None, :]  # [B, G, P, D]: y_j - x_i, exact even far from the origin
     logits = -diff.pow(2).sum(-1) / (2.0 * bandwidth**2)  # [B, G, P]
@@ -57,10 +56,10 @@ def _mean_shift(x: torch.Tensor, y: torch.Tensor, bandwidth: float, weight: Opti
 def mean_shift_field(
     x: torch.Tensor,
     pos: torch.Tensor,
-    neg: Optional[torch.Tensor],
+    neg: torch.Tensor | None,
     bandwidth: float,
-    pos_weight: Optional[torch.Tensor] = None,
-    neg_weight: Optional[torch.Tensor] = None,
+    pos_weight: torch.Tensor | None = None,
+    neg_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kernel mean-shift drifting field V(x) = V_p+(x) - V_q-(x) (docs/algorithms.md §1).
 
@@ -90,14 +89,14 @@ def mean_shift_field(
 def drift_loss(
     gen: torch.Tensor,
     pos: torch.Tensor,
-    neg: Optional[torch.Tensor] = None,
+    neg: torch.Tensor | None = None,
     temperatures: Sequence[float] = (0.1,),
-    gen_weight: Optional[torch.Tensor] = None,
-    pos_weight: Optional[torch.Tensor] = None,
-    neg_weight: Optional[torch.Tensor] = None,
+    gen_weight: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    neg_weight: torch.Tensor | None = None,
     attraction_only: bool = False,
     neg_only: bool = False,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Drift loss || gen/s - sg(x/s + F) ||^2 per condition, following docs/algorithms.md §2 step by step.
 
     gen [B, Cg, S] generated samples (the only input that receives a gradient), pos [B, Cp, S]
@@ -158,7 +157,7 @@ def drift_loss(
             dist_n[:, :, :Cg] += 100.0 * torch.eye(Cg, dtype=dtype, device=gen.device)
 
         split = Cn if neg_only else Cg + Cn  # columns [0, split) are negatives, the rest positives
-        info: Dict[str, torch.Tensor] = {"scale": scale}
+        info: dict[str, torch.Tensor] = {"scale": scale}
         force = torch.zeros_like(x_s)
         for r in temperatures:
             # 6. kernel exp(-d/(r*scale)); affinity = geometric mean of the softmax over targets j
@@ -191,7 +190,7 @@ def drift_loss(
 # ---------------------------------------------------------------------------------------------
 # Batched top-K (docs/algorithms.md §3)
 # ---------------------------------------------------------------------------------------------
-def top_k(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def top_k(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k highest-scoring of N candidates per condition, best first.
 
     candidates [B, N, D], scores [B, N] -> (selected [B, k, D], indices [B, k]).

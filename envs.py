@@ -16,21 +16,18 @@ import os
 import re
 import warnings
 from collections import deque
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
 
 from robomimic_tasks import (
-    ROBOMIMIC_DATA_DIR,
     ROBOMIMIC_OBS_KEYS,
-    ROBOMIMIC_TASKS,
     ROBOMIMIC_URL,  # noqa: F401
     RobomimicEnv,
     load_robomimic,
     resolve_robomimic_file,
     robomimic_default_path,  # noqa: F401
-    robomimic_generate_command,
 )
 from runs import atomic, bounded_download, check, fail, why, worker_signals
 
@@ -54,7 +51,7 @@ def family(env_id: str) -> str:
     )
 
 
-def resolve_env_id(env: str, task: Optional[int] = None, gym_ids=()) -> str:
+def resolve_env_id(env: str, task: int | None = None, gym_ids=()) -> str:
     """The env id an --env value names: 'cube-triple-play' -> 'cube-triple-play-singletask-task2-v0' (task 2 unless
     --task, which also overrides a full id's); other OGBench singletask ids (scene, puzzle) as they are; Robomimic
     'lift-mh' (or 'lift-mh-low_dim') -> 'lift-mh'; Minari ids (mujoco/hopper/medium-v0); gymnasium ids in gym_ids
@@ -104,7 +101,7 @@ def ogbench_default_path(env_id: str) -> str:
     return os.path.join(os.path.expanduser(OGBENCH_DATA_DIR), re.sub(r"-singletask-task\d", "", env_id) + ".npz")
 
 
-def load_ogbench(env_id: str, dataset_path: Optional[str] = None, env=None, timeout: float = 30.0):
+def load_ogbench(env_id: str, dataset_path: str | None = None, env=None, timeout: float = 30.0):
     """(env, train, val) of a singletask id (ogbench.make_env_and_datasets; with `env`, only the data is read: a shard).
     The dataset: dataset_path (with its -val twin), else ~/.ogbench/data/<dataset>.npz, else OGBench's download (each
     connect and read bounded by `timeout` s); else one error with the command that regenerates it."""
@@ -214,7 +211,7 @@ minari_env_spec = functools.lru_cache(maxsize=None)(lambda env_id, root: load_mi
 
 # ---- datasets of every family, checked against their env
 def load_dataset(
-    env_id: str, dataset_path: Optional[str] = None, env=None, reward_shift=0.0, min_len=1, obs_keys=ROBOMIMIC_OBS_KEYS
+    env_id: str, dataset_path: str | None = None, env=None, reward_shift=0.0, min_len=1, obs_keys=ROBOMIMIC_OBS_KEYS
 ):
     """(env, data, episode_ends [N] bool, env_args) of a resolved id, checked by check_dataset; data: observations [N, O],
     actions [N, A], and rewards, masks, terminals, next_observations (OGBench, Robomimic) or rewards, terminals, timeouts
@@ -283,7 +280,7 @@ def check_dataset(data: dict, env, name: str, min_len: int = 1) -> None:
 
 # ---- envs: one per family, the chunk wrapper, vectorized evaluation envs
 def make_env(
-    env_id: str, env_args=None, render: bool = False, reward_shift: float = 0.0, max_episode_steps: Optional[int] = None
+    env_id: str, env_args=None, render: bool = False, reward_shift: float = 0.0, max_episode_steps: int | None = None
 ) -> gym.Env:
     """The env of a resolved id: Robomimic's robosuite env rebuilt from env_args (reward: success + reward_shift),
     OGBench's singletask env, gymnasium's, or the one a Minari dataset was recorded on; render: RGB frames."""
@@ -310,7 +307,7 @@ class ChunkEnv(gym.Wrapper):
     obs_horizon None (DFP): obs [O], chunk [h * A] (h actions, flattened). obs_horizon To (DBP, DBPO): obs = the last
     To observations [To, O] (the first one repeated after a reset), chunk [h, A] (the Ta executed actions)."""
 
-    def __init__(self, env: gym.Env, horizon: int, obs_horizon: Optional[int] = None):
+    def __init__(self, env: gym.Env, horizon: int, obs_horizon: int | None = None):
         super().__init__(env)
         self.obs_horizon, self.act_dim, self.record, self.executed_steps = (
             obs_horizon,
@@ -348,14 +345,14 @@ class ChunkEnv(gym.Wrapper):
         return obs, total, terminated, truncated, {**info, "steps": steps, **({"frames": frames} if frames else {})}
 
 
-def make_chunk_env(env_id: str, horizon: int, obs_horizon: Optional[int] = None, **env_kwargs) -> ChunkEnv:
+def make_chunk_env(env_id: str, horizon: int, obs_horizon: int | None = None, **env_kwargs) -> ChunkEnv:
     """ChunkEnv(make_env(env_id, **env_kwargs)), with gymnasium's episode statistics (info['episode'], in env steps,
     at an episode's end). In a worker process, SIGINT is ignored first (worker_signals)."""
     worker_signals()
     return ChunkEnv(gym.wrappers.RecordEpisodeStatistics(make_env(env_id, **env_kwargs)), horizon, obs_horizon)
 
 
-def make_eval_envs(env_id: str, num_envs: int, horizon: int, obs_horizon: Optional[int] = None, **env_kwargs):
+def make_eval_envs(env_id: str, num_envs: int, horizon: int, obs_horizon: int | None = None, **env_kwargs):
     """num_envs make_chunk_env() envs stepped together: in this process for 1, in worker processes for more.
     Autoreset is off: evaluate() resets each env itself, with the seed of the episode it starts."""
     from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
@@ -377,8 +374,8 @@ def episode_generator(seed: int, episode: int):
 
 
 def evaluate(
-    envs, act: Callable, episodes: int, seed: int, stop: Callable = lambda: False, video_path: Optional[str] = None
-) -> Optional[dict]:
+    envs, act: Callable, episodes: int, seed: int, stop: Callable = lambda: False, video_path: str | None = None
+) -> dict | None:
     """Means over `episodes` episodes on the M ChunkEnvs of `envs` (make_eval_envs): success (info['success'] at an
     episode's last step, NaN without), return, length (env steps), and each statistic act reports (averaged over an
     episode's chunks first); None if stop() became true (polled before every chunk). Episode i has env seed seed + i

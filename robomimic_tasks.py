@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import urllib.request
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -38,7 +37,7 @@ def robomimic_generate_command(env_id: str, path: str) -> str:
     return cmd if os.path.abspath(os.path.expanduser(path)) == robomimic_default_path(env_id) else f"{cmd} --out {path}"
 
 
-def resolve_robomimic_file(env_id: str, dataset_path: Optional[str] = None, timeout: float = 30.0) -> str:
+def resolve_robomimic_file(env_id: str, dataset_path: str | None = None, timeout: float = 30.0) -> str:
     """The low-dim hdf5 for env_id: the given path, the default folder, or a bounded download (else one error)."""
     task, kind = env_id.split("-")[:2]
     if dataset_path is not None:
@@ -138,8 +137,8 @@ class RobomimicEnv(gym.Env):
         env_id: str,
         env_args,
         reward_shift: float = 0.0,
-        max_episode_steps: Optional[int] = None,
-        render_mode: Optional[str] = None,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
     ):
         import robosuite
         from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
@@ -167,7 +166,7 @@ class RobomimicEnv(gym.Env):
         raw = {**raw, "object": raw["object-state"]}  # robomimic's name for robosuite's object-state
         return np.concatenate([raw[k] for k in self.env_args.get("obs_keys", ROBOMIMIC_OBS_KEYS)]).astype(np.float32)
 
-    def reset(self, *, seed: Optional[int] = None, options=None):
+    def reset(self, *, seed: int | None = None, options=None):
         super().reset(seed=seed)
         if seed is not None:  # robosuite draws placements and arm noise from env.rng (shared with its samplers)
             self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state

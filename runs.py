@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import tyro
@@ -53,7 +53,7 @@ def why(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
-def parse(args_class, rules: Optional[Callable] = None, args: Optional[list] = None):
+def parse(args_class, rules: Callable | None = None, args: list | None = None):
     """tyro.cli(args_class, args=args) (args: None reads sys.argv), with every parse error (a value of the wrong type,
     a choice outside a Literal, an unknown flag, a missing value) as one `error:` line and exit 2 instead of tyro's
     box. Then rules(parsed) yields (ok, message) pairs in order; the first that is not ok is refused the same way.
@@ -109,7 +109,7 @@ def check_creatable(folder: str, what: str) -> None:
     )
 
 
-def plan_run_dir(runs_dir: str, name: str, ckpt_file: str, resume: Optional[str] = None, writable: bool = True) -> str:
+def plan_run_dir(runs_dir: str, name: str, ckpt_file: str, resume: str | None = None, writable: bool = True) -> str:
     """The run folder, checked; nothing is created. resume (the checkpoint a --resume or --eval-only reads): its
     folder, which must be writable if `writable`. Else runs_dir/name, refused if runs_dir is a file or the folder
     already holds ckpt_file (a run: the message names the --resume that continues it) or cannot be created."""
@@ -165,8 +165,8 @@ def tensorboard(
     args,
     name: str,
     start: int = 1,
-    wandb_project: Optional[str] = None,
-    wandb_entity: Optional[str] = None,
+    wandb_project: str | None = None,
+    wandb_entity: str | None = None,
 ):
     """The run's SummaryWriter in run_dir (created here), writing from step `start` on: a resumed run drops what the
     interrupted process logged after its checkpoint, so no step is written twice; a fresh one (start 1) gets the
@@ -287,7 +287,7 @@ def leave(code: int, *resources, track: bool = False):
     os._exit(code)
 
 
-def interrupted(step: int, saved: Optional[str], code: int, *resources, track: bool = False):
+def interrupted(step: int, saved: str | None, code: int, *resources, track: bool = False):
     """After a signal: print `interrupted at step N; checkpoint saved to PATH; continue with:` and the resume command
     (saved: the checkpoint just written; None: nothing was saved), then leave(code, *resources, track=track)."""
     print(
@@ -430,7 +430,7 @@ def set_rng_state(state: dict, **generators) -> None:
         g.set_state(state[k])
 
 
-def nonfinite(tree, name: str = "") -> Optional[str]:
+def nonfinite(tree, name: str = "") -> str | None:
     """The dotted name ('critic.weights.0') of the first floating tensor or array holding a NaN or inf in a nested
     dict / list / tuple (a state_dict, a checkpoint), else None. Other leaves (ints, strings, floats) are skipped."""
     import torch
@@ -448,7 +448,7 @@ def nonfinite(tree, name: str = "") -> Optional[str]:
     return (name or "the value") if bad else None
 
 
-def stop_nonfinite(bad: Optional[str], step: int, ckpt_path: str, hint: str = "Try a lower --lr") -> None:
+def stop_nonfinite(bad: str | None, step: int, ckpt_path: str, hint: str = "Try a lower --lr") -> None:
     """If `bad` names a quantity that became non-finite (a loss, or nonfinite()'s parameter name): exit 1 with one
     `error:` line naming it and the last good checkpoint, which stays as it is (nothing non-finite is saved)."""
     if bad is not None:

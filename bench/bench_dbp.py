@@ -16,7 +16,6 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,9 +46,9 @@ class Args:
     """MLP width (dbp_bc.py default)"""
     depth: int = 3
     """MLP depth (dbp_bc.py default)"""
-    unet_dims: Tuple[int, ...] = (512, 1024, 2048)
+    unet_dims: tuple[int, ...] = (512, 1024, 2048)
     """U-Net widths (dbp_bc.py's default, the authors' code)"""
-    extra_unet_dims: Tuple[int, ...] = (64, 128, 256)
+    extra_unet_dims: tuple[int, ...] = (64, 128, 256)
     """a second, small U-Net size to time (CPU-sized runs); empty to skip"""
     warmup: int = 20
     """untimed calls first"""
@@ -59,7 +58,7 @@ class Args:
     """observations per training step (dbp_bc.py's default)"""
     train_iters: int = 20
     """timed training steps per block (0: no training rows)"""
-    out: Optional[str] = None
+    out: str | None = None
     """also write the rows as JSON to this path (with the machine: GPU name, versions)"""
 
 

@@ -23,7 +23,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional, Tuple
 
 import torch
 import tyro
@@ -39,7 +38,7 @@ import machine  # noqa: E402
 class Args:
     env_id: str = "cube-single-play-singletask-task1-v0"
     """an OGBench singletask id or Hopper-v5 / Walker2d-v5 / Ant-v5"""
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """a dbp_bc.py checkpoint for env_id; default: a freshly initialized default-size generator"""
     iterations: int = 3
     """PPO iterations measured (the first one includes warm-up costs)"""
@@ -59,9 +58,9 @@ class Args:
     """time ppo_update alone on a synthetic rollout of --decisions decisions (no env steps; see above)"""
     decisions: int = 20000
     """--update-only: chunk decisions in the rollout (the authors': 40 envs x 500)"""
-    backbones: Tuple[str, ...] = ("mlp",)
+    backbones: tuple[str, ...] = ("mlp",)
     """--update-only without --checkpoint: fresh generators to time (mlp: 3x512, unet: --unet-dims)"""
-    unet_dims: Tuple[int, ...] = (512, 1024, 2048)
+    unet_dims: tuple[int, ...] = (512, 1024, 2048)
     """U-Net widths of a fresh unet generator (dbp_bc.py's default)"""
     hidden_dim: int = 512
     """MLP width of a fresh mlp generator (dbp_bc.py's default)"""
@@ -69,7 +68,7 @@ class Args:
     """MLP depth of a fresh mlp generator (dbp_bc.py's default)"""
     repeats: int = 3
     """--update-only: timed updates after one warm-up; the best one counts"""
-    out: Optional[str] = None
+    out: str | None = None
     """--update-only: also write the rows as JSON to this path (with the machine: GPU name, versions)"""
 
 

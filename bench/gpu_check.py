@@ -31,8 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -53,7 +53,7 @@ class Stage:
     expect: str = ""  # a regex its output must hold (e.g. the final line): exit code 0 alone is not enough
     skip: str = ""  # why it does not run here (e.g. "no CUDA"), if it does not
     note: str = ""
-    result: Optional[Callable] = None  # (stage, output) -> [(label, text)]: its table rows
+    result: Callable | None = None  # (stage, output) -> [(label, text)]: its table rows
     record: dict = field(default_factory=dict)
 
 

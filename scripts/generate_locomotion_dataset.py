@@ -33,7 +33,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import minari
@@ -89,13 +89,13 @@ class Args:
     """environment steps to record (the published datasets hold 1M)"""
     seed: int = 0
     """seed of the training, the evaluations and the recording"""
-    root: Optional[str] = None
+    root: str | None = None
     """the Minari root; default $MINARI_DATASETS_PATH, else ~/.minari/datasets (where minari.load_dataset looks)"""
     overwrite: bool = False
     """replace an existing dataset of that id"""
     resume: bool = True
     """continue from this dataset's training checkpoint if there is one; --no-resume trains from scratch"""
-    target_return: Optional[float] = None
+    target_return: float | None = None
     """stop training once the mean evaluation return reaches this; default: the level's target (above)"""
     max_train_steps: int = 1_000_000
     """training budget in environment steps: record the policy as it is if the target is not reached by then"""

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -55,11 +55,11 @@ class Args:
     """dataset: cube-single-play, cube-double-play, cube-triple-play or cube-quadruple-play (a full id like cube-triple-play-v0 works too)"""
     kind: Literal["play", "expert"] = "play"
     """play: the official play recipe; expert: demonstrations that solve singletask --task"""
-    task: Optional[int] = None
+    task: int | None = None
     """singletask task 1..5 to demonstrate (only with --kind expert)"""
-    episodes: Optional[int] = None
+    episodes: int | None = None
     """training episodes, plus 10% more for the -val file; default: the official size for play (single/double 1000, triple 3000, quadruple 5000), 1000 for expert"""
-    episode_length: Optional[int] = None
+    episode_length: int | None = None
     """steps per episode; default 1001 for play (official); for expert the cap is the task's evaluation horizon (single 200, double 500, triple/quadruple 1000), episodes end once solved"""
     workers: int = num_cores()
     """worker processes, one per CPU core by default"""

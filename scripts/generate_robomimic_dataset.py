@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -58,19 +58,19 @@ class Args:
     """mh: mixed-quality episodes (three noise levels, failures kept); ph: low-noise episodes"""
     episodes: int = 300
     """episodes to write (the official lift/can mh files hold 300 demos, ph 200)"""
-    episode_length: Optional[int] = None
+    episode_length: int | None = None
     """step cap per episode; default the task's evaluation length (lift 300, can 300); stored as env_kwargs['horizon']"""
     workers: int = num_cores()
     """worker processes, one per CPU core by default"""
     seed: int = 0
     """random seed; the file depends on the seed only, not on --workers"""
-    out: Optional[str] = None
+    out: str | None = None
     """output file; default ~/.robomimic/<task>/<kind>/low_dim_v15.hdf5 (where the training scripts look)"""
     overwrite: bool = False
     """replace an existing output file"""
     resume: bool = True
     """keep finished episodes in a hidden folder beside --out, so rerunning an interrupted command continues it"""
-    noise: Optional[float] = None
+    noise: float | None = None
     """one noise level for every episode instead of the --kind mix (0 = the noise-free expert)"""
 
 
@@ -155,7 +155,7 @@ def move(eef: np.ndarray, target: np.ndarray, gain: float = 10.0) -> np.ndarray:
 class Expert:
     """Pick (both tasks): above the object, down, close; then lift (lift) or carry to the bin and release (can)."""
 
-    def __init__(self, task: str, place_xyz: Optional[np.ndarray] = None):
+    def __init__(self, task: str, place_xyz: np.ndarray | None = None):
         self.task, self.place_xyz, self.phase, self.count = task, place_xyz, "above", 0
 
     def act(self, obs: np.ndarray) -> np.ndarray:

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root: envs (dataset locations, for --dry-run)
@@ -279,7 +278,7 @@ def command(run: dict, out_dir: str, cpus: float) -> list:
     return cmd
 
 
-def missing_dataset(run: dict) -> Optional[tuple]:
+def missing_dataset(run: dict) -> tuple | None:
     """(path, the command that makes it) when the dataset the run reads by default, or its --dataset-path, is
     missing; None when it exists or the run names no dataset (DBPO reads a checkpoint; --dataset-dir: a folder)."""
     import envs
@@ -299,7 +298,7 @@ def missing_dataset(run: dict) -> Optional[tuple]:
     return None if given is None or os.path.isfile(given) else (given, "a D4RL-layout .npz (see docs/dbp.md)")
 
 
-def run_state(run_dir: str, ckpt: Optional[str]) -> str:
+def run_state(run_dir: str, ckpt: str | None) -> str:
     if os.path.isfile(os.path.join(run_dir, DONE_FILE)):
         return "done"
     if ckpt and os.path.isfile(os.path.join(run_dir, ckpt)):

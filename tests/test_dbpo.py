@@ -33,8 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "dbpo_ppo.py")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import envs  # noqa: E402
 from inprocess import run_main  # noqa: E402
+
+import envs  # noqa: E402
 
 ENV = dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
 TINY = [

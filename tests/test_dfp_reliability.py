@@ -20,6 +20,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from inprocess import run_main  # noqa: E402
 from test_dfp import ENV, SCRIPT, SUBENV, dataset, dfp, write_dataset  # noqa: E402, F401  (dataset: a fixture)
+
 import envs  # noqa: E402  (on the path through test_dfp)
 
 TINY = [

@@ -20,8 +20,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import envs  # noqa: E402
 from test_runs import error_line  # noqa: E402
+
+import envs  # noqa: E402
 
 CUBE1 = "cube-single-play-singletask-task1-v0"
 
@@ -125,7 +126,7 @@ def test_ogbench_without_file_or_network_names_the_generate_command(home, tmp_pa
     assert os.listdir(data_dir) == []
 
     def timed_out(names, dataset_dir):
-        raise socket.timeout("timed out")
+        raise TimeoutError("timed out")
 
     monkeypatch.setattr(ogbench, "download_datasets", timed_out)
     assert "--env cube-triple-play" in error_line(capsys, envs.load_ogbench, "cube-triple-play-singletask-task3-v0")

@@ -15,7 +15,6 @@ import minari
 import numpy as np
 import pytest
 import torch
-
 from inprocess import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

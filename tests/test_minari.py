@@ -21,9 +21,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import envs  # noqa: E402
 from inprocess import run_main  # noqa: E402
 from test_runs import error_line  # noqa: E402
+
+import envs  # noqa: E402
 
 ID = "mujoco/hopper/medium-v0"
 LIMIT = 50  # the recorded env's time limit: not the registry's 1000, so an env with it came from the dataset's spec

@@ -22,7 +22,7 @@ SLACK = 3  # lines a reference's range may extend beyond its function
 
 
 # ------------------------------------------------------------------------------------------ code references
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def definitions(path: str) -> dict:
     """{name: [(first, last), ...]} of every def/class in a file (methods also as Class.method), and the
     `if __name__ == "__main__":` block as __main__. `first` includes decorators."""

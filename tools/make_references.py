@@ -125,7 +125,6 @@ def make_dfp(root, out_path):
     import jax
     import jax.numpy as jnp
     import optax
-
     from agents.drift import DriftAgent, get_config
     from utils.datasets import Dataset
     from utils.drift_loss import drift_loss
