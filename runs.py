@@ -48,6 +48,19 @@ def check(ok, msg: str) -> None:
         fail(msg)
 
 
+# The optional extras, requirements/<extra>.txt, by the module a script imports lazily.
+EXTRAS = {"robosuite": "robomimic", "h5py": "robomimic", "minari": "locomotion", "ray": "grid", "moviepy": "video"}
+
+
+def require(module: str, purpose: str) -> None:
+    """Refuse in one line when an optional module is missing, naming what installs it (its extra, or the package)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        extra = EXTRAS.get(module)
+        fail(f"{purpose} needs {module}: pip install " + (f"-r requirements/{extra}.txt" if extra else module))
+
+
 def why(e: BaseException) -> str:
     """An exception as a short one-line reason: 'Type: first line of the message'."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
