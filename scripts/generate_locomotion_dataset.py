@@ -3,8 +3,9 @@
 Minari's `mujoco/<env>/<level>-v0` datasets (recorded on gymnasium's v5 MuJoCo envs) download on first use; without
 network access this script makes one of the same id and layout: it trains a behaviour policy with SAC (CleanRL-style,
 CPU, one thread) until its evaluation return reaches the level's target (TARGETS), then records --num-steps steps of
-it (1M, as the published datasets) with `minari.DataCollector`, with sampled actions as D4RL's SAC and Minari's SB3
-`predict` record them. `minari.load_dataset(id)` then reads it and `recover_environment()` gives the v5 env.
+it (1M, as the published datasets), with sampled actions as D4RL's SAC and Minari's SB3 `predict` record them, and
+writes them with `minari.create_dataset_from_buffers` (minari's DataCollector would need jax: minari[create]).
+`minari.load_dataset(id)` then reads it and `recover_environment()` gives the v5 env.
 
 "Medium": D4RL (Fu et al. 2020, arXiv:2004.07219; its wiki's Tasks page) records a SAC policy stopped early, "trained
 to approximately 1/3 the performance of the expert" (SAC trained to convergence): the target here is 1/3 of D4RL's
@@ -36,7 +37,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import gymnasium as gym
-import minari
 import mujoco
 import numpy as np
 import torch
@@ -44,7 +44,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: runs
-from runs import Interrupted, Stop, check, check_creatable, leave, load_checkpoint, parse, ranges, save  # noqa: E402
+from runs import Interrupted, Stop, check, check_creatable, leave, load_checkpoint, parse, ranges, require, save
+
+require("minari", "scripts/generate_locomotion_dataset.py")  # the locomotion extra: one line, exit 2, if missing
+import minari
+from minari.data_collector.callbacks import EpisodeMetadataCallback
+from minari.data_collector.episode_buffer import EpisodeBuffer
 
 # D4RL's reference returns (d4rl/infos.py REF_MIN_SCORE, REF_MAX_SCORE): a random policy, and the expert (SAC trained
 # to convergence). Stored as the dataset's ref_min_score / ref_max_score, so minari.get_normalized_score gives D4RL's
@@ -84,7 +89,8 @@ class Args:
     policies were trained for a fixed 4M/6M steps instead, and are stronger.) Rerun the same command to continue."""
 
     dataset_id: Literal[tuple(TARGETS)] = "mujoco/hopper/medium-v0"
-    """the Minari dataset to make; medium targets: Hopper 1078.1, Walker2d 1530.8 (1/3 of D4RL's expert); expert: 3234.3, 4592.3"""
+    """the Minari dataset to make; medium targets: Hopper 1078.1, Walker2d 1530.8 (1/3 of D4RL's expert);
+    expert: 3234.3, 4592.3"""
     num_steps: int = 1_000_000
     """environment steps to record (the published datasets hold 1M)"""
     seed: int = 0
@@ -248,43 +254,72 @@ def evaluate(actor: Actor, env, episodes: int, seed: int, stop: Stop) -> tuple[f
 
 
 # ---- recording
-def record(actor: Actor, env_id: str, num_steps: int, seed: int, staging: str, stop: Stop):
-    """Step the policy num_steps steps in a minari.DataCollector that keeps its files under the staging root (episode
-    i starts from seed + i, stored with it). Returns the collector, the returns of the complete episodes (the last
-    one, cut by num_steps, is stored as truncated) and the seconds it took. A signal drops the staging root, exits."""
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed recording
-    os.makedirs(staging)
-    os.environ["MINARI_DATASETS_PATH"] = staging  # read by the DataCollector and by create_dataset
-    collector = minari.DataCollector(gym.make(env_id), record_infos=False)
-    obs, _ = collector.reset(seed=seed)
-    returns, ep_return = [], 0.0
+def record(actor: Actor, env: gym.Env, num_steps: int, seed: int, stop: Stop):
+    """Step the policy num_steps steps on env, episode i from seed + i, and keep each episode as one minari
+    EpisodeBuffer (its seed stored with it): observations [T + 1, O] (s_0 .. s_T), actions [T, A], rewards,
+    terminations, truncations [T]; no infos. The last episode, cut by num_steps, is stored as truncated (as minari's
+    DataCollector stores it). Returns the episodes, the returns of the complete ones and the seconds it took. All is
+    in memory: a signal exits and leaves nothing."""
+    episodes, returns, t = [], [], 0
     print(f"recording {num_steps} steps", flush=True)
     start = last_print = time.time()
-    for t in range(1, num_steps + 1):
-        obs, reward, terminated, truncated, _ = collector.step(act(actor, obs))
-        ep_return += float(reward)
-        if terminated or truncated:
-            returns.append(ep_return)
-            ep_return = 0.0
-            if t < num_steps:
-                obs, _ = collector.reset(seed=seed + len(returns))
-        if stop.requested():
-            collector.close()
-            shutil.rmtree(staging, ignore_errors=True)
-            print(
-                f"stopped while recording (step {t}): no dataset written; the training is done, rerun the same "
-                f"command to record",
-                flush=True,
+    while t < num_steps:
+        ep_seed = seed + len(episodes)
+        obs, _ = env.reset(seed=ep_seed)
+        obs_list, actions, rewards, terms, truncs = [obs], [], [], [], []
+        done = False
+        while not done and t < num_steps:
+            action = act(actor, obs)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            obs_list.append(obs)
+            actions.append(action)
+            rewards.append(float(reward))
+            terms.append(bool(terminated))
+            truncs.append(bool(truncated))
+            done, t = terminated or truncated, t + 1
+            if stop.requested():
+                print(
+                    f"stopped while recording (step {t}): no dataset written; the training is done, rerun the same "
+                    f"command to record",
+                    flush=True,
+                )
+                leave(stop.exit_code)
+            if time.time() - last_print >= 10:
+                last_print, rate = time.time(), t / (time.time() - start)
+                print(
+                    f"recorded {t}/{num_steps} steps | {len(returns)} episodes | {rate:.0f} steps/s | elapsed "
+                    f"{fmt_time(time.time() - start)} | ETA {fmt_time((num_steps - t) / rate)}",
+                    flush=True,
+                )
+        if done:
+            returns.append(sum(rewards))
+        else:
+            truncs[-1] = True  # cut by num_steps: the episode does not go on in the dataset
+        episodes.append(
+            EpisodeBuffer(
+                id=len(episodes),
+                seed=ep_seed,
+                observations=np.stack(obs_list),  # [T + 1, O]
+                actions=np.stack(actions),  # [T, A]
+                rewards=np.array(rewards),  # [T]
+                terminations=np.array(terms),
+                truncations=np.array(truncs),
+                infos={},
             )
-            leave(stop.exit_code)
-        if time.time() - last_print >= 10:
-            last_print, rate = time.time(), t / (time.time() - start)
-            print(
-                f"recorded {t}/{num_steps} steps | {len(returns)} episodes | {rate:.0f} steps/s | elapsed "
-                f"{fmt_time(time.time() - start)} | ETA {fmt_time((num_steps - t) / rate)}",
-                flush=True,
-            )
-    return collector, returns, time.time() - start
+        )
+    return episodes, returns, time.time() - start
+
+
+def write(staging: str, episodes: list, env: gym.Env, **metadata) -> None:
+    """The Minari dataset of the episodes under the staging root, with the same files and metadata as minari's
+    DataCollector.create_dataset writes (its per-episode reward statistics included), without jax."""
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    os.makedirs(staging)
+    os.environ["MINARI_DATASETS_PATH"] = staging  # where create_dataset_from_buffers writes
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*author_email.*")  # none to give
+        dataset = minari.create_dataset_from_buffers(buffer=episodes, env=env, **metadata)
+    dataset.storage.update_episode_metadata(dataset.storage.apply(EpisodeMetadataCallback()))
 
 
 def publish(staging: str, root: str, dataset_id: str, work_dir: str) -> None:
@@ -411,7 +446,7 @@ if __name__ == "__main__":
                     alpha = log_alpha.exp().detach()
             info.update({"losses/actor_loss": actor_loss.detach(), "losses/alpha": torch.as_tensor(alpha)})
         with torch.no_grad():  # Polyak averaging of the target critic: theta' <- (1 - tau) theta' + tau theta
-            for p, p_target in zip(critic.parameters(), critic_target.parameters()):
+            for p, p_target in zip(critic.parameters(), critic_target.parameters(), strict=True):
                 p_target.lerp_(p, args.tau)
         return info
 
@@ -504,9 +539,9 @@ if __name__ == "__main__":
         flush=True,
     )
 
-    # ---- recording: --num-steps steps of the policy, under a staging root, then one rename into place
-    staging = os.path.join(work_dir, "staging")
-    collector, returns, record_time = record(actor, env_id, args.num_steps, sub_seed(args.seed, 2), staging, stop)
+    # ---- recording: --num-steps steps of the policy, written under a staging root, then one rename into place
+    record_env = gym.make(env_id)
+    episodes, returns, record_time = record(actor, record_env, args.num_steps, sub_seed(args.seed, 2), stop)
     mean_return = float(np.mean(returns)) if returns else float("nan")
     ref_min, ref_max = D4RL_REF[env_id]
     description = (
@@ -517,20 +552,21 @@ if __name__ == "__main__":
         f"episodes return {mean_return:.1f} on average. Reference scores: D4RL's random and expert returns."
     )
     stop.armed = False  # from here a signal exits at once: the dataset appears whole (one rename) or not at all
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*author_email.*")  # none to give
-        collector.create_dataset(
-            dataset_id=args.dataset_id,
-            eval_env=env_id,
-            algorithm_name="SAC",
-            author=AUTHOR,
-            code_permalink=CODE_PERMALINK,
-            ref_min_score=ref_min,
-            ref_max_score=ref_max,
-            description=description,
-            requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"],
-        )
-    collector.close()
+    staging = os.path.join(work_dir, "staging")
+    write(
+        staging,
+        episodes,
+        record_env,
+        dataset_id=args.dataset_id,
+        eval_env=env_id,
+        algorithm_name="SAC",
+        author=AUTHOR,
+        code_permalink=CODE_PERMALINK,
+        ref_min_score=ref_min,
+        ref_max_score=ref_max,
+        description=description,
+        requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"],
+    )
     publish(staging, root, args.dataset_id, work_dir)
 
     os.environ["MINARI_DATASETS_PATH"] = root
@@ -546,4 +582,4 @@ if __name__ == "__main__":
         f"({args.num_steps / max(record_time, 1e-9):.0f} steps/s)",
         flush=True,
     )
-    leave(0, env, eval_env)
+    leave(0, env, eval_env, record_env)

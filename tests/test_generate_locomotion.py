@@ -5,6 +5,7 @@ bad-input matrix runs in-process (tests/inprocess.py). Nothing touches ~/.minari
 """
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -218,3 +219,19 @@ def test_bad_input_in_a_real_process_and_a_root_that_is_a_file(tmp_path):
     proc = generate(blocker / "sub", check=False)
     assert proc.returncode == 2 and "cannot create the Minari root" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_without_minari_the_generator_names_the_extra_in_one_line(tmp_path, monkeypatch):
+    real = importlib.util.find_spec  # minari is installed here: find_spec answers "not found" for it alone
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "minari" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    # --num-steps 0: a script that went past the missing module would refuse that instead (or, worse, train)
+    code, out, err = run_main(SCRIPT, ["--root", str(tmp_path / "minari"), "--num-steps", "0"], tmp_path)
+    assert code == 2 and out == "", out + err
+    assert err == (
+        "error: scripts/generate_locomotion_dataset.py needs minari: pip install -r requirements/locomotion.txt\n"
+    )
+    assert os.listdir(tmp_path) == []

@@ -1,8 +1,8 @@
-"""Minari datasets (mujoco/<env>/<level>-v0) through envs.py, on tiny datasets recorded here with minari.DataCollector
-under a temporary MINARI_DATASETS_PATH (~/.minari is never read or written): the D4RL layout of the episodes, the env
-rebuilt from the dataset's own spec, dbp_bc.py trained, saved and evaluated on one, dbpo_ppo.py fine-tuning that
-checkpoint, and the refusals (no dataset and no network, a dataset of another env, damaged files): one line, exit 2,
-nothing written."""
+"""Minari datasets (mujoco/<env>/<level>-v0) through envs.py, on tiny datasets recorded here (written with
+minari.create_dataset_from_buffers, as the generator writes them; no jax) under a temporary MINARI_DATASETS_PATH
+(~/.minari is never read or written): the D4RL layout of the episodes, the env rebuilt from the dataset's own spec,
+dbp_bc.py trained, saved and evaluated on one, dbpo_ppo.py fine-tuning that checkpoint, and the refusals (no dataset
+and no network, a dataset of another env, damaged files): one line, exit 2, nothing written."""
 
 import os
 import socket
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import warnings
+from unittest import mock
 
 import gymnasium as gym
 import h5py
@@ -17,6 +18,7 @@ import minari
 import numpy as np
 import pytest
 import torch
+from minari.data_collector.episode_buffer import EpisodeBuffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -75,23 +77,29 @@ FAST_DBPO = [
 
 
 def record(root, dataset_id=ID, env_id="Hopper-v5", steps=300, seed=0):
-    """A random-action dataset of `steps` steps on env_id (time limit LIMIT) under the Minari root `root`."""
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)  # the DataCollector and create_dataset read it
-    try:
-        collector = minari.DataCollector(gym.make(env_id, max_episode_steps=LIMIT), record_infos=False)
-        collector.reset(seed=seed)
-        collector.action_space.seed(seed)
-        for _ in range(steps):
-            _, _, terminated, truncated, _ = collector.step(collector.action_space.sample())
-            if terminated or truncated:
-                collector.reset()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no author email, ...
-            collector.create_dataset(dataset_id=dataset_id, algorithm_name="random", author="tests")
-        collector.close()
-    finally:
-        os.environ.pop("MINARI_DATASETS_PATH") if old is None else os.environ.update(MINARI_DATASETS_PATH=old)
+    """A random-action dataset of `steps` steps on env_id (time limit LIMIT) under the Minari root `root`, episode i
+    from seed + i, the last one cut by `steps` (truncated). Written as the generator writes its datasets, with
+    minari.create_dataset_from_buffers (no jax)."""
+    env = gym.make(env_id, max_episode_steps=LIMIT)
+    env.action_space.seed(seed)
+    episodes, t = [], 0
+    while t < steps:
+        obs, _ = env.reset(seed=seed + len(episodes))
+        ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+        done = False
+        while not done and t < steps:
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(ep, (obs, action, reward, terminated, truncated), strict=True):
+                ep[key].append(value)
+            done, t = terminated or truncated, t + 1
+        ep["truncations"][-1] |= not done  # cut by `steps`
+        arrays = {k: np.array(v) for k, v in ep.items()}  # observations [T + 1, O], actions [T, A], the rest [T]
+        episodes.append(EpisodeBuffer(id=len(episodes), seed=seed + len(episodes), infos={}, **arrays))
+    # MINARI_DATASETS_PATH: where create_dataset_from_buffers writes (restored afterwards)
+    with mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(root)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no author email, ...
+        minari.create_dataset_from_buffers(dataset_id, episodes, env=env, algorithm_name="random", author="tests")
 
 
 @pytest.fixture(scope="module")
