@@ -38,9 +38,9 @@ from typing import Literal
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: envs, runs
-from envs import ROBOMIMIC_TASKS, RobomimicEnv, robomimic_default_path  # noqa: E402
-from runs import atomic, check, fail, parse  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from robomimic_tasks import ROBOMIMIC_TASKS, RobomimicEnv, robomimic_default_path
+from runs import atomic, check, fail, parse, require
 
 
 def num_cores() -> int:
@@ -59,7 +59,8 @@ class Args:
     episodes: int = 300
     """episodes to write (the official lift/can mh files hold 300 demos, ph 200)"""
     episode_length: int | None = None
-    """step cap per episode; default the task's evaluation length (lift 300, can 300); stored as env_kwargs['horizon']"""
+    """step cap per episode; default the task's evaluation length (lift 300, can 300); stored as
+    env_kwargs['horizon']"""
     workers: int = num_cores()
     """worker processes, one per CPU core by default"""
     seed: int = 0
@@ -292,6 +293,8 @@ def fmt_time(seconds: float) -> str:
 
 if __name__ == "__main__":
     args = parse(Args)
+    for module in ("robosuite", "h5py"):  # the Robomimic extra: one line, exit 2, before check_args makes a folder
+        require(module, "scripts/generate_robomimic_dataset.py")
     run = check_args(args)
     cfg = dict(task=args.task, kind=args.kind, length=run["length"], seed=args.seed, noise=args.noise)
     workers = min(args.workers, args.episodes)
@@ -308,7 +311,10 @@ if __name__ == "__main__":
     if not args.resume:
         shutil.rmtree(parts_dir, ignore_errors=True)
     os.makedirs(parts_dir, exist_ok=True)
-    part = lambda i: os.path.join(parts_dir, f"{i:06d}.npz")  # noqa: E731
+
+    def part(i: int) -> str:
+        return os.path.join(parts_dir, f"{i:06d}.npz")
+
     todo = [i for i in range(args.episodes) if not os.path.exists(part(i))]
     if len(todo) < args.episodes:
         print(f"resuming: {args.episodes - len(todo)} episodes already done in {parts_dir}", flush=True)
@@ -352,9 +358,8 @@ if __name__ == "__main__":
     write_hdf5(run["out"], episodes, make_env_args(args.task, run["length"]))
     shutil.rmtree(parts_dir)
     print(f"wrote {run['out']}")
-    print(
-        f"{steps} new steps in {fmt_time(gen_time)} ({steps / max(gen_time, 1e-9):.0f} steps/s with {workers} worker(s))"
-    )
+    rate = steps / max(gen_time, 1e-9)
+    print(f"{steps} new steps in {fmt_time(gen_time)} ({rate:.0f} steps/s with {workers} worker(s))")
     noise = np.array([float(e["noise"]) for e in episodes])
     succ = np.array([bool(e["success"]) for e in episodes])
     for level in sorted(set(noise.tolist())):

@@ -1,5 +1,6 @@
-"""Robomimic (lift, can, square low-dim files): envs.py's Robomimic loader and env, scripts/generate_robomimic_dataset.py,
-and smoke runs of dfp_offline_to_online.py, dbp_bc.py and dbpo_ppo.py on a tiny generated lift file.
+"""Robomimic (lift, can, square low-dim files): the Robomimic loader and env (envs.py, robomimic_tasks.py),
+scripts/generate_robomimic_dataset.py, and smoke runs of dfp_offline_to_online.py, dbp_bc.py and dbpo_ppo.py on a
+tiny generated lift file.
 
 Robosuite env construction costs seconds, so one generated file (module fixture) serves every smoke run;
 loader and bad-input tests use hand-written hdf5 files and need no robosuite. Nothing touches ~/.robomimic.
@@ -9,6 +10,7 @@ import glob
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -19,6 +21,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from inprocess import run_main  # noqa: E402
+
 import dfp_offline_to_online as dfp  # noqa: E402
 import envs  # noqa: E402
 
@@ -57,7 +61,7 @@ def write_file(path, demo_lengths, env_name="Lift", drop_key=None, env_args=None
             g.create_dataset("rewards", data=rewards)
             g.create_dataset("dones", data=rewards.copy())
             for group in ("obs", "next_obs"):
-                for k, dim in zip(KEYS, DIMS):
+                for k, dim in zip(KEYS, DIMS, strict=True):
                     if k != drop_key:
                         g.create_dataset(
                             f"{group}/{k}", data=np.full((n, dim), d + (group == "next_obs") * 0.5, np.float32)
@@ -201,7 +205,9 @@ def test_default_folder_then_bounded_download_then_one_error(tmp_path, monkeypat
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"hdf5 bytes"))
     path = envs.resolve_robomimic_file("square-mh")
     assert path == str(tmp_path / ".robomimic" / "square" / "mh" / "low_dim_v15.hdf5")
-    assert open(path, "rb").read() == b"hdf5 bytes" and os.listdir(os.path.dirname(path)) == ["low_dim_v15.hdf5"]
+    assert pathlib.Path(path).read_bytes() == b"hdf5 bytes" and os.listdir(os.path.dirname(path)) == [
+        "low_dim_v15.hdf5"
+    ]
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     assert envs.resolve_robomimic_file("square-mh") == path and len(calls) == 1  # found: no download
 
@@ -213,6 +219,25 @@ def test_scripts_refuse_a_can_file_for_lift_before_any_work(tmp_path, script):
     r = run(script, ["--env", "lift-mh", "--dataset-path", path, "--runs-dir", str(tmp_path / "runs")], tmp_path)
     assert r.returncode == 2 and "needs Lift" in r.stderr, r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("module", ["robosuite", "h5py"])
+def test_generator_without_the_robomimic_extra_names_it_in_one_line(tmp_path, monkeypatch, module):
+    real = importlib.util.find_spec  # both are installed here: find_spec answers "not found" for `module` alone
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == module else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    out = tmp_path / "sub" / "lift.hdf5"
+    # --episodes 0: a script that went past the missing module would refuse that instead
+    code, stdout, err = run_main(GEN, ["--out", str(out), "--episodes", "0", "--workers", "1"], tmp_path)
+    assert code == 2 and stdout == "", stdout + err
+    assert (
+        err
+        == f"error: scripts/generate_robomimic_dataset.py needs {module}: pip install -r requirements/robomimic.txt\n"
+    )
+    assert os.listdir(tmp_path) == []  # refused before check_args makes the output folder
 
 
 # ---- robosuite env and generator ----
@@ -242,7 +267,7 @@ def test_generated_file_and_noise_free_lift_expert(lift_file):
         assert env_args["env_kwargs"]["controller_configs"]["type"] == "OSC_POSE"  # the <= 1.4 format
         demos = [f["data"][f"demo_{i}"] for i in range(5)]
         success = [bool(d.attrs["success"]) for d in demos]
-        for d, s in zip(demos, success):
+        for d, s in zip(demos, success, strict=True):
             assert d["obs/object"].shape == (len(d["actions"]), 10) and d["dones"][-1] == 1
             assert (d["rewards"][-1] == 1) == s  # the success attribute is what the env reported
     assert np.mean(success) >= 0.8, success  # the scripted lift expert without noise
