@@ -25,16 +25,20 @@ import json
 import math
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the repository root: envs (dataset locations, for --dry-run)
+sys.path.insert(0, ROOT)  # the repository root: envs (dataset locations, for --dry-run), runs
+from runs import check, fail, require, why  # noqa: E402
+
 ALIASES = {"dfp": "dfp_offline_to_online.py", "dbp": "dbp_bc.py", "dbpo": "dbpo_ppo.py"}
 SHORT = {v: k for k, v in ALIASES.items()}
 CHECKPOINT = {"dfp_offline_to_online.py": "checkpoint.pt", "dbp_bc.py": "dbp_bc.pt", "dbpo_ppo.py": "state.pt"}
@@ -106,15 +110,25 @@ PAPER_DFP = {
 }
 PAPER_DFP_KOFN = {1: 85.8, 2: 91.9, 4: 95.6, 8: 92.5}  # average over the 12 tasks, N = 16
 
-
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check(cond, msg: str):
-    if not cond:
-        fail(msg)
+# ---- the dry run's cost estimate ----
+# Each script's budget: the flags whose values add up to its steps (DFP: offline gradient steps + online env steps).
+BUDGET = {
+    "dfp_offline_to_online.py": ("steps", ("offline_steps", "online_steps")),
+    "dbp_bc.py": ("steps", ("total_steps",)),  # None: --num-epochs, whose steps depend on the dataset's size
+    "dbpo_ppo.py": ("iterations", ("num_iterations",)),
+}
+# Seconds per step measured on the project's 2-core VM (idle, 1 thread, torch eager, CPU) at the script's default
+# network, from bench/results/dfp_cpu.json (`python bench/bench_dfp.py --eval-episodes 10 --eval-envs 2`): an offline
+# update 472 ms, an online update 772 ms plus 1-4 ms of acting and env step (bench/results/dfp_cpu_online_step.json).
+# Evaluations are not counted. It holds for runs that keep the flags in `same` at their defaults; the other scripts
+# have no measurement yet: their runs get a step count only.
+SPEED = {
+    "dfp_offline_to_online.py": dict(
+        seconds={"offline_steps": 0.472, "online_steps": 0.775},
+        same=("hidden_dim", "num_layers", "batch_size", "num_gen", "N", "q_best_of", "act_best_of", "utd_ratio"),
+        source="0.47 s per offline update, 0.77 s per online step at the default 4x512: bench/results/dfp_cpu.json",
+    ),
+}
 
 
 def short_env(env: str) -> str:
@@ -127,6 +141,7 @@ def short_env(env: str) -> str:
 
 # ------------------------------------------------------------------------------------------ script flags
 _FLAGS_CACHE: dict = {}
+_DEFAULTS_CACHE: dict = {}
 
 
 def script_flags(script: str) -> dict:
@@ -143,22 +158,29 @@ def script_flags(script: str) -> dict:
             timeout=120,
         )
         check(r.returncode == 0, f"{script} --help failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        flags = {}
+        flags, defaults, names = {}, {}, []
         for line in r.stdout.splitlines():
             head = re.split(r"\s{2,}", line.strip(" │|\t"))[0]  # the option part, before the description
-            if not head.startswith("-"):
-                continue
-            names = re.findall(r"--[A-Za-z0-9][\w-]*", head)
-            if not names:
-                continue
-            meta = head[head.index(names[0]) + len(names[0]) :].split(", -")[0].strip()
-            if len(names) == 2 and names[1] == "--no-" + names[0][2:]:
-                flags[names[0]] = flags[names[1]] = "BOOL"
-            else:
-                for n in names:
-                    flags[n] = meta
+            if head.startswith("-") and re.findall(r"--[A-Za-z0-9][\w-]*", head):
+                names = re.findall(r"--[A-Za-z0-9][\w-]*", head)
+                meta = head[head.index(names[0]) + len(names[0]) :].split(", -")[0].strip()
+                if len(names) == 2 and names[1] == "--no-" + names[0][2:]:
+                    flags[names[0]] = flags[names[1]] = "BOOL"
+                else:
+                    for n in names:
+                        flags[n] = meta
+            default = re.search(r"\(default: ([\w.+-]+)\)", line)  # on the flag's line or a description line below
+            if default and names:
+                defaults.setdefault(names[0], default.group(1))
         _FLAGS_CACHE[script] = flags
+        _DEFAULTS_CACHE[script] = defaults
     return _FLAGS_CACHE[script]
+
+
+def script_defaults(script: str) -> dict:
+    """{flag: default} of a script's --help, where it prints a plain one: {'--offline-steps': '1000000', ...}."""
+    script_flags(script)
+    return _DEFAULTS_CACHE[script]
 
 
 def flag_args(script: str, key: str, value: str) -> list:
@@ -198,11 +220,14 @@ def resolve_script(name: str) -> str:
 
 
 def parse_pairs(items: list, what: str) -> dict:
+    """{key: value} of KEY=VALUE words; a key may be spelled as in --help (offline-steps, --offline-steps) or as the
+    field (offline_steps): it is kept as the field, the presets' spelling, so that a --set overrides a preset's."""
     out = {}
     for item in items or []:
-        check("=" in item and item.split("=", 1)[0], f"{what} {item}: write KEY=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        k, _, v = item.partition("=")
+        k = k.strip().replace("-", "_")
+        check(_ and k, f"{what} {item}: write KEY=VALUE (e.g. offline-steps=1000)")
+        out[k] = v.strip()
     return out
 
 
@@ -231,7 +256,9 @@ def build_grid(a) -> list:
     for env in envs:
         check(any(re.fullmatch(p, env) for p in ENV_PATTERNS), f"unknown env '{env}'; valid: {ENV_HELP}")
     check(len(set(seeds)) == len(seeds), "--seeds has duplicates")
-    combos = [dict(zip(sweep, vals)) for vals in itertools.product(*(v.split(",") for v in sweep.values()))]
+    combos = [
+        dict(zip(sweep, vals, strict=True)) for vals in itertools.product(*(v.split(",") for v in sweep.values()))
+    ]
     runs = []
     for (script, vname, vflags), combo, env, seed in itertools.product(variants, combos, envs, seeds):
         flags = {**vflags, **fixed, **combo}
@@ -278,10 +305,14 @@ def command(run: dict, out_dir: str, cpus: float) -> list:
     return cmd
 
 
+NO_GENERATOR = {"square"}  # Robomimic tasks scripts/generate_robomimic_dataset.py refuses (no scripted expert yet)
+
+
 def missing_dataset(run: dict) -> tuple | None:
     """(path, the command that makes it) when the dataset the run reads by default, or its --dataset-path, is
     missing; None when it exists or the run names no dataset (DBPO reads a checkpoint; --dataset-dir: a folder)."""
     import envs
+    import robomimic_tasks
 
     flags, env = run["flags"], run["args"][1]
     if "dataset_dir" in flags or "dbpo" in run["script"]:
@@ -289,13 +320,75 @@ def missing_dataset(run: dict) -> tuple | None:
     given = os.path.expanduser(flags["dataset_path"]) if "dataset_path" in flags else None
     env_id = envs.resolve_env_id(env, gym_ids=None)
     if envs.family(env_id) == "robomimic":
-        path = given or envs.robomimic_default_path(env_id)
-        return None if os.path.isfile(path) else (path, envs.robomimic_generate_command(env_id, path))
+        path = given or robomimic_tasks.robomimic_default_path(env_id)
+        task, kind = env_id.split("-")[:2]
+        if task in NO_GENERATOR:  # only robomimic's own file: the official download (what the script tries at start)
+            url = robomimic_tasks.ROBOMIMIC_URL.format(task, kind)
+            return None if os.path.isfile(path) else (path, f"curl -L --create-dirs -o {path} {url}")
+        return None if os.path.isfile(path) else (path, robomimic_tasks.robomimic_generate_command(env_id, path))
     if envs.family(env_id) == "ogbench":
         path = given or envs.ogbench_default_path(env_id)
         ok = os.path.isfile(path) and os.path.isfile(path.replace(".npz", "-val.npz"))
         return None if ok else (path, envs.generate_command(path).split("  (")[0])
     return None if given is None or os.path.isfile(given) else (given, "a D4RL-layout .npz (see docs/dbp.md)")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days" if seconds < 2 * 365 * 86400 else f"{seconds / (365 * 86400):.1f} years"
+
+
+def cost_lines(runs: list, a) -> list:
+    """The dry run's closing lines, per script: the steps its runs still take (a resumed run counted whole) and, where
+    SPEED has a measurement that fits (the measured network, on CPU), the time: CPU time summed over the runs, and wall
+    time on this machine at its number of runs at a time. An estimate: evaluations, start-up and load add to it."""
+    if not runs:
+        return ["[grid] every run is finished: nothing to run"]
+    lines = []
+    for script in dict.fromkeys(r["script"] for r in runs):
+        mine = [r for r in runs if r["script"] == script]
+        defaults = script_defaults(script)
+        unit, budget = BUDGET.get(os.path.basename(script), ("steps", ()))
+        speed = SPEED.get(os.path.basename(script))
+        same_keys = speed["same"] if speed else ()
+        total, timed, uncounted, untimed = 0, [], 0, 0
+        for r in mine:
+            default = {k: defaults.get("--" + k.replace("_", "-")) for k in (*budget, *same_keys)}
+            value = {k: r["flags"].get(k, d) for k, d in default.items()}
+            counts = {k: int(value[k]) for k in budget if str(value[k]).isdigit()}
+            if not budget or len(counts) < len(budget):
+                uncounted += 1
+                continue
+            total += sum(counts.values())
+            same = speed is not None and all(value[k] == default[k] for k in same_keys)
+            if same and a.gpus_per_run == 0:
+                timed.append(sum(n * speed["seconds"][k] for k, n in counts.items()))  # sum over budget flags
+            else:
+                untimed += 1
+        line = f"[grid] {script}: {len(mine) - uncounted} runs, {total:,} {unit} in all ({' + '.join(budget) or '?'})"
+        if uncounted:
+            line += f"; {uncounted} runs not counted (" + (
+                "--total-steps unset: their --num-epochs depend on the dataset's size)" if budget else "no budget flag)"
+            )
+        lines.append(line)
+        if timed:
+            at_once = max(1, int((a.num_cpus or os.cpu_count() or 1) // a.cpus_per_run))
+            slots = [0.0] * at_once  # the runs queued as Ray takes them: each to the first free slot, longest first
+            for t in sorted(timed, reverse=True):
+                slots[slots.index(min(slots))] += t
+            wall = max(slots)
+            where = "" if a.address else f", about {duration(wall)} on this machine at {at_once} at a time"
+            lines.append(
+                f"[grid]   estimated time: {duration(sum(timed))} of CPU time at 1 thread per run{where} "
+                f"(measured on the project's 2-core VM, {speed['source']}; evaluations and start-up not counted)"
+                + (f"; {untimed} runs not timed (other network or a GPU: no measurement)" if untimed else "")
+            )
+        else:
+            lines.append(f"[grid]   no time estimate: no speed measured for {script} with these flags on CPU")
+    return lines
 
 
 def run_state(run_dir: str, ckpt: str | None) -> str:
@@ -388,8 +481,24 @@ def execute(spec: dict, term_timeout: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the `run` command
+def local_ray_env() -> None:
+    """Token authentication for the Ray instance the grid starts on this machine, chosen before `import ray`: Ray
+    reads RAY_AUTH_MODE once, when imported, and the processes it spawns read it from the environment, so a mode set
+    later leaves the driver and its GCS disagreeing (and ray.init times out). The token is a fresh random one in this
+    process's environment, which Ray's processes inherit: nothing is written to ~/.ray, and the instance ends with the
+    grid. A mode or token the user set (RAY_AUTH_MODE, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) is kept as it is."""
+    if any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray" in sys.modules:  # imported earlier (a test, a notebook): refresh its config, as ray.init itself does
+        sys.modules["ray"]._raylet.Config.initialize("")
+
+
 def connect(a):
     """Join the cluster at --address (checked with a bounded timeout), or start Ray on this machine."""
+    if a.address is None:
+        local_ray_env()
     import ray
 
     if a.address not in (None, "auto") and not a.address.startswith("ray://"):
@@ -406,8 +515,15 @@ def connect(a):
         return ray
     if a.address is None:  # (cmd_run made SIGINT raise KeyboardInterrupt: Ray's processes inherit it, and
         # ray.cancel interrupts a running task with SIGINT, which must not be ignored there)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's secure default, chosen explicitly: no warning about it
-        ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+        try:
+            ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+        except Exception as e:  # any failure to start (ports, sockets, memory, auth): one line, not Ray's traceback
+            ray.shutdown()  # the processes it did start
+            logs = os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray", "session_latest", "logs")
+            fail(
+                f"Ray could not start on this machine ({why(e)}); see {logs} (gcs_server.err, raylet.err), or start "
+                "Ray yourself with `ray start --head` and pass --address auto"
+            )
     else:
         try:
             ray.init(address=a.address, log_to_driver=False)
@@ -432,6 +548,7 @@ def cmd_run(a) -> int:
                 "use another --out, or delete that folder",
             )
     states = {r["id"]: run_state(os.path.join(out_dir, r["id"]), r["checkpoint"]) for r in runs}
+    count = {state: sum(states[r["id"]] == state for r in runs) for state in ("done", "resume", "new")}
     if a.dry_run:
         missing = {}
         for r in runs:
@@ -445,7 +562,14 @@ def cmd_run(a) -> int:
         if missing:
             print(f"[grid] {len(missing)} dataset(s) missing; make them first (or the runs fail at start):")
             print("\n".join(f"  {cmd}" for cmd in missing.values()))
+        todo = [r for r in runs if states[r["id"]] != "done"]
+        print(
+            f"[grid] {len(runs)} runs in {out_dir}: {count['done']} finished, {count['resume']} to resume, "
+            f"{count['new']} new; nothing was run (--dry-run)"
+        )
+        print("\n".join(cost_lines(todo, a)))
         return 0
+    require("ray", "scripts/grid.py run")
     main_thread = threading.current_thread() is threading.main_thread()
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     ray = connect(a)  # Ctrl-C works even where a parent ignores SIGINT (and Ray's processes inherit that)
@@ -468,9 +592,8 @@ def cmd_run(a) -> int:
     skipped = [r for r in runs if states[r["id"]] == "done"]
     todo = [r for r in runs if states[r["id"]] != "done"]
     print(
-        f"[grid] {len(runs)} runs in {out_dir}: {len(skipped)} finished (skipped), "
-        f"{sum(states[r['id']] == 'resume' for r in todo)} to resume, {sum(states[r['id']] == 'new' for r in todo)} new; "
-        f"{capacity} at a time ({a.cpus_per_run:g} CPU, {a.gpus_per_run:g} GPU each)",
+        f"[grid] {len(runs)} runs in {out_dir}: {count['done']} finished (skipped), {count['resume']} to resume, "
+        f"{count['new']} new; {capacity} at a time ({a.cpus_per_run:g} CPU, {a.gpus_per_run:g} GPU each)",
         flush=True,
     )
     pending = {}
@@ -611,6 +734,7 @@ def mean_se(values: list) -> tuple:
 
 
 def cmd_report(a) -> int:
+    require("matplotlib", "scripts/grid.py report")
     check(os.path.isdir(a.runs_dir), f"{a.runs_dir} is not a folder")
     run_dirs = sorted(
         {os.path.dirname(p) for p in glob.glob(os.path.join(a.runs_dir, "**", "events.out.tfevents.*"), recursive=True)}
@@ -692,7 +816,7 @@ def cmd_report(a) -> int:
     cols = min(len(envs), 4)
     rows_n = math.ceil(len(envs) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
-    for ax, env in zip(axes.flat, envs):
+    for ax, env in zip(axes.flat, envs, strict=False):  # the grid may have spare cells
         for (variant, e), runs in sorted(curves.items()):
             if e != env:
                 continue
@@ -701,7 +825,12 @@ def cmd_report(a) -> int:
             mean = [m for m, _ in stats]
             se = [0.0 if math.isnan(s) else s for _, s in stats]
             ax.plot(steps, mean, marker=".", label=f"{variant} ({len(runs)} seeds)")
-            ax.fill_between(steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.25)
+            ax.fill_between(
+                steps,
+                [m - s for m, s in zip(mean, se, strict=True)],
+                [m + s for m, s in zip(mean, se, strict=True)],
+                alpha=0.25,
+            )
         ax.set_title(env, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("eval success")
@@ -747,8 +876,8 @@ def parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="a flag for every run, e.g. offline_steps=1000 "
-        "(booleans: save_model=false; lists: temperatures='0.1 0.2'); repeatable",
+        help="a flag of the script for every run, spelled as in its --help or with underscores: offline-steps=1000 "
+        "(booleans: save-model=false; lists: temperatures='0.1 0.2'); repeatable",
     )
     r.add_argument(
         "--sweep",

@@ -1,14 +1,18 @@
-"""Tests of scripts/grid.py: a grid of tiny DFP runs on a local Ray instance (finishes, is skipped when
-rerun, a failed run does not stop the others, Ctrl-C stops the grid and a rerun resumes the interrupted runs
-from their checkpoints), the report (CSV, table, figure), and bad input refused before any work."""
+"""Tests of scripts/grid.py: the README's first grid as a user types it (a subprocess, a fresh HOME, no Ray
+running), a grid of tiny DFP runs on a local Ray instance (finishes, is skipped when rerun, a failed run does not
+stop the others, Ctrl-C stops the grid and a rerun resumes the interrupted runs from their checkpoints), the report
+(CSV, table, figure), the dry run's totals, and bad input refused before any work. Ray's session folders go to
+conftest.py's session folder (RAY_TMPDIR), not /tmp/ray."""
 
 import _thread
 import csv
 import glob
 import json
 import os
+import shlex
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -73,7 +77,14 @@ def local_ray():
     # Ray's workers inherit SIGINT's disposition, and ray.cancel interrupts a running task with SIGINT: it must
     # not be ignored (pytest-xdist workers ignore it).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
+    # Its session folder in conftest's RAY_TMPDIR, its token conftest's RAY_AUTH_TOKEN: nothing in ~/.ray, /tmp/ray
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=100 * 2**20,
+        _temp_dir=os.path.join(os.environ["RAY_TMPDIR"], "ray"),
+    )
     yield
     ray.shutdown()
     signal.signal(signal.SIGINT, previous)
@@ -84,6 +95,78 @@ def dataset(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "cube-single-play-v0.npz")
     write_dataset(path)
     return path
+
+
+def readme_grid_commands():
+    """The commands of the README's "Run grids" block, as word lists (continuation lines joined, comments dropped)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("\n## Run grids\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [words for line in block.splitlines() if (words := shlex.split(line, comments=True))]
+
+
+def user_env(home):
+    """A new user's environment: this one without Ray's settings (conftest's token, an address), with `home` as
+    HOME. RAY_TMPDIR stays: the session folder goes to conftest's folder instead of the user's /tmp/ray."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_TMPDIR"}
+    return dict(env, HOME=str(home), MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+
+
+def run_as_typed(words, cwd, env):
+    """A README command as typed from the repository root (`python scripts/grid.py ...`), here from `cwd`."""
+    assert words[:2] == ["python", "scripts/grid.py"], words
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "grid.py"), *words[2:]]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_readme_first_grid_runs_as_typed_in_a_fresh_home(tmp_path):
+    """The README's first grid and its report, run as a user types them, from a fresh HOME with no Ray running:
+    Ray starts without a warning and leaves no token in HOME; the run finishes; the report goes into the grid's
+    folder. Its dataset is a tiny one, put where the script looks (~/.ogbench/data)."""
+    commands = [w for w in readme_grid_commands() if "runs/first-grid" in w]
+    assert [w[2] for w in commands] == ["run", "report"], commands
+    home = tmp_path / "home"
+    (home / ".ogbench" / "data").mkdir(parents=True)
+    write_dataset(str(home / ".ogbench" / "data" / "cube-single-play-v0.npz"))
+    env = user_env(home)
+    run, report = (run_as_typed(words, tmp_path, env) for words in commands)
+    assert run.returncode == 0, run.stdout + run.stderr
+    printed = run.stdout + run.stderr
+    for bad in ("WARNING", "Warning", "Traceback", "Token authentication"):
+        assert bad not in printed, printed
+    assert os.listdir(home) == [".ogbench"]  # no ~/.ray/auth_token
+    grid_dir = tmp_path / "runs" / "first-grid"
+    (run_dir,) = (p for p in grid_dir.iterdir() if p.is_dir())
+    assert json.loads((run_dir / grid.DONE_FILE).read_text())["status"] == "done"
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert sorted(p.name for p in grid_dir.iterdir() if p.is_file()) == [
+        "results.csv",
+        "results.json",
+        "results.md",
+        "results.png",
+    ]
+    assert "| dfp | cube-single-play-task2 | 1 | 50 |" in (grid_dir / "results.md").read_text()
+
+
+def test_a_ray_that_cannot_start_is_one_error_line(tmp_path):
+    """Ray's unix sockets cannot live under a path this long: the grid says so in one line, and what to do."""
+    long_dir = tmp_path / ("x" * 100)
+    long_dir.mkdir()
+    env = dict(user_env(tmp_path), RAY_TMPDIR=str(long_dir))
+    words = ["python", "scripts/grid.py", "run", "--script", "dfp", "--envs", "cube-single-play", "--out", "g"]
+    r = run_as_typed(words, tmp_path, env)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.startswith("error: Ray could not start") and r.stderr.count("\n") == 1, r.stderr
+    assert "ray start --head" in r.stderr and not (tmp_path / "g").exists()
+
+
+def test_a_grid_without_ray_installed_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # = not installed, for importlib.util.find_spec
+    with pytest.raises(SystemExit) as e:
+        grid.main(["run", "--script", "dfp", "--envs", "cube-single-play", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: scripts/grid.py run needs ray: pip install -r requirements/grid.txt\n"
+    assert not (tmp_path / "g").exists()
 
 
 def grid_args(out, dataset, *extra):
@@ -246,7 +329,7 @@ def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ra
     def pause_both_then_interrupt():
         t0 = time.time()
         while len(paused) < 2 and time.time() - t0 < 300:
-            for run_id, c in zip(ids, ckpts):
+            for run_id, c in zip(ids, ckpts, strict=True):
                 if run_id not in paused and c.exists() and (pid := run_pid(out, run_id)) is not None:
                     os.kill(pid, signal.SIGSTOP)
                     paused[run_id] = pid
@@ -267,7 +350,7 @@ def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ra
 
     assert grid.main(args) == 0
     assert "2 to resume" in capsys.readouterr().out
-    for c, stop in zip(ckpts, stops):
+    for c, stop in zip(ckpts, stops, strict=True):
         assert torch.load(c, weights_only=False)["step"] == 400
         log = (c.parent / grid.LOG_FILE).read_text()
         assert "--resume" in log and f"at step {stop}" in log and "final cube-single-play" in log
@@ -389,6 +472,46 @@ def test_presets_expand_to_the_papers_grids(tmp_path, capsys, monkeypatch):
     ]
 
 
+def test_dry_run_ends_with_the_number_of_runs_and_their_cost(tmp_path, capsys, monkeypatch):
+    """The count, the steps from the scripts' defaults and --set values, and a time only where the measured speed
+    applies: 240 DFP runs x (1M offline updates x 0.472 s + 1M online steps x 0.775 s) = 2.99e8 s = 9.5 years of CPU
+    time, half of it on 2 CPUs; none for another network, none for DBP (no measurement)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert grid.main(["run", "--preset", "dfp-kofn", "--out", str(tmp_path / "g"), "--dry-run"]) == 0
+    tail = capsys.readouterr().out.splitlines()[-3:]
+    assert (
+        tail[0] == f"[grid] 240 runs in {tmp_path / 'g'}: 0 finished, 0 to resume, 240 new; nothing was run (--dry-run)"
+    )
+    assert (
+        tail[1] == "[grid] dfp_offline_to_online.py: 240 runs, 480,000,000 steps in all (offline_steps + online_steps)"
+    )
+    assert tail[2].startswith("[grid]   estimated time: 9.5 years of CPU time at 1 thread per run, about 4.7 years")
+    assert "bench/results/dfp_cpu.json" in tail[2]
+
+    base = ["run", "--script", "dfp", "--envs", "cube-single-play", "--out", str(tmp_path / "g"), "--dry-run"]
+    assert grid.main([*base, "--set", "offline-steps=1000", "--set", "online_steps=0"]) == 0
+    assert "1,000 steps in all" in capsys.readouterr().out  # 1000 x 0.472 s = 8 min
+    assert grid.main([*base, "--set", "offline-steps=1000", "--set", "online_steps=0", "--seeds", "1", "2", "3"]) == 0
+    assert "estimated time: 24 min of CPU time at 1 thread per run, about 16 min on this machine at 2" in (
+        capsys.readouterr().out  # 3 runs of 8 min, 2 at a time: two rounds
+    )
+    assert grid.main([*base, "--set", "hidden-dim=64"]) == 0
+    assert "no time estimate" in capsys.readouterr().out
+    assert grid.main(["run", "--preset", "dbp-vs-mse", "--out", str(tmp_path / "g"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dbp_bc.py: 10 runs, 300,000 steps in all (total_steps)" in out and "no time estimate" in out
+
+
+def test_set_takes_the_flag_as_spelled_in_help_or_with_underscores(tmp_path, capsys):
+    """--set hidden-dim=64 and --set hidden_dim=64 name the same flag, and both override the preset's value."""
+    for spelling in ("hidden-dim=64", "hidden_dim=64"):
+        args = ["run", "--preset", "dbp-vs-mse", "--seeds", "1", "--set", spelling, "--out", str(tmp_path), "--dry-run"]
+        assert grid.main(args) == 0
+        commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("new")]
+        assert len(commands) == 2 and all(c.count("--hidden-dim") == 1 and "--hidden-dim 64 " in c for c in commands)
+
+
 def test_dry_run_marks_runs_whose_dataset_is_missing(tmp_path, capsys, monkeypatch):
     """Each run whose dataset is not there gets a mark, and the commands that make the datasets close the list;
     once the files exist, no mark."""
@@ -399,6 +522,7 @@ def test_dry_run_marks_runs_whose_dataset_is_missing(tmp_path, capsys, monkeypat
         "dfp-table",
         "--envs",
         "lift-mh",
+        "square-mh",
         "cube-double-play-task2",
         "cube-double-play-task3",
         "--seeds",
@@ -409,11 +533,15 @@ def test_dry_run_marks_runs_whose_dataset_is_missing(tmp_path, capsys, monkeypat
     ]
     assert grid.main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("dataset missing:") == 3 and "[grid] 2 dataset(s) missing" in out
+    assert out.count("dataset missing:") == 4 and "[grid] 3 dataset(s) missing" in out
     assert "python scripts/generate_robomimic_dataset.py --task lift --kind mh" in out
+    square = str(
+        tmp_path / ".robomimic" / "square" / "mh" / "low_dim_v15.hdf5"
+    )  # no generator for square: the download
+    assert f"curl -L --create-dirs -o {square} https://huggingface.co/" in out and "--task square" not in out
     assert "python scripts/generate_ogbench_dataset.py --env cube-double-play\n" in out
     os.makedirs(tmp_path / ".ogbench" / "data")
     write_dataset(str(tmp_path / ".ogbench" / "data" / "cube-double-play-v0.npz"))
     assert grid.main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("dataset missing:") == 1 and "lift" in out.split("dataset missing:")[1].splitlines()[0]
+    assert out.count("dataset missing:") == 2 and "lift" in out.split("dataset missing:")[1].splitlines()[0]
