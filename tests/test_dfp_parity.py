@@ -8,6 +8,7 @@ every parameter and the parameters after Adam, Polyak and EMA. CPU, float32, no 
 """
 
 import copy
+import math
 import os
 import sys
 import types
@@ -22,29 +23,61 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import dfp_offline_to_online as dfp  # noqa: E402
 
 REF = np.load(os.path.join(ROOT, "tests", "data", "dfp_update_reference.npz"))
-O, A, H = 10, 5, 5  # observation, action, chunk length: a chunk is D = H * A = 25 numbers
+OBS, A, H = 10, 5, 5  # observation, action, chunk length: a chunk is D = H * A = 25 numbers
 D, B, E, HIDDEN, LAYERS = H * A, 8, 2, 32, 3
 ACTOR, CRITIC, TARGET, EMA = "modules_actor_drift", "modules_critic", "modules_target_critic", "modules_actor_drift_ema"
-# Tolerances (float32 on both sides; the largest errors seen, tests/data/README.md): values and gradients within
-# REL of their tensor's largest magnitude; parameters after the step within PARAM_ATOL (Adam turns float noise in
-# near-zero gradient entries into a fraction of a step of size lr = 3e-4)
-REL, GRAD_REL, PARAM_ATOL = 2e-5, 5e-5, 3e-3 * 3e-4
+
+# ---- Tolerances: float32 round-off of the operands, propagated to each checked value (tests/data/README.md). Both
+# sides compute in float32 with their own kernels (XLA's and torch's summation orders), so neither is exact.
+U = 2.0**-24  # float32 unit round-off
+LAM = 5.0  # confidence of the probabilistic bound below: exceeded with probability <= 2 exp(-LAM^2 / 2) = 7.5e-6
+ACTOR_PATH = [OBS + D, HIDDEN, HIDDEN, HIDDEN]  # the fan-ins of the actor's 4 Dense layers ([s, noise] -> chunk)
+CRITIC_PATH = ACTOR_PATH + [HIDDEN] * LAYERS  # [s, a] -> Q: 4 Dense layers, and each LayerNorm's mean and variance
+
+
+def rel_err(*lengths: int) -> float:
+    """One side's relative round-off of a value computed through accumulations of these lengths (a dot product of
+    n terms, a layer's fan-in): the m = sum(lengths) rounding factors (1 + d), |d| <= u, on its path multiply to
+    within LAM sqrt(m) u of 1 (Higham & Mary 2019's probabilistic analysis; the worst case is m u)."""
+    return LAM * math.sqrt(sum(lengths)) * U
+
+
+def bound(scale: float, *lengths: int, cond: float = 1.0) -> float:
+    """|ours - reference| of a value whose operands sit at magnitude `scale`: both sides round (x 2) and `cond`
+    carries the operands' relative error to the value."""
+    return 2 * cond * scale * rel_err(*lengths)
+
+
+def amax(x) -> float:
+    return torch.as_tensor(x).detach().abs().max().item()
 
 
 def ref(key: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(REF[key], dtype=np.float32))
 
 
-def close(ours, key: str, rel=REL, atol=0.0, map_ref=lambda x: x):
-    """max |ours - reference| <= atol + rel * max |reference| over the tensor."""
-    theirs = map_ref(ref(key))
-    torch.testing.assert_close(
-        torch.as_tensor(ours).detach().float(),
-        theirs,
-        rtol=0.0,
-        atol=atol + rel * theirs.abs().max().item(),
-        msg=lambda m: f"{key}: {m}",
-    )
+def close(ours, key: str, tol, map_ref=lambda x: x):
+    """|ours - reference| <= tol, absolute (elementwise where tol is a tensor)."""
+    theirs = map_ref(ref(key)).double()
+    err = (torch.as_tensor(ours).detach().double() - theirs).abs()
+    assert err.shape == theirs.shape, (key, err.shape, theirs.shape)
+    bad = err > torch.as_tensor(tol, dtype=torch.float64)
+    assert not bad.any(), f"{key}: max error {err.max().item():.3g}, bound {torch.as_tensor(tol).min().item():.3g}"
+
+
+def q_scale(tag: str, key: str, prefix: str, module: str) -> float:
+    """The magnitude of the terms Q sums: |Q| and its last layer's |w| . |h| with LayerNorm'd features h ~ O(1)."""
+    last = REF[f"{prefix}/{module}/value_net/Dense_{LAYERS}/kernel"]  # [E, HIDDEN, 1]
+    return amax(ref(f"{tag}/{key}")) + float(np.abs(last).sum(1).max())
+
+
+def drift_scale_error(gen: torch.Tensor, scale: float, n_targets: int) -> float:
+    """|ours - reference| of the drift scale s = mean distance over the Cg x Ctot pairs of each row: distinct pairs
+    carry gen's round-off (the actor, then D-term distances); the Cg self pairs of a row, 1 / Ctot of them, are
+    sqrt(max(|x|^2 + |x|^2 - 2 x.x, 1e-8)) of a cancellation that leaves round-off of |x|^2 terms, |r| <= 4 |x|^2
+    rel_err(D), so each differs between the sides by up to 2 |x| sqrt(rel_err(D))."""
+    x_norm = torch.linalg.vector_norm(gen.detach(), dim=-1).max().item()
+    return bound(scale, *ACTOR_PATH, D) + 2 * x_norm * math.sqrt(rel_err(D)) / n_targets
 
 
 def ref_args(mode: str = "hard") -> dfp.Args:
@@ -128,27 +161,67 @@ def draws(tag: str, online: bool) -> dict:
 
 def fresh_modules() -> dict:
     """The script's own networks and Adam (build), holding the reference's initial parameters."""
-    modules = dfp.build(ref_args(), O, A, "cpu", None)
+    modules = dfp.build(ref_args(), OBS, A, "cpu", None)
     load(modules, "params/init", copies={TARGET: CRITIC, EMA: ACTOR})
     return modules
 
 
+def critic_tols(tag: str) -> dict:
+    """Bounds of the critic's terms: Q through CRITIC_PATH, the TD target through the actor's chunk too, the loss."""
+    prefix = "params/init" if tag == "offline" else "params/offline"  # the parameters the update starts from
+    d_next = bound(q_scale(tag, "critic/next_qs", prefix, CRITIC), *ACTOR_PATH, *CRITIC_PATH)  # Q(s', a'(actor))
+    r, q, y = (ref(f"{tag}/{k}").double() for k in ("batch/rewards", "critic/q", "critic/target_q"))
+    # y = r + gamma^h m Q': terms at |r| + |Q'|, 3 roundings
+    d_y = d_next + bound(amax(r[:, -1]) + amax(ref(f"{tag}/critic/next_q")), 3)
+    d_q = bound(q_scale(tag, "critic/q", prefix, CRITIC), *CRITIC_PATH)
+    # L = mean(valid (q - y)^2) over E B: d/dq = 2 (q - y), then the mean of E B terms
+    loss = float(REF[f"{tag}/critic/critic_loss"])
+    d_loss = 2 * (q - y).abs().mean().item() * (d_q + d_y) + bound(loss, E * B, 2)
+    return {
+        "next_a": bound(amax(ref(f"{tag}/critic/next_actions")), *ACTOR_PATH),
+        "next_q": d_next,
+        "q": d_q,
+        "y": d_y,
+        "loss": d_loss,
+        "dq_rel": (d_q + d_y) / amax(q - y),
+    }  # d L / d q's relative error
+
+
 def check_critic_terms(args, modules, tag):
     """TD target (best-of-16 next chunk, target critic), Q of the batch and the critic loss."""
-    batch = batch_of(tag)
+    batch, tol = batch_of(tag), critic_tols(tag)
     actor, critic, target = modules["actor"], modules["critic"], modules["target_critic"]
     inject(actor, ref(f"{tag}/critic/noise_next"))
-    close(dfp.best_of_n(actor, critic, batch["next_observations"], args.q_best_of), f"{tag}/critic/next_actions")
+    best = dfp.best_of_n(actor, critic, batch["next_observations"], args.q_best_of)  # the argmax itself is exact
+    close(best, f"{tag}/critic/next_actions", tol["next_a"])
     with torch.no_grad():
         cand = ref(f"{tag}/critic/next_candidates")
-        close(dfp.q_mean(critic, batch["next_observations"], cand), f"{tag}/critic/next_candidate_q")
-        close(target(batch["next_observations"], ref(f"{tag}/critic/next_actions")), f"{tag}/critic/next_qs")
+        close(dfp.q_mean(critic, batch["next_observations"], cand), f"{tag}/critic/next_candidate_q", tol["q"])
+        next_qs = target(batch["next_observations"], ref(f"{tag}/critic/next_actions"))
+        close(next_qs, f"{tag}/critic/next_qs", tol["q"])
     queue = inject(actor, ref(f"{tag}/critic/noise_next"))
     loss, q, y = dfp.critic_loss(args, actor, critic, target, batch)
     assert not queue
-    close(y, f"{tag}/critic/target_q")
-    close(q, f"{tag}/critic/q")
-    close(loss, f"{tag}/critic/critic_loss")
+    close(y, f"{tag}/critic/target_q", tol["y"])
+    close(q, f"{tag}/critic/q", tol["q"])
+    close(loss, f"{tag}/critic/critic_loss", tol["loss"])
+
+
+def actor_tols(tag: str, online: bool) -> dict:
+    """Bounds of the actor's terms: samples through ACTOR_PATH, the drift scales, the drift losses (1 by construction
+    with one temperature: the mean squared force normalized by its batch RMS; d log L / d log x and d log L / d log s
+    are 0 in float64 on these inputs), and the relative error of d L / d gen, which the drift scale rescales."""
+    G, K = ref_args().num_gen, ref_args().K
+    gen = ref(f"{tag}/actor/gen")
+    names = [("drift_scale_tgt", 1, "actor_drift_loss_tgt"), ("drift_scale_pos", K, "actor_drift_loss_pos")]
+    tol = {"gen": bound(amax(gen), *ACTOR_PATH)}
+    for key, n_pos, loss_key in names if online else [("drift_scale", 1, "actor_drift_loss")]:
+        s = float(REF[f"{tag}/actor/{key}"])
+        tol[key] = drift_scale_error(gen, s, G + n_pos)
+        tol[loss_key] = bound(abs(float(REF[f"{tag}/actor/{loss_key}"])), *ACTOR_PATH, D, G * (G + n_pos))
+        tol["ds_rel"] = max(tol.get("ds_rel", 0.0), tol[key] / s)
+    tol["loss"] = sum(v for k, v in tol.items() if "loss" in k)
+    return tol
 
 
 def record_drift(monkeypatch) -> list:
@@ -164,19 +237,51 @@ def record_drift(monkeypatch) -> list:
     return calls
 
 
+def grad_tol(tag: str, path: str, online: bool) -> float:
+    """|d total / d param| bound for one tensor, at the scale of its largest reference entry: the forward path, the
+    same layers backward and the sum over the batch (B G samples of D numbers for the actor, E B for the critic),
+    plus the relative error of the upstream gradient (the drift scale's for the actor; q - y's for the critic)."""
+    scale = amax(ref(f"grads/{tag}/{path}"))
+    if path.startswith(ACTOR):
+        n = B * ref_args().num_gen
+        return bound(scale, *ACTOR_PATH, *ACTOR_PATH, n, D) + scale * actor_tols(tag, online)["ds_rel"]
+    return bound(scale, *CRITIC_PATH, *CRITIC_PATH, E * B) + scale * critic_tols(tag)["dq_rel"]
+
+
+def adam_tol(tag: str, path: str, f, lr: float) -> torch.Tensor:
+    """Elementwise bound of Adam's step difference. Its step is m^ / (sqrt(v^) + eps) with m^, v^ bias-corrected
+    averages of the gradients so far (weights summing to 1): a gradient error d moves m^ and sqrt(v^) by <= d, and
+    |m^| <= 1.0014 sqrt(v^) (Cauchy-Schwarz over the two steps' weights), so the step moves by
+    <= 2.003 d / (sqrt(v^) - d + eps) and never by more than 2.003: float noise in a near-zero gradient entry can
+    flip a whole step of lr. Their sqrt(v^) from their gradients; d = the gradient bound of each step taken."""
+    b1, b2, eps = (float(v) for v in REF["config/adam_b1_b2_eps"])
+    steps = ["offline"] if tag == "offline" else ["offline", tag]
+    g = [f(ref(f"grads/{t}/{path}")).double() for t in steps]
+    k = len(g)
+    v = sum(b2 ** (k - 1 - i) * (1 - b2) * gi**2 for i, gi in enumerate(g)) / (1 - b2**k)
+    d = max(grad_tol(t, path, t != "offline") for t in steps)
+    return lr * torch.clamp(2.003 * d / ((v.sqrt() - d).clamp(min=0.0) + eps), max=2.003)
+
+
 def check_update(args, modules, tag, online):
     """One update of the script (make_update: losses, backward, Polyak/EMA, Adam) against the reference's: every
     gradient, then every parameter after the step."""
     queues = [inject(modules[name], *d) for name, d in draws(tag, online).items()]
+    before = {path: p.detach().clone() for p, path, _ in flax_paths(modules)}
     out = dfp.make_update(args, *modules.values())(batch_of(tag), online=online)
     assert not any(queues)  # every recorded draw was used, in order
-    close(out[0], f"{tag}/info/critic/critic_loss")
-    close(out[0] + (out[1] if not online else args.topk_weight * out[2] + args.bc_weight * out[1]), f"{tag}/total_loss")
+    ct, at = critic_tols(tag), actor_tols(tag, online)
+    close(out[0], f"{tag}/info/critic/critic_loss", ct["loss"])
+    total = out[0] + (out[1] if not online else args.topk_weight * out[2] + args.bc_weight * out[1])
+    close(total, f"{tag}/total_loss", ct["loss"] + at["loss"])
     grads = {path: (p.grad, f) for p, path, f in flax_paths(modules) if path.split("/")[0] in (ACTOR, CRITIC)}
     for path, (g, f) in grads.items():  # d total loss / d params, through one backward of critic + actor loss
-        close(g, f"grads/{tag}/{path}", rel=GRAD_REL, map_ref=f)
+        close(g, f"grads/{tag}/{path}", grad_tol(tag, path, online), map_ref=f)
     for p, path, f in flax_paths(modules):  # after Adam (actor, critic), Polyak (target) and EMA (pi_old)
-        close(p, f"params/{tag}/{path}", rel=0.0, atol=PARAM_ATOL, map_ref=f)
+        tol = bound(amax(before[path]), 3)  # theta' + tau (theta - theta'), or theta - lr step: their roundings
+        if path.split("/")[0] in (ACTOR, CRITIC):
+            tol = tol + adam_tol(tag, path, f, args.lr)
+        close(p, f"params/{tag}/{path}", tol, map_ref=f)
     steps = {s["step"].item() for s in modules["optimizer"].state.values()}
     assert steps == {REF[f"{tag}/adam_count"].item()}, steps  # online: Adam kept from the offline phase
 
@@ -225,7 +330,7 @@ def test_defaults_are_the_reference_config():
     for k, ours in pairs.items():
         assert np.allclose(c(k), ours) if not isinstance(ours, str) else c(k) == ours, (k, c(k), ours)
     assert np.allclose(REF["config/adam_b1_b2_eps"], [0.9, 0.999, 1e-8])  # torch.optim.Adam's defaults
-    opt = dfp.build(ref_args(), O, A, "cpu", None)["optimizer"]
+    opt = dfp.build(ref_args(), OBS, A, "cpu", None)["optimizer"]
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8 and opt.defaults["weight_decay"] == 0
     assert REF["config/layer_norm_eps"] == np.float32(1e-6) and (a.eval_episodes, a.exact_gelu) == (100, False)
 
@@ -263,7 +368,9 @@ def test_chunk_construction_matches_reference_batches():
         # a window of exactly h entries starting at t: the only chunk that fits starts at t
         ours = [dfp.sample_chunks(data, t, H, n, g, 1, H, 0.99) for t in starts]
         for k in b:
-            torch.testing.assert_close(torch.cat([c[k] for c in ours]), b[k], rtol=1e-6, atol=1e-5, msg=k)
+            # gathered entries are exact; the discounted reward sums h terms at |r| (theirs in float64, ours float32)
+            tol = bound(H * amax(data["rewards"]), H, H) if k == "rewards" else 0.0
+            torch.testing.assert_close(torch.cat([c[k] for c in ours]), b[k], rtol=0.0, atol=tol, msg=k)
         assert 0.0 in b["valid"] and 0.0 in b["masks"]  # the batches exercise an episode end and a success
 
 
@@ -277,9 +384,10 @@ def test_offline_update_parity_with_reference(monkeypatch):
         args, modules["actor"], modules["ema_actor"], modules["critic"], batch_of("offline"), online=False
     )
     (call,) = calls
-    close(call["gen"], "offline/actor/gen")
-    close(la, "offline/actor/actor_drift_loss")
-    close(scale, "offline/actor/drift_scale")
+    tol = actor_tols("offline", online=False)
+    close(call["gen"], "offline/actor/gen", tol["gen"])
+    close(la, "offline/actor/actor_drift_loss", tol["actor_drift_loss"])
+    close(scale, "offline/actor/drift_scale", tol["drift_scale"])
     assert ltop == 0 and torch.equal(call["pos"][:, 0], batch_of("offline")["actions"])
     monkeypatch.undo()
     check_update(args, modules, "offline", online=False)
@@ -303,22 +411,29 @@ def test_online_update_parity_with_reference(mode, after_offline, monkeypatch):
         args, modules["actor"], modules["ema_actor"], modules["critic"], batch_of(tag), online=True
     )
     ((pool, cand_q),) = qs
-    close(pool, f"{tag}/actor/sel_pool")  # pi_old's N candidates
-    close(cand_q, f"{tag}/actor/cand_qs")  # scored by the current critic's mean
+    tol, d_q = (
+        actor_tols(tag, online=True),
+        bound(q_scale(tag, "actor/cand_qs", "params/offline", CRITIC), *CRITIC_PATH),
+    )
+    close(pool, f"{tag}/actor/sel_pool", tol["gen"])  # pi_old's N candidates (pi_old = actor: the same path)
+    d_q += bound(q_scale(tag, "actor/cand_qs", "params/offline", CRITIC), *ACTOR_PATH)  # the candidates' own error
+    close(cand_q, f"{tag}/actor/cand_qs", d_q)  # scored by the current critic's mean
     bc, topk = calls
-    close(bc["gen"], f"{tag}/actor/gen")
+    close(bc["gen"], f"{tag}/actor/gen", tol["gen"])
     assert bc["gen"] is topk["gen"]  # one set of fresh samples for both terms
     flip = lambda x: x.flip(1)  # noqa: E731  ours best first, theirs ascending (argsort, last K)
-    close(topk["pos"], f"{tag}/actor/pos_acts", map_ref=flip)
-    if mode == "soft":
-        close(topk["weight"], f"{tag}/actor/weight_pos", map_ref=flip)
+    close(topk["pos"], f"{tag}/actor/pos_acts", tol["gen"], map_ref=flip)  # the top-K choice itself is exact
+    if mode == "soft":  # w = 2 (q - min) / (max - min) - 1: q's error d_q in numerator and range, per row
+        q_ref = ref(f"{tag}/actor/cand_qs").double()
+        q_range = (q_ref.max(1).values - q_ref.min(1).values)[:, None]  # [B, 1]
+        close(topk["weight"], f"{tag}/actor/weight_pos", 8 * d_q / q_range + bound(2.0, 4), map_ref=flip)
     else:
         assert topk["weight"] is None
-    close(args.topk_weight * ltop, f"{tag}/actor/actor_drift_loss_pos")
-    close(args.bc_weight * lbc, f"{tag}/actor/actor_drift_loss_tgt")
-    close(la, f"{tag}/info/actor/actor_drift_loss")
-    close(scale, f"{tag}/actor/drift_scale_tgt")
-    close(topk["out"][1], f"{tag}/actor/drift_scale_pos")
+    close(args.topk_weight * ltop, f"{tag}/actor/actor_drift_loss_pos", tol["actor_drift_loss_pos"])
+    close(args.bc_weight * lbc, f"{tag}/actor/actor_drift_loss_tgt", tol["actor_drift_loss_tgt"])
+    close(la, f"{tag}/info/actor/actor_drift_loss", tol["loss"])
+    close(scale, f"{tag}/actor/drift_scale_tgt", tol["drift_scale_tgt"])
+    close(topk["out"][1], f"{tag}/actor/drift_scale_pos", tol["drift_scale_pos"])
     monkeypatch.undo()
     check_update(args, modules, tag, online=True)
 
