@@ -1,12 +1,13 @@
 """DBPO: Drift-Based Policy Optimization, PPO fine-tuning of a pretrained one-step DBP generator
 (arXiv 2604.03540; docs/algorithms.md §5; user guide: docs/dbpo.md).
 
-    python dbpo_ppo.py --checkpoint runs/<dbp run>/dbp_bc.pt      # the authors' recipe; --resume <run>/state.pt continues
+    python dbpo_ppo.py --checkpoint runs/<dbp run>/dbp_bc.pt   # the authors' recipe; --resume <run>/state.pt continues
 
-dbp_bc.py's generator mu(s, z) is the mean of a Gaussian actor N(mu_theta(s, z), sigma(s)^2); a rollout STORES each chunk's
-latent z ~ N(0, I), so the PPO ratio of A = mu + sigma * n is exact (z's density cancels), over the executed prefix only; an
-anchor ||mu_theta(s, z) - mu_frozen(s, z)||^2 keeps mu near the pretrained one. A transition = a chunk decision (reward: the
-sum over its executed steps). Deployment: the mean path, 1 NFE.
+dbp_bc.py's generator mu(s, z) is the mean of a Gaussian actor N(mu_theta(s, z), sigma(s)^2) in the checkpoint's
+normalized action units; a rollout STORES each chunk's latent z ~ N(0, I), so the PPO ratio of A = mu + sigma * n is
+exact (z's density cancels), over the executed prefix only; an anchor ||mu_theta(s, z) - mu_frozen(s, z)||^2 keeps mu
+near the pretrained one. A transition = a chunk decision (reward: the sum over its executed steps). Deployment: the
+mean path, 1 NFE.
 """
 
 import copy
@@ -14,13 +15,15 @@ import functools
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
+from gymnasium.wrappers.utils import RunningMeanStd
+from torch.distributions import Normal
 
 import envs
 import runs
@@ -54,7 +57,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     save_model: bool = True
-    """write <run dir>/state.pt (resumable) every --save-interval iterations, on a signal and at the end, and dbpo_ppo.pt"""
+    """write <run dir>/state.pt (resumable) every --save-interval iterations, on a signal and at the end; dbpo_ppo.pt"""
     save_interval: int = 10
     """write state.pt every this many iterations"""
     capture_video: bool = False
@@ -86,10 +89,9 @@ class Args:
     """peak learning rate of the critic"""
     critic_min_lr: float = 3e-5
     """critic learning rate at the start of the warm-up and the end of the cosine cycle"""
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    """cosine: linear warm-up min -> peak over --lr-warmup-iters, then cosine back to min over the cycle; constant: peak"""
     lr_warmup_iters: int = 10
-    """warm-up iterations of the learning-rate schedules (the actor's starts after the critic warm-up)"""
+    """schedules: linear warm-up min -> peak over this many iterations, then cosine back to min over the cycle (the
+    actor's starts after the critic warm-up; a --*-min-lr equal to the peak keeps that lr constant)"""
     lr_cycle_iters: int | None = None
     """length of one cosine cycle (it restarts after it); default: --num-iterations"""
     weight_decay: float = 1e-6
@@ -120,8 +122,9 @@ class Args:
     """stop the update epochs early once the approximate KL exceeds this"""
     critic_warmup_iters: int = 5
     """iterations 0 .. critic_warmup_iters-1 update only the critic"""
-    reward_scaling: Literal["rollout_std", "none"] = "rollout_std"
-    """rollout_std: r / (std(rewards of this rollout) + 1e-8) (authors' code); none: the env's rewards"""
+    reward_scaling: Literal["rollout_std", "running", "none"] = "rollout_std"
+    """rollout_std: r / (std(rewards of this rollout) + 1e-8) (authors' code); running: r / running std of the
+    discounted return (CleanRL's NormalizeReward); none: the env's rewards"""
     bootstrap_timeouts: bool = False
     """bootstrap time-limit ends with gamma * V(final obs); default: terminal (authors' code: gym's TimeLimit `done`)"""
     freeze_normalizer: bool = False
@@ -135,21 +138,24 @@ class Args:
     max_std: float = 0.10
     """upper clamp of the std"""
     noise_clip: float = 3.0
-    """exploration noise n ~ N(0, I) is clipped to +-noise_clip before A = mu + std * n"""
+    """exploration noise n ~ N(0, I) is clipped to +-noise_clip before A = mu + std * n (normalized action units)"""
     normalize_logprob: bool = True
     """divide the executed-prefix log-likelihood (and entropy) by the prefix dimension Ta * act_dim"""
     eval_interval: int = 10
     """iteration i is an evaluation when i % eval_interval == 0; one more evaluation follows the last iteration"""
     eval_episodes: int = 100
-    """episodes per evaluation (mean path); episode i has env seed --seed + 100000 + i and its own latent stream"""
+    """episodes per evaluation; episode i has env seed --seed + 100000 + i and its own latent and noise stream"""
+    eval_episodes_ends: int | None = None
+    """episodes of the first and the final evaluation and of --eval-only (default: --eval-episodes); on Hopper 1000
+    give a paired standard error of the start-to-end change of about 10"""
+    eval_sampled: bool = False
+    """also evaluate the sampled policy (the Gaussian PPO trains) on the same episodes, beside the mean path"""
     eval_envs: int = 10
     """parallel environments of the evaluation (worker processes when > 1; the result does not depend on it)"""
-    eval_latent: Literal["sample", "zero"] = "sample"
-    """latent of the evaluation's mean path: sample (z ~ N(0,I) from each episode's generator, as DBP deploys) or zero"""
     resume: str | None = None
     """a <run dir>/state.pt to continue from (networks, optimizers, counters, RNG); envs restart episodes"""
     eval_only: bool = False
-    """only evaluate --checkpoint's mean path for --eval-episodes episodes and exit"""
+    """only evaluate --checkpoint (mean path; sampled too with --eval-sampled) and exit"""
     runs_dir: str = "runs"
     """where run folders (tensorboard, state, model, videos) go"""
     run_name: str | None = None
@@ -163,45 +169,37 @@ def executed(chunk: torch.Tensor, obs_horizon: int, action_horizon: int) -> torc
 
 
 def prefix_log_prob(mu, std, chunk, obs_horizon, action_horizon, normalize=True):
-    """log pi(A_exec | s, z) = sum_{k in prefix} sum_j log N(A_kj; mu_kj, std_kj^2) -> [B] (/ Ta * act_dim: normalize)."""
-    mu, std, chunk = (executed(x, obs_horizon, action_horizon) for x in (mu, std, chunk))  # [B, Ta, act_dim]
-    logp = (-0.5 * ((chunk - mu) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum((1, 2))
-    return logp / chunk[0].numel() if normalize else logp
+    """log pi(A_exec | s, z) = sum_{k in prefix} sum_j log N(A_kj; mu_kj, std_kj^2) -> [B] (/ Ta * act_dim: normalize);
+    unvalidated, so a NaN reaches the non-finite guard."""
+    logp = executed(Normal(mu, std, validate_args=False).log_prob(chunk), obs_horizon, action_horizon).sum((1, 2))
+    return logp / (action_horizon * mu.shape[-1]) if normalize else logp
 
 
 def prefix_entropy(std, obs_horizon, action_horizon, normalize=True):
-    """H = sum_{k in prefix} sum_j (0.5 + 0.5 log(2 pi) + log std_kj)  -> [B], normalized like the log-prob."""
-    ent = (0.5 + 0.5 * math.log(2 * math.pi) + executed(std, obs_horizon, action_horizon).log()).sum((1, 2))
+    """H = sum_{k in prefix} sum_j (0.5 + 0.5 log(2 pi) + log std_kj) -> [B], normalized like the log-prob."""
+    ent = executed(Normal(0.0, std, validate_args=False).entropy(), obs_horizon, action_horizon).sum((1, 2))
     return ent / (action_horizon * std.shape[-1]) if normalize else ent
 
 
 class DBPOAgent(nn.Module):
-    """Gaussian actor around the pretrained generator (env units), frozen anchor copy, critic, and the normalizers."""
+    """Gaussian actor around the pretrained generator, frozen anchor copy, critic, and the normalizers.
 
-    def __init__(
-        self,
-        ckpt: dict,
-        generator: nn.Module,
-        anchor: nn.Module,
-        init_std=0.03,
-        min_std=0.03,
-        max_std=0.10,
-        train_normalizer: bool = True,
-    ):
+    The Gaussian, its clamp and the anchor act in the checkpoint's normalized action units u = (a - offset) / scale,
+    where the authors' do: their D4RL actions are stored min-max normalized, their policy samples and clamps to
+    [-1, 1] there, and their env wrapper maps [-1, 1] back to env units with the dataset's action min and max."""
+
+    def __init__(self, ckpt, generator, anchor, init_std=0.03, min_std=0.03, max_std=0.10, train_normalizer=True):
         super().__init__()
-        self.obs_horizon, self.pred_horizon, self.action_horizon = (
-            ckpt["obs_horizon"],
-            ckpt["pred_horizon"],
-            ckpt["action_horizon"],
-        )
-        self.action_dim, cond_dim = ckpt["action_dim"], ckpt["obs_horizon"] * ckpt["obs_dim"]  # f(s) = flatten(obs_n)
+        self.obs_horizon, self.pred_horizon = ckpt["obs_horizon"], ckpt["pred_horizon"]
+        self.action_horizon, self.action_dim = ckpt["action_horizon"], ckpt["action_dim"]
+        cond_dim = ckpt["obs_horizon"] * ckpt["obs_dim"]  # f(s) = flatten(obs_n)
         self.generator = generator  # mu_theta(s, z), trainable
         self.anchor = anchor.requires_grad_(False)  # mu_frozen(s, z): the pretrained weights, never updated
         # log sigma(s) = W f(s) + b with W = 0, b = log init_std: starts state-independent at init_std
         self.log_std_head = nn.Linear(cond_dim, self.pred_horizon * self.action_dim)
         nn.init.zeros_(self.log_std_head.weight)
-        nn.init.constant_(self.log_std_head.bias, float(np.log(init_std)))
-        self.log_std_min, self.log_std_max = float(np.log(min_std)), float(np.log(max_std))
+        nn.init.constant_(self.log_std_head.bias, math.log(init_std))
+        self.log_std_min, self.log_std_max = math.log(min_std), math.log(max_std)
         # critic V(s): MLP 3x256 Mish on the observation history normalized by the checkpoint's fixed normalizer,
         # as the authors' env wrappers hand it to their critic (dataset min/max to [-1, 1])
         self.critic = nn.Sequential(
@@ -215,59 +213,64 @@ class DBPOAgent(nn.Module):
         )
         # an mse-trained DBP ignores z (it was trained with z = 0): keep z = 0 so mu is what was trained
         self.zero_latent = ckpt.get("loss") == "mse"
-        f32 = lambda d, k: torch.as_tensor(d[k], dtype=torch.float32)  # noqa: E731
-        anchor = {**ckpt, **ckpt.get("dbpo", {}).get("anchor_stats", {})}  # a dbpo_ppo.pt: its anchor's own normalizer
-        for k in ("obs_offset", "obs_scale", "action_offset", "action_scale", "action_low", "action_high"):
-            self.register_buffer(k, f32(anchor, k))  # the anchor's x_n = (x - offset) / scale; the env's bounds
+        tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
+        fixed = {**ckpt, **ckpt.get("dbpo", {}).get("anchor_stats", {})}  # a dbpo_ppo.pt: the original normalizer
+        for k in ("obs_offset", "obs_scale", "action_offset", "action_scale"):
+            self.register_buffer(k, tensor(fixed[k]))  # fixed: x_n = (x - offset) / scale; u = a_n
         self.register_buffer("critic_obs_offset", self.obs_offset.clone())  # the critic's input: fixed, never trained
         self.register_buffer("critic_obs_scale", self.obs_scale.clone())
-        for k in (
-            "obs",
-            "action",
-        ):  # the actor's, as the authors' LinearNormalizer in their deep-copied actor: x_n = x *
-            gain = 1 / f32(ckpt, f"{k}_scale")  # gain + bias, Parameters trained by the actor's AdamW (or frozen)
-            self.register_parameter(f"{k}_gain", nn.Parameter(gain, requires_grad=train_normalizer))
-            self.register_parameter(
-                f"{k}_bias", nn.Parameter(-f32(ckpt, f"{k}_offset") * gain, requires_grad=train_normalizer)
-            )
+        # the clamp in u: the authors' act_min, act_max = -1, 1 (the data's min and max), within the env's bounds
+        low, high = tensor(ckpt["action_low"]), tensor(ckpt["action_high"])
+        self.register_buffer("u_low", ((low - self.action_offset) / self.action_scale).clamp(min=-1.0))
+        self.register_buffer("u_high", ((high - self.action_offset) / self.action_scale).clamp(max=1.0))
+        # the actor's normalizer, as the authors' LinearNormalizer in their deep-copied actor: x_n = x * gain + bias,
+        # Parameters trained by the actor's AdamW (or frozen); a dbpo_ppo.pt starts from its trained one
+        for k in ("obs", "action"):
+            gain = 1 / tensor(ckpt[f"{k}_scale"])
+            bias = -tensor(ckpt[f"{k}_offset"]) * gain
+            setattr(self, f"{k}_gain", nn.Parameter(gain, requires_grad=train_normalizer))
+            setattr(self, f"{k}_bias", nn.Parameter(bias, requires_grad=train_normalizer))
 
-    def actor_parameters(self):
+    def actor_parameters(self) -> list:
         normalizer = [p for p in (self.obs_gain, self.obs_bias, self.action_gain, self.action_bias) if p.requires_grad]
-        return list(self.generator.parameters()) + list(self.log_std_head.parameters()) + normalizer
+        return [*self.generator.parameters(), *self.log_std_head.parameters(), *normalizer]
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
         return obs * self.obs_gain + self.obs_bias  # [B, To, obs_dim]
 
     def sample_latent(self, batch: int) -> torch.Tensor:
-        shape, device = (batch, self.pred_horizon, self.action_dim), self.obs_offset.device  # dim(z) = dim(chunk)
-        return torch.zeros(shape, device=device) if self.zero_latent else torch.randn(shape, device=device)
+        shape = (batch, self.pred_horizon, self.action_dim)  # dim(z) = dim(chunk)
+        return (torch.zeros if self.zero_latent else torch.randn)(shape, device=self.obs_offset.device)
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(((obs - self.critic_obs_offset) / self.critic_obs_scale).flatten(1)).squeeze(-1)  # [B]
 
     def dist_params(self, obs: torch.Tensor, z: torch.Tensor):
-        """mu(s, z) [B, Tp, act_dim] in env units from one generator pass (a = (a_n - bias) / gain); std(s) =
-        exp(clamp(log-std head(f(s)))), f(s) = flatten(obs_n). obs: raw [B, To, obs_dim]."""
+        """mu(s, z) [B, Tp, act_dim] in u from one generator pass; std(s) = exp(clamp(log-std head(f(s)))), f(s) =
+        flatten(obs_n). obs: raw [B, To, obs_dim]."""
         obs_n = self.normalize_obs(obs)
-        mu = (self.generator(obs_n, z) - self.action_bias) / self.action_gain
+        a = (self.generator(obs_n, z) - self.action_bias) / self.action_gain  # env units: the actor's a_n -> a
+        mu = (a - self.action_offset) / self.action_scale  # u = (a - offset) / scale: the fixed normalizer's
         log_std = self.log_std_head(obs_n.flatten(1)).view_as(mu)
         return mu, log_std.clamp(self.log_std_min, self.log_std_max).exp()
 
     def anchor_mean(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """mu_frozen(s, z) in env units: the pretrained generator with the checkpoint's normalizer [B, Tp, act_dim]."""
-        return self.anchor((obs - self.obs_offset) / self.obs_scale, z) * self.action_scale + self.action_offset
+        """mu_frozen(s, z) in u: the pretrained generator on the fixed normalizer's obs_n [B, Tp, act_dim]."""
+        return self.anchor((obs - self.obs_offset) / self.obs_scale, z)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, z: torch.Tensor, deterministic=False, noise_clip=3.0, normalize_logprob=True):
-        """A = clip(mu + std * clip(n, +-noise_clip)), or clip(mu) (the mean path): (chunk [B, Tp, A], log pi [B])."""
+    def act(self, obs: torch.Tensor, z: torch.Tensor, noise=None, noise_clip=3.0, normalize_logprob=True):
+        """A = clip(mu + std * clip(noise, +-noise_clip)), or without noise the mean path clip(mu), in u: (chunk [B, Tp,
+        act_dim], log pi [B])."""
         mu, std = self.dist_params(obs, z)
-        chunk = mu if deterministic else mu + std * torch.randn_like(mu).clamp(-noise_clip, noise_clip)
-        chunk = torch.maximum(torch.minimum(chunk, self.action_high), self.action_low)
+        chunk = mu if noise is None else mu + std * noise.clamp(-noise_clip, noise_clip)
+        chunk = chunk.clamp(self.u_low, self.u_high)
         return chunk, prefix_log_prob(mu, std, chunk, self.obs_horizon, self.action_horizon, normalize_logprob)
 
     def env_actions(self, chunk: torch.Tensor) -> np.ndarray:
-        """A chunk -> its executed prefix [B, Ta, act_dim] (numpy, for envs.step)."""
-        return executed(chunk, self.obs_horizon, self.action_horizon).cpu().numpy()
+        """A chunk in u -> its executed prefix in env units a = u * scale + offset [B, Ta, act_dim] (numpy)."""
+        u = executed(chunk, self.obs_horizon, self.action_horizon)  # [B, Ta, act_dim]
+        return (u * self.action_scale + self.action_offset).numpy(force=True)
 
 
 # ---- the losses and the update
@@ -333,7 +336,7 @@ def update(agent: DBPOAgent, actor_optimizer, critic_optimizer, minibatch, args:
 
 
 def compute_gae(rewards, values, dones, next_value, gamma, gae_lambda):
-    """GAE: rewards, values, dones [T, N] (rewards hold the truncations' gamma V(final obs)), next_value [N] -> (A, R)."""
+    """GAE: rewards, values, dones [T, N] (rewards hold truncations' gamma V(final obs)), next_value [N] -> (A, R)."""
     advantages, lastgaelam = torch.zeros_like(rewards), 0.0
     for t in reversed(range(rewards.shape[0])):
         nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
@@ -348,71 +351,60 @@ def rollout_std_scaling(rewards: np.ndarray) -> np.ndarray:
     return rewards / (rewards.std() + 1e-8)
 
 
-def scheduled_lr(k: int, peak: float, low: float, warmup: int, cycle: int, schedule: str = "cosine") -> float:
-    """The lr after k steps (authors' CosineAnnealingWarmupRestarts): per cycle, linear low -> peak, then cosine to low."""
-    if schedule == "constant":
-        return peak
+class RunningRewardScaler(RunningMeanStd):
+    """--reward-scaling running (CleanRL's NormalizeReward): r / std(G), G_t = gamma G_{t-1} + r_t per env (0 after an
+    episode's end), std(G) running over the run, updated with a whole rollout [T, N] first (per step, the first returns
+    would have std ~ 0). Its state (vars) is saved in state.pt."""
+
+    def __init__(self, gamma: float, num_envs: int):
+        super().__init__()
+        self.gamma, self.returns = gamma, np.zeros(num_envs)  # G per env [N]
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        returns = np.zeros_like(rewards)  # [T, N]
+        for t in range(len(rewards)):
+            returns[t] = self.returns = self.returns * self.gamma + rewards[t]
+            self.returns[dones[t]] = 0.0
+        self.update(returns.ravel())
+        return rewards / np.sqrt(self.var + 1e-8)
+
+
+def scheduled_lr(k: int, peak: float, low: float, warmup: int, cycle: int) -> float:
+    """The lr after k steps (authors' CosineAnnealingWarmupRestarts): per cycle, linear low -> peak, then cosine to low
+    (low = peak: constant)."""
     k %= cycle
     if k < warmup:
         return low + (peak - low) * k / warmup
-    return (
-        low + (peak - low) * (1 + math.cos(math.pi * (k - warmup) / (cycle - warmup))) / 2
-    )  # low + (peak-low)(1+cos)/2
+    return low + (peak - low) * (1 + math.cos(math.pi * (k - warmup) / (cycle - warmup))) / 2  # (1 + cos) / 2: 1 -> 0
 
 
-# ---- acting: the evaluations' mean path (envs.evaluate's act)
-def mean_path(agent: DBPOAgent, zero_latent: bool, obs: np.ndarray, gens: list) -> np.ndarray:
-    """A = clip(mu(s, z)), 1 NFE, z = 0 or drawn from each episode's generator: obs [B, To, O] -> executed [B, Ta, A]."""
-    shape, zero = (agent.pred_horizon, agent.action_dim), zero_latent or agent.zero_latent
-    z = torch.stack([torch.zeros(shape) if zero else torch.randn(shape, generator=g) for g in gens])  # [B, Tp, A]
-    device = agent.obs_offset.device
-    return agent.env_actions(agent.act(torch.as_tensor(obs, device=device), z.to(device), deterministic=True)[0])
+# ---- acting: the evaluations' policies (envs.evaluate's act)
+def eval_act(agent: DBPOAgent, sampled: bool, noise_clip: float, obs: np.ndarray, gens: list) -> np.ndarray:
+    """The mean path A = clip(mu(s, z)), or sampled A = clip(mu + std * clip(n, +-noise_clip)), 1 NFE; z (and n) drawn
+    from each episode's generator (its batch does not matter): obs [B, To, O] -> executed [B, Ta, A] env units."""
+    shape, device = (agent.pred_horizon, agent.action_dim), agent.obs_offset.device
+    z = torch.stack([torch.zeros(shape) if agent.zero_latent else torch.randn(shape, generator=g) for g in gens])
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) if sampled else None  # [B, Tp, A]
+    chunk, _ = agent.act(torch.as_tensor(obs, device=device), z.to(device), noise, noise_clip)
+    return agent.env_actions(chunk)
 
 
 # ---- the training loop: main() and its steps, in the order it runs them
 def rules(args: Args):
     """Every flag's range for runs.parse (a NaN fails every comparison), then the flags' combinations."""
     unset_or = lambda test: lambda v: v is None or test(v)  # noqa: E731  (an Optional flag may stay unset)
+    sizes = ("num_iterations", "num_envs", "num_steps", "update_epochs", "minibatch_size", "max_episode_steps")
+    intervals = ("eval_interval", "save_interval", "lr_cycle_iters", "eval_episodes", "eval_episodes_ends", "eval_envs")
+    rates = ("actor_lr", "actor_min_lr", "critic_lr", "critic_min_lr", "max_grad_norm", "target_kl")
+    ppo = ("clip_coef", "clip_vloss", "noise_clip", "min_std", "max_std")
+    coefs = ("weight_decay", "ent_coef", "vf_coef", "anchor_coef")
     yield from runs.ranges(
         args,
         {
-            "> 0": (
-                unset_or(lambda v: v > 0),
-                (
-                    "num_iterations",
-                    "num_envs",
-                    "num_steps",
-                    "update_epochs",
-                    "eval_episodes",
-                    "eval_envs",
-                    "minibatch_size",
-                    "eval_interval",
-                    "save_interval",
-                    "lr_cycle_iters",
-                    "max_episode_steps",
-                ),
-            ),
-            "a finite number > 0": (
-                unset_or(lambda v: 0 < v < math.inf),
-                (
-                    "actor_lr",
-                    "actor_min_lr",
-                    "critic_lr",
-                    "critic_min_lr",
-                    "clip_coef",
-                    "max_grad_norm",
-                    "noise_clip",
-                    "target_kl",
-                    "clip_vloss",
-                    "min_std",
-                    "max_std",
-                ),
-            ),
+            "> 0": (unset_or(lambda v: v > 0), sizes + intervals),
+            "a finite number > 0": (unset_or(lambda v: 0 < v < math.inf), rates + ppo),
             ">= 0": (lambda v: v >= 0, ("seed", "num_threads", "critic_warmup_iters", "lr_warmup_iters")),
-            "a finite number >= 0": (
-                lambda v: 0 <= v < math.inf,
-                ("weight_decay", "ent_coef", "vf_coef", "anchor_coef"),
-            ),
+            "a finite number >= 0": (lambda v: 0 <= v < math.inf, coefs),
             "a finite number": (unset_or(math.isfinite), ("logprob_min", "init_std")),
             "in (0, 1]": (lambda v: 0 < v <= 1, ("gamma",)),
             "in [0, 1]": (lambda v: 0 <= v <= 1, ("gae_lambda",)),
@@ -424,7 +416,11 @@ def rules(args: Args):
     )
     yield (
         args.min_std <= args.init_std <= args.max_std,
-        (f"need 0 < --min-std <= --init-std <= --max-std, got {args.min_std}, {args.init_std}, {args.max_std}"),
+        f"need 0 < --min-std <= --init-std <= --max-std, got {args.min_std}, {args.init_std}, {args.max_std}",
+    )
+    yield (
+        (args.eval_episodes_ends or args.eval_episodes) >= args.eval_episodes,
+        "--eval-episodes-ends must be at least --eval-episodes (every evaluation is paired with the first one)",
     )
     yield args.checkpoint is not None, "--checkpoint is required: the DBP model to fine-tune (dbp_bc.py --save-model)"
     yield not (args.eval_only and args.resume), "--eval-only evaluates --checkpoint; drop --resume"
@@ -443,9 +439,7 @@ def load_inputs(args: Args) -> tuple:
     runs.check(
         1 <= To <= Tp and Ta >= 1 and To - 1 + Ta <= Tp, f"{path} has inconsistent horizons To={To}, Tp={Tp}, Ta={Ta}"
     )
-    runs.check(
-        runs.nonfinite(ckpt) is None, f"{path} contains NaN or infinite values ({runs.nonfinite(ckpt)}); retrain it"
-    )
+    runs.check((bad := runs.nonfinite(ckpt)) is None, f"{path} contains NaN or infinite values ({bad}); retrain it")
     env_id = envs.resolve_env_id(ckpt["env_id"], gym_ids=envs.LOCOMOTION_ENVS)
     runs.check(
         args.env_id in (None, env_id), f"the checkpoint was trained on {env_id}, not {args.env_id}; drop --env-id"
@@ -470,20 +464,20 @@ def load_inputs(args: Args) -> tuple:
 
 
 def build_agent(ckpt: dict, state: dict | None, args: Args, device="cpu"):
-    """(agent, (actor, critic) optimizers) of --checkpoint, or of --resume's state (RNG streams too)."""
+    """(agent, (actor, critic) optimizers, reward scaler) of --checkpoint, or of --resume's state (RNG streams too)."""
     try:
         generator, anchor = (make_generator(ckpt["backbone"], **ckpt["generator_kwargs"]) for _ in range(2))
     except (TypeError, ValueError) as e:
         runs.fail(f"--checkpoint {args.checkpoint}: its backbone/generator_kwargs make no generator ({runs.why(e)})")
     hint = f"--checkpoint {args.checkpoint} is damaged; retrain it"  # a dbpo_ppo.pt anchors to the original DBP:
     runs.load_states({"model": generator, "anchor_model": anchor}, {"anchor_model": ckpt["model"], **ckpt}, hint)
-    agent = DBPOAgent(
-        ckpt, generator, anchor, args.init_std, args.min_std, args.max_std, not args.freeze_normalizer
-    ).to(device)
+    agent = DBPOAgent(ckpt, generator, anchor, args.init_std, args.min_std, args.max_std, not args.freeze_normalizer)
+    agent = agent.to(device)
     optimizers = (
         torch.optim.AdamW(agent.actor_parameters(), lr=args.actor_lr, weight_decay=args.weight_decay),
         torch.optim.AdamW(agent.critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay),
     )
+    scaler = RunningRewardScaler(args.gamma, args.num_envs)
     if "dbpo" in ckpt:  # a dbpo_ppo.pt: continue with its log-std head and critic
         runs.load_states({"log_std_head": agent.log_std_head, "critic": agent.critic}, ckpt["dbpo"], hint)
     if state is not None:
@@ -493,78 +487,60 @@ def build_agent(ckpt: dict, state: dict | None, args: Args, device="cpu"):
             f"{args.resume} is not a run of --checkpoint {args.checkpoint}",
         )
         runs.set_rng_state(state["rng"])
-    return agent, optimizers
+        vars(scaler).update(state.get("reward_scaler", {}))  # states from before --reward-scaling running: none
+    return agent, optimizers, scaler
 
 
-def evaluate_and_log(agent, eval_envs, args: Args, stop, writer=None, iteration=0, global_step=0, video=None):
-    """The mean path on --eval-episodes seeded episodes (envs.evaluate), logged as eval/* at step `iteration`: its line."""
-    res = envs.evaluate(
-        eval_envs,
-        functools.partial(mean_path, agent, args.eval_latent == "zero"),
-        args.eval_episodes,
-        args.seed + 100_000,
-        stop.requested,
-        video,
-    )
-    stop.check()  # an interrupted evaluation (None) is no result: raises before anything is logged
-    p, n = res["success"], args.eval_episodes  # success: NaN without info['success'] (locomotion)
-    se = math.sqrt(p * (1 - p) / n)  # the standard error of a success rate
-    for key, value in (
-        dict(
-            episodic_return=res["return"],
-            episodic_length=res["length"],
-            success_rate=p,
-            success_stderr=se,
-            env_steps=global_step,
-        ).items()
-        if writer
-        else ()
-    ):
-        writer.add_scalar(f"eval/{key}", value, iteration)
-    if writer:  # each episode's return, for paired comparisons of evaluations (the same seeds every time)
-        envs.write_episodes(
-            os.path.join(writer.log_dir, "eval_episodes.csv"), res, iteration, global_step, args.seed + 100_000
+def evaluate_and_log(agent, eval_envs, args, stop, episodes, writer=None, iteration=0, global_step=0, video=None):
+    """The mean path, and with --eval-sampled the sampled policy, on `episodes` seeded episodes (envs.evaluate): logged
+    as eval/* and eval_sampled/* at step `iteration`, each episode to eval_episodes.csv and eval_episodes_sampled.csv
+    (envs.write_episodes; scripts/dbpo_report.py pairs them). Returns the line."""
+    lines = []
+    for policy in ("mean path", "sampled") if args.eval_sampled else ("mean path",):
+        sampled = policy == "sampled"
+        act = functools.partial(eval_act, agent, sampled, args.noise_clip)
+        res = envs.evaluate(eval_envs, act, episodes, args.seed + 100_000, stop.requested, None if sampled else video)
+        stop.check()  # an interrupted evaluation (None) is no result: raises before anything is logged
+        p = res["success"]  # NaN without info['success'] (locomotion)
+        se = math.sqrt(p * (1 - p) / episodes)  # the standard error of a success rate
+        if writer:  # each episode's row: evaluations on the same seeds are paired
+            stats = dict(
+                episodic_return=res["return"], episodic_length=res["length"], success_rate=p, success_stderr=se
+            )
+            for key, value in {**stats, "env_steps": global_step}.items():
+                writer.add_scalar(f"{'eval_sampled' if sampled else 'eval'}/{key}", value, iteration)
+            csv = os.path.join(writer.log_dir, f"eval_episodes{'_sampled' if sampled else ''}.csv")
+            envs.write_episodes(csv, res, iteration, global_step, args.seed + 100_000)
+        lines.append(
+            f"return {res['return']:.4f} | length {res['length']:.2f} | success {p:.4f} +- {se:.4f} "
+            f"({episodes} episodes, {policy})"
         )
-    return f"return {res['return']:.4f} | length {res['length']:.2f} | success {p:.4f} +- {se:.4f} ({n} episodes, mean path)"
+    return " || ".join(lines)
 
 
 def rollout(agent: DBPOAgent, train_envs, next_obs, args: Args, stop):
     """--num-steps decisions per env: (next obs, the rollout [T, N, ...], (env steps, episode returns, successes))."""
-    T, N, device, chunk_shape = (
-        args.num_steps,
-        args.num_envs,
-        agent.obs_offset.device,
-        (agent.pred_horizon, agent.action_dim),
-    )
-    shapes = {
-        "obs": (agent.obs_horizon, next_obs.shape[-1]),
-        "z": chunk_shape,
-        "chunk": chunk_shape,
-        "logprob": (),  # z:
-        "value": (),
-        "bootstrap": (),
-    }  # stored, so the ratio is exact; bootstrap: gamma V(final obs) of truncations
-    buf = {
-        **{k: torch.zeros((T, N, *shape), device=device) for k, shape in shapes.items()},
-        "raw_reward": np.zeros((T, N)),
-        "done": np.zeros((T, N), bool),
-    }  # env rewards, summed over each chunk
+    T, N, device = args.num_steps, args.num_envs, agent.obs_offset.device
+    chunk = (agent.pred_horizon, agent.action_dim)
+    obs = (agent.obs_horizon, next_obs.shape[-1])
+    # z is stored, so the ratio is exact; bootstrap: gamma V(final obs) of truncations
+    shapes = dict(obs=obs, z=chunk, chunk=chunk, logprob=(), value=(), bootstrap=())
+    buf = {k: torch.zeros((T, N, *shape), device=device) for k, shape in shapes.items()}
+    buf |= {"raw_reward": np.zeros((T, N)), "done": np.zeros((T, N), bool)}  # env rewards, summed over each chunk
     steps_before, returns, successes = sum(train_envs.get_attr("executed_steps")), [], []
     for step in range(T):
         stop.check()
-        obs = torch.as_tensor(
-            next_obs, device=device
-        )  # [N, To, obs_dim] raw: normalized in the loss by the current gain
+        obs = torch.as_tensor(next_obs, device=device)  # [N, To, obs_dim] raw: the loss normalizes it (current gain)
         with torch.no_grad():
             z = agent.sample_latent(N)  # [N, Tp, act_dim]
-            chunk, logprob = agent.act(obs, z, noise_clip=args.noise_clip, normalize_logprob=args.normalize_logprob)
+            chunk, logprob = agent.act(obs, z, torch.randn_like(z), args.noise_clip, args.normalize_logprob)
             buf["value"][step] = agent.get_value(obs)
         buf["obs"][step], buf["z"][step], buf["chunk"][step], buf["logprob"][step] = obs, z, chunk, logprob
         # TRY NOT TO MODIFY: execute the game and log data (SAME_STEP autoreset: ended episodes' infos["final_obs"])
         next_obs, reward, terminations, truncations, infos = train_envs.step(agent.env_actions(chunk))
         buf["raw_reward"][step], buf["done"][step] = reward, terminations | truncations
         if "final_obs" in infos:
-            # --bootstrap-timeouts: on truncation, not on termination, r_t += gamma * V(final obs); the episode ends here
+            # --bootstrap-timeouts: on truncation, not termination, r_t += gamma * V(final obs); the episode ends here
             truncated_only = np.flatnonzero(infos["_final_obs"] & truncations & ~terminations)
             if truncated_only.size and args.bootstrap_timeouts:
                 final_obs = torch.as_tensor(np.stack(infos["final_obs"][truncated_only]), device=device)
@@ -576,16 +552,13 @@ def rollout(agent: DBPOAgent, train_envs, next_obs, args: Args, stop):
     return next_obs, buf, (sum(train_envs.get_attr("executed_steps")) - steps_before, returns, successes)
 
 
-def compute_advantages(agent: DBPOAgent, buf: dict, next_obs, args: Args):
-    """Scaled rewards (--reward-scaling) + the truncation bootstraps (V is in scaled units), then GAE: (adv, returns)."""
-    if not np.isfinite(buf["raw_reward"]).all():
-        raise FloatingPointError("env reward")
+def compute_advantages(agent: DBPOAgent, buf: dict, next_obs, scaler: RunningRewardScaler, args: Args):
+    """Scaled rewards (--reward-scaling) + the truncation bootstraps (V in scaled units), then GAE: (adv, returns)."""
     raw = buf["raw_reward"]  # float64 [T, N]
-    rewards = torch.as_tensor(
-        rollout_std_scaling(raw) if args.reward_scaling == "rollout_std" else raw,
-        dtype=torch.float32,
-        device=buf["value"].device,
-    )
+    if not np.isfinite(raw).all():
+        raise FloatingPointError("env reward")
+    scale = {"rollout_std": rollout_std_scaling, "running": lambda r: scaler(r, buf["done"]), "none": lambda r: r}
+    rewards = torch.as_tensor(scale[args.reward_scaling](raw), dtype=torch.float32, device=buf["value"].device)
     with torch.no_grad():  # bootstrap value if not done
         next_value = agent.get_value(torch.as_tensor(next_obs, device=rewards.device))  # [N]
         dones = torch.as_tensor(buf["done"], dtype=torch.float32, device=rewards.device)  # [T, N]
@@ -593,29 +566,27 @@ def compute_advantages(agent: DBPOAgent, buf: dict, next_obs, args: Args):
 
 
 def ppo_update(agent: DBPOAgent, optimizers, batch: list, iteration: int, args: Args, stop):
-    """This iteration's learning rates, then --update-epochs epochs of minibatches (stopped once approx KL > --target-kl):
-    the means of the minibatches' infos. A NaN/inf loss term or parameter raises FloatingPointError."""
-    cycle = args.lr_cycle_iters or args.num_iterations  # the authors' schedulers step once per iteration, the actor's
-    for opt, peak, low, k in (
-        (optimizers[1], args.critic_lr, args.critic_min_lr, iteration),  # after the critic warm-up
-        (optimizers[0], args.actor_lr, args.actor_min_lr, max(iteration - args.critic_warmup_iters, 0)),
+    """This iteration's learning rates, then --update-epochs epochs of minibatches (stopped once approx KL >
+    --target-kl): the means of the minibatches' infos. A NaN/inf loss term or parameter raises FloatingPointError."""
+    cycle = args.lr_cycle_iters or args.num_iterations  # the authors' schedulers step once per iteration
+    actor_k = max(iteration - args.critic_warmup_iters, 0)  # the actor's schedule starts after the critic warm-up
+    for opt, k, peak, low in (
+        (optimizers[0], actor_k, args.actor_lr, args.actor_min_lr),
+        (optimizers[1], iteration, args.critic_lr, args.critic_min_lr),
     ):
-        opt.param_groups[0]["lr"] = scheduled_lr(
-            k, peak, low, args.lr_warmup_iters, cycle, args.lr_schedule
-        )  # one group
+        opt.param_groups[0]["lr"] = scheduled_lr(k, peak, low, args.lr_warmup_iters, cycle)  # one group each
     batch_size, infos = len(batch[0]), []
     minibatch_size = min(args.minibatch_size, batch_size)
-    minibatches = (
-        (epoch, b_inds[start : start + minibatch_size])
-        for epoch in range(args.update_epochs)  # a permutation
-        for b_inds in [torch.randperm(batch_size, device=batch[0].device)]  # per epoch, then its minibatches
-        for start in range(0, batch_size, minibatch_size)
+    starts = range(0, batch_size, minibatch_size)  # the minibatches of one epoch
+    minibatches = (  # lazily: an early stop draws no further permutation
+        order[start : start + minibatch_size]
+        for _ in range(args.update_epochs)
+        for order in [torch.randperm(batch_size, device=batch[0].device)]  # one permutation per epoch
+        for start in starts
     )
-    for epoch, mb in minibatches:
+    for mb in minibatches:
         stop.check()
-        info = update(
-            agent, *optimizers, [x[mb] for x in batch], args, update_actor=iteration >= args.critic_warmup_iters
-        )
+        info = update(agent, *optimizers, [x[mb] for x in batch], args, iteration >= args.critic_warmup_iters)
         if not torch.isfinite(info["loss"]):
             raise FloatingPointError(next(k for k in info if not torch.isfinite(info[k]).all()))  # the first bad term
         infos.append(info)
@@ -624,19 +595,34 @@ def ppo_update(agent: DBPOAgent, optimizers, batch: list, iteration: int, args: 
     if (bad := runs.nonfinite(dict(agent.named_parameters()))) is not None:
         raise FloatingPointError(f"parameter {bad}")
     means = {k: torch.stack([i[k] for i in infos]).float().mean().item() for k in infos[0] if k != "ratio"}
+    epochs = math.ceil(len(infos) / len(starts))
     return {
         **means,
-        "update_epochs_done": epoch + 1,
+        "update_epochs_done": epochs,
         "minibatches_done": len(infos),
         "approx_kl_last": infos[-1]["approx_kl"].item(),
     }
 
 
+@dataclass
+class Clock:
+    """Wall-clock times of this process's iterations: the SPS, the ETA and the final timing line."""
+
+    first_iteration: int
+    first_step: int
+    start: float = field(default_factory=time.time)
+    rollout: float = 0.0  # seconds in rollouts, summed
+    update: float = 0.0  # seconds in updates, summed
+    last_rollout: float = 0.0  # seconds of the latest rollout
+
+
 def log_iteration(writer, iteration: int, args: Args, optimizers, stats, batch, buf, episodes, global_step, clock):
     """The iteration's tensorboard scalars (step = iteration) and its `iter i/n ...` line."""
-    (steps, returns, successes), y_true, y_pred = episodes, batch[5].cpu().numpy(), batch[6].cpu().numpy()
+    steps, returns, successes = episodes
+    y_true, y_pred = batch[5].numpy(force=True), batch[6].numpy(force=True)  # returns, values
     explained_var = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
-    sps = int((global_step - clock["first_step"]) / (time.time() - clock["start"]))
+    elapsed = time.time() - clock.start
+    sps = int((global_step - clock.first_step) / elapsed)
     scalars = {
         "charts/env_steps": global_step,
         "charts/actor_lr": optimizers[0].param_groups[0]["lr"],
@@ -646,27 +632,21 @@ def log_iteration(writer, iteration: int, args: Args, optimizers, stats, batch, 
         "charts/reward_mean": buf["raw_reward"].mean(),
         "losses/explained_variance": explained_var,
         "charts/SPS": sps,
-        "charts/rollout_SPS": steps / clock["rollout_seconds"],
+        "charts/rollout_SPS": steps / clock.last_rollout,
         **{f"losses/{k}": v for k, v in stats.items() if k not in ("std", "loss")},
         **({"charts/episodic_return": np.mean(returns)} if returns else {}),
         **({"charts/success_rate": np.mean(successes)} if successes else {}),
     }
     for key, value in scalars.items():
         writer.add_scalar(key, value, iteration)
-    eta = (
-        (time.time() - clock["start"])
-        / (iteration - clock["first_iteration"] + 1)
-        * (args.num_iterations - iteration - 1)
-    )
-    ret, succ = (
-        f"{np.mean(returns):.2f}" if returns else "n/a",
-        f" | success {np.mean(successes):.3f}" if successes else "",
-    )
+    eta = elapsed / (iteration - clock.first_iteration + 1) * (args.num_iterations - iteration - 1)
+    ret = f"{np.mean(returns):.2f}" if returns else "n/a"
+    success = f" | success {np.mean(successes):.3f}" if successes else ""
+    phase = "actor+critic" if iteration >= args.critic_warmup_iters else "critic warm-up"
     print(
-        f"iter {iteration}/{args.num_iterations} | env steps {global_step} | SPS {sps} | return {ret}{succ} | kl "
-        f"{scalars['losses/approx_kl']:.4f} | anchor {scalars['losses/anchor_loss']:.2e} | std {scalars['charts/std']:.3f} | "
-        f"ev {explained_var:.2f} | {'actor+critic' if iteration >= args.critic_warmup_iters else 'critic warm-up'} | "
-        f"ETA {eta / 60:.1f} min",
+        f"iter {iteration}/{args.num_iterations} | env steps {global_step} | SPS {sps} | return {ret}{success} | kl "
+        f"{stats['approx_kl']:.4f} | anchor {stats['anchor_loss']:.2e} | std {stats['std']:.3f} | "
+        f"ev {explained_var:.2f} | {phase} | ETA {eta / 60:.1f} min",
         flush=True,
     )
 
@@ -674,35 +654,17 @@ def log_iteration(writer, iteration: int, args: Args, optimizers, stats, batch, 
 def save_model(ckpt: dict, agent: DBPOAgent, args: Args, global_step: int, path: str) -> None:
     """dbpo_ppo.pt: dbp-v1 with the fine-tuned generator and normalizer, the original ones (anchor_model, anchor_stats),
     the log-std head and critic."""
-    model = {
-        k: v for k, v in ckpt.items() if k not in ("train_model", "optimizer", "ema_decay_step", "rng", "global_time")
-    }
-    cpu = lambda net: {k: v.cpu() for k, v in net.state_dict().items()}  # noqa: E731
-    anchor_stats = {k: getattr(agent, k).cpu() for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
-    trained = {
-        f"{k}_{n}": v.detach().cpu()
-        for k in ("obs", "action")
-        for n, v in (  # the actor's x * gain + bias as dbp-v1's
-            ("scale", 1 / getattr(agent, f"{k}_gain")),
-            ("offset", -getattr(agent, f"{k}_bias") / getattr(agent, f"{k}_gain")),
-        )
-    }
-    runs.save(
-        {
-            **model,
-            "model": cpu(agent.generator),
-            **trained,
-            "anchor_model": cpu(agent.anchor),
-            "dbpo": {
-                "args": vars(args),
-                "log_std_head": cpu(agent.log_std_head),
-                "critic": cpu(agent.critic),
-                "global_step": global_step,
-                "anchor_stats": anchor_stats,
-            },
-        },
-        path,
-    )
+    dropped = ("train_model", "optimizer", "ema_decay_step", "rng", "global_time")  # dbp_bc.py's training state
+    model = {k: v for k, v in ckpt.items() if k not in dropped}
+    for k in ("obs", "action"):  # the actor's x_n = x * gain + bias as dbp-v1's x_n = (x - offset) / scale
+        gain, bias = (getattr(agent, f"{k}_{n}").detach().cpu() for n in ("gain", "bias"))
+        model |= {f"{k}_scale": 1 / gain, f"{k}_offset": -bias / gain}
+    stats = {k: getattr(agent, k).cpu() for k in ("obs_offset", "obs_scale", "action_offset", "action_scale")}
+    nets = ("generator", "anchor", "log_std_head", "critic")
+    cpu = {n: {k: v.cpu() for k, v in getattr(agent, n).state_dict().items()} for n in nets}
+    dbpo = {"args": vars(args), "global_step": global_step, "anchor_stats": stats}
+    dbpo |= {n: cpu[n] for n in ("log_std_head", "critic")}
+    runs.save({**model, "model": cpu["generator"], "anchor_model": cpu["anchor"], "dbpo": dbpo}, path)
 
 
 def main():
@@ -715,42 +677,42 @@ def main():
     device = runs.seed(args.seed, args.torch_deterministic, args.num_threads, args.cuda)  # TRY NOT TO MODIFY: seeding
     # env setup: ChunkEnvs (obs [To, O], action: the executed [Ta, A]); a Robomimic env from the checkpoint's env_args
     To, Tp, Ta = ckpt["obs_horizon"], ckpt["pred_horizon"], ckpt["action_horizon"]
-    env_kwargs = dict(
-        env_args=ckpt.get("env_args"), max_episode_steps=args.max_episode_steps or ckpt.get("max_episode_steps")
-    )
-    eval_envs = envs.make_eval_envs(
-        env_id, min(args.eval_envs, args.eval_episodes), Ta, To, render=args.capture_video, **env_kwargs
-    )
+    max_steps = args.max_episode_steps or ckpt.get("max_episode_steps")
+    env_kwargs = dict(env_args=ckpt.get("env_args"), max_episode_steps=max_steps)
+    ends = args.eval_episodes_ends or args.eval_episodes  # episodes of the first and the final evaluation
+    eval_envs = envs.make_eval_envs(env_id, min(args.eval_envs, ends), Ta, To, render=args.capture_video, **env_kwargs)
+    eval_envs.reset(seed=args.seed)  # every env once: an env idle in a smaller evaluation is stepped after a reset
     obs_dim, act_dim = eval_envs.single_observation_space.shape[-1], eval_envs.single_action_space.shape[-1]
     runs.check(
         (obs_dim, act_dim) == (ckpt["obs_dim"], ckpt["action_dim"]),
-        f"the checkpoint expects obs/action dims "
-        f"{ckpt['obs_dim']}/{ckpt['action_dim']} but {env_id} has {obs_dim}/{act_dim}",
+        f"the checkpoint expects obs/action dims {ckpt['obs_dim']}/{ckpt['action_dim']} but {env_id} has "
+        f"{obs_dim}/{act_dim}",
     )
-    agent, optimizers = build_agent(ckpt, state, args, device)
+    agent, optimizers, scaler = build_agent(ckpt, state, args, device)
     start_iteration, global_step = (state["iteration"], state["global_step"]) if state else (0, 0)
     stop = runs.Stop()
-    stop.armed = (
-        not args.eval_only
-    )  # from here a signal stops the run within a step, saved (--eval-only: exits at once)
+    stop.armed = not args.eval_only  # from here a signal stops the run within a step, saved (--eval-only: at once)
     print(
         f"dbpo_ppo: {env_id} | checkpoint {args.checkpoint} ({ckpt['backbone']}, To={To} Tp={Tp} Ta={Ta}) | device "
         f"{device} | threads {torch.get_num_threads()} | run folder {run_dir or '- (eval only)'}",
         flush=True,
     )
-    video = lambda name: os.path.join(run_dir, "videos", f"{name}.mp4") if args.capture_video else None  # noqa: E731
+
+    def video(name: str) -> str | None:  # <run dir>/videos/<name>.mp4 with --capture-video
+        return os.path.join(run_dir, "videos", f"{name}.mp4") if args.capture_video else None
+
     if args.eval_only:
-        print(f"final eval {env_id}: {evaluate_and_log(agent, eval_envs, args, stop, video=video('eval-only'))}")
+        print(f"final eval {env_id}: {evaluate_and_log(agent, eval_envs, args, stop, ends, video=video('eval-only'))}")
         runs.leave(0, eval_envs)
 
     writer = runs.tensorboard(
         run_dir,
         args,
         run_name,
-        start=start_iteration if state else 1,  # step = iteration: a resume
+        start=start_iteration if state else 1,  # step = iteration: a resume purges the steps it repeats
         wandb_project=args.track and args.wandb_project_name,
         wandb_entity=args.wandb_entity,
-    )  # purges
+    )
     if state is not None:
         print(f"resumed {run_name} at iteration {start_iteration} ({global_step} env steps)")
     train_envs = gym.vector.SyncVectorEnv(
@@ -760,6 +722,7 @@ def main():
     state_path, model_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "dbpo_ppo.pt")
 
     def snapshot(iteration: int, global_step: int, finished=False) -> dict:  # all a --resume needs, detached (state.pt)
+        nets = {"agent": agent, "actor_optimizer": optimizers[0], "critic_optimizer": optimizers[1]}
         return {
             "format": STATE_FORMAT,
             "env_id": env_id,
@@ -770,59 +733,42 @@ def main():
             "finished": finished,
             "global_step": global_step,
             "rng": runs.rng_state(),
-            **copy.deepcopy(
-                {
-                    "agent": agent.state_dict(),
-                    "actor_optimizer": optimizers[0].state_dict(),
-                    "critic_optimizer": optimizers[1].state_dict(),
-                }
-            ),
+            "reward_scaler": copy.deepcopy(vars(scaler)),
+            **copy.deepcopy({k: v.state_dict() for k, v in nets.items()}),
         }
 
-    clock = {
-        "start": time.time(),
-        "first_step": global_step,
-        "first_iteration": start_iteration,
-        "rollout": 0.0,
-        "update": 0.0,
-    }
+    def evaluation(iteration: int, episodes: int) -> str:
+        video_path = video(f"eval-iter{iteration}")
+        return evaluate_and_log(agent, eval_envs, args, stop, episodes, writer, iteration, global_step, video_path)
+
+    clock = Clock(start_iteration, global_step)
     next_obs, _ = train_envs.reset(seed=args.seed + start_iteration)
     last_good, iteration, result = None, start_iteration, None
     try:
         for iteration in range(start_iteration, args.num_iterations):
             last_good = snapshot(iteration, global_step)  # what an interruption inside this iteration saves
-            if iteration % args.eval_interval == 0:  # an evaluation iteration: mean path, no update
-                result = evaluate_and_log(
-                    agent, eval_envs, args, stop, writer, iteration, global_step, video(f"eval-iter{iteration}")
+            if iteration % args.eval_interval == 0:  # an evaluation iteration: no update
+                result = evaluation(
+                    iteration, ends if iteration in (0, args.num_iterations - 1) else args.eval_episodes
                 )
                 print(f"eval at iteration {iteration}: {result}", flush=True)
             else:
                 t0 = time.time()
                 next_obs, buf, episodes = rollout(agent, train_envs, next_obs, args, stop)
-                advantages, returns = compute_advantages(agent, buf, next_obs, args)
+                buf["advantage"], buf["return"] = compute_advantages(agent, buf, next_obs, scaler, args)
                 global_step, t1 = global_step + episodes[0], time.time()
-                batch = [
-                    *(buf[k].flatten(0, 1) for k in ("obs", "z", "chunk", "logprob")),
-                    advantages.flatten(),
-                    returns.flatten(),
-                    buf["value"].flatten(),
-                ]
+                # [T * N, ...] each, in the order of dbpo_loss's arguments
+                batch = [buf[k].flatten(0, 1) for k in ("obs", "z", "chunk", "logprob", "advantage", "return", "value")]
                 stats = ppo_update(agent, optimizers, batch, iteration, args, stop)
-                clock.update(
-                    rollout_seconds=t1 - t0,
-                    rollout=clock["rollout"] + t1 - t0,
-                    update=clock["update"] + time.time() - t1,
-                )
+                clock.last_rollout = t1 - t0
+                clock.rollout += t1 - t0
+                clock.update += time.time() - t1
                 log_iteration(writer, iteration, args, optimizers, stats, batch, buf, episodes, global_step, clock)
             if (iteration + 1) % args.save_interval == 0 and args.save_model:
                 runs.save(snapshot(iteration + 1, global_step), state_path)
         iteration, last_good = args.num_iterations, snapshot(args.num_iterations, global_step)
-        if (
-            args.num_iterations - 1
-        ) % args.eval_interval != 0 or result is None:  # the last iteration trained: evaluate it
-            result = evaluate_and_log(
-                agent, eval_envs, args, stop, writer, iteration, global_step, video(f"eval-iter{iteration}")
-            )
+        if (iteration - 1) % args.eval_interval != 0 or result is None:  # the last iteration trained: evaluate it
+            result = evaluation(iteration, ends)
     except runs.Interrupted:  # saved: the state as of the start of the interrupted iteration, which a resume repeats
         if args.save_model:
             runs.save(last_good, state_path)
@@ -832,10 +778,11 @@ def main():
     except FloatingPointError as e:  # a non-finite reward, loss term or parameter: the last good state stays
         runs.stop_nonfinite(str(e), iteration, state_path, "Try a lower --actor-lr / --critic-lr")
 
-    steps, rollout_time, update_time = global_step - clock["first_step"], clock["rollout"], clock["update"]
+    steps = global_step - clock.first_step
     print(
-        f"timing: rollout {steps / max(rollout_time, 1e-9):.1f} env steps/s, update {steps / max(update_time, 1e-9):.1f} "
-        f"env steps/s ({steps} env steps, {rollout_time:.1f}s rollout, {update_time:.1f}s update; busy CPUs slow both)"
+        f"timing: rollout {steps / max(clock.rollout, 1e-9):.1f} env steps/s, update "
+        f"{steps / max(clock.update, 1e-9):.1f} env steps/s ({steps} env steps, {clock.rollout:.1f}s rollout, "
+        f"{clock.update:.1f}s update; busy CPUs slow both)"
     )
     if args.save_model:
         runs.save(snapshot(args.num_iterations, global_step, finished=True), state_path)

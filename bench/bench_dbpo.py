@@ -125,11 +125,11 @@ def time_update(args: Args, checkpoint: str, device) -> dict:
         critic_warmup_iters=0,
     )  # every epoch runs; the actor is updated too
     agent, optimizers = dbpo_ppo.build_agent(ckpt, None, a, device)[:2]
-    n, To, O = args.decisions, ckpt["obs_horizon"], ckpt["obs_dim"]
-    obs = torch.randn(n, To, O, device=device)  # [n, To, O]
+    n, To, obs_dim = args.decisions, ckpt["obs_horizon"], ckpt["obs_dim"]
+    obs = torch.randn(n, To, obs_dim, device=device)  # [n, To, obs_dim]
     with torch.no_grad():
         z = agent.sample_latent(n)  # [n, Tp, A]
-        chunk, logprob = agent.act(obs, z)  # [n, Tp, A], [n]: the rollout's own samples
+        chunk, logprob = agent.act(obs, z, torch.randn_like(z))  # [n, Tp, A], [n]: the rollout's own samples
         values = agent.get_value(obs)  # [n]
     batch = [obs, z, chunk, logprob, torch.randn(n, device=device), torch.randn(n, device=device), values]
     stop = SimpleNamespace(check=lambda: None)

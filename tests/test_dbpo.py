@@ -1,13 +1,14 @@
 """dbpo_ppo.py: DBPO (PPO fine-tuning of a one-step DBP generator).
 
 Unit tests import the script as a module (its __main__ block does not run): the exactness properties of
-docs/algorithms.md §5 (stored-z ratio = 1, executed-prefix likelihood, anchor = 0 at the start), GAE with
-truncation, the chunk env (envs.ChunkEnv) and the rollout, reward scaling, the log-prob clamp, the learning-rate schedules, the authors'
-defaults, and a learning test on a contextual bandit with a poorly initialized stand-in generator.
-The bad-input matrix runs the script's __main__ in-process. Subprocess runs: smoke runs from checkpoints
-that dbp_bc.py makes on tiny data (cube-single task 1, Hopper-v5), SIGTERM in a rollout and in an
-evaluation + resume, the non-finite guard, the evaluation's seeding and success error, --eval-only reproducing the logged evaluation, and tensorboard
-steps across resumes (tiny fresh-MLP Hopper checkpoints). Nothing touches ~/.ogbench.
+docs/algorithms.md §5 (stored-z ratio = 1, executed-prefix likelihood, anchor = 0 at the start), the Gaussian and its
+clamp in the checkpoint's normalized action units, GAE with truncation, the chunk env (envs.ChunkEnv) and the rollout,
+reward scaling, the log-prob clamp, the learning-rate schedules, the authors' defaults, the evaluation's policies, and
+a learning test on a contextual bandit with a poorly initialized stand-in generator. The bad-input table runs the
+script's __main__ in-process. Subprocess runs: smoke runs from checkpoints that dbp_bc.py makes on tiny data
+(cube-single task 1, Hopper-v5), SIGTERM in a rollout and in an evaluation + resume, the non-finite guard,
+--eval-only reproducing the logged evaluations, and tensorboard steps across resumes (tiny fresh-MLP Hopper
+checkpoints). scripts/dbpo_report.py on tiny hand-made runs, and its refusals. Nothing touches ~/.ogbench.
 """
 
 import contextlib
@@ -31,6 +32,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "dbpo_ppo.py")
+REPORT = os.path.join(ROOT, "scripts", "dbpo_report.py")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from inprocess import run_main  # noqa: E402
@@ -318,18 +320,48 @@ def test_stored_latent_gives_ratio_one_and_anchor_zero_before_the_first_update(D
     assert (info["ratio"] - 1).abs().max() > 1e-4
 
 
-def test_actions_are_clipped_to_the_env_bounds_in_normalized_units(D):
+def test_actions_are_clipped_to_the_data_range_within_the_env_bounds(D):
+    """The authors' clamp to [-1, 1] acts in normalized units u = (a - offset) / scale, i.e. at the data's min and max
+    (dim 0: offset 0.5, scale 0.25 -> a in [0.25, 0.75]), and never beyond the env's bounds (dim 1: u = +-1 would be
+    a = +-2, outside [-1, 1])."""
     ckpt = contract_checkpoint(D, 3, 2)
     ckpt["action_offset"], ckpt["action_scale"] = torch.tensor([0.5, 0.0]), torch.tensor([0.25, 2.0])
     agent = make_agent(D, ckpt)
-    with torch.no_grad():
-        agent.generator.net[-1].bias.copy_(torch.tensor([100.0, -100.0]).repeat(4))  # mean far outside the bounds
-    chunk, logp = agent.act(torch.randn(4, 2, 3), torch.randn(4, 4, 2))
-    actions = agent.env_actions(chunk)  # [B, Ta, act_dim] in env units
-    assert actions.shape == (4, 2, 2)
-    np.testing.assert_allclose(actions[..., 0], 1.0, atol=1e-6)
-    np.testing.assert_allclose(actions[..., 1], -1.0, atol=1e-6)
-    assert torch.isfinite(logp).all()
+    obs, z = torch.randn(4, 2, 3), torch.randn(4, 4, 2)
+    for sign, expected in ((1, [0.75, -1.0]), (-1, [0.25, 1.0])):
+        with torch.no_grad():  # the mean far outside the bounds: +-100 in dim 0, -+100 in dim 1
+            agent.generator.net[-1].bias.copy_(sign * torch.tensor([100.0, -100.0]).repeat(4))
+        for noise in (None, torch.randn(4, 4, 2)):  # the mean path and a sample
+            chunk, logp = agent.act(obs, z, noise)
+            actions = agent.env_actions(chunk)  # [B, Ta, act_dim] in env units
+            assert actions.shape == (4, 2, 2)
+            np.testing.assert_allclose(actions, np.broadcast_to(expected, (4, 2, 2)), atol=1e-6)
+            assert torch.isfinite(logp).all()
+
+
+def test_a_non_identity_action_normalizer_puts_the_noise_in_normalized_units(D):
+    """std 0.05 is 0.05 normalized units, as in the authors' code: in env units it is 0.05 * action_scale per dim; the
+    mean and the log-likelihood are those of the normalized chunk, and the anchor is the generator's own output."""
+    ckpt = contract_checkpoint(D, 3, 2)
+    ckpt["action_offset"], ckpt["action_scale"] = torch.tensor([0.2, -0.1]), torch.tensor([0.25, 0.5])
+    ckpt["action_low"], ckpt["action_high"] = -10 * torch.ones(2), 10 * torch.ones(2)
+    agent = make_agent(D, ckpt, init_std=0.05, min_std=0.05, max_std=0.05)
+    obs, z = torch.randn(1, 2, 3).expand(20_000, 2, 3), torch.randn(1, 4, 2).expand(20_000, 4, 2)
+    torch.testing.assert_close(agent.dist_params(obs, z)[0], agent.anchor(obs, z))  # u: the generator's output
+    torch.testing.assert_close(agent.anchor_mean(obs, z), agent.anchor(obs, z))
+    with torch.no_grad():  # mu(s, z) = 0 in u: a = offset, far inside the clamp
+        agent.generator.net[-1].weight.zero_()
+        agent.generator.net[-1].bias.zero_()
+    mu, std = agent.dist_params(obs, z)
+    torch.manual_seed(0)
+    noise = torch.randn(20_000, 4, 2)
+    chunk, logp = agent.act(obs, z, noise)
+    torch.testing.assert_close(chunk, mu + 0.05 * noise.clamp(-3, 3))  # the noise added in u, before unnormalizing
+    torch.testing.assert_close(logp, D.prefix_log_prob(mu, std, chunk, 2, 2))
+    actions = agent.env_actions(chunk)  # [B, Ta, act_dim] env units
+    np.testing.assert_allclose(actions.std(axis=(0, 1)), 0.05 * np.array([0.25, 0.5]), rtol=0.03)
+    mean_path = agent.env_actions(agent.act(obs, z)[0])
+    np.testing.assert_allclose(mean_path, np.broadcast_to(ckpt["action_offset"].numpy(), mean_path.shape), atol=1e-3)
 
 
 def test_gae_bootstraps_through_truncation_but_not_termination(D):
@@ -380,15 +412,17 @@ def test_chunk_env_executes_the_prefix_sums_rewards_and_stops_at_the_episode_end
 
 
 def test_time_limits_are_terminal_by_default_and_bootstrapped_with_the_flag(D):
-    """Authors' code: gym's TimeLimit gives `done`, so a time-limit end is terminal (no bootstrap); --bootstrap-timeouts
-    adds gamma * V(final obs) to the truncated decision's reward instead. Time limit 4 env steps = 2 chunks of Ta = 2."""
+    """Authors' code: gym's TimeLimit gives `done`, so a time-limit end is terminal (no bootstrap);
+    --bootstrap-timeouts adds gamma * V(final obs) to the truncated decision's reward instead. Time limit 4 env steps
+    = 2 chunks of Ta = 2."""
     ckpt = contract_checkpoint(D, 1, 2, To=2, Tp=4, Ta=2)
     agent = make_agent(D, ckpt)
     stop = type("Stop", (), {"check": lambda self: None})()
+
+    def make():
+        return envs.ChunkEnv(gym.wrappers.RecordEpisodeStatistics(gym.wrappers.TimeLimit(CountingEnv(100), 4)), 2, 2)
+
     for bootstrap in (False, True):
-        make = lambda: envs.ChunkEnv(
-            gym.wrappers.RecordEpisodeStatistics(gym.wrappers.TimeLimit(CountingEnv(100), 4)), 2, 2
-        )  # noqa: E731
         train_envs = gym.vector.SyncVectorEnv([make] * 2, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
         next_obs, _ = train_envs.reset(seed=0)
         args = D.Args(num_steps=3, num_envs=2, bootstrap_timeouts=bootstrap)
@@ -408,8 +442,9 @@ def test_time_limits_are_terminal_by_default_and_bootstrapped_with_the_flag(D):
 
 
 def test_normalizer_is_trained_by_the_actor_optimizer_unless_frozen(D):
-    """Authors' code: the fine-tuned actor is a deep copy with requires_grad=True everywhere, so its normalizer (x_n = x *
-    scale + offset, here gain and bias) is in the actor's AdamW; --freeze-normalizer keeps it. The anchor's never moves."""
+    """Authors' code: the fine-tuned actor is a deep copy with requires_grad=True everywhere, so its normalizer (x_n =
+    x * scale + offset, here gain and bias) is in the actor's AdamW; --freeze-normalizer keeps it. The anchor's never
+    moves."""
     ckpt = contract_checkpoint(D, 3, 2)
     ckpt["obs_offset"], ckpt["obs_scale"] = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([2.0, 4.0, 0.5])
     ckpt["action_offset"], ckpt["action_scale"] = torch.tensor([0.1, 0.0]), torch.tensor([0.5, 2.0])
@@ -468,7 +503,7 @@ def test_ppo_improves_a_contextual_bandit_and_the_anchor_limits_drift(D, one_thr
             return -((D.executed(chunk, To, Ta) - target) ** 2).mean((1, 2))
 
         def mean_path_return():
-            return reward(probe_obs, agent.act(probe_obs, probe_z, deterministic=True)[0]).mean().item()
+            return reward(probe_obs, agent.act(probe_obs, probe_z)[0]).mean().item()
 
         with torch.no_grad():
             mu_init = agent.generator(probe_obs, probe_z)
@@ -476,7 +511,7 @@ def test_ppo_improves_a_contextual_bandit_and_the_anchor_limits_drift(D, one_thr
         for _ in range(iterations):
             obs = (torch.rand(B, 1, do) * 2 - 1).repeat(1, To, 1)
             z = agent.sample_latent(B)
-            chunk, logp = agent.act(obs, z, noise_clip=args.noise_clip)
+            chunk, logp = agent.act(obs, z, torch.randn_like(z), args.noise_clip)
             with torch.no_grad():
                 values = agent.get_value(obs)
             adv, ret = D.compute_gae(
@@ -527,7 +562,6 @@ def test_presets_follow_the_authors_code(D):
         actor_min_lr=3e-6,
         critic_lr=1e-4,
         critic_min_lr=3e-5,
-        lr_schedule="cosine",
         lr_warmup_iters=10,
         lr_cycle_iters=None,
         weight_decay=1e-6,
@@ -541,7 +575,8 @@ def test_presets_follow_the_authors_code(D):
         eval_interval=10,
         eval_episodes=100,
         eval_envs=10,
-        eval_latent="sample",
+        eval_episodes_ends=None,
+        eval_sampled=False,
         bootstrap_timeouts=False,
         freeze_normalizer=False,
         save_model=True,
@@ -568,10 +603,21 @@ def test_presets_follow_the_authors_code(D):
 
 
 def test_reward_scaling_modes_on_a_hand_computed_rollout(D):
-    """rollout_std (authors' code): r / (std over the whole rollout + 1e-8); here std = sqrt(4.6875)."""
+    """rollout_std (authors' code): r / (std over the whole rollout + 1e-8); here std = sqrt(4.6875). running: r / std
+    of the discounted returns G seen so far (G reset after an episode's end), carried across rollouts."""
     rewards = np.array([[-8.0, -8.0], [-8.0, -3.0]])  # mean -6.75; deviations -1.25 (x3), 3.75
     np.testing.assert_allclose(D.rollout_std_scaling(rewards), rewards / (np.sqrt((3 * 1.25**2 + 3.75**2) / 4) + 1e-8))
     np.testing.assert_allclose(D.rollout_std_scaling(rewards), rewards / 2.1650635094610966, rtol=1e-7)
+    scaler = D.RunningRewardScaler(gamma=0.5, num_envs=2)
+    dones = np.array([[True, False], [False, False]])  # env 0's episode ends at t = 0
+    g = np.array([[-8.0, -8.0], [-8.0, -3.0 - 0.5 * 8.0]])  # G_t = r_t + 0.5 G_{t-1}, env 0 restarted at t = 1
+    # gymnasium's RunningMeanStd starts at count 1e-4 (mean 0, var 1): within 1% of the plain variance here
+    np.testing.assert_allclose(scaler(rewards, dones), rewards / np.sqrt(g.var()), rtol=1e-2)
+    np.testing.assert_allclose(scaler.returns, [-8.0, -7.0])  # carried into the next rollout
+    second = np.array([[1.0, 1.0]])
+    g2 = np.array([-8.0 * 0.5 + 1.0, -7.0 * 0.5 + 1.0])
+    both = np.concatenate([g.ravel(), g2])  # the running variance covers every G so far
+    np.testing.assert_allclose(scaler(second, np.zeros((1, 2), bool)), second / np.sqrt(both.var()), rtol=1e-2)
 
 
 def test_log_prob_clamp_binds_below_minus_two(D):
@@ -600,83 +646,108 @@ def test_learning_rate_schedules_at_key_iterations(D):
     """Authors' CosineAnnealingWarmupRestarts(first_cycle_steps=1500, warmup_steps=10): min at 0, linear to the
     peak at 10, cosine half-way back at 10 + 745, min at the end of the cycle, restart after it."""
     for peak, low in ((1e-5, 3e-6), (1e-4, 3e-5)):
-        lr = lambda k: D.scheduled_lr(k, peak, low, 10, 1500)  # noqa: E731
-        assert (
-            lr(0) == pytest.approx(low) and lr(5) == pytest.approx((low + peak) / 2) and lr(10) == pytest.approx(peak)
-        )
-        assert lr(755) == pytest.approx((low + peak) / 2) and lr(1499) == pytest.approx(low, rel=1e-4)
-        assert lr(1500) == pytest.approx(low) and lr(1510) == pytest.approx(peak)
-        assert D.scheduled_lr(123, peak, low, 10, 1500, "constant") == peak
+        expected = {0: low, 5: (low + peak) / 2, 10: peak, 755: (low + peak) / 2, 1500: low, 1510: peak}
+        for k, lr in expected.items():
+            assert D.scheduled_lr(k, peak, low, 10, 1500) == pytest.approx(lr), k
+        assert D.scheduled_lr(1499, peak, low, 10, 1500) == pytest.approx(low, rel=1e-4)
+        assert D.scheduled_lr(123, peak, peak, 10, 1500) == pytest.approx(peak)  # min = peak: a constant lr
 
 
-def test_mean_path_draws_each_episodes_latent_from_its_own_generator(D):
-    """envs.evaluate's act: the mean path with z from each episode's generator, so an episode's actions do not depend
-    on which other episodes share the batch; --eval-latent zero (and an mse checkpoint) use z = 0."""
+def test_evaluation_policies_draw_each_episodes_latent_and_noise_from_its_own_generator(D):
+    """envs.evaluate's act: the mean path, and the sampled policy, with z (and the noise) from each episode's
+    generator, so an episode's actions do not depend on which other episodes share the batch; an mse checkpoint keeps
+    z = 0. The sampled policy differs from the mean path by at most noise_clip stds."""
     ckpt = contract_checkpoint(D, 3, 2, To=2, Tp=4, Ta=2)
-    agent = make_agent(D, ckpt)
     obs = np.random.default_rng(0).normal(size=(2, 2, 3)).astype(np.float32)
-    both = D.mean_path(agent, False, obs, [envs.episode_generator(7, 0), envs.episode_generator(7, 1)])
-    alone = [D.mean_path(agent, False, obs[i : i + 1], [envs.episode_generator(7, i)]) for i in range(2)]
-    assert both.shape == (2, 2, 2)  # [B, Ta, act_dim] in env units
-    np.testing.assert_allclose(both, np.concatenate(alone), atol=1e-6)  # up to the batch's float rounding
-    zero = agent.env_actions(agent.act(torch.as_tensor(obs), torch.zeros(2, 4, 2), deterministic=True)[0])
-    np.testing.assert_allclose(D.mean_path(agent, True, obs, [envs.episode_generator(7, 0)] * 2), zero, atol=1e-6)
-    assert not np.allclose(both, zero)
+    gens = lambda: [envs.episode_generator(7, 0), envs.episode_generator(7, 1)]  # noqa: E731  (fresh streams per call)
+    for loss in ("drift", "mse"):
+        agent = make_agent(D, {**ckpt, "loss": loss})
+        both = {s: D.eval_act(agent, s, 3.0, obs, gens()) for s in (False, True)}
+        for sampled in (False, True):
+            alone = [D.eval_act(agent, sampled, 3.0, obs[i : i + 1], [gens()[i]]) for i in range(2)]
+            assert both[sampled].shape == (2, 2, 2)  # [B, Ta, act_dim] in env units
+            np.testing.assert_allclose(both[sampled], np.concatenate(alone), atol=1e-6)  # up to float rounding
+        zero = agent.env_actions(agent.act(torch.as_tensor(obs), torch.zeros(2, 4, 2))[0])  # the mean path at z = 0
+        assert np.allclose(both[False], zero, atol=1e-6) == (loss == "mse")
+        gap = np.abs(both[True] - both[False])
+        assert 0 < gap.max() <= 3.0 * 0.03 + 1e-6  # std 0.03 (normalized units = env units here), noise clip 3
 
 
-def test_evaluation_line_has_the_binomial_standard_error_and_an_interrupted_one_logs_nothing(D, monkeypatch, tmp_path):
-    logged = []
+def test_evaluation_lines_scalars_and_csvs_of_both_policies_and_an_interrupted_one_logs_nothing(
+    D, monkeypatch, tmp_path
+):
+    """Each policy's line with the binomial standard error, its eval/* or eval_sampled/* scalars and its CSV rows
+    (the same seeds); the video only of the mean path."""
+    logged, calls = [], []
     writer = type("Writer", (), {"add_scalar": lambda self, *a: logged.append(a), "log_dir": str(tmp_path)})()
     stop = type("Stop", (), {"requested": False, "check": lambda self: None})()
-    episodes = np.array([[np.nan, -3.5, 38.0], [np.nan, -2.5, 42.0]])
-    monkeypatch.setattr(
-        D.envs, "evaluate", lambda *a, **k: {"success": 0.25, "return": -3.0, "length": 40.0, "episodes": episodes}
-    )
-    line = D.evaluate_and_log(None, None, D.Args(eval_episodes=48), stop, writer, iteration=7, global_step=99)
+
+    def evaluate(eval_envs, act, episodes, seed, stop, video):
+        sampled = act.args[1]  # functools.partial(eval_act, agent, sampled, noise_clip)
+        calls.append((sampled, episodes, seed, video))
+        rows = np.array([[np.nan, -3.5, 38.0], [np.nan, -2.5, 42.0]]) + [0, 10 * sampled, 0]
+        return {"success": 0.25, "return": -3.0 + 10 * sampled, "length": 40.0, "episodes": rows}
+
+    monkeypatch.setattr(D.envs, "evaluate", evaluate)
+    args = D.Args(eval_sampled=True, noise_clip=2.0)
+    line = D.evaluate_and_log(None, None, args, stop, 48, writer, iteration=7, global_step=99, video="v.mp4")
     se = (0.25 * 0.75 / 48) ** 0.5  # sqrt(p (1 - p) / n)
-    assert line == f"return -3.0000 | length 40.00 | success 0.2500 +- {se:.4f} (48 episodes, mean path)"
-    assert dict((k, (v, s)) for k, v, s in logged) == {
-        "eval/episodic_return": (-3.0, 7),
-        "eval/episodic_length": (40.0, 7),
-        "eval/success_rate": (0.25, 7),
-        "eval/success_stderr": (se, 7),
-        "eval/env_steps": (99, 7),
-    }
-    rows = np.loadtxt(
-        tmp_path / "eval_episodes.csv", delimiter=",", skiprows=1
-    )  # step, env steps, episode, env seed, ...
-    np.testing.assert_equal(rows, [[7, 99, 0, 100_001, np.nan, -3.5, 38.0], [7, 99, 1, 100_002, np.nan, -2.5, 42.0]])
+    assert line == (
+        f"return -3.0000 | length 40.00 | success 0.2500 +- {se:.4f} (48 episodes, mean path) || "
+        f"return 7.0000 | length 40.00 | success 0.2500 +- {se:.4f} (48 episodes, sampled)"
+    )
+    assert calls == [(False, 48, 100_001, "v.mp4"), (True, 48, 100_001, None)]
+    for prefix, ret in (("eval", -3.0), ("eval_sampled", 7.0)):
+        assert {k: (v, s) for k, v, s in logged if k.startswith(prefix + "/")} == {
+            f"{prefix}/episodic_return": (ret, 7),
+            f"{prefix}/episodic_length": (40.0, 7),
+            f"{prefix}/success_rate": (0.25, 7),
+            f"{prefix}/success_stderr": (se, 7),
+            f"{prefix}/env_steps": (99, 7),
+        }
+    for name, ret in (("eval_episodes.csv", -3.5), ("eval_episodes_sampled.csv", 6.5)):
+        rows = np.loadtxt(tmp_path / name, delimiter=",", skiprows=1)  # step, env steps, episode, env seed, ...
+        np.testing.assert_equal(
+            rows, [[7, 99, 0, 100_001, np.nan, ret, 38.0], [7, 99, 1, 100_002, np.nan, ret + 1, 42]]
+        )
     logged.clear()
     monkeypatch.setattr(D.envs, "evaluate", lambda *a, **k: None)  # stopped by a signal
     stop.check = lambda: (_ for _ in ()).throw(D.runs.Interrupted())
     with pytest.raises(D.runs.Interrupted):
-        D.evaluate_and_log(None, None, D.Args(), stop, writer)
+        D.evaluate_and_log(None, None, D.Args(), stop, 2, writer)
     assert logged == []
 
 
 # ---------------------------------------------------------------- bad input
-def test_bad_input_matrix_exits_2_with_one_line_before_writing_anything(D, tmp_path, one_thread):
-    inp, cwd = tmp_path / "in", tmp_path / "cwd"
-    inp.mkdir()
-    cwd.mkdir()
-    ckpt = contract_checkpoint(D, 11, 3)
-    good = str(inp / "hopper.pt")
-    torch.save(ckpt, good)
+@pytest.fixture(scope="module")
+def bad_files(D, tmp_path_factory):
+    """{name: path} of the files the refusal table passes as @name: a good Hopper checkpoint and bad ones."""
+    inp = tmp_path_factory.mktemp("bad_input")
+    paths = {"good": str(inp / "hopper.pt"), "missing": str(inp / "missing.pt"), "notes": str(inp / "notes.txt")}
+    paths["under_a_file"] = str(inp / "notes.txt" / "runs")
     (inp / "notes.txt").write_text("hello")
-    torch.save(ckpt, inp / "full.pt")
-    (inp / "truncated.pt").write_bytes((inp / "full.pt").read_bytes()[:500])
-    save = lambda name, obj: (torch.save(obj, inp / name), str(inp / name))[1]  # noqa: E731
-    dfp = save("dfp.pt", {"format": "dfp-v1", "actor": {}})
-    state_fmt = save("state_as_ckpt.pt", {"format": "dbpo-state-v1"})
-    pendulum = save("pendulum.pt", contract_checkpoint(D, 11, 3, env_id="Pendulum-v1"))
-    dims = save("dims.pt", contract_checkpoint(D, 12, 3))
+
+    def save(name, obj):
+        paths[name] = str(inp / f"{name}.pt")
+        torch.save(obj, paths[name])
+
+    save("good", contract_checkpoint(D, 11, 3))
+    with open(paths["good"], "rb") as f:
+        (inp / "truncated.pt").write_bytes(f.read()[:500])
+    paths["truncated"] = str(inp / "truncated.pt")
+    save("dfp", {"format": "dfp-v1", "actor": {}})
+    save("state_as_ckpt", {"format": "dbpo-state-v1"})
+    save("pendulum", contract_checkpoint(D, 11, 3, env_id="Pendulum-v1"))
+    save("dims", contract_checkpoint(D, 12, 3))
     nan = contract_checkpoint(D, 11, 3)
     nan["model"]["net.0.weight"][0, 0] = float("nan")
-    nan = save("nan.pt", nan)
+    save("nan", nan)
     misfit = contract_checkpoint(D, 11, 3)
     misfit["generator_kwargs"]["hidden_dim"] = 48
-    misfit = save("misfit.pt", misfit)
-    other = make_agent(D, contract_checkpoint(D, 11, 3, hidden=32))
+    save("misfit", misfit)
+    horizons = contract_checkpoint(D, 11, 3)
+    horizons["action_horizon"] = 4  # To - 1 + Ta = 5 > Tp = 4
+    save("horizons", horizons)
     state = {
         "format": "dbpo-state-v1",
         "env_id": "Hopper-v5",
@@ -684,65 +755,84 @@ def test_bad_input_matrix_exits_2_with_one_line_before_writing_anything(D, tmp_p
         "iteration": 1,
         "finished": False,
         "run_name": "r",
-        "agent": other.state_dict(),
+        "agent": make_agent(D, contract_checkpoint(D, 11, 3, hidden=32)).state_dict(),  # other network sizes
         "global_step": 0,
         "actor_optimizer": {},
         "critic_optimizer": {},
         "rng": {},
     }
-    walker = save("walker_state.pt", {**state, "env_id": "Walker2d-v5"})
-    envs3 = save("envs3_state.pt", {**state, "num_envs": 3})
-    sizes = save("sizes_state.pt", state)
-    partial = save("partial_state.pt", {k: v for k, v in state.items() if k != "rng"})
-    horizons = contract_checkpoint(D, 11, 3)
-    horizons["action_horizon"] = 4  # To - 1 + Ta = 5 > Tp = 4
-    horizons = save("horizons.pt", horizons)
-    cases = [
-        (["--gamma", "2"], "--gamma must be in (0, 1]"),
-        (["--clip-coef", "-0.1"], "--clip-coef must be a finite number > 0, got -0.1"),
-        (["--num-steps", "abc"], "Error parsing --num-steps"),  # a value of the wrong type (runs.parse)
-        (["--reward-scaling", "sometimes"], "invalid choice 'sometimes' for argument '--reward-scaling'"),
-        (["--no-such-flag"], "Unrecognized options: --no-such-flag"),
-        (["--eval-envs", "0"], "--eval-envs must be > 0"),
-        (["--target-kl", "inf"], "--target-kl must be a finite number > 0"),
-        (["--actor-lr", "nan"], "--actor-lr must be a finite number"),
-        (["--eval-interval", "0"], "--eval-interval must be > 0"),
-        (["--save-interval", "0"], "--save-interval must be > 0"),
-        (["--eval-episodes", "0"], "--eval-episodes must be > 0"),
-        (["--gae-lambda", "1.5"], "--gae-lambda must be in [0, 1]"),
-        (["--num-threads", "-1"], "--num-threads must be >= 0"),
-        (["--min-std", "0.2"], "need 0 < --min-std <= --init-std <= --max-std"),
-        (["--actor-min-lr", "1e-3"], "must not exceed the peak"),
-        (["--eval-only", "--resume", sizes], "drop --resume"),
-        ([], None),  # missing --checkpoint (no --checkpoint flag below)
-        (["--checkpoint", str(inp / "missing.pt")], "does not exist"),
-        (["--checkpoint", str(inp / "notes.txt")], "cannot read --checkpoint"),
-        (["--checkpoint", str(inp / "truncated.pt")], "cannot read --checkpoint"),
-        (["--checkpoint", dfp], "is of another kind (format 'dfp-v1', expected 'dbp-v1')"),
-        (["--checkpoint", state_fmt], "continue it with --resume"),
-        (["--checkpoint", pendulum], "unknown env 'Pendulum-v1'"),
-        (["--checkpoint", horizons], "inconsistent horizons To=2, Tp=4, Ta=4"),
-        (["--checkpoint", dims], "obs/action dims 12/3"),
-        (["--checkpoint", nan], "NaN or infinite"),
-        (["--checkpoint", misfit], "does not match these networks"),
-        (["--env-id", "Walker2d-v5"], "trained on Hopper-v5"),
-        (["--resume", str(inp / "notes.txt")], "cannot read --resume"),
-        (["--resume", good], "is of another kind (format 'dbp-v1', expected 'dbpo-state-v1')"),
-        (["--resume", partial], "lacks rng"),
-        (["--resume", walker], "fine-tunes Walker2d-v5"),
-        (["--resume", envs3], "--num-envs 3"),
-        (["--resume", sizes], "does not match these networks"),
-        (["--runs-dir", str(inp / "notes.txt" / "runs")], "cannot create the run folder"),
-    ]
+    save("walker_state", {**state, "env_id": "Walker2d-v5"})
+    save("envs3_state", {**state, "num_envs": 3})
+    save("sizes_state", state)
+    save("partial_state", {k: v for k, v in state.items() if k != "rng"})
+    return paths
+
+
+RANGES = [  # (flags, the error line's text): runs.parse's ranges and tyro's parsing, each flag on its own
+    (["--gamma", "2"], "--gamma must be in (0, 1], got 2.0"),
+    (["--clip-coef", "-0.1"], "--clip-coef must be a finite number > 0, got -0.1"),
+    (["--num-steps", "abc"], "Error parsing --num-steps"),  # a value of the wrong type
+    (["--reward-scaling", "sometimes"], "invalid choice 'sometimes' for argument '--reward-scaling'"),
+    (["--no-such-flag"], "Unrecognized options: --no-such-flag"),
+    (["--eval-envs", "0"], "--eval-envs must be > 0, got 0"),
+    (["--target-kl", "inf"], "--target-kl must be a finite number > 0, got inf"),
+    (["--actor-lr", "nan"], "--actor-lr must be a finite number > 0, got nan"),
+    (["--eval-interval", "0"], "--eval-interval must be > 0, got 0"),
+    (["--save-interval", "0"], "--save-interval must be > 0, got 0"),
+    (["--eval-episodes", "0"], "--eval-episodes must be > 0, got 0"),
+    (["--eval-episodes-ends", "0"], "--eval-episodes-ends must be > 0, got 0"),
+    (["--gae-lambda", "1.5"], "--gae-lambda must be in [0, 1], got 1.5"),
+    (["--num-threads", "-1"], "--num-threads must be >= 0, got -1"),
+    (["--ent-coef", "-1"], "--ent-coef must be a finite number >= 0, got -1.0"),
+]
+COMBINATIONS = [  # (flags, the error line's text): combinations of flags, and the files; @name: a file of bad_files
+    (["--min-std", "0.2"], "need 0 < --min-std <= --init-std <= --max-std"),
+    (["--actor-min-lr", "1e-3"], "must not exceed the peak"),
+    (["--eval-episodes", "3", "--eval-episodes-ends", "2"], "--eval-episodes-ends must be at least --eval-episodes"),
+    (["--eval-only", "--resume", "@sizes_state"], "drop --resume"),
+    (["--checkpoint", "@missing"], "does not exist"),
+    (["--checkpoint", "@notes"], "cannot read --checkpoint"),
+    (["--checkpoint", "@truncated"], "cannot read --checkpoint"),
+    (["--checkpoint", "@dfp"], "is of another kind (format 'dfp-v1', expected 'dbp-v1')"),
+    (["--checkpoint", "@state_as_ckpt"], "continue it with --resume"),
+    (["--checkpoint", "@pendulum"], "unknown env 'Pendulum-v1'"),
+    (["--checkpoint", "@horizons"], "inconsistent horizons To=2, Tp=4, Ta=4"),
+    (["--checkpoint", "@dims"], "obs/action dims 12/3"),
+    (["--checkpoint", "@nan"], "NaN or infinite"),
+    (["--checkpoint", "@misfit"], "does not match these networks"),
+    (["--env-id", "Walker2d-v5"], "trained on Hopper-v5"),
+    (["--resume", "@notes"], "cannot read --resume"),
+    (["--resume", "@good"], "is of another kind (format 'dbp-v1', expected 'dbpo-state-v1')"),
+    (["--resume", "@partial_state"], "lacks rng"),
+    (["--resume", "@walker_state"], "fine-tunes Walker2d-v5"),
+    (["--resume", "@envs3_state"], "--num-envs 3"),
+    (["--resume", "@sizes_state"], "does not match these networks"),
+    (["--runs-dir", "@under_a_file"], "cannot create the run folder"),
+]
+
+
+@pytest.mark.parametrize(
+    "flags, message", RANGES + COMBINATIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_bad_input_exits_2_with_one_line_before_writing_anything(bad_files, tmp_path, one_thread, flags, message):
+    """One `error: ...` line that says what to do, exit code 2, nothing written and nothing on stdout; the good
+    checkpoint is passed unless the case gives its own."""
+    flags = [bad_files[f[1:]] if f.startswith("@") else f for f in flags]
     base = ["--num-envs", "2", "--num-steps", "2", "--num-iterations", "1", "--eval-episodes", "1", "--eval-envs", "1"]
-    for flags, message in cases:
-        argv = base + flags + ([] if message is None or "--checkpoint" in flags else ["--checkpoint", good])
-        code, out, err = run_main(SCRIPT, argv, cwd)
-        lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flags, code, err[-2000:])
-        assert message is None or message in lines[0], (flags, lines)
-        assert "--checkpoint is required" in lines[0] if message is None else True
-        assert os.listdir(cwd) == [] and out == "", (flags, os.listdir(cwd), out)
+    argv = base + flags + ([] if "--checkpoint" in flags else ["--checkpoint", bad_files["good"]])
+    code, out, err = run_main(SCRIPT, argv, tmp_path)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err[-2000:])
+    assert message in lines[0], lines
+    assert os.listdir(tmp_path) == [] and out == "", (os.listdir(tmp_path), out)
+
+
+def test_a_missing_checkpoint_is_refused_in_one_line(tmp_path):
+    """Without --checkpoint (a real process: the table runs in-process)."""
+    proc = run("--num-iterations", "1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: --checkpoint is required") and proc.stderr.count("\n") == 1
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------- runs (subprocesses)
@@ -895,31 +985,56 @@ def tensorboard_scalars(run_dir):
     return scalars, starts
 
 
-def test_eval_only_reproduces_the_logged_evaluation_and_resumes_never_repeat_a_tensorboard_step(
+def test_eval_only_reproduces_the_logged_evaluations_and_resumes_never_repeat_a_tensorboard_step(
     D, hopper_ckpt_file, tmp_path
 ):
-    flags = ["--checkpoint", hopper_ckpt_file, *FAST, "--num-steps", "3", "--run-name", "r", "--eval-interval", "3"]
+    """Both policies at 3 episodes at the ends and 2 between; --eval-only on dbpo_ppo.pt plays the final evaluation
+    again. Resumes (the running reward scaler in state.pt) keep one value per tensorboard step and one evaluation per
+    iteration in the CSVs, which scripts/dbpo_report.py pairs."""
+    ends = ["--eval-sampled", "--eval-episodes-ends", "3", "--reward-scaling", "running"]
+    flags = [
+        "--checkpoint",
+        hopper_ckpt_file,
+        *FAST,
+        *ends,
+        "--num-steps",
+        "3",
+        "--run-name",
+        "r",
+        "--eval-interval",
+        "3",
+    ]
     proc = run(*flags, "--num-iterations", "2", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "r"
     logged = proc.stdout.strip().splitlines()[-1].split(" | eval ")[1].split(" | model ")[0]
-    proc = run("--checkpoint", str(run_dir / "dbpo_ppo.pt"), "--eval-only", *FAST, cwd=tmp_path)
+    assert "(3 episodes, mean path) || " in logged and logged.endswith("(3 episodes, sampled)")
+    proc = run("--checkpoint", str(run_dir / "dbpo_ppo.pt"), "--eval-only", *FAST, *ends, cwd=tmp_path)
     assert proc.stdout.strip().splitlines()[-1] == f"final eval Hopper-v5: {logged}"
     assert not (tmp_path / "runs" / "Hopper-v5").exists() and sorted(os.listdir(tmp_path / "runs")) == ["r"]
+    scaler = torch.load(run_dir / "state.pt", weights_only=False)["reward_scaler"]
+    assert scaler["count"] == pytest.approx(1e-4 + 2 * 3 * 1)  # 2 envs x 3 decisions of the one training iteration
     shutil.copy(run_dir / "state.pt", run_dir / "state_after_2.pt")
     run(*flags, "--num-iterations", "5", "--resume", str(run_dir / "state.pt"), cwd=tmp_path)
-    run(
-        *flags, "--num-iterations", "5", "--resume", str(run_dir / "state_after_2.pt"), cwd=tmp_path
-    )  # again from iteration 2
+    run(*flags, "--num-iterations", "5", "--resume", str(run_dir / "state_after_2.pt"), cwd=tmp_path)  # again from 2
     scalars, starts = tensorboard_scalars(run_dir)
     assert starts == 3  # the fresh run's writer and one per resume (purge_step: a resume drops the steps it repeats)
     for tag, points in scalars.items():
         steps = [s for s, _ in points]
         assert steps == sorted(set(steps)), (tag, steps)
-    assert [s for s, _ in scalars["charts/actor_lr"]] == [1, 2, 4] and [
-        s for s, _ in scalars["eval/episodic_return"]
-    ] == [0, 3, 5]
+    assert [s for s, _ in scalars["charts/actor_lr"]] == [1, 2, 4]
+    assert [s for s, _ in scalars["eval/episodic_return"]] == [s for s, _ in scalars["eval_sampled/episodic_return"]]
+    assert [s for s, _ in scalars["eval/episodic_return"]] == [0, 3, 5]
     for step, value in scalars["charts/actor_lr"]:  # no critic warm-up here: the actor's schedule starts at iteration 0
         assert value == pytest.approx(D.scheduled_lr(step, 1e-5, 3e-6, 10, 1500), rel=1e-5)
+    for name in ("eval_episodes.csv", "eval_episodes_sampled.csv"):  # step, env steps, episode, env seed, ...
+        rows = np.loadtxt(run_dir / name, delimiter=",", skiprows=1)
+        # the ends: 3 episodes, between: 2; the first run's final evaluation (step 2) stays: its policy is the one the
+        # resumed runs start from
+        assert rows[:, 0].tolist() == [0] * 3 + [2] * 3 + [3] * 2 + [5] * 3, name
+        assert rows[:, 3].tolist() == [100_001, 100_002, 100_003] * 2 + [100_001, 100_002, 100_001, 100_002, 100_003]
+    code, out, err = run_main(REPORT, [str(run_dir)], tmp_path)
+    assert code == 0, err
+    assert "| 3 | mean path |" in out and "| 5 | sampled |" in out and "Sampled policy - mean path" in out
 
 
 def test_more_evaluation_envs_than_episodes_and_a_cpu_policy_file(hopper_ckpt_file, tmp_path):
@@ -977,7 +1092,8 @@ def test_smoke_cube_single_train_video_save_and_eval_only(cube_checkpoint, tmp_p
 
 
 def test_smoke_hopper_other_modes(hopper_checkpoint, tmp_path):
-    """The non-default modes: unscaled rewards, bootstrapped time limits, a frozen normalizer, no anchor, raw log-probs."""
+    """The non-default modes: unscaled rewards, bootstrapped time limits, a frozen normalizer, no anchor, raw
+    log-probs, a constant learning rate (min = peak)."""
     proc = run(
         "--checkpoint",
         hopper_checkpoint,
@@ -991,8 +1107,10 @@ def test_smoke_hopper_other_modes(hopper_checkpoint, tmp_path):
         "--freeze-normalizer",
         "--max-episode-steps",
         "6",
-        "--lr-schedule",
-        "constant",
+        "--actor-min-lr",
+        "1e-5",
+        "--critic-min-lr",
+        "1e-4",
         "--no-save-model",
         cwd=tmp_path,
     )
@@ -1005,3 +1123,104 @@ def test_smoke_hopper_other_modes(hopper_checkpoint, tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "state.pt")) and not os.path.exists(
         os.path.join(run_dir, "dbpo_ppo.pt")
     )
+
+
+# ---------------------------------------------------------------- scripts/dbpo_report.py on tiny hand-made runs
+def episodes_csv(path, evaluations: dict) -> None:
+    """An eval_episodes CSV as envs.write_episodes writes it: {step: returns}, episode i with env seed 100 + i."""
+    rows = [
+        f"{step},{10 * step},{i},{100 + i},nan,{ret},5\n"
+        for step, returns in evaluations.items()
+        for i, ret in enumerate(returns)
+    ]
+    path.write_text(",".join(envs.EPISODE_COLUMNS) + "\n" + "".join(rows))
+
+
+def test_report_pairs_each_policy_with_its_first_evaluation_and_the_sampled_policy_with_the_mean_path(tmp_path):
+    """4 episodes at the ends, 2 between (--eval-episodes-ends): every row's paired change is over the episodes it
+    shares with the first evaluation; sampled - mean path is paired at each iteration."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    episodes_csv(run_dir / "eval_episodes.csv", {0: [1.0, 2.0, 3.0, 6.0], 5: [2.0, 2.0], 9: [2.0, 4.0, 3.0, 9.0]})
+    episodes_csv(run_dir / "eval_episodes_sampled.csv", {0: [0.0, 1.0, 3.0, 5.0], 5: [1.0, 2.0], 9: [4.0] * 4})
+    code, out, err = run_main(REPORT, [str(run_dir), "--out", str(tmp_path / "r")], tmp_path)
+    assert code == 0, err
+    lines = out.splitlines()
+    se = lambda x: np.std(x, ddof=1) / np.sqrt(len(x))  # noqa: E731  (the standard error of a mean)
+    d5 = np.array([1.0, 0.0])  # iteration 5 minus iteration 0, episode by episode
+    d9 = np.array([1.0, 2.0, 0.0, 3.0])  # iteration 9 minus iteration 0
+    assert lines[2] == f"| 0 | mean path | 0 | 4 | 3.0 +- {se([1, 2, 3, 6]):.1f} | 5.0 | | | | |"
+    assert lines[3] == f"| 5 | mean path | 50 | 2 | 2.0 +- 0.0 | 5.0 | +0.5 | {se(d5):.1f} | +1.00 | 1 / 0 |"
+    assert lines[4] == (
+        f"| 9 | mean path | 90 | 4 | 4.5 +- {se([2, 4, 3, 9]):.1f} | 5.0 | +1.5 | {se(d9):.1f} | "
+        f"{1.5 / se(d9):+.2f} | 3 / 0 |"
+    )
+    d9 = np.array([4.0, 3.0, 1.0, -1.0])  # the sampled policy's iteration 9 minus its iteration 0
+    assert lines[7].startswith(f"| 9 | sampled | 90 | 4 | 4.0 +- 0.0 | 5.0 | +1.8 | {se(d9):.1f} |")
+    table = out.split("Sampled policy - mean path")[1].splitlines()
+    d0 = np.array([-1.0, -1.0, 0.0, -1.0])  # sampled - mean path at iteration 0
+    assert table[4] == f"| 0 | 4 | -0.8 | {se(d0):.1f} | {-0.75 / se(d0):+.2f} | 0 / 3 |"
+    assert table[5] == "| 5 | 2 | -0.5 | 0.5 | -1.00 | 0 / 1 |"
+    with open(tmp_path / "r.csv") as f:
+        header, *rows = f.read().splitlines()
+    assert header.split(",") == [
+        "iteration",
+        "env_steps",
+        "eval_return",
+        "eval_return_se",
+        "paired_change",
+        "paired_se",
+        "sampled_return",
+        "sampled_return_se",
+        "sampled_paired_change",
+        "sampled_paired_se",
+        "train_episode_return",
+    ]
+    assert (
+        rows[2]
+        == f"9,90,4.5000,{se([2, 4, 3, 9]):.4f},1.5000,{se([1, 2, 0, 3]):.4f},4.0000,0.0000,1.7500,{se(d9):.4f},"
+    )
+    assert (tmp_path / "r.png").stat().st_size > 0
+    os.remove(run_dir / "eval_episodes_sampled.csv")  # a run without --eval-sampled: the mean path alone
+    code, out, err = run_main(REPORT, [str(run_dir)], tmp_path)
+    assert code == 0 and "sampled" not in out and out.splitlines()[4].startswith("| 9 | mean path |"), err
+
+
+REPORT_REFUSALS = {  # case: (what the run folder holds, the error line's text)
+    "no folder": (None, "is not a folder"),
+    "no csv": ({}, "eval_episodes.csv does not exist"),
+    "damaged csv": ({"eval_episodes.csv": "HEAD0,0,0,100,nan,oops\n"}, "is not an eval_episodes.csv"),
+    "other columns": ({"eval_episodes.csv": "step,return\n0,1\n"}, "expected the columns"),
+    "later episodes the first lacks": ({"eval_episodes.csv": {0: [1, 2], 10: [1, 2, 3]}}, "cannot pair them"),
+    "a seed twice": ({"eval_episodes.csv": "HEAD0,0,0,100,nan,1,5\n0,0,1,100,nan,2,5\n"}, "plays an env seed twice"),
+    "damaged sampled csv": (
+        {"eval_episodes.csv": {0: [1, 2]}, "eval_episodes_sampled.csv": "HEAD0,0,0,x\n"},
+        "eval_episodes_sampled.csv is not an eval_episodes.csv",
+    ),
+    "sampled on other episodes": (
+        {"eval_episodes.csv": {0: [1, 2]}, "eval_episodes_sampled.csv": {0: [1]}},
+        "played other episodes than the mean path",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*REPORT_REFUSALS, "--blocks 0", "--out in a missing folder"])
+def test_report_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, case):
+    run_dir, out = tmp_path / "run", str(tmp_path / "r")
+    files, message = REPORT_REFUSALS.get(case, ({"eval_episodes.csv": {0: [1, 2]}}, case.split()[0]))
+    if files is not None:
+        run_dir.mkdir()
+    for name, content in (files or {}).items():
+        if isinstance(content, dict):
+            episodes_csv(run_dir / name, content)
+        else:
+            (run_dir / name).write_text(content.replace("HEAD", ",".join(envs.EPISODE_COLUMNS) + "\n"))
+    argv = [str(run_dir), "--out", out]
+    if case == "--blocks 0":
+        argv += ["--blocks", "0"]
+    if case == "--out in a missing folder":
+        argv[-1], message = str(tmp_path / "missing" / "r"), "its folder does not exist"
+    code, stdout, err = run_main(REPORT, argv, tmp_path)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and stdout == "", err
+    assert message in err, err
+    assert not glob.glob(str(tmp_path / "**" / "r.*"), recursive=True)
