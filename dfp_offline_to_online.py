@@ -10,6 +10,7 @@ replay buffer (replay.py) seeded by the offline data. Benchmarks and evaluation:
 
 import copy
 import importlib.util
+import itertools
 import math
 import os
 import time
@@ -55,11 +56,11 @@ class Args:
 
     # Environment and data
     env: str = "cube-triple-play"
-    """cube-{single,double,triple,quadruple}-play (task 2 unless --task), a full OGBench singletask id, or Robomimic {lift,can,square}-{mh,ph}"""
+    """cube-{single,double,triple,quadruple}-play (task 2 unless --task), a singletask id, or lift/can/square-mh/ph"""
     task: int | None = None
     """singletask task 1..5 (overrides the task in --env)"""
     dataset_path: str | None = None
-    """an OGBench .npz (with its -val twin) or a Robomimic low_dim_v15.hdf5; default: ~/.ogbench/data or ~/.robomimic, then a bounded download"""
+    """an OGBench .npz (with its -val twin) or a Robomimic low_dim_v15.hdf5 (default: ~/.ogbench/data, ~/.robomimic)"""
     dataset_dir: str | None = None
     """a folder of dataset shards (*.npz with -val twins), one in memory at a time (cube-quadruple-play-100m)"""
     shard_interval: int = 1000
@@ -193,7 +194,8 @@ class Critic(nn.Module):
         super().__init__()
         E, dims, self.gelu = num_critics, [obs_dim + act_dim] + [hidden_dim] * num_layers + [1], gelu
         self.weights = nn.ParameterList(  # W_e^T [E, in, out] (the ref code's kernels), mlp's init member by member
-            torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(E)]) for i, o in zip(dims, dims[1:])
+            torch.stack([nn.init.xavier_uniform_(torch.empty(i, o)) for _ in range(E)])
+            for i, o in itertools.pairwise(dims)
         )
         self.biases = nn.ParameterList(torch.zeros(E, 1, o) for o in dims[1:])
         self.norm_weights = nn.ParameterList(torch.ones(E, 1, hidden_dim) for _ in range(num_layers))
@@ -203,7 +205,7 @@ class Critic(nn.Module):
         x = torch.cat([obs, actions], -1)  # [..., O + D]
         E, lead = len(self.weights[0]), x.shape[:-1]
         x = x.reshape(1, -1, x.shape[-1]).expand(E, -1, -1)  # the same inputs for every member, [E, N, O + D]
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.bmm(x, w) + b  # x_e @ W_e^T + b_e for every member e at once, [E, N, out]
             if i < len(self.norm_weights):  # GELU, then LayerNorm with each member's own scale and shift
                 x = F.layer_norm(F.gelu(x, approximate=self.gelu), x.shape[-1:], eps=1e-6)  # flax's eps (torch's: 1e-5)
@@ -472,13 +474,19 @@ def build(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | None) -> 
     return modules
 
 
+def offline_tensors(data: dict, device) -> dict:
+    """The offline data on the device, its actions clipped to +-(1 - 1e-5) as the ref code's `action_clip_eps` does."""
+    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)
+    return to_tensors(data, device)
+
+
 def offline_step(r: Run, step: int) -> None:
     """One gradient step on a batch of data chunks (with shards: the next one every --shard-interval steps)."""
     a = r.args
     if len(r.shards) > 1 and step % a.shard_interval == 0:
         r.shard_idx, r.data = (r.shard_idx + 1) % len(r.shards), None  # free this shard before reading the next
         _, data, _, _ = envs.load_dataset(r.env_id, r.shards[r.shard_idx], r.env, min_len=a.horizon + 1)
-        r.data = to_tensors(data, r.stats.device)
+        r.data = offline_tensors(data, r.stats.device)
         r.writer.add_scalar("charts/shard", r.shard_idx, step)
     n = len(r.data["observations"])
     batch = sample_chunks(r.data, 0, n, n, r.sampler, a.batch_size, a.horizon, a.discount)
@@ -530,7 +538,7 @@ def log_step(r: Run, step: int, total: int) -> None:
     """The mean losses since the last log, SPS, and the line `step i/total [phase] ...`."""
     check_finite(r, step)
     vals = (r.stats / max(r.n_stats, 1)).tolist()  # a device sync, once per log interval
-    for name, v in zip(LOSS_NAMES, vals if r.n_stats else ()):
+    for name, v in zip(LOSS_NAMES, vals, strict=True) if r.n_stats else ():
         r.writer.add_scalar(name, v, step)
     sps = (step - r.t0[1] + 1) / (time.time() - r.t0[0])
     r.writer.add_scalar("charts/SPS", sps, step)
@@ -544,8 +552,8 @@ def log_step(r: Run, step: int, total: int) -> None:
 
 
 def evaluate_and_log(r: Run, step: int) -> dict | None:
-    """{success, return, length, q_chosen} of the policy now (episode i: env seed seed + 1000 + i offline, seed + 2000 + i
-    online, as the ref code), logged when there is a writer; None if a signal abandoned the evaluation (no result)."""
+    """{success, return, length, q_chosen} of the policy now (episode i: env seed seed + 1000 + i offline, seed + 2000 +
+    i online, as the ref code), logged when there is a writer; None if a signal abandoned the evaluation (no result)."""
     a = r.args
     check_finite(r, step)
     print(f"evaluating step {step}: {a.eval_episodes} episodes on {r.eval_envs.num_envs} envs", flush=True)
@@ -638,7 +646,7 @@ def main():
     else:  # Robomimic rewards are shifted by -1, offline and online
         print(f"loading {data_path or f'the {env_id} dataset'} ...", flush=True)
         env, data, _, env_args = envs.load_dataset(env_id, data_path, reward_shift=-1.0, min_len=args.horizon + 1)
-        data = to_tensors(data, device)
+        data = offline_tensors(data, device)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     check(
         not ckpt or (ckpt["obs_dim"], ckpt["act_dim"]) == (obs_dim, act_dim),

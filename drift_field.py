@@ -35,7 +35,8 @@ def _check_samples(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str)
 def _check_weight(w: torch.Tensor | None, name: str, samples: torch.Tensor, samples_name: str) -> None:
     if w is not None and tuple(w.shape) != tuple(samples.shape[:2]):
         raise ValueError(
-            f"{name} must have shape {tuple(samples.shape[:2])} to match {samples_name} {tuple(samples.shape)}, got {tuple(w.shape)}"
+            f"{name} must have shape {tuple(samples.shape[:2])} to match {samples_name} {tuple(samples.shape)}, "
+            f"got {tuple(w.shape)}"
         )
 
 

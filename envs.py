@@ -14,9 +14,14 @@ import atexit
 import functools
 import os
 import re
+import sys
 import warnings
 from collections import deque
 from collections.abc import Callable
+
+# MuJoCo renders offscreen through EGL on a Linux machine without a display (before any env loads MuJoCo's GL).
+if sys.platform == "linux" and not os.environ.get("DISPLAY"):
+    os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym
 import numpy as np
@@ -29,7 +34,7 @@ from robomimic_tasks import (
     resolve_robomimic_file,
     robomimic_default_path,  # noqa: F401
 )
-from runs import atomic, bounded_download, check, fail, why, worker_signals
+from runs import atomic, bounded_download, check, fail, require, why, worker_signals
 
 # ---- families: which benchmark an env id belongs to
 ROBOMIMIC_NAME = r"(lift|can|square)-(mh|ph)(-low_dim)?"  # the authors' spelling lift-mh-low_dim too
@@ -82,7 +87,7 @@ def generate_command(dataset_file: str) -> str:
     out_dir, name = os.path.split(os.path.abspath(os.path.expanduser(dataset_file)))
     m = re.fullmatch(r"cube-(single|double|triple|quadruple)-(play|expert-task([1-5]))-v0\.npz", name)
     if m is None:
-        return "python scripts/generate_ogbench_dataset.py --help (no standard dataset name; see the README's Data section)"
+        return "python scripts/generate_ogbench_dataset.py --help (not a standard dataset name; see the README, Data)"
     cmd = f"python scripts/generate_ogbench_dataset.py --env cube-{m.group(1)}-play"
     cmd += f" --kind expert --task {m.group(3)}" if m.group(3) else ""
     cmd += f" --out-dir {out_dir}" if out_dir != os.path.abspath(os.path.expanduser(OGBENCH_DATA_DIR)) else ""
@@ -97,7 +102,7 @@ def generate_command(dataset_file: str) -> str:
 
 
 def ogbench_default_path(env_id: str) -> str:
-    """Where the scripts look for a singletask id's play file first: ~/.ogbench/data/cube-double-play-v0.npz (+ -val)."""
+    """Where the scripts look first for a singletask id's play file: ~/.ogbench/data/cube-double-play-v0.npz, -val."""
     return os.path.join(os.path.expanduser(OGBENCH_DATA_DIR), re.sub(r"-singletask-task\d", "", env_id) + ".npz")
 
 
@@ -166,9 +171,11 @@ def shard_paths(folder: str) -> list:
 
 # ---- Minari: mujoco/<env>/<level>-v0 datasets in $MINARI_DATASETS_PATH (else ~/.minari/datasets), else a download
 def load_minari(env_id: str, with_data: bool = True, timeout: float = 30.0):
-    """(env spec, data) of a Minari id: its dataset in the root, else one bounded download, else one error with the command
-    that makes it here; the spec (of the env it was recorded on) must name the id's env (mujoco/hopper/... -> Hopper-v5).
-    data (with_data): D4RL's layout, observations [N, O], actions [N, A], rewards, terminals, timeouts [N] (truncations)."""
+    """(env spec, data) of a Minari id: its dataset in the root, else one bounded download, else one error with the
+    command that makes it here; the spec (of the env it was recorded on) must name the id's env (mujoco/hopper/... ->
+    Hopper-v5). data (with_data): D4RL's layout, observations [N, O], actions [N, A], rewards, terminals, timeouts [N]
+    (truncations)."""
+    require("minari", f"the Minari dataset {env_id}")
     import minari
 
     root = os.path.abspath(os.path.expanduser(os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets"))
@@ -200,7 +207,7 @@ def load_minari(env_id: str, with_data: bool = True, timeout: float = 30.0):
             )
             for ep in dataset.iterate_episodes()
         ]
-        return spec, {k: np.concatenate(v) for k, v in zip(D4RL_KEYS, zip(*cols))}
+        return spec, {k: np.concatenate(v) for k, v in zip(D4RL_KEYS, zip(*cols, strict=True), strict=True)}
     except Exception as e:  # a truncated HDF5 file, damaged metadata, episodes of different layouts, ...
         fail(f"could not read the Minari dataset {folder} ({why(e)}); regenerate it with: {make} --overwrite")
 
@@ -213,9 +220,10 @@ minari_env_spec = functools.lru_cache(maxsize=None)(lambda env_id, root: load_mi
 def load_dataset(
     env_id: str, dataset_path: str | None = None, env=None, reward_shift=0.0, min_len=1, obs_keys=ROBOMIMIC_OBS_KEYS
 ):
-    """(env, data, episode_ends [N] bool, env_args) of a resolved id, checked by check_dataset; data: observations [N, O],
-    actions [N, A], and rewards, masks, terminals, next_observations (OGBench, Robomimic) or rewards, terminals, timeouts
-    (D4RL's layout: a Minari id's or a .npz). env_args: how to rebuild a Robomimic env (else None). env: reuse this env."""
+    """(env, data, episode_ends [N] bool, env_args) of a resolved id, checked by check_dataset; data: observations
+    [N, O], actions [N, A], and rewards, masks, terminals, next_observations (OGBench, Robomimic) or rewards, terminals,
+    timeouts (D4RL's layout: a Minari id's or a .npz). env_args: how to rebuild a Robomimic env (else None). env: reuse
+    this env."""
     env_args = None
     if family(env_id) == "robomimic":  # data/demo_N of a low-dim file; the env from the file's env_args
         data, ends, env_args = load_robomimic(env_id, resolve_robomimic_file(env_id, dataset_path), obs_keys)
@@ -332,8 +340,8 @@ class ChunkEnv(gym.Wrapper):
         return (obs if self.obs_horizon is None else np.stack(self.history)), info
 
     def step(self, chunk):
-        total, frames = 0.0, []
-        for steps, a in enumerate(np.asarray(chunk).reshape(-1, self.act_dim), 1):
+        total, frames, start = 0.0, [], self.executed_steps
+        for a in np.asarray(chunk).reshape(-1, self.act_dim):
             obs, r, terminated, truncated, info = self.env.step(a)
             total, self.executed_steps = total + r, self.executed_steps + 1
             self.history.append(np.asarray(obs, np.float32))
@@ -342,7 +350,13 @@ class ChunkEnv(gym.Wrapper):
             if terminated or truncated:
                 break
         obs = obs if self.obs_horizon is None else np.stack(self.history)
-        return obs, total, terminated, truncated, {**info, "steps": steps, **({"frames": frames} if frames else {})}
+        return (
+            obs,
+            total,
+            terminated,
+            truncated,
+            {**info, "steps": self.executed_steps - start, **({"frames": frames} if frames else {})},
+        )
 
 
 def make_chunk_env(env_id: str, horizon: int, obs_horizon: int | None = None, **env_kwargs) -> ChunkEnv:
@@ -440,7 +454,7 @@ def evaluate(
             ImageSequenceClip(frames, fps=30).write_videofile(tmp, logger=None)
     rows = np.array([results[i] for i in range(episodes)], dtype=np.float64)  # [episodes, 3 + len(sums)]
     return {
-        **dict(zip(("success", "return", "length", *sums), (float(v) for v in rows.mean(0)))),
+        **dict(zip(("success", "return", "length", *sums), rows.mean(0).tolist(), strict=True)),
         "episodes": rows[:, :3],
     }
 

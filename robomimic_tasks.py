@@ -12,7 +12,7 @@ import urllib.request
 import gymnasium as gym
 import numpy as np
 
-from runs import atomic, bounded_download, check, fail
+from runs import atomic, bounded_download, check, fail, require
 
 ROBOMIMIC_DATA_DIR = "~/.robomimic"
 ROBOMIMIC_TASKS = {
@@ -65,7 +65,9 @@ def resolve_robomimic_file(env_id: str, dataset_path: str | None = None, timeout
 
 def load_robomimic(env_id: str, path: str, obs_keys=ROBOMIMIC_OBS_KEYS):
     """(data, episode_ends, env_args) from data/demo_N/{actions, rewards, dones, obs/*, next_obs/*} (numeric order):
-    observations (obs_keys, recorded in env_args), actions, rewards - 1, masks = 1 - dones, terminals, next_observations."""
+    observations (obs_keys, recorded in env_args), actions, rewards - 1, masks = 1 - dones, terminals,
+    next_observations."""
+    require("h5py", "a Robomimic dataset")
     import h5py
 
     task = env_id.split("-")[0]
@@ -140,6 +142,7 @@ class RobomimicEnv(gym.Env):
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
     ):
+        require("robosuite", "a Robomimic env")
         import robosuite
         from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
 

@@ -1,8 +1,10 @@
 """The run plumbing the training scripts share: one-line refusals of bad input, the command line, the run folder,
 seeding and the tensorboard log, the CUDA-graph wrapper of an update, one signal design, atomic checkpoints (with the
-RNG states) and their checks, the non-finite stop, the printed resume command. No algorithm lives here.
+RNG states) and their checks, the non-finite stop, the printed resume command, and the one-line refusal of a missing
+optional package. No algorithm lives here, with one exception: CudaGraphUpdate, the --cudagraphs speed path of DFP's
+update (a wrapper of the update function that any script could use, not the update itself).
 
-    args = runs.parse(Args, rules)                    # tyro; every parse error and broken rule: one `error:` line, exit 2
+    args = runs.parse(Args, rules)                    # tyro; any parse error or broken rule: one `error:` line, exit 2
     run_dir = runs.plan_run_dir(args.runs_dir, name, "checkpoint.pt", resume=args.resume)  # checked, not created
     stop = runs.Stop()                                # a signal exits at once ...
     stop.armed = True                                 # ... from here it sets a flag: the loops poll stop.requested()
@@ -319,7 +321,8 @@ def interrupted(step: int, saved: str | None, code: int, *resources, track: bool
 @contextlib.contextmanager
 def atomic(path: str):
     """`with atomic(path) as tmp:` write the file `tmp` (a hidden name beside `path`, same extension); it then replaces
-    `path` in one step (os.replace), so a crash mid-write never leaves a partial file. On an error `path` is untouched."""
+    `path` in one step (os.replace), so a crash mid-write never leaves a partial file. On an error `path` is
+    untouched."""
     root, ext = os.path.splitext(os.path.basename(path))
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{root}.{os.getpid()}.tmp{ext}")
     try:
