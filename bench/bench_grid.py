@@ -39,6 +39,7 @@ def main():
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (Ray CPUs; threads for the direct path)")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds each trivial run sleeps")
     a = p.parse_args()
+    grid.local_ray_env()  # Ray's token in this process's environment, before ray is imported (as grid.py run does)
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:

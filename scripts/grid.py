@@ -689,7 +689,8 @@ def cmd_run(a) -> int:
         + (f": {', '.join(f['id'] for f in failed)}" if failed else ""),
         flush=True,
     )
-    print(f"[grid] results: python scripts/grid.py report {os.path.relpath(out_dir)}", flush=True)
+    shown = os.path.relpath(out_dir) if not os.path.relpath(out_dir).startswith("..") else out_dir
+    print(f"[grid] results: python scripts/grid.py report {shown}", flush=True)
     return 1 if failed else 0
 
 
