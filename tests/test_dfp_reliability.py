@@ -3,6 +3,7 @@ in training and in evaluation saves a checkpoint that resumes, the non-finite gu
 evaluation is reproducible (--eval-only, any --eval-envs), tensorboard steps never repeat across a resume."""
 
 import glob
+import itertools
 import os
 import re
 import shlex
@@ -19,7 +20,7 @@ import torch
 os.environ.setdefault("MUJOCO_GL", "egl")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from inprocess import run_main  # noqa: E402
-from test_dfp import ENV, SCRIPT, SUBENV, dataset, dfp, write_dataset  # noqa: E402, F401  (dataset: a fixture)
+from test_dfp import ENV, SCRIPT, SUBENV, dfp, write_dataset  # noqa: E402
 
 import envs  # noqa: E402  (on the path through test_dfp)
 
@@ -58,6 +59,14 @@ def run(args, cwd):
     return subprocess.run(
         [sys.executable, SCRIPT, *args], cwd=cwd, env=SUBENV, capture_output=True, text=True, timeout=300
     )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The tiny cube-single play file of test_dfp.py (8 episodes of 60 steps)."""
+    path = str(tmp_path_factory.mktemp("data") / "cube-single-play-v0.npz")
+    write_dataset(path, episodes=8, length=60, seed=0)
+    return path
 
 
 def tree(folder):
@@ -149,6 +158,7 @@ BAD_INPUT = [  # (id, argv with {placeholders} from the `bad` fixture, what the 
     ("eval-envs", ["--eval-envs", "0"], "--eval-envs must be >= 1"),
     ("buffer", ["--buffer-size", "0"], "--buffer-size must be >= 1"),
     ("K>N", ["--K", "20", "--N", "16"], "--K must be in 1..N"),
+    ("horizon", ["--horizon", "0"], "--horizon must be >= 1"),
     ("temperatures", ["--temperatures", "0.1", "-1"], "--temperatures must be finite numbers > 0"),
     ("threads", ["--num-threads", "-1"], "--num-threads must be >= 0"),
     ("no-steps", ["--offline-steps", "0", "--online-steps", "0"], "--offline-steps + --online-steps must be >= 1"),
@@ -283,7 +293,7 @@ def test_sigterm_in_training_resume_tensorboard_and_eval_only(dataset, tmp_path)
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["step"] == 40
     steps = tensorboard_steps(run_dir)
     for tag, s in steps.items():
-        assert all(a < b for a, b in zip(s, s[1:])), (tag, s)  # strictly increasing: no step written twice
+        assert all(a < b for a, b in itertools.pairwise(s)), (tag, s)  # strictly increasing: no step written twice
     assert steps["charts/SPS"] == list(range(5, 41, 5)) and steps["eval/success"] == [1, 30, 40]
 
     # --eval-only of the final checkpoint, on 1 env, reproduces the in-training evaluation at step 40 (2 envs)
