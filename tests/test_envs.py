@@ -196,7 +196,7 @@ def test_check_dataset_refuses_what_does_not_fit_the_env(capsys, change, message
     assert "fewer than one chunk (11)" in error_line(capsys, envs.check_dataset, transitions(), BoxEnv(), "tiny", 11)
 
 
-# ------------------------------------------------------------------------------------------------ gymnasium (D4RL layout)
+# ---------------------------------------------------------------------------------------------- gymnasium (D4RL layout)
 def write_d4rl(path, episodes=3, length=20, seed=0, **overrides):
     """A D4RL-layout file for InvertedPendulum-v5 (obs 4, action 1 in [-3, 3]): random in-bounds values."""
     rng, n = np.random.default_rng(seed), episodes * length
@@ -403,7 +403,11 @@ def test_evaluation_is_the_same_with_1_and_3_envs():
 def test_stop_abandons_the_evaluation_and_video_records_episode_0(tmp_path):
     vec = envs.make_eval_envs("InvertedPendulum-v5", 1, horizon=2, max_episode_steps=6, render=True)
     polls = []
-    stop = lambda: polls.append(1) or len(polls) > 2  # noqa: E731  (true at the third chunk)
+
+    def stop():  # polled once per chunk: true at the third
+        polls.append(1)
+        return len(polls) > 2
+
     assert envs.evaluate(vec, noisy_act, episodes=3, seed=0, stop=stop) is None and len(polls) == 3
     video = tmp_path / "videos" / "eval_1.mp4"
     res = envs.evaluate(vec, noisy_act, episodes=2, seed=0, video_path=str(video))
@@ -445,7 +449,10 @@ def test_evaluate_reproduces_dfp_evaluate_exactly():
 
 def test_write_episodes_adds_rows_and_a_resumed_run_replaces_the_redone_evaluations(tmp_path):
     path = str(tmp_path / "eval_episodes.csv")
-    res = lambda r: {"episodes": np.array([[np.nan, r, 10.0], [np.nan, r + 1, 12.0]])}  # noqa: E731
+
+    def res(r):  # an evaluation's result: two episodes (success, return, length), returns r and r + 1
+        return {"episodes": np.array([[np.nan, r, 10.0], [np.nan, r + 1, 12.0]])}
+
     envs.write_episodes(path, res(1.0), step=0, env_steps=0, seed=100)
     envs.write_episodes(path, res(5.0), step=10, env_steps=800, seed=100)
     envs.write_episodes(path, res(7.0), step=20, env_steps=1600, seed=100)
@@ -454,5 +461,6 @@ def test_write_episodes_adds_rows_and_a_resumed_run_replaces_the_redone_evaluati
         assert f.readline().strip() == "step,env_steps,episode,env_seed,success,return,length"
     rows = np.loadtxt(path, delimiter=",", skiprows=1)
     np.testing.assert_equal(rows[:, :4], [[0, 0, 0, 100], [0, 0, 1, 101], [10, 800, 0, 100], [10, 800, 1, 101]])
-    np.testing.assert_equal(rows[:, 5], [1.0, 2.0, 6.0, 7.0]) and np.testing.assert_equal(rows[:, 4], np.nan)
+    np.testing.assert_equal(rows[:, 5], [1.0, 2.0, 6.0, 7.0])  # returns: step 0's, then the redone step 10's
+    assert np.isnan(rows[:, 4]).all()  # no success signal on this env: written as nan
     assert os.listdir(tmp_path) == ["eval_episodes.csv"]  # no temporary file left
