@@ -81,20 +81,6 @@ def test_field_properties():
     )
 
 
-def test_field_bad_input():
-    x = torch.randn(2, 3, 4)
-    with pytest.raises(ValueError, match="batch size"):
-        df.mean_shift_field(x, torch.randn(3, 5, 4), None, 1.0)
-    with pytest.raises(ValueError, match="feature size"):
-        df.mean_shift_field(x, torch.randn(2, 5, 3), None, 1.0)
-    with pytest.raises(ValueError, match="bandwidth"):
-        df.mean_shift_field(x, torch.randn(2, 5, 4), None, 0.0)
-    with pytest.raises(ValueError, match="at least one positive"):
-        df.mean_shift_field(x, torch.randn(2, 0, 4), None, 1.0)
-    with pytest.raises(ValueError, match="pos_weight"):
-        df.mean_shift_field(x, torch.randn(2, 5, 4), None, 1.0, pos_weight=torch.ones(2, 4))
-
-
 # ---------------------------------------------------------------------------------------------
 # drift_loss (docs/algorithms.md §2)
 # ---------------------------------------------------------------------------------------------
@@ -105,18 +91,25 @@ def test_drift_loss_parity_with_published_implementation():
     ref = np.load(os.path.join(HERE, "data", "drift_loss_reference.npz"))
     n_cases = int(ref["n_cases"])
     assert n_cases >= 6
+
+    def get(c, k):  # case c's array k as a tensor; None where the case has none (an optional input)
+        return torch.from_numpy(ref[f"{c}/{k}"]) if f"{c}/{k}" in ref else None
+
     for c in range(n_cases):
-        get = lambda k: torch.from_numpy(ref[f"{c}/{k}"]) if f"{c}/{k}" in ref else None  # noqa: E731
-        gen = get("gen").requires_grad_(True)
+        gen = get(c, "gen").requires_grad_(True)
         temps = tuple(float(t) for t in ref[f"{c}/temperatures"])
         flags = dict(attraction_only=bool(ref[f"{c}/attraction_only"]), neg_only=bool(ref[f"{c}/neg_only"]))
         loss, info = df.drift_loss(
-            gen, get("pos"), get("neg"), temps, get("gen_weight"), get("pos_weight"), get("neg_weight"), **flags
+            gen,
+            *(get(c, k) for k in ("pos", "neg")),
+            temps,
+            *(get(c, f"{k}_weight") for k in ("gen", "pos", "neg")),
+            **flags,
         )
         loss.sum().backward()
-        torch.testing.assert_close(loss, get("loss"), rtol=1e-4, atol=1e-6, msg=f"loss, case {c}")
-        torch.testing.assert_close(gen.grad, get("grad"), rtol=1e-4, atol=1e-6, msg=f"grad, case {c}")
-        torch.testing.assert_close(info["scale"], get("scale")[()], rtol=1e-4, atol=0.0)
+        torch.testing.assert_close(loss, get(c, "loss"), rtol=1e-4, atol=1e-6, msg=f"loss, case {c}")
+        torch.testing.assert_close(gen.grad, get(c, "grad"), rtol=1e-4, atol=1e-6, msg=f"grad, case {c}")
+        torch.testing.assert_close(info["scale"], get(c, "scale")[()], rtol=1e-4, atol=0.0)
 
 
 def _inputs(seed, B=4, Cg=8, Cp=3, Cn=0, S=6, **kw):
@@ -134,9 +127,16 @@ def test_gradient_only_through_gen_and_points_along_force():
     loss.sum().backward()
     assert loss.shape == (4,) and pos.grad is None and neg.grad is None
     assert gen.grad is not None and torch.isfinite(gen.grad).all()
-    # One temperature: the normalized force has unit mean square, so the mean loss is exactly 1.
+    # One temperature: the force is normalized to unit mean square (step 8), so the mean loss is exactly 1; a force
+    # normalized another way (per condition, by its mean, not at all) would not give 1.
     torch.testing.assert_close(loss.mean(), torch.tensor(1.0, **f64))
     assert set(info) == {"scale", "force_sq_0.1"}
+    # One sample, one positive, no negatives: the only force is the pull p - x (the self pair is masked), and the
+    # loss's gradient is -2 F / (Cg S s_in): descending it moves the sample straight at the positive.
+    x1 = gen[:, :1].detach().clone().requires_grad_(True)
+    df.drift_loss(x1, pos[:, :1])[0].sum().backward()
+    cos = torch.nn.functional.cosine_similarity(-x1.grad, pos[:, :1] - x1.detach(), dim=-1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))
 
 
 def test_drift_loss_translation_and_scale_invariance():
@@ -172,8 +172,11 @@ def test_attraction_only_and_neg_only():
     pos4 = _inputs(3, Cp=4)[1]
     loss, _ = df.drift_loss(gen, pos4, pos4.clone(), neg_only=True)
     torch.testing.assert_close(loss, torch.zeros_like(loss))
-    loss_default, _ = df.drift_loss(gen, pos4, pos4.clone())
-    assert (loss_default > 0.1).all()
+    # By default the same positives and negatives still leave the samples' mutual repulsion: a small step along the
+    # force spreads them apart (the mean pairwise distance grows), where neg_only's zero force leaves them as they are.
+    f = _force(gen, pos4, pos4.clone())
+    step = 0.01 * f / f.norm(dim=-1).mean()
+    assert torch.cdist(gen + step, gen + step).mean() > torch.cdist(gen, gen).mean()
 
 
 def test_self_mask_keeps_a_sample_from_repelling_itself():
@@ -203,25 +206,12 @@ def test_weights_and_multi_temperature_info():
     assert (f1 * to_p0).sum() > (f0 * to_p0).sum()
 
 
-def test_drift_loss_dtypes_and_bad_input():
+def test_drift_loss_dtypes():
     gen = torch.randn(2, 4, 3, dtype=torch.bfloat16, requires_grad=True)
     loss, _ = df.drift_loss(gen, torch.randn(2, 1, 3, dtype=torch.bfloat16))
     assert loss.dtype == torch.float32
     loss.sum().backward()
     assert gen.grad.dtype == torch.bfloat16
-    g, p = torch.randn(2, 4, 3), torch.randn(2, 1, 3)
-    with pytest.raises(ValueError, match="batch size"):
-        df.drift_loss(g, torch.randn(3, 1, 3))
-    with pytest.raises(ValueError, match="feature size"):
-        df.drift_loss(g, p, torch.randn(2, 2, 5))
-    with pytest.raises(ValueError, match="temperatures"):
-        df.drift_loss(g, p, temperatures=(0.1, -1.0))
-    with pytest.raises(ValueError, match="at least one positive"):
-        df.drift_loss(g, torch.randn(2, 0, 3))
-    with pytest.raises(ValueError, match="neg_only"):
-        df.drift_loss(g, p, neg_only=True)
-    with pytest.raises(ValueError, match="gen_weight"):
-        df.drift_loss(g, p, gen_weight=torch.ones(2, 5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,13 +230,32 @@ def test_top_k_matches_brute_force_sort_with_ties(k):
         torch.testing.assert_close(selected[b], cands[b, order])
 
 
-def test_top_k_bad_input():
-    with pytest.raises(ValueError, match="k must be in 1..N"):
-        df.top_k(torch.randn(2, 16, 3), torch.randn(2, 16), 17)
-    with pytest.raises(ValueError, match="k must be in 1..N"):
-        df.top_k(torch.randn(2, 16, 3), torch.randn(2, 16), 0)
-    with pytest.raises(ValueError, match="scores"):
-        df.top_k(torch.randn(2, 16, 3), torch.randn(2, 15), 4)
+# ---------------------------------------------------------------------------------------------
+# Bad input: one ValueError that names the problem, for each function
+# ---------------------------------------------------------------------------------------------
+X, G3, P3 = torch.randn(2, 3, 4), torch.randn(2, 4, 3), torch.randn(2, 1, 3)  # [B, G, D] samples, positives
+BAD_INPUT = [  # (id, the call, what the error says)
+    ("field-batch", lambda: df.mean_shift_field(X, torch.randn(3, 5, 4), None, 1.0), "batch size"),
+    ("field-feature", lambda: df.mean_shift_field(X, torch.randn(2, 5, 3), None, 1.0), "feature size"),
+    ("field-bandwidth", lambda: df.mean_shift_field(X, torch.randn(2, 5, 4), None, 0.0), "bandwidth"),
+    ("field-no-pos", lambda: df.mean_shift_field(X, torch.randn(2, 0, 4), None, 1.0), "at least one positive"),
+    ("field-weight", lambda: df.mean_shift_field(X, torch.randn(2, 5, 4), None, 1.0, torch.ones(2, 4)), "pos_weight"),
+    ("loss-batch", lambda: df.drift_loss(G3, torch.randn(3, 1, 3)), "batch size"),
+    ("loss-feature", lambda: df.drift_loss(G3, P3, torch.randn(2, 2, 5)), "feature size"),
+    ("loss-temperatures", lambda: df.drift_loss(G3, P3, temperatures=(0.1, -1.0)), "temperatures"),
+    ("loss-no-pos", lambda: df.drift_loss(G3, torch.randn(2, 0, 3)), "at least one positive"),
+    ("loss-neg-only", lambda: df.drift_loss(G3, P3, neg_only=True), "neg_only"),
+    ("loss-weight", lambda: df.drift_loss(G3, P3, gen_weight=torch.ones(2, 5)), "gen_weight"),
+    ("top-k-above-n", lambda: df.top_k(torch.randn(2, 16, 3), torch.randn(2, 16), 17), "k must be in 1..N"),
+    ("top-k-zero", lambda: df.top_k(torch.randn(2, 16, 3), torch.randn(2, 16), 0), "k must be in 1..N"),
+    ("top-k-scores", lambda: df.top_k(torch.randn(2, 16, 3), torch.randn(2, 15), 4), "scores"),
+]
+
+
+@pytest.mark.parametrize("call,message", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_raises_one_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 # ---------------------------------------------------------------------------------------------
