@@ -22,10 +22,10 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dbp_bc  # noqa: E402
+import dbp_bc  # noqa: E402  (importable once the repository root is on sys.path)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import machine  # noqa: E402
+import machine  # noqa: E402  (bench/ on sys.path)
 
 
 @dataclass
@@ -84,12 +84,14 @@ def time_policy(policy, args, device):
 def time_train_step(gen, args, device, blocks: int = 3) -> float:
     """ms per dbp_bc.update step (the script's defaults: loss flags, lr, clipping), the best of `blocks` blocks."""
     a = dbp_bc.Args()
-    flags = (a.loss, a.num_hypotheses, a.drift_mode, a.drift_field, a.temperatures, a.bandwidth)  # as dbp_bc.build
-    opt = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=tuple(a.adam_betas), weight_decay=a.weight_decay)
+    opt = torch.optim.AdamW(gen.parameters(), weight_decay=a.weight_decay)  # as dbp_bc.build
     obs = torch.randn(args.batch_size, args.obs_horizon, args.obs_dim, device=device)  # [B, To, O]
     chunk = torch.rand(args.batch_size, args.pred_horizon, args.action_dim, device=device) * 2 - 1  # [B, Tp, A]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    step = lambda: dbp_bc.update(gen, opt, obs, chunk, a.lr, flags, a.max_grad_norm)  # noqa: E731
+
+    def step():
+        return dbp_bc.update(gen, opt, obs, chunk, a.lr, a)
+
     for _ in range(3):  # warm-up: AdamW's state, cuDNN's choices
         step()
     best = float("inf")

@@ -9,10 +9,12 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -22,11 +24,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import dbp_bc  # noqa: E402
+import dbp_bc  # noqa: E402  (importable once the repository root is on sys.path)
 import envs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inprocess import run_main  # noqa: E402
+from inprocess import run_main  # noqa: E402  (tests/ on sys.path)
 
 SCRIPT = os.path.join(ROOT, "dbp_bc.py")
 ENV = dict(os.environ, MUJOCO_GL="egl", OMP_NUM_THREADS="1")
@@ -72,6 +74,11 @@ def last_eval(stdout):
     return tuple(float(x) if x else None for x in m[-1])  # (success or None, return, length)
 
 
+def tree(folder):
+    """Every folder and file under `folder`."""
+    return sorted(os.path.join(d, name) for d, dirs, files in os.walk(folder) for name in dirs + files)
+
+
 def the_run_dir(runs):
     (name,) = [d for d in os.listdir(runs) if os.path.isdir(os.path.join(runs, d))]
     return os.path.join(runs, name)
@@ -92,7 +99,7 @@ def write_d4rl(path, episodes=5, length=40, seed=0, **overrides):
                 np.float32
             )
             nxt, reward, term, trunc, _ = env.step(action)
-            for k, v in zip(data, (obs, action, reward, term, t == length - 1 and not term)):
+            for k, v in zip(data, (obs, action, reward, term, t == length - 1 and not term), strict=True):
                 data[k].append(v)
             obs = nxt
             if term:
@@ -122,7 +129,7 @@ def test_preset_defaults_are_the_authors():
     assert (a.backbone, a.unet_dims, a.unet_kernel_size, a.unet_groups) == ("unet", (512, 1024, 2048), 5, 8)
     assert (a.num_epochs, a.total_steps, a.batch_size) == (500, None, 64)
     assert (a.lr, a.min_lr, a.warmup_epochs) == (1e-4, 1e-5, 100)
-    assert (a.adam_betas, a.weight_decay, a.max_grad_norm) == ((0.9, 0.999), 1e-6, 10.0)
+    assert (a.weight_decay, a.max_grad_norm) == (1e-6, 10.0)  # AdamW's betas: torch's defaults, as the authors'
     assert (a.ema_every, a.ema_start_epoch, a.ema_power, a.ema_max_decay) == (10, 20, 0.75, 0.9999)
     assert (a.val_ratio, a.num_hypotheses, a.temperatures, a.drift_mode) == (None, 4, (0.02, 0.05, 0.2), "chunk")
     for env, val_ratio in (
@@ -132,13 +139,12 @@ def test_preset_defaults_are_the_authors():
         ("mujoco/hopper/medium-v0", 0.0),
     ):
         a = dbp_bc.Args(env=env)  # filled in by env family: the authors' D4RL configs hold nothing out
-        assert all(ok for ok, _ in dbp_bc.rules(a)) and a.val_ratio == val_ratio, env
-    assert (a.save_model, a.keep_checkpoints, a.wandb_project_name, a.eval_envs) == (True, 10, "drift-policies", None)
-    assert (a.normalization, dbp_bc.ROBOMIMIC_OBS_KEYS[0]) == (
-        "authors",
-        "object",
-    )  # their task configs list `object` first
-    # horizons (and Robomimic's time limit, their max_steps) by env family, filled in by the rules when not given, overridable
+        assert all(ok for ok, _ in dbp_bc.rules(a)), env
+        assert a.val_ratio == val_ratio, env
+    assert (a.save_model, a.keep_checkpoints, a.wandb_project_name) == (True, 10, "drift-policies")
+    assert a.normalization == "authors"
+    assert dbp_bc.ROBOMIMIC_OBS_KEYS[0] == "object"  # their task configs list `object` first
+    # horizons (and Robomimic's time limit, their max_steps) by env family, filled in by the rules, overridable
     for env, expected, limit in [
         ("cube-single-play", (2, 16, 8), None),
         ("cube-double-play-singletask-task2-v0", (2, 16, 8), None),
@@ -150,14 +156,21 @@ def test_preset_defaults_are_the_authors():
         assert all(ok for ok, _ in dbp_bc.rules(a))
         assert (a.obs_horizon, a.pred_horizon, a.action_horizon, a.max_episode_steps) == (*expected, limit)
     a = dbp_bc.Args(env="can-mh", max_episode_steps=300)
-    assert all(ok for ok, _ in dbp_bc.rules(a)) and a.max_episode_steps == 300
+    assert all(ok for ok, _ in dbp_bc.rules(a))
+    assert a.max_episode_steps == 300
     a = dbp_bc.Args(env="Hopper-v5", pred_horizon=8)
     assert all(ok for ok, _ in dbp_bc.rules(a))
     assert (a.obs_horizon, a.pred_horizon, a.action_horizon) == (1, 8, 4)
+    a = dbp_bc.Args(eval_episodes=1)  # evaluation envs: CPU cores by default, never more than the episodes
+    assert all(ok for ok, _ in dbp_bc.rules(a))
+    assert a.eval_envs == 1
 
 
 def test_lr_schedule_per_epoch():
-    lr = lambda e: dbp_bc.lr_at(e, 1e-4, 1e-5, 100, 500)  # noqa: E731
+
+    def lr(epoch):
+        return dbp_bc.lr_at(epoch, 1e-4, 1e-5, 100, 500)
+
     assert lr(0) == pytest.approx(1e-5) and lr(50) == pytest.approx(5.5e-5) and lr(100) == pytest.approx(1e-4)
     assert (
         lr(300) == pytest.approx(5.5e-5) and lr(500) == pytest.approx(1e-5) and lr(499) == pytest.approx(1e-5, rel=1e-3)
@@ -195,27 +208,56 @@ def test_ema_copy_until_epoch_20_then_every_10_steps():
     assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
 
 
-def test_padding_rule_matches_the_authors_sampler():
-    """Diffusion Policy's SequenceSampler with pad_before = To-1, pad_after = Ta-1: start indices
-    -pad_before .. L - Tp + pad_after of each episode; the sample's "now" is start + To - 1."""
-    lengths = [3, 10, 25, 16]
+def authors_windows(episode_ends, sequence_length, pad_before, pad_after):
+    """A re-statement of the authors' create_indices and sample_sequence (dbpo/dataset/sampler.py): in an episode of
+    length L the windows start at -pad_before .. L - sequence_length + pad_after (each pad clamped to
+    [0, sequence_length - 1]); a window lists the data indices it holds, repeating its first read entry before the
+    episode and its last after it. episode_ends: cumulative and exclusive, as their ReplayBuffer's."""
+    pad_before = min(max(pad_before, 0), sequence_length - 1)
+    pad_after = min(max(pad_after, 0), sequence_length - 1)
+    windows, start_idx = [], 0
+    for end_idx in episode_ends:
+        episode_length = end_idx - start_idx
+        for idx in range(-pad_before, episode_length - sequence_length + pad_after + 1):
+            buffer_start = max(idx, 0) + start_idx
+            buffer_end = min(idx + sequence_length, episode_length) + start_idx
+            sample_start = buffer_start - (idx + start_idx)
+            sample_end = sequence_length - ((idx + sequence_length + start_idx) - buffer_end)
+            read = list(range(buffer_start, buffer_end))
+            windows.append([read[0]] * sample_start + read + [read[-1]] * (sequence_length - sample_end))
+        start_idx = end_idx
+    return windows
+
+
+@pytest.mark.parametrize(
+    "family, horizons, their_pads",
+    [
+        ("robomimic", (1, 4, 4), (1, 7)),  # {lift,can,square}_lowdim.yaml: pad_before 1, pad_after 7 (clamped to 3)
+        ("ogbench", (2, 16, 8), (1, 7)),  # pusht_lowdim.yaml, whose horizons OGBench uses
+        ("ogbench", (3, 8, 2), (1, 7)),  # other horizons: the same fixed pads, clamped to Tp - 1
+        ("gym", (1, 4, 4), (0, 0)),  # their D4RL loader: whole chunks only (starts 0 .. L - Tp)
+    ],
+)
+def test_samples_match_the_authors_sampler(family, horizons, their_pads):
+    """Every sample and its padded history and chunk, against the authors' sampler with their configs' pads; their
+    policy conditions on the window's first To observations."""
+    To, Tp, _ = horizons
+    lengths = [1, 3, 10, 25, 16]
     ends = np.zeros(sum(lengths), dtype=bool)
     ends[np.cumsum(lengths) - 1] = True
-    for To, Tp, Ta in [(2, 16, 8), (1, 4, 4), (3, 8, 2)]:
-        ref, offset = [], 0
-        for L in lengths:
-            ref += [offset + start + To - 1 for start in range(-(To - 1), L - Tp + (Ta - 1) + 1)]
-            offset += L
-        assert dbp_bc.sample_steps(ends, To, Tp, Ta).tolist() == ref, (To, Tp, Ta)
-        # and never more than Ta-1 padded steps after the end
-        first, last = dbp_bc.episode_bounds(ends)
-        t = torch.as_tensor(dbp_bc.sample_steps(ends, To, Tp, Ta))
-        _, act_idx = dbp_bc.chunk_indices(t, torch.as_tensor(first)[t], torch.as_tensor(last)[t], To, Tp)
-        raw_end = t - (To - 1) + Tp - 1  # the chunk's last index before clamping
-        assert (raw_end - torch.as_tensor(last)[t]).max() <= Ta - 1
-    # pad=False, the authors' D4RL loader (To = 1): starts 0 .. L - Tp of each episode, the whole chunk inside it
-    ref = [o + s for o, L in zip(np.cumsum([0] + lengths[:-1]), lengths) for s in range(L - 4 + 1)]
-    assert dbp_bc.sample_steps(ends, 1, 4, 4, pad=False).tolist() == ref
+    first, last = dbp_bc.episode_bounds(ends)
+    start, episode = dbp_bc.sample_chunks(first, last, Tp, *dbp_bc.PADDING[family])
+    bounds = [torch.as_tensor(x) for x in (start, first[episode], last[episode])]
+    obs_idx, act_idx = dbp_bc.chunk_indices(*bounds, To, Tp)
+    ref = authors_windows(np.cumsum(lengths), Tp, *their_pads)
+    assert len(ref) > len(lengths)
+    assert act_idx.tolist() == ref
+    assert obs_idx.tolist() == [w[:To] for w in ref]
+    if family == "robomimic":  # each episode's first observation is trained on, with the chunk [a0, a0, a1, a2]
+        for e in np.flatnonzero(np.array(lengths) >= 3):
+            (row,) = np.flatnonzero((episode == e) & (start == first[e] - 1))
+            f = int(first[e])
+            assert (obs_idx[row].tolist(), act_idx[row].tolist()) == ([f], [f, f, f + 1, f + 2])
 
 
 def test_holdout_two_percent_of_episodes():
@@ -275,11 +317,12 @@ def test_minmax_normalization_and_checkpoint_roundtrip(tmp_path):
 def test_episode_bounds_and_chunk_padding():
     ends = np.array([0, 0, 0, 0, 1, 0, 0, 1], dtype=bool)  # episodes [0..4] and [5..7]
     first, last = dbp_bc.episode_bounds(ends)
-    assert first.tolist() == [0] * 5 + [5] * 3 and last.tolist() == [4] * 5 + [7] * 3
-    t = torch.arange(8)
-    obs_idx, act_idx = dbp_bc.chunk_indices(
-        t, torch.as_tensor(first), torch.as_tensor(last), obs_horizon=2, pred_horizon=4
-    )
+    assert first.tolist() == [0, 5] and last.tolist() == [4, 7]
+    start, episode = dbp_bc.sample_chunks(first, last, pred_horizon=4, pad_before=1, pad_after=2)
+    assert start.tolist() == [-1, 0, 1, 2, 3, 4, 5, 6]  # 4: episode 1's padded start, episode 0's last step
+    assert episode.tolist() == [0] * 5 + [1] * 3
+    bounds = [torch.as_tensor(x) for x in (start, first[episode], last[episode])]
+    obs_idx, act_idx = dbp_bc.chunk_indices(*bounds, obs_horizon=2, pred_horizon=4)
     assert obs_idx.tolist() == [[0, 0], [0, 1], [1, 2], [2, 3], [3, 4], [5, 5], [5, 6], [6, 7]]
     assert act_idx.tolist() == [
         [0, 0, 1, 2],
@@ -291,21 +334,15 @@ def test_episode_bounds_and_chunk_padding():
         [5, 6, 7, 7],
         [6, 7, 7, 7],
     ]
-    assert (act_idx[:, 1] == t).all()  # chunk index To-1 is the current step's action
     first, last = dbp_bc.episode_bounds(np.array([0, 1, 0, 0], dtype=bool))  # an unterminated tail is an episode
-    assert first.tolist() == [0, 0, 2, 2] and last.tolist() == [1, 1, 3, 3]
+    assert first.tolist() == [0, 2] and last.tolist() == [1, 3]
 
 
-def test_horizon_rule():
-    """The paper's validity conditions To - 1 + Ta <= Tp, all >= 1 (a rule of dbp_bc.rules)."""
-
-    def refused(To, Tp, Ta):
+def test_horizon_rule_accepts_its_boundary():
+    """The paper's validity condition To - 1 + Ta <= Tp holds with equality here (BAD_CASES: the refusals)."""
+    for To, Tp, Ta in [(2, 16, 8), (3, 16, 14), (1, 1, 1)]:
         args = dbp_bc.Args(obs_horizon=To, pred_horizon=Tp, action_horizon=Ta, backbone="mlp")
-        return [msg for ok, msg in dbp_bc.rules(args) if not ok]
-
-    assert refused(2, 16, 8) == [] and refused(3, 16, 14) == []
-    for bad in [(3, 16, 15), (17, 16, 1), (2, 16, 0)]:
-        assert any("the executed slice must lie in the chunk" in m for m in refused(*bad)), bad
+        assert [msg for ok, msg in dbp_bc.rules(args) if not ok] == [], (To, Tp, Ta)
 
 
 class CounterEnv(gym.Env):
@@ -352,7 +389,7 @@ IDENTITY = {
 def test_receding_horizon_executes_chunk_from_now_then_replans():
     """act + envs.ChunkEnv(obs_horizon=To) + envs.evaluate: histories repeat the first obs after a reset, each
     replan executes chunk[To-1 : To-1+Ta], and an episode's end cuts the last chunk short."""
-    To, Tp, Ta = 2, 16, 8
+    To, Ta = 2, 8  # Tp = 16: ReplanCounter's
     gen, counter = ReplanCounter(), CounterEnv(horizon=20)
     policy = dbp_bc.Policy(gen, IDENTITY, [-1e6], [1e6])
     vec = gym.vector.SyncVectorEnv(
@@ -360,9 +397,8 @@ def test_receding_horizon_executes_chunk_from_now_then_replans():
     )
     res = envs.evaluate(vec, functools.partial(dbp_bc.act, policy, Ta), episodes=1, seed=0)
     assert gen.histories == [[0.0, 0.0], [7.0, 8.0], [15.0, 16.0]]  # replans at 0, 8, 16; first obs repeated at reset
-    assert (
-        counter.actions == [100 * k + j for k in range(3) for j in range(To - 1, To - 1 + Ta)][:20]
-    )  # chunk[To-1 : To-1+Ta]
+    # each replan k executes chunk[To-1 : To-1+Ta]
+    assert counter.actions == [100 * k + j for k in range(3) for j in range(To - 1, To - 1 + Ta)][:20]
     assert (res["return"], res["length"], res["success"]) == (20.0, 20.0, 1.0)
 
 
@@ -378,7 +414,10 @@ def test_act_draws_each_rows_latent_from_its_own_generator_bit_for_bit():
     policy = dbp_bc.Policy(gen, stats, [-10, -10], [10, 10])
     obs = np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32)  # [B, To, O]
     obs[1] = obs[0]
-    gens = lambda: [envs.episode_generator(5, i) for i in range(4)]  # noqa: E731
+
+    def gens():  # each episode's latent stream, fresh
+        return [envs.episode_generator(5, i) for i in range(4)]
+
     batch = dbp_bc.act(policy, 4, obs, gens())
     rows = np.concatenate([dbp_bc.act(policy, 4, obs[i : i + 1], [g]) for i, g in enumerate(gens())])
     assert batch.shape == (4, 4, 2) and np.array_equal(batch, rows)  # a row does not depend on the rest of the batch
@@ -394,7 +433,10 @@ def test_generator_shapes_and_z_dependence(backbone):
     obs = torch.randn(5, 2, 7)
     out1, out2 = gen(obs, torch.randn(5, 8, 3)), gen(obs, torch.randn(5, 8, 3))
     assert out1.shape == (5, 8, 3) and not torch.allclose(out1, out2)  # the latent matters
-    assert gen.cond_dim == 14  # the condition flatten(obs_hist)
+    z = torch.randn(5, 8, 3)
+    older = obs.clone()
+    older[:, 0] += 1.0  # the older observation of the history
+    assert not torch.allclose(gen(obs, z), gen(older, z))  # the whole history conditions the chunk
 
 
 def test_drift_covers_both_modes_mse_averages():
@@ -440,18 +482,18 @@ def bad_files(tmp_path_factory, d4rl_file):
     }.items():
         files[name] = str(d / f"{name}.npz")
         np.savez(files[name], **{k: v for k, v in {**good, **override}.items() if v is not None})
-    raw = open(d4rl_file, "rb").read()
+    raw = Path(d4rl_file).read_bytes()
+    (d / "truncated.npz").write_bytes(raw[: len(raw) // 2])
     files["truncated"] = str(d / "truncated.npz")
-    open(files["truncated"], "wb").write(raw[: len(raw) // 2])
+    (d / "text.npz").write_text("observations,actions\n1,2\n")
     files["text"] = str(d / "text.npz")
-    open(files["text"], "w").write("observations,actions\n1,2\n")
+    (d / "afile").write_text("not a folder")
     files["afile"] = str(d / "afile")
-    open(files["afile"], "w").write("not a folder")
     torch.save({"format": "dfp-v1", "model": {}}, d / "dfp.pt")
     files["dfp_ckpt"] = str(d / "dfp.pt")
     files["trunc_ckpt"] = str(d / "trunc.pt")
     torch.save({"format": "dbp-v1", "model": {"w": torch.zeros(1000)}}, d / "full.pt")
-    open(files["trunc_ckpt"], "wb").write(open(d / "full.pt", "rb").read()[:300])
+    (d / "trunc.pt").write_bytes((d / "full.pt").read_bytes()[:300])
     # an OGBench-format dataset of cube-double's observation size (37) given for cube-single (28)
     n = 60
     terminals = np.zeros(n, np.float32)
@@ -469,12 +511,13 @@ def bad_files(tmp_path_factory, d4rl_file):
     files["snapshot"] = str(d / "dbp_bc_10.pt")  # a policy snapshot: every dbp-v1 key, no training state
     torch.save({"format": "dbp-v1", **{k: None for k in dbp_bc.CKPT_KEYS}}, files["snapshot"])
     os.makedirs(d / "runs" / "taken")
-    open(d / "runs" / "taken" / "dbp_bc.pt", "w").write("x")
+    (d / "runs" / "taken" / "dbp_bc.pt").write_text("x")
     files["runs"] = str(d / "runs")
     return files
 
 
-IP = ["--env", "InvertedPendulum-v5", "--backbone", "mlp"]
+MLP = ["--backbone", "mlp"]
+IP = ["--env", "InvertedPendulum-v5", *MLP]
 IP_TASK = ["--env", "InvertedPendulum-v5"]
 BAD_CASES = {  # name: (argv with {file} placeholders, message fragment)
     "negative steps": (["--total-steps", "-5"], "--total-steps must be at least 1"),
@@ -489,7 +532,10 @@ BAD_CASES = {  # name: (argv with {file} placeholders, message fragment)
     "batch 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "keep -1": (["--keep-checkpoints", "-1"], "--keep-checkpoints must be at least 0"),
     "temperature 0": (["--temperatures", "0"], "--temperatures must be positive"),
-    "horizons": (["--pred-horizon", "4", "--action-horizon", "8"], "executed slice must lie in the chunk"),
+    "horizons": (["--pred-horizon", "4", "--action-horizon", "8"], "the executed slice must lie in the chunk"),
+    "Ta one past the chunk": (["--obs-horizon", "3", "--action-horizon", "15", *MLP], "executed slice must lie in"),
+    "To past the chunk": (["--obs-horizon", "17", "--action-horizon", "1", *MLP], "executed slice must lie in"),
+    "Ta 0": (["--action-horizon", "0", *MLP], "the executed slice must lie in the chunk"),
     "unet groups": (["--unet-dims", "12", "24"], "must divide every --unet-dims width"),
     "final block's 8 groups": (["--unet-dims", "4", "8", "--unet-groups", "4"], "8 (the final block's groups"),
     "time limit 0": (["--max-episode-steps", "0"], "--max-episode-steps must be at least 1"),
@@ -534,12 +580,15 @@ def test_bad_input_exit_2_one_line_nothing_written(case, bad_files, tmp_path):
     """In-process (tests/inprocess.py) to keep it fast; test_bad_input_subprocess checks the real process."""
     argv, message = BAD_CASES[case]
     argv = [a.format(**bad_files) for a in argv]
+    inputs = os.path.dirname(bad_files["afile"])  # the files and run folders the cases name
+    before = tree(inputs)
     code, _, err = run_main(SCRIPT, argv, tmp_path)
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], err
     assert "Traceback" not in err
-    assert os.listdir(tmp_path) == []  # nothing created (no run folder)
+    assert os.listdir(tmp_path) == []  # nothing created (no run folder) in the working folder ...
+    assert tree(inputs) == before  # ... nor beside the inputs (--runs-dir)
 
 
 def test_bad_input_subprocess(tmp_path, bad_files):
@@ -589,20 +638,14 @@ def test_smoke_eval_only_reproduces_training_evaluations(d4rl_file, tmp_path):
         ],
         tmp_path,
     )  # locomotion holds nothing out by default
-    assert (
-        "SPS" in p.stdout
-        and "ETA" in p.stdout
-        and "val_loss" in p.stdout
-        and p.stdout.splitlines()[-1].startswith("final")
-    )
-    assert p.stdout.splitlines()[0].startswith("start: env InvertedPendulum-v5")
+    lines = p.stdout.splitlines()
+    assert all(word in p.stdout for word in ("SPS", "ETA", "val_loss"))
+    assert lines[0].startswith("start: env InvertedPendulum-v5") and lines[-1].startswith("final")
     run_dir = the_run_dir(tmp_path / "runs")
+    assert f"saved {os.path.join(run_dir, 'dbp_bc.pt')}" in lines  # where the final checkpoint went
     files = os.listdir(run_dir)
-    assert sorted(f for f in files if f.startswith("dbp_bc")) == [
-        "dbp_bc.pt",
-        "dbp_bc_20.pt",
-        "dbp_bc_30.pt",
-    ]  # last 2 kept
+    # the resumable checkpoint and the last 2 policy snapshots
+    assert sorted(f for f in files if f.startswith("dbp_bc")) == ["dbp_bc.pt", "dbp_bc_20.pt", "dbp_bc_30.pt"]
     ckpt = torch.load(os.path.join(run_dir, "dbp_bc.pt"), weights_only=False)
     for k in dbp_bc.CKPT_KEYS + ("format", "args", "step", "train_model", "optimizer"):
         assert k in ckpt, k
@@ -614,9 +657,8 @@ def test_smoke_eval_only_reproduces_training_evaluations(d4rl_file, tmp_path):
     ]
     import imageio.v3 as iio
 
-    assert (
-        len(videos) == 1 and len(list(iio.imiter(videos[0]))) > 1
-    )  # the first final-eval episode, never a 1-frame file
+    assert len(videos) == 1  # the first final-eval episode ...
+    assert len(list(iio.imiter(videos[0]))) > 1  # ... never a 1-frame file
     logged = {int(s): EVAL_RE.search(line).groups() for s, line in re.findall(r"eval step (\d+): (.*)", p.stdout)}
     assert sorted(logged) == [10, 20, 30]
     # --eval-only on the step-20 and step-30 snapshots reproduces the evaluations logged at those steps (30: the final
@@ -643,10 +685,8 @@ def test_smoke_eval_only_reproduces_training_evaluations(d4rl_file, tmp_path):
     assert [EVAL_RE.search(line).groups() for line in lines] == [logged[20], logged[30]]
     returns = np.array([float(logged[20][1]), float(logged[30][1])])
     final = q.stdout.splitlines()[-1]
-    assert (
-        final.startswith("final eval-only over 2")
-        and f"mean {returns.mean():.4f} +- std {returns.std(ddof=1):.4f}" in final
-    )
+    assert final.startswith("final eval-only over 2")
+    assert f"mean {returns.mean():.4f} +- std {returns.std(ddof=1):.4f}" in final
     assert "eval/success" not in p.stdout  # locomotion: no success signal
 
 
@@ -830,7 +870,7 @@ def test_nonfinite_stops_and_keeps_the_good_checkpoint(d4rl_file, tmp_path):
     ]
     run([*base, "--total-steps", "10", "--runs-dir", str(tmp_path / "runs")], tmp_path)
     run_dir = the_run_dir(tmp_path / "runs")
-    before = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".pt")}
+    before = {f.name: f.read_bytes() for f in Path(run_dir).glob("*.pt")}
     p = run(
         [
             *base,
@@ -846,11 +886,10 @@ def test_nonfinite_stops_and_keeps_the_good_checkpoint(d4rl_file, tmp_path):
         tmp_path,
         expect_ok=False,
     )
-    assert p.returncode == 1 and re.search(r"error: the (loss|gradient norm) became non-finite", p.stderr), p.stderr[
-        -2000:
-    ]
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert re.search(r"error: the (loss|gradient norm) became non-finite", p.stderr), p.stderr[-2000:]
     assert "the last good checkpoint is " + os.path.join(run_dir, "dbp_bc.pt") in p.stderr
-    after = {f: open(os.path.join(run_dir, f), "rb").read() for f in os.listdir(run_dir) if f.endswith(".pt")}
+    after = {f.name: f.read_bytes() for f in Path(run_dir).glob("*.pt")}
     assert after == before  # byte-identical, and no new snapshot
 
 
@@ -872,7 +911,7 @@ def test_tensorboard_steps_strictly_increase_across_resume(d4rl_file, tmp_path):
     run_dir = the_run_dir(tmp_path / "runs")
     old = os.path.join(run_dir, "at20.pt")
     os.replace(os.path.join(run_dir, "dbp_bc.pt"), old)
-    open(os.path.join(run_dir, "dbp_bc.pt"), "wb").write(open(old, "rb").read())
+    shutil.copyfile(old, os.path.join(run_dir, "dbp_bc.pt"))
     run([*base, "--total-steps", "40", "--resume", os.path.join(run_dir, "dbp_bc.pt")], tmp_path)
     time.sleep(1.1)  # a new event file name (its timestamp) for the second resume
     run([*base, "--total-steps", "40", "--resume", old], tmp_path)  # from step 20 again: steps 25..40 are logged twice
