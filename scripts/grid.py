@@ -60,6 +60,7 @@ ENV_HELP = (
 # ---- presets: the papers' tables ----
 DFP_CUBE = [f"cube-{n}-play-task{t}" for n in ("double", "triple", "quadruple") for t in (2, 3, 4)]
 DFP_TASKS = ["lift-mh", "can-mh", "square-mh", *DFP_CUBE]
+DFP_SWITCH = 12000  # dfp-online-vs-control: the offline steps before the switch, where the offline curve has flattened
 PRESETS = {
     "dfp-table": dict(
         about="DFP main table: 12 tasks x 5 seeds, the script's defaults (1M offline + 1M online steps)",
@@ -90,6 +91,23 @@ PRESETS = {
             "save_model": "true",
         },
         variants={"dbp-drift": {"temperatures": "0.2"}, "dbp-mse": {"loss": "mse"}},
+    ),
+    "dfp-online-vs-control": dict(
+        about="DFP's online phase against its control, the same run continued offline for as many updates (4000): "
+        "cube-single task 2, 100 play episodes, 3 x 128 networks, 5 seeds",
+        script="dfp_offline_to_online.py",
+        envs=["cube-single-play-task2"],
+        seeds=[1, 2, 3, 4, 5],
+        flags={
+            "dataset_path": "~/.ogbench/data-100/cube-single-play-v0.npz",
+            **{"hidden_dim": "128", "num_layers": "3", "batch_size": "128", "q_best_of": "8", "act_best_of": "8"},
+            **{"start_training": "1000", "eval_interval": "2000", "eval_episodes": "100", "eval_envs": "1"},
+            **{"log_interval": "1000", "save_interval": "2000"},
+        },
+        variants={
+            "dfp-online": {"offline_steps": str(DFP_SWITCH), "online_steps": "5000"},
+            "dfp-control": {"offline_steps": str(DFP_SWITCH + 4000), "online_steps": "0"},
+        },
     ),
 }
 
@@ -734,6 +752,28 @@ def mean_se(values: list) -> tuple:
     return m, se
 
 
+def paired_lines(curves: dict) -> list:
+    """Where an env has exactly two variants A, B (in a preset's order), their final successes paired by seed:
+    d_s = A_s - B_s, mean(d) +- s.e. (std(d) / sqrt(n)) and mean / s.e. (a gain 'beyond 3 s.e.': a ratio above 3)."""
+    lines = []
+    for env in sorted({e for _, e in curves}):
+        pair = sorted(v for v, e in curves if e == env)
+        if len(pair) != 2:
+            continue
+        order = next((list(p["variants"]) for p in PRESETS.values() if set(pair) <= set(p["variants"])), pair)
+        pair.sort(key=order.index)  # a preset's order: dfp-online - dfp-control, dbp-drift - dbp-mse
+        finals = [{r["_info"]["seed"]: r[max(k for k in r if k != "_info")] for r in curves[v, env]} for v in pair]
+        seeds = sorted(set(finals[0]) & set(finals[1]))
+        if len(seeds) < 2:
+            continue
+        m, se = mean_se([100 * (finals[0][s] - finals[1][s]) for s in seeds])
+        if not lines:
+            lines = ["", "| env | paired difference (final, by seed) | seeds | mean ± s.e. (points) | mean / s.e. |"]
+            lines.append("|---|---|---|---|---|")
+        lines.append(f"| {env} | {pair[0]} - {pair[1]} | {len(seeds)} | {m:+.1f} ± {se:.1f} | {m / se:+.1f} |")
+    return lines
+
+
 def cmd_report(a) -> int:
     require("matplotlib", "scripts/grid.py report")
     check(os.path.isdir(a.runs_dir), f"{a.runs_dir} is not a folder")
@@ -794,6 +834,7 @@ def cmd_report(a) -> int:
         lines += [
             f"| {k} | {len(v)} | {sum(v) / len(v):.1f} | {PAPER_DFP_KOFN.get(k, '')} |" for k, v in sorted(kofn.items())
         ]
+    lines += paired_lines(curves)
     md_path = os.path.join(out_dir, f"{a.name}.md")
     with open(md_path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -454,6 +454,28 @@ def test_report_of_runs_without_a_paper_number_has_no_paper_column(tmp_path):
     assert table[2] == "| dbp-drift | cube-single-play-task1 | 1 | 10 | 50.0 |"
 
 
+def test_report_pairs_two_variants_by_seed(tmp_path):
+    """Two variants of one env: the final successes are paired by seed, d = A - B, mean(d) +- std(d) / sqrt(n); a
+    third seed that only one variant ran is left out of the pair."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    finals = {"dfp-online": {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.9}, "dfp-control": {1: 0.4, 2: 0.4, 3: 0.5}}
+    for variant, by_seed in finals.items():
+        for seed, success in by_seed.items():
+            d = tmp_path / f"{variant}__cube-single-play-task2__s{seed}"
+            d.mkdir()
+            spec = dict(id=d.name, script="dfp_offline_to_online.py", variant=variant, seed=seed, args=[], flags={})
+            grid.write_json(str(d / grid.RUN_FILE), dict(spec, env="cube-single-play-task2"))
+            w = SummaryWriter(str(d))
+            w.add_scalar("eval/success", 0.0, 1)
+            w.add_scalar("eval/success", success, 100 + seed)  # the final evaluation: the last step of each run
+            w.close()
+    assert grid.main(["report", str(tmp_path)]) == 0
+    table = (tmp_path / "results.md").read_text().splitlines()
+    # d = 10, 20, 20 points: mean 16.7, std 5.77, s.e. 3.33, ratio 5.0
+    assert "| cube-single-play-task2 | dfp-online - dfp-control | 3 | +16.7 ± 3.3 | +5.0 |" in table
+
+
 def test_presets_expand_to_the_papers_grids(tmp_path, capsys, monkeypatch):
     """--dry-run lists every run with its command and writes nothing."""
     monkeypatch.setenv("HOME", str(tmp_path))  # no datasets here: each run is marked (tested below)
