@@ -30,9 +30,15 @@ def robomimic_default_path(env_id: str) -> str:
     return os.path.expanduser(f"{ROBOMIMIC_DATA_DIR}/{task}/{kind}/low_dim_v15.hdf5")
 
 
+SCRIPTED_EXPERTS = ("lift", "can")  # the tasks scripts/generate_robomimic_dataset.py records; others: robomimic's file
+
+
 def robomimic_generate_command(env_id: str, path: str) -> str:
-    """The scripts/generate_robomimic_dataset.py command that writes `path` for env_id."""
+    """The command that writes `path` for env_id: the generator, or the official file's download (no scripted
+    expert for the task)."""
     task, kind = env_id.split("-")[:2]
+    if task not in SCRIPTED_EXPERTS:
+        return f"curl -L --create-dirs -o {path} {ROBOMIMIC_URL.format(task, kind)}"
     cmd = f"python scripts/generate_robomimic_dataset.py --task {task} --kind {kind}"
     return cmd if os.path.abspath(os.path.expanduser(path)) == robomimic_default_path(env_id) else f"{cmd} --out {path}"
 

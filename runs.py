@@ -51,7 +51,14 @@ def check(ok, msg: str) -> None:
 
 
 # The optional extras, requirements/<extra>.txt, by the module a script imports lazily.
-EXTRAS = {"robosuite": "robomimic", "h5py": "robomimic", "minari": "locomotion", "ray": "grid", "moviepy": "video"}
+EXTRAS = {
+    "robosuite": "robomimic",
+    "h5py": "robomimic",
+    "minari": "locomotion",
+    "ray": "grid",
+    "matplotlib": "grid",
+    "moviepy": "video",
+}
 
 
 def require(module: str, purpose: str) -> None:

@@ -323,9 +323,6 @@ def command(run: dict, out_dir: str, cpus: float) -> list:
     return cmd
 
 
-NO_GENERATOR = {"square"}  # Robomimic tasks scripts/generate_robomimic_dataset.py refuses (no scripted expert yet)
-
-
 def missing_dataset(run: dict) -> tuple | None:
     """(path, the command that makes it) when the dataset the run reads by default, or its --dataset-path, is
     missing; None when it exists or the run names no dataset (DBPO reads a checkpoint; --dataset-dir: a folder)."""
@@ -339,10 +336,6 @@ def missing_dataset(run: dict) -> tuple | None:
     env_id = envs.resolve_env_id(env, gym_ids=None)
     if envs.family(env_id) == "robomimic":
         path = given or robomimic_tasks.robomimic_default_path(env_id)
-        task, kind = env_id.split("-")[:2]
-        if task in NO_GENERATOR:  # only robomimic's own file: the official download (what the script tries at start)
-            url = robomimic_tasks.ROBOMIMIC_URL.format(task, kind)
-            return None if os.path.isfile(path) else (path, f"curl -L --create-dirs -o {path} {url}")
         return None if os.path.isfile(path) else (path, robomimic_tasks.robomimic_generate_command(env_id, path))
     if envs.family(env_id) == "ogbench":
         path = given or envs.ogbench_default_path(env_id)
