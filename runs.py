@@ -50,24 +50,15 @@ def check(ok, msg: str) -> None:
         fail(msg)
 
 
-# The optional extras, requirements/<extra>.txt, by the module a script imports lazily.
-EXTRAS = {
-    "robosuite": "robomimic",
-    "h5py": "robomimic",
-    "minari": "locomotion",
-    "ray": "grid",
-    "matplotlib": "grid",
-    "moviepy": "video",
-}
-
-
 def require(module: str, purpose: str) -> None:
-    """Refuse in one line when an optional module is missing, naming what installs it (its extra, or the package)."""
+    """Refuse in one line when an optional module is missing, naming the requirements file that pins it."""
     import importlib.util
+    from pathlib import Path
 
     if importlib.util.find_spec(module) is None:
-        extra = EXTRAS.get(module)
-        fail(f"{purpose} needs {module}: pip install " + (f"-r requirements/{extra}.txt" if extra else module))
+        files = sorted(Path(__file__).resolve().parent.glob("requirements/*.txt"))
+        extra = next((f.name for f in files if re.search(rf"^{module}\b", f.read_text(), re.M)), None)
+        fail(f"{purpose} needs {module}: pip install " + (f"-r requirements/{extra}" if extra else module))
 
 
 def why(e: BaseException) -> str:
