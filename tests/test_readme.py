@@ -21,12 +21,17 @@ REF = re.compile(r"`([\w./-]+\.py):(\d+)-(\d+) ([\w.]+)`")
 SLACK = 3  # lines a reference's range may extend beyond its function
 
 
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 # ------------------------------------------------------------------------------------------ code references
 @functools.cache
 def definitions(path: str) -> dict:
     """{name: [(first, last), ...]} of every def/class in a file (methods also as Class.method), and the
     `if __name__ == "__main__":` block as __main__. `first` includes decorators."""
-    tree = ast.parse(open(path).read())
+    tree = ast.parse(read(path))
     out = {}
 
     def visit(node, prefix):
@@ -46,7 +51,7 @@ def definitions(path: str) -> dict:
 
 def references():
     for doc in DOCS:
-        for i, line in enumerate(open(doc), 1):
+        for i, line in enumerate(read(doc).splitlines(), 1):
             for m in REF.finditer(line):
                 yield (
                     os.path.relpath(doc, ROOT),
@@ -114,7 +119,7 @@ def python_commands(cmds):
 
 
 def readme():
-    return open(os.path.join(ROOT, "README.md")).read()
+    return read(os.path.join(ROOT, "README.md"))
 
 
 def test_readme_commands_use_existing_scripts_and_flags():
@@ -137,13 +142,25 @@ def test_readme_install_and_test_commands():
     text = readme()
     assert "pip install torch==2.13.0" in text and "pip install -r requirements.txt" in text
     assert "python -m pytest -q -n 2 tests" in text
-    pins = open(os.path.join(ROOT, "requirements.txt")).read()
-    assert "torch==2.13.0" in pins and "pytest-xdist==" in pins
+    pins = requirement_lines(os.path.join(ROOT, "requirements.txt"))
+    assert "torch==2.13.0" in pins and any(line.startswith("pytest-xdist==") for line in pins)
+
+
+def requirement_lines(path: str) -> list:
+    """The requirement lines of a pip requirements file, those of the files it includes (-r) in place."""
+    out = []
+    for line in read(path).splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            out += requirement_lines(os.path.join(os.path.dirname(path), line[3:].strip()))
+        elif line:
+            out.append(line)
+    return out
 
 
 def test_docs_point_nowhere_outside_the_repository():
     for doc in DOCS + [os.path.join(ROOT, "tests", "data", "README.md")]:
-        text = open(doc).read()
+        text = read(doc)
         for bad in ("SPEC", "/work/", "/tmp/", "shared/"):
             assert bad not in text, f"{os.path.relpath(doc, ROOT)} mentions {bad}"
 
@@ -153,7 +170,7 @@ def test_links_and_figures_point_at_files_of_the_repository():
     folder that exists, inside the repository (web addresses and in-page anchors aside)."""
     bad = []
     for doc in DOCS:
-        for i, line in enumerate(open(doc), 1):
+        for i, line in enumerate(read(doc).splitlines(), 1):
             for target in re.findall(r"\]\(([^)\s]+)\)", line):
                 path = target.split("#")[0]
                 if not path or re.match(r"[a-z]+://", path):

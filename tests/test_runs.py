@@ -122,7 +122,8 @@ def test_plan_run_dir_creates_nothing_and_refuses_an_existing_run(tmp_path, caps
     assert runs.plan_run_dir(runs_dir, "a", "checkpoint.pt") == os.path.join(runs_dir, "a")
     assert os.listdir(tmp_path) == []  # checked, not created
     os.makedirs(os.path.join(runs_dir, "a"))
-    open(os.path.join(runs_dir, "a", "checkpoint.pt"), "w").write("a run")
+    with open(os.path.join(runs_dir, "a", "checkpoint.pt"), "w") as f:
+        f.write("a run")
     err = error_line(capsys, runs.plan_run_dir, runs_dir, "a", "checkpoint.pt")
     assert "already holds a run" in err and f"--resume {os.path.join(runs_dir, 'a', 'checkpoint.pt')}" in err
     ckpt = os.path.join(runs_dir, "a", "checkpoint.pt")
@@ -155,7 +156,8 @@ def test_atomic_write_replaces_in_one_step_or_not_at_all(tmp_path):
     path.write_text("the last good state")
     with pytest.raises(RuntimeError), runs.atomic(str(path)) as tmp:
         assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".pt") and os.path.basename(tmp).startswith(".")
-        open(tmp, "w").write("half writ")
+        with open(tmp, "w") as f:
+            f.write("half writ")
         raise RuntimeError("a crash mid-write")
     assert path.read_text() == "the last good state" and os.listdir(tmp_path) == ["state.pt"]
     runs.save({"step": 3, "w": torch.ones(2)}, str(path))
@@ -365,12 +367,10 @@ def test_rng_state_restores_every_stream():
     gen = torch.Generator().manual_seed(3)
     runs.seed(1, cuda=False)
     state = runs.rng_state(sampler=gen)
-    draw = lambda: (
-        random.random(),
-        float(np.random.rand()),
-        float(torch.rand(())),
-        float(torch.rand((), generator=gen)),
-    )  # noqa: E731
+
+    def draw():  # one number from each stream
+        return random.random(), float(np.random.rand()), float(torch.rand(())), float(torch.rand((), generator=gen))
+
     first = draw()
     runs.set_rng_state(state, sampler=gen)
     assert draw() == first and set(state) == {"python", "numpy", "torch", "cuda", "sampler", "devices"}
