@@ -4,8 +4,9 @@
     python bench/bench_dfp.py --device cuda            # adds --cudagraphs: bench/results/dfp_cuda.json
 
 Training: updates/s of the offline and the online update (chunk sampling on the device included), eager and
---compile (and --cudagraphs, --compile --cudagraphs on CUDA), for 4x512 and 4x256 networks, batch 256, h = 5, cube-triple shapes (obs 46,
-action 5). The limit of one update is its matrix products alone (forward and backward GEMMs of the same shapes):
+--compile (and --cudagraphs, --compile --cudagraphs on CUDA), for 4x512 and 4x256 networks, batch 256, h = 5,
+cube-triple shapes (obs 46, action 5). The limit of one update is its matrix products alone (forward and backward
+GEMMs of the same shapes):
   actor forward + backward on B x num_gen = 2048 rows, critic ensemble forward + backward on B = 256 rows,
   the TD target's best-of-16: actor + critic forwards on 4096 rows (+ target critic on 256 rows),
   online also: pi_old candidates, actor + critic forwards on B x N = 4096 rows.
@@ -24,6 +25,8 @@ is rewritten after every row, so a run stopped by a timeout keeps the rows it me
 """
 
 import argparse
+import functools
+import itertools
 import os
 import shlex
 import sys
@@ -88,21 +91,34 @@ def gemm_chain(dims, E: int, rows: int, backward: bool, device):
     """The matrix products of an MLP alone (dims [d_in, H, .., d_out], E members): per layer x @ W forward, and
     backward dY @ W^T (not for the first layer, whose input needs no gradient) and X^T @ dY. No bias, activation,
     norm, loss or optimizer: what the update would cost if it were nothing but its matrix products."""
-    r = lambda *s: torch.randn(*s, device=device)  # noqa: E731
-    xs = [r(E, rows, d) for d in dims[:-1]]  # layer inputs
-    ws = [r(E, i, o) for i, o in zip(dims[:-1], dims[1:])]
-    dys = [r(E, rows, o) for o in dims[1:]]
+    xs = [torch.randn(E, rows, d, device=device) for d in dims[:-1]]  # layer inputs
+    ws = [torch.randn(E, i, o, device=device) for i, o in itertools.pairwise(dims)]
+    dys = [torch.randn(E, rows, o, device=device) for o in dims[1:]]
 
     def run():
-        for x, w in zip(xs, ws):
+        for x, w in zip(xs, ws, strict=True):
             torch.bmm(x, w)
         if backward:
-            for i, (x, w, dy) in enumerate(zip(xs, ws, dys)):
+            for i, (x, w, dy) in enumerate(zip(xs, ws, dys, strict=True)):
                 if i > 0:
                     torch.bmm(dy, w.transpose(1, 2))
                 torch.bmm(x.transpose(1, 2), dy)
 
     return run
+
+
+def train_step(update, sample, online: bool):
+    """One update on a freshly sampled batch of chunks (the sampling on the device is part of the step)."""
+    return update(sample(), online=online)
+
+
+@torch.no_grad()
+def euler(actor, obs, steps: int):
+    """x <- x + dt * f(s, x), `steps` times: a flow / diffusion sampler's cost with the actor's network, obs [1, O]."""
+    x = torch.randn(1, actor.act_dim, device=obs.device)
+    for _ in range(steps):
+        x = x + actor.net(torch.cat([obs, x], -1)) / steps
+    return x
 
 
 def main():
@@ -129,11 +145,11 @@ def main():
         for m in ("eager", "compile", "cudagraphs", "compile+cudagraphs")
         if not (b.no_compile and "compile" in m) and (dev.type == "cuda" or "cudagraphs" not in m)
     ]
-    O, D = b.obs_dim, b.act_dim * b.horizon
+    obs_dim, D = b.obs_dim, b.act_dim * b.horizon
     load = os.getloadavg()
     print(
         f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), threads "
-        f"{torch.get_num_threads()}, torch {torch.__version__}, obs {O}, chunk {b.horizon}x{b.act_dim}, batch "
+        f"{torch.get_num_threads()}, torch {torch.__version__}, obs {obs_dim}, chunk {b.horizon}x{b.act_dim}, batch "
         f"{b.batch_size}, load average {load[0]:.2f} {b.label}",
         flush=True,
     )
@@ -156,8 +172,8 @@ def main():
     n = 10_000
     data = dfp.to_tensors(
         {
-            "observations": torch.randn(n, O, generator=g),
-            "next_observations": torch.randn(n, O, generator=g),
+            "observations": torch.randn(n, obs_dim, generator=g),
+            "next_observations": torch.randn(n, obs_dim, generator=g),
             "actions": torch.rand(n, b.act_dim, generator=g) * 2 - 1,
             "rewards": -torch.ones(n),
             "masks": torch.ones(n),
@@ -174,7 +190,7 @@ def main():
     for H in b.hidden_dims if not b.online_step_only else ():
         args = dfp.Args(horizon=b.horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size)
         net = f"{b.num_layers}x{H}"
-        actor_dims, critic_dims = [O + D] + [H] * b.num_layers + [D], [O + D] + [H] * b.num_layers + [1]
+        actor_dims, critic_dims = [obs_dim + D] + [H] * b.num_layers + [D], [obs_dim + D] + [H] * b.num_layers + [1]
         E, B, G, N, Q = args.num_critics, b.batch_size, args.num_gen, args.N, args.q_best_of
         # the limit: the update's matrix products alone (shapes in the module docstring)
         offline = [
@@ -194,9 +210,9 @@ def main():
 
         for mode in modes:
             torch.manual_seed(0)
-            actor, ema = dfp.Actor(O, D, H, b.num_layers).to(dev), dfp.Actor(O, D, H, b.num_layers).to(dev)
-            critic = dfp.Critic(O, D, H, b.num_layers, E).to(dev)
-            target = dfp.Critic(O, D, H, b.num_layers, E).to(dev)
+            actor, ema = dfp.Actor(obs_dim, D, H, b.num_layers).to(dev), dfp.Actor(obs_dim, D, H, b.num_layers).to(dev)
+            critic = dfp.Critic(obs_dim, D, H, b.num_layers, E).to(dev)
+            target = dfp.Critic(obs_dim, D, H, b.num_layers, E).to(dev)
             opt = torch.optim.Adam(
                 [*actor.parameters(), *critic.parameters()], lr=args.lr, capturable="cudagraphs" in mode
             )
@@ -206,11 +222,9 @@ def main():
             if "cudagraphs" in mode:
                 update = runs.CudaGraphUpdate(update)
             sampler = torch.Generator(device=dev).manual_seed(0)
+            sample = functools.partial(dfp.sample_chunks, data, 0, n, n, sampler, B, b.horizon, args.discount)
             for phase in ("offline", "online"):
-                step = lambda: update(
-                    dfp.sample_chunks(data, 0, n, n, sampler, B, b.horizon, args.discount),  # noqa
-                    online=phase == "online",
-                )
+                step = functools.partial(train_step, update, sample, phase == "online")
                 try:  # a mode that fails (a capture, a compile) is a row with its error; the others still run
                     t = time.perf_counter()
                     for _ in range(4):  # warm-up (compiles, captures the graph)
@@ -244,24 +258,21 @@ def main():
             torch._dynamo.reset()
 
         # acting at batch 1: 1 NFE (and best-of-16 by the critic) vs 10 / 100 sequential NFEs of the same network
-        obs = torch.randn(1, O, device=dev)
-
-        @torch.no_grad()
-        def euler(steps):  # x <- x + dt * f(s, x): a flow / diffusion sampler's cost with this network
-            x = torch.randn(1, D, device=dev)
-            for _ in range(steps):
-                x = x + actor.net(torch.cat([obs, x], -1)) / steps
-            return x
+        obs = torch.randn(1, obs_dim, device=dev)
 
         samplers = {
-            "1 sample (1 NFE)": lambda: dfp.best_of_n(actor, critic, obs, 1),
-            "best-of-16 (1 NFE + critic)": lambda: dfp.best_of_n(actor, critic, obs, 16),
-            "flow, 10 NFE": lambda: euler(10),
-            "diffusion, 100 NFE": lambda: euler(100),
+            "1 sample (1 NFE)": functools.partial(dfp.best_of_n, actor, critic, obs, 1),
+            "best-of-16 (1 NFE + critic)": functools.partial(dfp.best_of_n, actor, critic, obs, 16),
+            "flow, 10 NFE": functools.partial(euler, actor, obs, 10),
+            "diffusion, 100 NFE": functools.partial(euler, actor, obs, 100),
         }
-        for name, fn in samplers.items():
-            fn().cpu()
-            dt = best_time(lambda: fn().cpu(), b.actions, b.repeats, sync)  # the chunk comes back to the host
+        for name, sample in samplers.items():
+
+            def chunk_to_host(sample=sample):  # the chunk comes back to the host, as when acting
+                return sample().cpu()
+
+            chunk_to_host()
+            dt = best_time(chunk_to_host, b.actions, b.repeats, sync)
             results["acting"].append({"net": net, "sampler": name, "ms_per_chunk": dt * 1e3})
             machine.save_json(results, out)
             print(f"{net:<6} act batch 1: {name:<28} {dt * 1e3:8.3f} ms per chunk", flush=True)
@@ -307,8 +318,11 @@ class SyntheticEnv:
 
 
 def add_before(buffer, *transition):
-    """The replay buffer's insert before it wrote rows in place: 6 host tensors, then extend's index and value copies."""
-    buffer.extend({k: torch.as_tensor(np.asarray(v, dtype=np.float32))[None] for k, v in zip(KEYS, transition)})
+    """The replay buffer's insert before it wrote rows in place: 6 host tensors, then extend's index and value
+    copies."""
+    buffer.extend(
+        {k: torch.as_tensor(np.asarray(v, dtype=np.float32))[None] for k, v in zip(KEYS, transition, strict=True)}
+    )
 
 
 def online_step_row(dfp, b, dev, data, H: int, threads: int) -> dict:
@@ -316,7 +330,7 @@ def online_step_row(dfp, b, dev, data, H: int, threads: int) -> dict:
     `threads` CPU threads, their blocks alternated; the ratios online / offline."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    O, A, n = b.obs_dim, b.act_dim, len(data["observations"])
+    obs_dim, A, n = b.obs_dim, b.act_dim, len(data["observations"])
     args = dfp.Args(
         horizon=b.horizon,
         hidden_dim=H,
@@ -326,12 +340,12 @@ def online_step_row(dfp, b, dev, data, H: int, threads: int) -> dict:
         online_steps=n,
         start_training=0,
     )  # every online step updates
-    modules = dfp.build(args, O, A, dev, None)
+    modules = dfp.build(args, obs_dim, A, dev, None)
     r = dfp.Run(
         args,
         "bench",
         "",
-        SyntheticEnv(O, A),
+        SyntheticEnv(obs_dim, A),
         None,
         data,
         [],
@@ -387,8 +401,8 @@ def eval_row(dfp, b, dev):
     m = min(b.eval_envs, b.eval_episodes)  # envs.evaluate steps every env: none may stay without an episode
     if m > 1:
         vec[m] = dfp.envs.make_eval_envs(env_id, m, b.horizon)
-    O, D = vec[1].single_observation_space.shape[0], vec[1].single_action_space.shape[0]  # D = h * A (ChunkEnv)
-    actor, critic = dfp.Actor(O, D, 512, 4).to(dev), dfp.Critic(O, D, 512, 4, 2).to(dev)
+    obs_dim, D = vec[1].single_observation_space.shape[0], vec[1].single_action_space.shape[0]  # D = h * A (ChunkEnv)
+    actor, critic = dfp.Actor(obs_dim, D, 512, 4).to(dev), dfp.Critic(obs_dim, D, 512, 4, 2).to(dev)
     act = dfp.make_act(actor, critic, 16, dev)  # the script's evaluation: best-of-16, in envs.evaluate
     best = {m: float("inf") for m in vec}
     for _ in range(b.repeats):
