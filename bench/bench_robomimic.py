@@ -41,10 +41,23 @@ class Args:
     """timed generator episodes per task (lift and can: the tasks with a scripted expert), --kind mh noise mix"""
 
 
-def timed(fn):
+def timed(fn, *args):
+    """(fn(*args), wall seconds, CPU seconds of this process)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
+    out = fn(*args)
     return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def resets(env, n: int) -> list:
+    return [env.reset(seed=i) for i in range(n)]
+
+
+def steps(env, actions: np.ndarray) -> list:
+    return [env.step(a) for a in actions]
+
+
+def episodes(n: int) -> list:
+    return [gen.run_episode(i) for i in range(n)]
 
 
 if __name__ == "__main__":
@@ -52,23 +65,23 @@ if __name__ == "__main__":
     rng = np.random.default_rng(0)
     for task in args.tasks:
         env_args = gen.make_env_args(task, gen.ROBOMIMIC_TASKS[task][1])
-        env, build_wall, _ = timed(lambda: gen.RobomimicEnv(f"{task}-mh", env_args))
-        _, reset_wall, reset_cpu = timed(lambda: [env.reset(seed=i) for i in range(args.resets)])
+        env, build_wall, _ = timed(gen.RobomimicEnv, f"{task}-mh", env_args)
+        _, reset_wall, reset_cpu = timed(resets, env, args.resets)
         actions = rng.uniform(-1, 1, (args.steps, 7))
-        _, wall, cpu = timed(lambda: [env.step(a) for a in actions])
+        _, wall, cpu = timed(steps, env, actions)
         print(
-            f"{task}: env steps/s {args.steps / wall:.0f} wall, {args.steps / cpu:.0f} per CPU-second | "
-            f"reset {reset_wall / args.resets:.2f} s wall ({reset_cpu / args.resets:.2f} CPU s) | build {build_wall:.1f} s",
+            f"{task}: env steps/s {args.steps / wall:.0f} wall, {args.steps / cpu:.0f} per CPU-second | reset "
+            f"{reset_wall / args.resets:.2f} s wall ({reset_cpu / args.resets:.2f} CPU s) | build {build_wall:.1f} s",
             flush=True,
         )
         if task in gen.OBJECT_POS:  # has a scripted expert
             gen.init_worker(dict(task=task, kind="mh", length=gen.ROBOMIMIC_TASKS[task][1], seed=0, noise=None))
-            eps, wall, cpu = timed(lambda: [gen.run_episode(i) for i in range(args.episodes)])
-            steps = sum(len(e["actions"]) for e in eps)
+            eps, wall, cpu = timed(episodes, args.episodes)
+            n_steps = sum(len(e["actions"]) for e in eps)
             success = np.mean([bool(e["success"]) for e in eps])
             print(
-                f"{task} generator: {steps} steps in {args.episodes} episodes, {steps / wall:.0f} steps/s wall, "
-                f"{steps / cpu:.0f} per CPU-second (resets included), success {success:.2f}",
+                f"{task} generator: {n_steps} steps in {args.episodes} episodes, {n_steps / wall:.0f} steps/s wall, "
+                f"{n_steps / cpu:.0f} per CPU-second (resets included), success {success:.2f}",
                 flush=True,
             )
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {gen.num_cores()} cores")
