@@ -23,6 +23,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -95,8 +96,9 @@ def dfp_rows(res):
             f"{t['net']} {t['phase']} {t['mode']}",
             f"error: {t['error']}"
             if "error" in t
-            else f"{t['ms_per_update']:.2f} ms/update ({t['updates_per_s']:.0f}/s), GEMMs alone {t['limit_ms']:.2f} ms, "
-            f"ratio {t['ratio']:.2f}" + (f", compiled in {t['warmup_s']:.0f} s" if "warmup_s" in t else ""),
+            else f"{t['ms_per_update']:.2f} ms/update ({t['updates_per_s']:.0f}/s), GEMMs alone "
+            f"{t['limit_ms']:.2f} ms, ratio {t['ratio']:.2f}"
+            + (f", compiled in {t['warmup_s']:.0f} s" if "warmup_s" in t else ""),
         )
         for t in res["training"]
     ]
@@ -136,7 +138,7 @@ def test_files() -> list:
     pattern = re.compile(r"def test_\w*(" + TEST_KEYWORDS.replace(" or ", "|") + r")", re.I)
     folder = os.path.join(ROOT, "tests")
     names = sorted(f for f in os.listdir(folder) if f.startswith("test_") and f.endswith(".py"))
-    return [os.path.join("tests", f) for f in names if pattern.search(open(os.path.join(folder, f)).read())]
+    return [os.path.join("tests", f) for f in names if pattern.search(pathlib.Path(folder, f).read_text())]
 
 
 def stages(device: str, out: str, work: str, data: dict, cuda: bool) -> list:
@@ -530,7 +532,10 @@ def run_stage(s: Stage, python: str, deadline: float, done: dict, logs: str, env
 
 def table(records: list) -> str:
     """One markdown table: a row per stage, then its result rows (benchmarks: one per measurement)."""
-    cell = lambda x: str(x).replace("|", "/").replace("\n", " ")  # noqa: E731
+
+    def cell(x) -> str:  # one markdown table cell: no column separator, no line break
+        return str(x).replace("|", "/").replace("\n", " ")
+
     lines = ["| stage | status | s | result |", "|---|---|---:|---|"]
     for r in records:
         status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
@@ -635,7 +640,10 @@ def main():
     with open(os.path.join(out, f"gpu_{a.device}.log"), "w") as f:  # every stage's whole log, in one file
         for s in todo:
             path = os.path.join(logs, f"{s.name}.log")
-            body = open(path, errors="replace").read() if os.path.exists(path) else ""
+            body = ""
+            if os.path.exists(path):
+                with open(path, errors="replace") as log:
+                    body = log.read()
             f.write(
                 f"===== {s.name}: {records[s.name]['status']} {records[s.name]['reason']}\n$ "
                 f"{records[s.name]['command']}\n{body}\n"
