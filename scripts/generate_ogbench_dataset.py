@@ -52,15 +52,18 @@ def num_cores() -> int:
 @dataclass
 class Args:
     env: str = "cube-double-play"
-    """dataset: cube-single-play, cube-double-play, cube-triple-play or cube-quadruple-play (a full id like cube-triple-play-v0 works too)"""
+    """dataset: cube-single-play, cube-double-play, cube-triple-play or cube-quadruple-play (a full id like
+    cube-triple-play-v0 works too)"""
     kind: Literal["play", "expert"] = "play"
     """play: the official play recipe; expert: demonstrations that solve singletask --task"""
     task: int | None = None
     """singletask task 1..5 to demonstrate (only with --kind expert)"""
     episodes: int | None = None
-    """training episodes, plus 10% more for the -val file; default: the official size for play (single/double 1000, triple 3000, quadruple 5000), 1000 for expert"""
+    """training episodes, plus 10% more for the -val file; default: the official size for play (single/double 1000,
+    triple 3000, quadruple 5000), 1000 for expert"""
     episode_length: int | None = None
-    """steps per episode; default 1001 for play (official); for expert the cap is the task's evaluation horizon (single 200, double 500, triple/quadruple 1000), episodes end once solved"""
+    """steps per episode; default 1001 for play (official); for expert the cap is the task's evaluation horizon
+    (single 200, double 500, triple/quadruple 1000), episodes end once solved"""
     workers: int = num_cores()
     """worker processes, one per CPU core by default"""
     seed: int = 0
@@ -70,7 +73,8 @@ class Args:
     overwrite: bool = False
     """replace existing output files"""
     resume: bool = True
-    """keep finished episodes in a hidden folder in --out-dir, so rerunning an interrupted command continues it; --no-resume starts over"""
+    """keep finished episodes in a hidden folder in --out-dir, so rerunning an interrupted command continues it;
+    --no-resume starts over"""
     noise: float = 0.1
     """oracle plan noise (official play recipe: 0.1)"""
     noise_smoothing: float = 0.5
@@ -208,7 +212,9 @@ def task_solved(u, goals: np.ndarray) -> bool:
 def next_move(xyzs: np.ndarray, goals: np.ndarray, bounds: np.ndarray):
     """Choose the next pick-and-place: (cube, target xyz). Greedy, bottom-up, clearing blockers when stuck."""
     n = len(xyzs)
-    flat = lambda a, b: np.linalg.norm(a[:2] - b[:2])  # noqa: E731  (horizontal distance)
+
+    def flat(a, b):  # horizontal distance
+        return np.linalg.norm(a[:2] - b[:2])
 
     def on_top(i):  # cubes resting on cube i
         return [j for j in range(n) if j != i and xyzs[j][2] > xyzs[i][2] + 0.02 and flat(xyzs[j], xyzs[i]) < CUBE_SIZE]
@@ -348,7 +354,10 @@ if __name__ == "__main__":
     if not args.resume:
         shutil.rmtree(parts_dir, ignore_errors=True)
     os.makedirs(parts_dir, exist_ok=True)
-    part = lambda i: os.path.join(parts_dir, f"{i:06d}.npz")  # noqa: E731
+
+    def part(i: int) -> str:
+        return os.path.join(parts_dir, f"{i:06d}.npz")
+
     todo = [i for i in range(total_episodes) if not os.path.exists(part(i))]
     if len(todo) < total_episodes:
         print(f"resuming: {total_episodes - len(todo)} episodes already done in {parts_dir}", flush=True)
@@ -400,9 +409,8 @@ if __name__ == "__main__":
     shutil.rmtree(parts_dir)
 
     print(f"wrote {run['paths'][0]} and {run['paths'][1]}")
-    print(
-        f"{steps} new steps in {fmt_time(gen_time)} ({steps / max(gen_time, 1e-9):.0f} steps/s with {workers} worker(s))"
-    )
+    rate = steps / max(gen_time, 1e-9)
+    print(f"{steps} new steps in {fmt_time(gen_time)} ({rate:.0f} steps/s with {workers} worker(s))")
     if args.kind == "expert":
         succ = np.array([e["episode_success"][0] for e in episodes])
         print(f"success rate: {succ.mean():.3f} ({succ.sum()}/{len(succ)} episodes solved task {args.task})")
