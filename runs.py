@@ -87,12 +87,23 @@ def parse(args_class, rules: Callable | None = None, args: list | None = None):
 
 
 def tyro_error(text: str) -> str:
-    """The message inside tyro's error box, on one line: the rows between its title and the first rule."""
+    """tyro's error box on one line: its message (the rows between the title and the first rule), the flag and its
+    type for a value that does not parse, and the flags tyro suggests for a misspelled one."""
     rows = [line.strip(" │|") for line in text.splitlines() if line.strip()][1:]  # below the title
-    rule = lambda row: re.fullmatch(r"[─\-+╰╯]*", row)  # noqa: E731  (boxed or plain, as the output allows)
-    return " ".join(itertools.takewhile(lambda r: not rule(r), itertools.dropwhile(rule, rows))).rstrip(
-        "."
-    ) or " ".join(text.split())
+
+    def rule(row):
+        return re.fullmatch(r"[─\-+╰╯]*", row)  # boxed or plain, as the output allows
+
+    msg = " ".join(itertools.takewhile(lambda r: not rule(r), itertools.dropwhile(rule, rows))).rstrip(".")
+    if "Argument helptext:" in rows:  # "Error parsing --K: invalid literal ..." -> "--K (INT): invalid literal ..."
+        usage = rows[rows.index("Argument helptext:") + 1].split()
+        msg = re.sub(r"^Error parsing \S+:", f"{usage[0]} ({' '.join(usage[1:]) or 'flag'}):", msg)
+    if "Perhaps you meant:" in rows:
+        after = rows[rows.index("Perhaps you meant:") + 1 :]
+        msg += "; did you mean " + " or ".join(
+            dict.fromkeys(r.split()[0] for r in after if r.startswith("--") and not rule(r))
+        )
+    return msg or " ".join(text.split())
 
 
 def ranges(args, table: dict) -> list:
@@ -303,15 +314,8 @@ def leave(code: int, *resources, track: bool = False):
 def interrupted(step: int, saved: str | None, code: int, *resources, track: bool = False):
     """After a signal: print `interrupted at step N; checkpoint saved to PATH; continue with:` and the resume command
     (saved: the checkpoint just written; None: nothing was saved), then leave(code, *resources, track=track)."""
-    print(
-        f"interrupted at step {step}; "
-        + (
-            f"checkpoint saved to {saved}; continue with:\n  {resume_command(saved)}"
-            if saved
-            else "no checkpoint (--no-save-model)"
-        ),
-        flush=True,
-    )
+    how = saved and f"checkpoint saved to {saved}; continue with:\n  {resume_command(saved)}"
+    print(f"interrupted at step {step}; {how or 'no checkpoint (--no-save-model)'}", flush=True)
     leave(code, *resources, track=track)
 
 

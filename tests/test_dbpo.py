@@ -771,7 +771,7 @@ def bad_files(D, tmp_path_factory):
 RANGES = [  # (flags, the error line's text): runs.parse's ranges and tyro's parsing, each flag on its own
     (["--gamma", "2"], "--gamma must be in (0, 1], got 2.0"),
     (["--clip-coef", "-0.1"], "--clip-coef must be a finite number > 0, got -0.1"),
-    (["--num-steps", "abc"], "Error parsing --num-steps"),  # a value of the wrong type
+    (["--num-steps", "abc"], "--num-steps (INT): invalid literal"),  # a value of the wrong type
     (["--reward-scaling", "sometimes"], "invalid choice 'sometimes' for argument '--reward-scaling'"),
     (["--no-such-flag"], "Unrecognized options: --no-such-flag"),
     (["--eval-envs", "0"], "--eval-envs must be > 0, got 0"),

@@ -144,7 +144,7 @@ def bad(trained, tmp_path_factory):
 
 DATA = [*ENV, "--dataset-path"]
 BAD_INPUT = [  # (id, argv with {placeholders} from the `bad` fixture, what the error line says)
-    ("type", ["--eval-interval", "abc"], "Error parsing --eval-interval"),
+    ("type", ["--eval-interval", "abc"], "--eval-interval (INT): invalid literal"),
     ("unknown-flag", ["--no-such-flag", "1"], "Unrecognized options"),
     ("bool-value", ["--exact-gelu", "yes"], "Unrecognized options: yes"),  # a switch takes no value
     ("literal", ["--drift-field", "cosine"], "--drift-field"),

@@ -66,15 +66,16 @@ def rules(a: Args):
     [
         (
             ["--steps", "abc"],
-            "Error parsing --steps: invalid literal for int() with base 10: 'abc'; see --help",
-        ),  # a wrong type
+            "error: --steps (INT): invalid literal for int() with base 10: 'abc'; see --help",
+        ),  # a wrong type: the flag and its type, said once (tyro's title "Error parsing" is not repeated)
         (
             ["--mode", "cosine"],
             "invalid choice 'cosine' for argument '--mode'. Expected one of ('hard', 'soft')",
         ),  # an unknown choice
         (["--no-such-flag", "1"], "Unrecognized options: --no-such-flag"),
+        (["--step", "3"], "Unrecognized options: --step, 3; did you mean --steps; see --help"),  # tyro's suggestion
         (["--steps"], "Missing value for argument '--steps'"),
-        (["--K", "1.5"], "Error parsing --K:"),  # an Optional[int] given a float: tyro's box wraps this one over rows
+        (["--K", "1.5"], "error: --K ("),  # an Optional[int] given a float: tyro's box wraps this one over rows
         (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),  # the rules: a NaN fails every comparison
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--K", "20"], "--K must be in 1..steps = 1..10, got 20"),
@@ -110,7 +111,7 @@ def test_parse_in_a_real_process(tmp_path):
     """)
     )
     bad = subprocess.run([sys.executable, str(script), "--steps", "x"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: Error parsing --steps")
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: --steps (INT): ")
     assert bad.stderr.count("\n") == 1, bad.stderr
     good = subprocess.run([sys.executable, str(script), "--steps", "7"], capture_output=True, text=True, timeout=60)
     assert good.returncode == 0 and good.stdout == "7\n" and good.stderr == ""
