@@ -531,6 +531,15 @@ def test_td_target_uses_gamma_h_mask_and_valid():
     assert torch.isclose(loss, expected) and q.shape == (2, 4) and torch.allclose(q, torch.tensor(2.0))
 
 
+def test_offline_actions_are_clipped_inside_the_bounds_as_the_ref_code():
+    """Dataset actions go to +-(1 - 1e-5) (the ref code's action_clip_eps); those inside are left as they are."""
+    actions = np.array([[1.0, -1.0, 0.5, 1.5, -0.99999]], np.float32)
+    data = {k: np.zeros((1, 3), np.float32) for k in replay.KEYS} | {"actions": actions}
+    out = dfp.offline_tensors(data, "cpu")["actions"]
+    lim = np.float32(1 - 1e-5)
+    assert out.tolist() == [[lim, -lim, 0.5, lim, np.float32(-0.99999)]]
+
+
 def test_top_k_positives_are_the_highest_q_candidates(monkeypatch):
     args = dfp.Args(N=16, K=4, num_gen=3, online_mode="soft")
     actor, ema = dfp.Actor(3, 2, 16, 1), dfp.Actor(3, 2, 16, 1)
