@@ -11,6 +11,7 @@ one `error:` line (runs.fail), exit code 2. Only episode_generator imports torch
 """
 
 import atexit
+import contextlib
 import functools
 import os
 import re
@@ -56,29 +57,31 @@ def family(env_id: str) -> str:
     )
 
 
-def resolve_env_id(env: str, task: int | None = None, gym_ids=()) -> str:
+def resolve_env_id(env: str, task: int | None = None, gym_ids=(), minari: bool = True) -> str:
     """The env id an --env value names: 'cube-triple-play' -> 'cube-triple-play-singletask-task2-v0' (task 2 unless
     --task, which also overrides a full id's); other OGBench singletask ids (scene, puzzle) as they are; Robomimic
     'lift-mh' (or 'lift-mh-low_dim') -> 'lift-mh'; Minari ids (mujoco/hopper/medium-v0); gymnasium ids in gym_ids
-    (None: any registered one)."""
+    (None: any registered one); minari=False refuses Minari ids (and leaves them out of the message)."""
     cube = re.fullmatch(CUBE_NAME, env)
     check(task is None or cube is None or 1 <= task <= 5, f"--task must be in 1..5, got {task}")
     if cube is not None:
         return f"{cube.group(1)}-singletask-task{task if task is not None else int(cube.group(5) or 2)}-v0"
-    known = re.fullmatch(MINARI_ID, env) or (env in gym.registry if gym_ids is None else env in gym_ids)  # gymnasium's
+    known = (minari and re.fullmatch(MINARI_ID, env)) or (env in gym.registry if gym_ids is None else env in gym_ids)
     if family(env) != "gym" or known:
         check(task is None, "--task only applies to cube-* names; drop it (or put the task in the full OGBench id)")
         return env.removesuffix("-low_dim")
     gyms = ", a gymnasium id like Hopper-v5" if gym_ids is None else "".join(f", {g}" for g in gym_ids)
     fail(
         f"unknown env '{env}'; valid: {', '.join(f'cube-{k}-play' for k in CUBE_PLAY_EPISODES)} (or a full id like "
-        f"cube-double-play-singletask-task2-v0), Robomimic lift/can/square-mh/ph, Minari mujoco/hopper/medium-v0{gyms}"
+        f"cube-double-play-singletask-task2-v0), Robomimic lift/can/square-mh/ph"
+        + (f", Minari mujoco/hopper/medium-v0{gyms}" if minari else "")
     )
 
 
 # ---- OGBench: datasets in ~/.ogbench/data, else a bounded download, else the command that regenerates them
 OGBENCH_DATA_DIR = "~/.ogbench/data"
 CUBE_PLAY_EPISODES = {"single": 1000, "double": 1000, "triple": 3000, "quadruple": 5000}  # official sizes
+CUBE_OBS_DIM = {"single": 28, "double": 37, "triple": 46, "quadruple": 55}  # observation size by number of cubes
 ORACLE_STEPS_PER_SEC = 200  # per CPU core, measured with bench/bench_generate.py (README, Data)
 
 
@@ -136,11 +139,26 @@ def load_ogbench(env_id: str, dataset_path: str | None = None, env=None, timeout
         if env is None:
             return quiet_ogbench(env_id, dataset_path=path)
         return env, *ogbench.make_env_and_datasets(env_id, dataset_path=path, dataset_only=True, cur_env=env)
-    except Exception as e:  # a truncated zip, a text file named .npz, a missing key, ...
+    except Exception as e:  # a truncated zip, a text file named .npz, a missing key, another env's file, ...
+        check_cube_size(env_id, path)
         fail(
             f"could not read dataset {path} ({why(e)}); it needs observations, actions, terminals, qpos, qvel (OGBench "
             f"format) and a -val twin; regenerate it with: {generate_command(path)}"
         )
+
+
+def check_cube_size(env_id: str, path: str) -> None:
+    """Refuse in one line a cube dataset made for another number of cubes than env_id's (its observation size says
+    which); a file that cannot be read at all is left to the caller's message."""
+    made = want = None
+    with contextlib.suppress(Exception), np.load(path) as f:
+        made = {v: k for k, v in CUBE_OBS_DIM.items()}.get(f["observations"].shape[-1])
+        want = re.match(r"cube-(\w+?)-play", env_id).group(1)
+    check(
+        made is None or want is None or made == want,
+        f"dataset {path} was made for cube-{made}-play (observations of size {CUBE_OBS_DIM.get(made)}), not for "
+        f"{env_id} (size {CUBE_OBS_DIM.get(want)}); pass --env cube-{made}-play, or a dataset of {env_id}",
+    )
 
 
 def quiet_ogbench(env_id: str, **kwargs):

@@ -82,6 +82,8 @@ def test_resolve_env_id_names_every_family(capsys):
     assert "--task must be in 1..5, got 0" in error_line(capsys, r, "cube-double-play", 0)
     assert "--task only applies to cube-* names" in error_line(capsys, r, "lift-mh", 1)
     assert "Minari mujoco/hopper/medium-v0" in error_line(capsys, r, "mujoco/hopper")  # not a dataset id
+    no_minari = error_line(capsys, r, "mujoco/hopper/medium-v0", minari=False)  # DFP: OGBench and Robomimic only
+    assert "unknown env 'mujoco/hopper/medium-v0'" in no_minari and "Minari" not in no_minari
 
 
 # ------------------------------------------------------------------------------------------------ OGBench
@@ -147,6 +149,12 @@ def test_ogbench_unreadable_or_misfit_files_are_one_line_errors(home, tmp_path, 
     os.makedirs(os.path.dirname(other))
     write_cube_single(other, obs_dim=37)
     assert "'observations' must have shape [N, 28] for this env" in error_line(capsys, envs.load_dataset, CUBE1, other)
+    single = str(tmp_path / "single" / "cube-double-play-v0.npz")  # a cube-single file given for cube-double
+    os.makedirs(os.path.dirname(single))
+    write_cube_single(single)
+    msg = error_line(capsys, envs.load_dataset, "cube-double-play-singletask-task2-v0", single)
+    assert "was made for cube-single-play (observations of size 28), not for cube-double-play" in msg
+    assert "(size 37); pass --env cube-single-play" in msg
     shards = tmp_path / "shards"
     shards.mkdir()
     assert "holds no *.npz shards" in error_line(capsys, envs.shard_paths, str(shards))
