@@ -142,7 +142,12 @@ _W = {}  # this process's env, oracle and settings
 
 
 def init_worker(cfg: dict) -> None:
+    import warnings
+
     import gymnasium
+
+    # OGBench's spaces are float64 boxes that gymnasium casts to float32, with a warning per env: nothing to act on
+    warnings.filterwarnings("ignore", r".*Box (low|high)'s precision lowered by casting to float32")
     import ogbench  # noqa: F401  (registers the cube-*-v0 envs)
     from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
 
