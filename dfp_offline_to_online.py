@@ -60,7 +60,7 @@ class Args:
     task: int | None = None
     """singletask task 1..5 (overrides the task in --env)"""
     dataset_path: str | None = None
-    """an OGBench .npz (with its -val twin) or a Robomimic low_dim_v15.hdf5 (default: ~/.ogbench/data, ~/.robomimic)"""
+    """an OGBench .npz (with its -val twin) or a Robomimic low_dim_v15.hdf5 (None: in ~/.ogbench/data, ~/.robomimic)"""
     dataset_dir: str | None = None
     """a folder of dataset shards (*.npz with -val twins), one in memory at a time (cube-quadruple-play-100m)"""
     shard_interval: int = 1000
@@ -71,14 +71,14 @@ class Args:
     """gradient steps of the offline phase"""
     online_steps: int = 1_000_000
     """environment steps of the online phase"""
-    horizon: int = 5
-    """action chunk length h (executed open-loop)"""
+    action_horizon: int = 5
+    """h: actions per chunk, predicted and executed open-loop: for DFP both lengths are h (DBP: Tp and Ta)"""
     batch_size: int = 256
     """batch size B of every update"""
     lr: float = 3e-4
     """Adam learning rate of actor and critic"""
-    discount: float = 0.99
-    """discount gamma per environment step"""
+    gamma: float = 0.99
+    """the discount factor gamma, per environment step"""
     tau: float = 0.005
     """Polyak rate of the target critic"""
     hidden_dim: int = 512
@@ -86,7 +86,7 @@ class Args:
     num_layers: int = 4
     """hidden layers of actor and critic MLPs"""
     exact_gelu: bool = False
-    """if toggled, the exact (erf) GELU in actor and critic (default: the tanh approximation, as the ref code)"""
+    """if toggled, the exact (erf) GELU in actor and critic (off: the tanh approximation, as the ref code)"""
     num_critics: int = 2
     """critic ensemble size (aggregated by mean)"""
     num_gen: int = 8
@@ -130,11 +130,11 @@ class Args:
 
     # Logging, evaluation, checkpoints
     eval_interval: int = 100_000
-    """steps between evaluations (also at step 1, at the end of the offline phase and at the end)"""
+    """steps between evaluations (also at step 1, at the switch to online and at the end); steps as --save-interval's"""
     eval_episodes: int = 100
     """episodes per evaluation (episode i: env seed seed + 1000 + i offline, + 2000 + i online, its own policy noise)"""
     eval_envs: int | None = None
-    """envs stepped together in evaluation, in worker processes when > 1 (default: min(CPU cores, --eval-episodes))"""
+    """envs stepped together in evaluation, in worker processes when > 1 (None: min(CPU cores, --eval-episodes))"""
     log_interval: int = 5000
     """steps between loss logs and progress lines"""
     save_interval: int = 100_000
@@ -148,7 +148,7 @@ class Args:
     runs_dir: str = "runs"
     """where run folders (tensorboard, checkpoint, videos) go"""
     run_name: str | None = None
-    """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
+    """the run folder's name under --runs-dir (None: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
 
 # ---- networks: the one-step generator and the critic ensemble (as the ref code's flax networks)
@@ -262,7 +262,7 @@ def critic_loss(args, actor, critic, target_critic, batch):
     with torch.no_grad():
         next_a = best_of_n(actor, critic, batch["next_observations"], args.q_best_of)  # [B, D]
         next_q = target_critic(batch["next_observations"], next_a).mean(0)  # [B]
-        y = batch["rewards"] + args.discount**args.horizon * batch["masks"] * next_q  # [B]
+        y = batch["rewards"] + args.gamma**args.action_horizon * batch["masks"] * next_q  # [B]
     q = critic(batch["observations"], batch["actions"])  # [E, B]
     return ((q - y).pow(2) * batch["valid"]).mean(), q, y  # / (E * B), not / sum(valid): the ref code
 
@@ -337,7 +337,7 @@ RANGES = {  # requirement: (test, flags); a NaN fails every comparison, so it is
     ">= 1": (
         lambda v: v is None or v >= 1,
         (
-            "horizon",
+            "action_horizon",
             "batch_size",
             "hidden_dim",
             "num_layers",
@@ -359,7 +359,7 @@ RANGES = {  # requirement: (test, flags); a NaN fails every comparison, so it is
     ">= 0": (lambda v: v >= 0, ("seed", "offline_steps", "online_steps", "start_training", "num_threads")),
     "a finite number > 0": (lambda v: 0 < v < math.inf, ("lr", "bandwidth")),
     "a finite number >= 0": (lambda v: 0 <= v < math.inf, ("alpha", "topk_weight", "bc_weight")),
-    "in (0, 1]": (lambda v: 0 < v <= 1, ("discount", "tau")),
+    "in (0, 1]": (lambda v: 0 < v <= 1, ("gamma", "tau")),
     "in [0, 1]": (lambda v: 0 <= v <= 1, ("ema_tau",)),
 }
 
@@ -420,7 +420,7 @@ CKPT_KEYS = (
 EVAL_ONLY_ARGS = (
     "env",
     "task",
-    "horizon",
+    "action_horizon",
     "hidden_dim",
     "num_layers",
     "num_critics",
@@ -429,6 +429,7 @@ EVAL_ONLY_ARGS = (
     "seed",
     "offline_steps",
 )
+RENAMED = {"horizon": "action_horizon", "discount": "gamma"}  # older checkpoints' args: old name -> new
 
 
 # ---- the run: its state, and the steps of the loop
@@ -461,7 +462,7 @@ class Run:
 
 def build(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | None) -> dict:
     """actor, critic, target_critic, ema_actor and the one Adam of actor and critic, with a checkpoint's weights."""
-    D, H, L, E = act_dim * args.horizon, args.hidden_dim, args.num_layers, args.num_critics  # D: a flattened chunk
+    D, H, L, E = act_dim * args.action_horizon, args.hidden_dim, args.num_layers, args.num_critics  # D: a chunk
     g = "none" if args.exact_gelu else "tanh"
     actor, critic = Actor(obs_dim, D, H, L, g).to(device), Critic(obs_dim, D, H, L, E, g).to(device)
     target, ema = copy.deepcopy(critic), copy.deepcopy(actor)  # exact copies at the start, as the ref code; ema: pi_old
@@ -469,7 +470,7 @@ def build(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | None) -> 
     optimizer = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=args.lr, capturable=args.cudagraphs)
     modules = {"actor": actor, "critic": critic, "target_critic": target, "ema_actor": ema, "optimizer": optimizer}
     if ckpt:
-        runs.load_states(modules, ckpt, "use the --horizon/--hidden-dim/--num-layers/--num-critics it was made with")
+        runs.load_states(modules, ckpt, "pass its --action-horizon/--hidden-dim/--num-layers/--num-critics")
         runs.set_optimizer(optimizer, args.lr, args.cudagraphs)  # this run's --lr and --cudagraphs, not the saved ones
     return modules
 
@@ -485,11 +486,11 @@ def offline_step(r: Run, step: int) -> None:
     a = r.args
     if len(r.shards) > 1 and step % a.shard_interval == 0:
         r.shard_idx, r.data = (r.shard_idx + 1) % len(r.shards), None  # free this shard before reading the next
-        _, data, _, _ = envs.load_dataset(r.env_id, r.shards[r.shard_idx], r.env, min_len=a.horizon + 1)
+        _, data, _, _ = envs.load_dataset(r.env_id, r.shards[r.shard_idx], r.env, min_len=a.action_horizon + 1)
         r.data = offline_tensors(data, r.stats.device)
         r.writer.add_scalar("charts/shard", r.shard_idx, step)
     n = len(r.data["observations"])
-    batch = sample_chunks(r.data, 0, n, n, r.sampler, a.batch_size, a.horizon, a.discount)
+    batch = sample_chunks(r.data, 0, n, n, r.sampler, a.batch_size, a.action_horizon, a.gamma)
     r.stats, r.n_stats = r.stats + r.update(batch, online=False), r.n_stats + 1
 
 
@@ -503,7 +504,8 @@ def online_step(r: Run, step: int) -> None:
         r.obs, _ = r.env.reset(seed=a.seed + 3000)  # seeded once, as the ref code (+3000: apart from evaluation's)
     if not r.queue:  # one host-to-device and one device-to-host copy per chunk of h steps
         o = torch.as_tensor(r.obs, dtype=torch.float32, device=r.stats.device)[None]  # [1, O]
-        r.queue = list(best_of_n(actor, r.modules["critic"], o, a.act_best_of)[0].cpu().numpy().reshape(a.horizon, -1))
+        chunk = best_of_n(actor, r.modules["critic"], o, a.act_best_of)[0]  # [D] = [h * A]
+        r.queue = list(chunk.cpu().numpy().reshape(a.action_horizon, -1))  # h actions [A]
     action = r.queue.pop(0)  # [A]
     next_obs, reward, terminated, truncated, info = r.env.step(action)
     r.buffer.add(r.obs, action, reward, 1.0 - terminated, float(terminated or truncated), next_obs)  # in KEYS order
@@ -517,7 +519,7 @@ def online_step(r: Run, step: int) -> None:
             r.writer.add_scalar(f"charts/{tag}", v, step)
         (r.obs, _), r.queue = r.env.reset(), []
     for _ in range(a.utd_ratio if step - a.offline_steps >= a.start_training else 0):
-        batch = sample_chunks(r.buffer.tensors, *r.buffer.window, r.sampler, a.batch_size, a.horizon, a.discount)
+        batch = sample_chunks(r.buffer.tensors, *r.buffer.window, r.sampler, a.batch_size, a.action_horizon, a.gamma)
         r.stats, r.n_stats = r.stats + r.update(batch, online=True), r.n_stats + 1
 
 
@@ -618,9 +620,10 @@ def main():
     ckpt = path and runs.load_checkpoint(
         path, "--checkpoint" if args.eval_only else "--resume", CKPT_FORMAT, CKPT_KEYS, CKPT_HINT
     )
+    saved = {RENAMED.get(k, k): v for k, v in ckpt["args"].items()} if args.eval_only else {}
     for k in EVAL_ONLY_ARGS if args.eval_only else ():  # the policy, env and evaluation seeds of the checkpoint
-        setattr(args, k, ckpt["args"].get(k, True))  # only exact_gelu can be missing: older runs had the exact GELU
-    env_id = envs.resolve_env_id(args.env, args.task, gym_ids=())  # OGBench and Robomimic
+        setattr(args, k, saved.get(k, True))  # only exact_gelu can be missing: older runs had the exact GELU
+    env_id = envs.resolve_env_id(args.env, args.task, minari=False)  # OGBench and Robomimic
     check(
         not ckpt or ckpt["env_id"] == env_id,
         f"checkpoint was made for {ckpt and ckpt['env_id']}, not {env_id}; pass the same --env/--task",
@@ -645,7 +648,9 @@ def main():
         env, data, env_args = envs.make_env(env_id, ckpt.get("env_args"), reward_shift=-1.0), None, ckpt.get("env_args")
     else:  # Robomimic rewards are shifted by -1, offline and online
         print(f"loading {data_path or f'the {env_id} dataset'} ...", flush=True)
-        env, data, _, env_args = envs.load_dataset(env_id, data_path, reward_shift=-1.0, min_len=args.horizon + 1)
+        env, data, _, env_args = envs.load_dataset(
+            env_id, data_path, reward_shift=-1.0, min_len=args.action_horizon + 1
+        )
         data = offline_tensors(data, device)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     check(
@@ -656,7 +661,7 @@ def main():
     modules = build(args, obs_dim, act_dim, device, ckpt)
     num_eval_envs = min(args.eval_envs or os.cpu_count() or 1, args.eval_episodes)
     eval_envs = envs.make_eval_envs(
-        env_id, num_eval_envs, args.horizon, env_args=env_args, render=args.capture_video, reward_shift=-1.0
+        env_id, num_eval_envs, args.action_horizon, env_args=env_args, render=args.capture_video, reward_shift=-1.0
     )  # after every check: workers start
     r = Run(
         args,

@@ -52,7 +52,7 @@ def parse():
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--obs-dim", type=int, default=46, help="cube-single 28, double 37, triple 46, quadruple 55")
     p.add_argument("--act-dim", type=int, default=5)
-    p.add_argument("--horizon", type=int, default=5)
+    p.add_argument("--action-horizon", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--updates", type=int, default=8, help="timed updates per block, phase and mode (after warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks per measurement; the best one counts")
@@ -145,12 +145,12 @@ def main():
         for m in ("eager", "compile", "cudagraphs", "compile+cudagraphs")
         if not (b.no_compile and "compile" in m) and (dev.type == "cuda" or "cudagraphs" not in m)
     ]
-    obs_dim, D = b.obs_dim, b.act_dim * b.horizon
+    obs_dim, D = b.obs_dim, b.act_dim * b.action_horizon
     load = os.getloadavg()
     print(
         f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), threads "
-        f"{torch.get_num_threads()}, torch {torch.__version__}, obs {obs_dim}, chunk {b.horizon}x{b.act_dim}, batch "
-        f"{b.batch_size}, load average {load[0]:.2f} {b.label}",
+        f"{torch.get_num_threads()}, torch {torch.__version__}, obs {obs_dim}, chunk {b.action_horizon}x{b.act_dim}, "
+        f"batch {b.batch_size}, load average {load[0]:.2f} {b.label}",
         flush=True,
     )
     results = {
@@ -188,7 +188,7 @@ def main():
             flush=True,
         )
     for H in b.hidden_dims if not b.online_step_only else ():
-        args = dfp.Args(horizon=b.horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size)
+        args = dfp.Args(action_horizon=b.action_horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size)
         net = f"{b.num_layers}x{H}"
         actor_dims, critic_dims = [obs_dim + D] + [H] * b.num_layers + [D], [obs_dim + D] + [H] * b.num_layers + [1]
         E, B, G, N, Q = args.num_critics, b.batch_size, args.num_gen, args.N, args.q_best_of
@@ -222,7 +222,7 @@ def main():
             if "cudagraphs" in mode:
                 update = runs.CudaGraphUpdate(update)
             sampler = torch.Generator(device=dev).manual_seed(0)
-            sample = functools.partial(dfp.sample_chunks, data, 0, n, n, sampler, B, b.horizon, args.discount)
+            sample = functools.partial(dfp.sample_chunks, data, 0, n, n, sampler, B, b.action_horizon, args.gamma)
             for phase in ("offline", "online"):
                 step = functools.partial(train_step, update, sample, phase == "online")
                 try:  # a mode that fails (a capture, a compile) is a row with its error; the others still run
@@ -332,7 +332,7 @@ def online_step_row(dfp, b, dev, data, H: int, threads: int) -> dict:
     torch.manual_seed(0)
     obs_dim, A, n = b.obs_dim, b.act_dim, len(data["observations"])
     args = dfp.Args(
-        horizon=b.horizon,
+        action_horizon=b.action_horizon,
         hidden_dim=H,
         num_layers=b.num_layers,
         batch_size=b.batch_size,
@@ -395,12 +395,12 @@ def eval_row(dfp, b, dev):
         return "skipped (--eval-episodes 0)"
     env_id = "cube-triple-play-singletask-task2-v0"
     try:
-        vec = {1: dfp.envs.make_eval_envs(env_id, 1, b.horizon)}
+        vec = {1: dfp.envs.make_eval_envs(env_id, 1, b.action_horizon)}
     except Exception as e:  # no gymnasium/ogbench/mujoco here
         return f"n/a (no OGBench env: {type(e).__name__})"
     m = min(b.eval_envs, b.eval_episodes)  # envs.evaluate steps every env: none may stay without an episode
     if m > 1:
-        vec[m] = dfp.envs.make_eval_envs(env_id, m, b.horizon)
+        vec[m] = dfp.envs.make_eval_envs(env_id, m, b.action_horizon)
     obs_dim, D = vec[1].single_observation_space.shape[0], vec[1].single_action_space.shape[0]  # D = h * A (ChunkEnv)
     actor, critic = dfp.Actor(obs_dim, D, 512, 4).to(dev), dfp.Critic(obs_dim, D, 512, 4, 2).to(dev)
     act = dfp.make_act(actor, critic, 16, dev)  # the script's evaluation: best-of-16, in envs.evaluate

@@ -103,8 +103,8 @@ def test_smoke_chunked_both_phases_checkpoint_and_eval_only(dataset, tmp_path):
             *TINY,
             "--dataset-path",
             dataset,
-            "--horizon",
-            "5",
+            "--action-horizon",
+            "3",
             "--offline-steps",
             "20",
             "--online-steps",
@@ -153,6 +153,15 @@ def test_smoke_chunked_both_phases_checkpoint_and_eval_only(dataset, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eval-only cube-single-play-singletask-task1-v0 step 50: success" in r.stdout
 
+    # a checkpoint from before the renames (--horizon, --discount) still evaluates: its h = 3 is read under the
+    # old name (unmapped, the default would rebuild h = True = 1 chunks and its weights would not fit)
+    ckpt["args"] = {{"action_horizon": "horizon", "gamma": "discount"}.get(k, k): v for k, v in ckpt["args"].items()}
+    assert ckpt["args"]["horizon"] == 3 and "action_horizon" not in ckpt["args"]
+    torch.save(ckpt, old_path := str(tmp_path / "old.pt"))
+    r = run(["--eval-only", "--checkpoint", old_path, "--eval-episodes", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval-only cube-single-play-singletask-task1-v0 step 50: success" in r.stdout
+
     # (--resume with other networks or another task: refused, in test_dfp_reliability.py's BAD_INPUT table)
 
 
@@ -169,7 +178,7 @@ def test_smoke_horizon1_gaussian_soft_single_sample_shards(tmp_path):
             str(shards),
             "--shard-interval",
             "5",
-            "--horizon",
+            "--action-horizon",
             "1",
             "--drift-field",
             "gaussian",
@@ -429,7 +438,9 @@ def test_exact_gelu_flag_selects_the_exact_gelu_in_every_network():
     outs = []
     for exact in (False, True):
         torch.manual_seed(0)
-        m = dfp.build(dfp.Args(exact_gelu=exact, hidden_dim=8, num_layers=2, horizon=2, cuda=False), 4, 3, "cpu", None)
+        m = dfp.build(
+            dfp.Args(exact_gelu=exact, hidden_dim=8, num_layers=2, action_horizon=2, cuda=False), 4, 3, "cpu", None
+        )
         want = "none" if exact else "tanh"
         for k in ("actor", "ema_actor"):
             assert [g.approximate for g in m[k].net if isinstance(g, torch.nn.GELU)] == [want, want], k
@@ -442,7 +453,7 @@ def test_exact_gelu_flag_selects_the_exact_gelu_in_every_network():
 def tiny_update_setup(seed=0, device="cpu", capturable=False):
     """Tiny nets, optimizer and batches for comparing update paths; identical for equal seeds."""
     torch.manual_seed(seed)
-    args = dfp.Args(horizon=2, hidden_dim=16, num_layers=2, batch_size=8, num_gen=4, N=6, K=2, q_best_of=3)
+    args = dfp.Args(action_horizon=2, hidden_dim=16, num_layers=2, batch_size=8, num_gen=4, N=6, K=2, q_best_of=3)
     obs_dim, D = 5, 2 * 3
     actor, ema = dfp.Actor(obs_dim, D, 16, 2).to(device), dfp.Actor(obs_dim, D, 16, 2).to(device)
     critic, target = dfp.Critic(obs_dim, D, 16, 2, 2).to(device), dfp.Critic(obs_dim, D, 16, 2, 2).to(device)
@@ -513,7 +524,7 @@ def test_cudagraphs_without_cuda_is_refused(tmp_path):
 
 
 def test_td_target_uses_gamma_h_mask_and_valid():
-    args = dfp.Args(horizon=5, discount=0.9, q_best_of=3)
+    args = dfp.Args(action_horizon=5, gamma=0.9, q_best_of=3)
     actor = dfp.Actor(3, 10, 8, 1)
     critic, target = constant_critic(3, 10, 2.0), constant_critic(3, 10, 7.0)
     batch = {
