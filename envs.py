@@ -188,24 +188,20 @@ def shard_paths(folder: str) -> list:
 
 
 # ---- Minari: mujoco/<env>/<level>-v0 datasets in $MINARI_DATASETS_PATH (else ~/.minari/datasets), else a download
-def load_minari(env_id: str, with_data: bool = True, timeout: float = 30.0):
-    """(env spec, data) of a Minari id: its dataset in the root, else one bounded download, else one error with the
-    command that makes it here; the spec (of the env it was recorded on) must name the id's env (mujoco/hopper/... ->
-    Hopper-v5). data (with_data): D4RL's layout, observations [N, O], actions [N, A], rewards, terminals, timeouts [N]
-    (truncations)."""
+def load_minari(env_id: str, with_data: bool = True):
+    """(env spec, data) of a Minari id: its dataset in the root, else one error with the command that makes it here
+    (no download: minari's needs its [hf] extra, which the project does not install). The spec (of the env it was
+    recorded on) must name the id's env (mujoco/hopper/... -> Hopper-v5). data (with_data): D4RL's layout,
+    observations [N, O], actions [N, A], rewards, terminals, timeouts [N] (truncations)."""
     require("minari", f"the Minari dataset {env_id}")
     import minari
 
     root = os.path.abspath(os.path.expanduser(os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets"))
     folder, make = os.path.join(root, env_id), f"python scripts/generate_locomotion_dataset.py --dataset-id {env_id}"
-    if not os.path.isdir(os.path.join(folder, "data")):
-        with bounded_download(
-            timeout,
-            [os.path.join(folder, "data")],
-            f"the Minari dataset {env_id} is not in {root} and downloading it",
-            f"make it locally with: {make}",
-        ):
-            minari.download_dataset(env_id)
+    check(
+        os.path.isdir(os.path.join(folder, "data")),
+        f"the Minari dataset {env_id} is not in {root} (Minari datasets are not downloaded); make it with: {make}",
+    )
     try:
         spec, name = (dataset := minari.load_dataset(env_id)).env_spec, re.fullmatch(MINARI_ID, env_id).group(1)
         check(
