@@ -40,7 +40,7 @@ class Args:
     seed: int = 1
     """seed of the experiment (training, the 2% hold-out, and the evaluation episodes and latents)"""
     run_name: str | None = None
-    """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
+    """the run folder's name under --runs-dir (None: <env_id>__<exp_name>__<seed>__<unix time>)"""
     runs_dir: str = "runs"
     """where run folders (tensorboard, checkpoints, videos) go"""
     torch_deterministic: bool = True
@@ -66,18 +66,18 @@ class Args:
     env: str = "cube-single-play"
     """OGBench cube-single-play, ... (or a singletask id), Robomimic {lift,can,square}-{mh,ph}, or a gymnasium id"""
     task: int | None = None
-    """OGBench singletask task 1..5 (default: the id's task, else 2)"""
+    """OGBench singletask task 1..5 (None: the id's task, else 2)"""
     dataset_path: str | None = None
     """an OGBench .npz (e.g. cube-single-expert-task1-v0.npz, beside its -val twin), a Robomimic low_dim_v15.hdf5, or
     for a gymnasium id (Hopper-v5) a D4RL-layout .npz"""
     val_ratio: float | None = None
-    """fraction of episodes held out for losses/val_loss (>= 1 if > 0); default: 2%, locomotion 0 (as the authors')"""
+    """fraction of episodes held out for losses/val_loss (>= 1 if > 0); None: 2%, locomotion 0 (as the authors')"""
     eval_interval: int = 10_000
     """evaluate the EMA policy every this many gradient steps (0: only at the end)"""
     eval_episodes: int = 10
     """episodes per evaluation (episode i: env seed seed + 10000 + i and its own latent stream)"""
     eval_envs: int | None = None
-    """envs stepped together in evaluation, in worker processes if > 1 (at most --eval-episodes; default: CPU cores)"""
+    """envs stepped together in evaluation, in worker processes if > 1 (at most --eval-episodes; None: CPU cores)"""
     log_interval: int = 500
     """gradient steps between progress lines / tensorboard scalars (and the validation loss)"""
     resume: str | None = None
@@ -94,8 +94,8 @@ class Args:
     """generator: the paper's 1-D conditional U-Net with FiLM, or an MLP on concat(obs history, z) (CPU-sized runs)"""
     hidden_dim: int = 512
     """MLP width"""
-    depth: int = 3
-    """MLP hidden layers"""
+    num_layers: int = 3
+    """hidden layers of the MLP"""
     unet_dims: tuple[int, ...] = (512, 1024, 2048)
     """U-Net channel widths per level (authors' code); Tp must be divisible by 2^(levels-1)"""
     unet_kernel_size: int = 5
@@ -103,19 +103,19 @@ class Args:
     unet_groups: int = 8
     """U-Net GroupNorm groups (must divide every width; the final block keeps the authors' 8)"""
     obs_horizon: int | None = None
-    """To: observations in the history (default by env family: OGBench 2, Robomimic and locomotion 1)"""
+    """To: observations in the history (None: by env family, OGBench 2, Robomimic and locomotion 1)"""
     pred_horizon: int | None = None
-    """Tp: actions per predicted chunk (default: OGBench 16, Robomimic and locomotion 4)"""
+    """Tp: actions per predicted chunk (None: OGBench 16, Robomimic and locomotion 4)"""
     action_horizon: int | None = None
-    """Ta: actions executed per chunk from index To-1 (default: OGBench 8, Robomimic and locomotion 4)"""
+    """Ta: actions executed per chunk from index To-1 (None: OGBench 8, Robomimic and locomotion 4)"""
     max_episode_steps: int | None = None
-    """time limit of the evaluation episodes (default: Robomimic 400 as the authors' task configs, else the env's)"""
+    """time limit of the evaluation episodes (None: Robomimic 400 as the authors' task configs, else the env's)"""
     normalization: Literal["authors", "minmax"] = "authors"
     """authors: Robomimic obs / one global max|obs|, actions unscaled, else per-dim min-max; minmax: min-max for all"""
     num_hypotheses: int = 4
     """G: hypotheses generated per observation in training (the paper's default 4; G=1 is much worse)"""
     drift_mode: Literal["chunk", "step"] = "chunk"
-    """chunk: drift on the flattened Tp*da chunk (default, better); step: drift per time step, averaged"""
+    """chunk: drift on the flattened Tp*da chunk (better); step: drift per time step, averaged"""
     drift_field: Literal["official", "gaussian"] = "official"
     """official: the published code's normalized multi-temperature loss (docs/algorithms.md §2); gaussian: §1"""
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
@@ -154,14 +154,14 @@ class MLPGenerator(nn.Module):
     """mu = MLP(concat(flatten(obs_hist), flatten(z))): the CPU-sized backbone for low-dimensional states."""
 
     def __init__(
-        self, obs_dim: int, action_dim: int, obs_horizon: int, pred_horizon: int, hidden_dim: int = 512, depth: int = 3
+        self, obs_dim: int, action_dim: int, obs_horizon: int, pred_horizon: int, hidden_dim=512, num_layers=3
     ):
         super().__init__()
         self.action_dim = action_dim
         self.obs_horizon = obs_horizon
         self.pred_horizon = pred_horizon
         self.cond_dim = obs_horizon * obs_dim  # the condition flatten(obs_hist), as DBPO's log-std head's
-        dims = [self.cond_dim + pred_horizon * action_dim] + [hidden_dim] * depth
+        dims = [self.cond_dim + pred_horizon * action_dim] + [hidden_dim] * num_layers
         layers = [m for d_in, d_out in itertools.pairwise(dims) for m in (nn.Linear(d_in, d_out), nn.Mish())]
         self.net = nn.Sequential(*layers, nn.Linear(dims[-1], pred_horizon * action_dim))
 
@@ -238,6 +238,7 @@ class UNetGenerator(nn.Module):
 
 def make_generator(backbone: str, **kwargs) -> nn.Module:
     """Rebuild a generator from a checkpoint: make_generator(ckpt["backbone"], **ckpt["generator_kwargs"])."""
+    kwargs = {RENAMED.get(k, k): v for k, v in kwargs.items()}  # a checkpoint from before the rename: --depth
     return {"mlp": MLPGenerator, "unet": UNetGenerator}[backbone](**kwargs)
 
 
@@ -466,7 +467,7 @@ RANGES = {  # requirement: (test, flags)
             "log_interval",
             "num_hypotheses",
             "hidden_dim",
-            "depth",
+            "num_layers",
             "ema_every",
             "unet_groups",
             "max_episode_steps",
@@ -533,8 +534,9 @@ CKPT_KEYS = ("env_id", *NETWORK, *STATS, "action_low", "action_high")  # what a 
 TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt has beyond the policy snapshots
 # the flags a --resume must share with its checkpoint's run (the budget and the intervals may change): the network,
 # the loss and the data
-NETWORK_FLAGS = ("backbone", "hidden_dim", "depth", "unet_dims", "unet_kernel_size", "unet_groups", *HORIZONS)
+NETWORK_FLAGS = ("backbone", "hidden_dim", "num_layers", "unet_dims", "unet_kernel_size", "unet_groups", *HORIZONS)
 DATA_FLAGS = ("env", "task", "dataset_path", "seed", "val_ratio", "batch_size", "normalization")
+RENAMED = {"depth": "num_layers"}  # old name -> new, in the args and generator_kwargs of older checkpoints
 RESUME_KEYS = (*NETWORK_FLAGS, "loss", "num_hypotheses", "drift_mode", "drift_field", *DATA_FLAGS)
 HINT = "pass a run's dbp_bc.pt (a dbp_bc_<step>.pt snapshot holds only a policy: it can be evaluated, not resumed)"
 
@@ -649,7 +651,7 @@ def build(run: Run) -> None:
     """The generator, its EMA copy (evaluated, saved), AdamW (resumed with the RNGs), eval envs and tensorboard."""
     a, ckpt = run.args, run.ckpt
     if a.backbone == "mlp":
-        arch = dict(hidden_dim=a.hidden_dim, depth=a.depth)
+        arch = dict(hidden_dim=a.hidden_dim, num_layers=a.num_layers)
     else:
         arch = dict(down_dims=list(a.unet_dims), kernel_size=a.unet_kernel_size, n_groups=a.unet_groups)
     shapes = dict(obs_dim=run.obs_n.shape[1], action_dim=run.act_n.shape[1], obs_horizon=a.obs_horizon)
@@ -792,7 +794,8 @@ def main() -> None:
     ckpt = None
     if args.resume:
         ckpt = runs.load_checkpoint(args.resume, "--resume", "dbp-v1", CKPT_KEYS + TRAIN_STATE, HINT)
-        old, now = ckpt.get("args", {}), json.loads(json.dumps(asdict(args)))  # json: tuples -> lists, as saved
+        old = {RENAMED.get(k, k): v for k, v in ckpt.get("args", {}).items()}
+        now = json.loads(json.dumps(asdict(args)))  # json: tuples -> lists, as saved
         diff = {k: (old.get(k), now[k]) for k in RESUME_KEYS if old.get(k) != now[k]}
         runs.check(not diff, f"--resume: these flags differ from the checkpoint's run (checkpoint, now): {diff}")
     name = args.run_name or runs.run_name(env_id, args.exp_name, args.seed)

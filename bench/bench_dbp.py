@@ -44,8 +44,8 @@ class Args:
     """Tp"""
     hidden_dim: int = 512
     """MLP width (dbp_bc.py default)"""
-    depth: int = 3
-    """MLP depth (dbp_bc.py default)"""
+    num_layers: int = 3
+    """MLP hidden layers (dbp_bc.py default)"""
     unet_dims: tuple[int, ...] = (512, 1024, 2048)
     """U-Net widths (dbp_bc.py's default, the authors' code)"""
     extra_unet_dims: tuple[int, ...] = (64, 128, 256)
@@ -119,7 +119,7 @@ if __name__ == "__main__":
         obs_dim=args.obs_dim, action_dim=args.action_dim, obs_horizon=args.obs_horizon, pred_horizon=args.pred_horizon
     )
     configs = [
-        ("mlp", dict(hidden_dim=args.hidden_dim, depth=args.depth)),
+        ("mlp", dict(hidden_dim=args.hidden_dim, num_layers=args.num_layers)),
         ("unet", dict(down_dims=list(args.unet_dims))),
     ]
     if args.extra_unet_dims:

@@ -10,7 +10,7 @@ early stop) on a synthetic rollout of --decisions chunk decisions (random observ
 and log-likelihoods): the cost of the update at the authors' 40 envs x 500 decisions = 20,000, for each of --backbones.
 
   python bench/bench_dbpo.py                                   # cube-single task 1, 8 envs x 25 decisions
-  python bench/bench_dbpo.py --env-id Hopper-v5 --iterations 3
+  python bench/bench_dbpo.py --env Hopper-v5 --iterations 3
   python bench/bench_dbpo.py --update-only --cuda --backbones mlp unet --out bench/results/dbpo_cuda.json
 """
 
@@ -36,10 +36,10 @@ import machine  # noqa: E402
 
 @dataclass
 class Args:
-    env_id: str = "cube-single-play-singletask-task1-v0"
+    env: str = "cube-single-play-singletask-task1-v0"
     """an OGBench singletask id or Hopper-v5 / Walker2d-v5 / Ant-v5"""
     checkpoint: str | None = None
-    """a dbp_bc.py checkpoint for env_id; default: a freshly initialized default-size generator"""
+    """a dbp_bc.py checkpoint for --env (None: a freshly initialized default-size generator)"""
     iterations: int = 3
     """PPO iterations measured (the first one includes warm-up costs)"""
     num_envs: int = 8
@@ -64,15 +64,15 @@ class Args:
     """U-Net widths of a fresh unet generator (dbp_bc.py's default)"""
     hidden_dim: int = 512
     """MLP width of a fresh mlp generator (dbp_bc.py's default)"""
-    depth: int = 3
-    """MLP depth of a fresh mlp generator (dbp_bc.py's default)"""
+    num_layers: int = 3
+    """MLP hidden layers of a fresh mlp generator (dbp_bc.py's default)"""
     repeats: int = 3
     """--update-only: timed updates after one warm-up; the best one counts"""
     out: str | None = None
     """--update-only: also write the rows as JSON to this path (with the machine: GPU name, versions)"""
 
 
-def fresh_checkpoint(env_id: str, path: str, backbone="mlp", unet_dims=(512, 1024, 2048), hidden_dim=512, depth=3):
+def fresh_checkpoint(env_id: str, path: str, backbone="mlp", unet_dims=(512, 1024, 2048), hidden_dim=512, num_layers=3):
     """A dbp_bc.py-format checkpoint (see its README section) with a randomly initialized generator."""
     import dbpo_ppo
     import envs
@@ -83,7 +83,7 @@ def fresh_checkpoint(env_id: str, path: str, backbone="mlp", unet_dims=(512, 102
     obs_dim, act_dim = env.observation_space.shape[-1], env.action_space.shape[-1]
     low, high = env.unwrapped.action_space.low, env.unwrapped.action_space.high
     env.close()
-    sizes = dict(hidden_dim=hidden_dim, depth=depth) if backbone == "mlp" else dict(down_dims=list(unet_dims))
+    sizes = dict(hidden_dim=hidden_dim, num_layers=num_layers) if backbone == "mlp" else dict(down_dims=list(unet_dims))
     kwargs = dict(obs_dim=obs_dim, action_dim=act_dim, obs_horizon=2, pred_horizon=16, **sizes)
     generator = dbpo_ppo.make_generator(backbone, **kwargs)
     torch.save(
@@ -169,7 +169,7 @@ def update_only(args: Args) -> None:
         paths = [args.checkpoint] if args.checkpoint else []
         for b in () if args.checkpoint else args.backbones:
             paths.append(os.path.join(tmp, f"fresh_{b}.pt"))
-            fresh_checkpoint(args.env_id, paths[-1], b, args.unet_dims, args.hidden_dim, args.depth)
+            fresh_checkpoint(args.env, paths[-1], b, args.unet_dims, args.hidden_dim, args.num_layers)
         for path in paths:
             try:  # e.g. out of memory for one backbone: its row holds the error, the others still run
                 row = time_update(args, path, device)
@@ -205,14 +205,14 @@ if __name__ == "__main__":
         checkpoint = args.checkpoint
         if checkpoint is None:
             checkpoint = os.path.join(tmp, "fresh.pt")
-            fresh_checkpoint(args.env_id, checkpoint)
+            fresh_checkpoint(args.env, checkpoint)
         cmd = [
             sys.executable,
             os.path.join(ROOT, "dbpo_ppo.py"),
             "--checkpoint",
             checkpoint,
-            "--env-id",
-            args.env_id,
+            "--env",
+            args.env,
             "--num-iterations",
             str(args.iterations + 1),
             "--num-envs",
@@ -248,7 +248,7 @@ if __name__ == "__main__":
     )
     device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
     print(
-        f"{args.env_id} | {args.num_envs} envs x {args.num_steps} decisions x {args.iterations} iterations "
+        f"{args.env} | {args.num_envs} envs x {args.num_steps} decisions x {args.iterations} iterations "
         f"({timing.group(3)} env steps) | {args.update_epochs} epochs | device {device}, {args.num_threads} thread(s)"
     )
     print(f"rollout: {float(timing.group(1)):.0f} env steps/s | update: {float(timing.group(2)):.0f} env steps/s")

@@ -237,7 +237,7 @@ def stages(device: str, out: str, work: str, data: dict, cuda: bool) -> list:
         data["hopper"],
         "--backbone",
         "mlp",
-        *([] if big else ["--hidden-dim", "16", "--depth", "1"]),
+        *([] if big else ["--hidden-dim", "16", "--num-layers", "1"]),
     ]
     unet_ckpt, mlp_ckpt = os.path.join(runs, "dbp_unet", "dbp_bc.pt"), os.path.join(runs, "dbp_mlp", "dbp_bc.pt")
     dbpo = [
@@ -290,7 +290,7 @@ def stages(device: str, out: str, work: str, data: dict, cuda: bool) -> list:
         else [
             "--hidden-dim",
             "16",
-            "--depth",
+            "--num-layers",
             "1",
             "--unet-dims",
             "8",
@@ -318,7 +318,7 @@ def stages(device: str, out: str, work: str, data: dict, cuda: bool) -> list:
             "16",
             "--hidden-dim",
             "16",
-            "--depth",
+            "--num-layers",
             "1",
             "--decisions",
             "64",

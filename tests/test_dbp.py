@@ -37,7 +37,7 @@ TINY = [
     "mlp",
     "--hidden-dim",
     "32",
-    "--depth",
+    "--num-layers",
     "2",
     "--batch-size",
     "16",
@@ -280,7 +280,7 @@ def test_minmax_normalization_and_checkpoint_roundtrip(tmp_path):
         assert torch.allclose(x[:, dims].max(0).values, torch.ones(len(dims)), atol=1e-5)
     assert torch.all(obs_n[:, 2] == 0) and stats["obs_scale"][2] == 1  # constant dim -> 0, scale 1
     torch.manual_seed(0)
-    kw = dict(obs_dim=4, action_dim=2, obs_horizon=2, pred_horizon=4, hidden_dim=16, depth=2)
+    kw = dict(obs_dim=4, action_dim=2, obs_horizon=2, pred_horizon=4, hidden_dim=16, num_layers=2)
     gen = dbp_bc.make_generator("mlp", **kw)
     policy = dbp_bc.Policy(gen, stats, [-1, 0], [3, 0.5])
     ckpt = {
@@ -404,7 +404,9 @@ def test_receding_horizon_executes_chunk_from_now_then_replans():
 
 def test_act_draws_each_rows_latent_from_its_own_generator_bit_for_bit():
     torch.manual_seed(0)
-    gen = dbp_bc.make_generator("mlp", obs_dim=3, action_dim=2, obs_horizon=2, pred_horizon=8, hidden_dim=16, depth=2)
+    gen = dbp_bc.make_generator(
+        "mlp", obs_dim=3, action_dim=2, obs_horizon=2, pred_horizon=8, hidden_dim=16, num_layers=2
+    )
     stats = {
         "obs_offset": torch.zeros(3),
         "obs_scale": torch.ones(3),
@@ -428,7 +430,7 @@ def test_act_draws_each_rows_latent_from_its_own_generator_bit_for_bit():
 
 @pytest.mark.parametrize("backbone", ["mlp", "unet"])
 def test_generator_shapes_and_z_dependence(backbone):
-    kw = dict(hidden_dim=32, depth=2) if backbone == "mlp" else dict(down_dims=(8, 16))
+    kw = dict(hidden_dim=32, num_layers=2) if backbone == "mlp" else dict(down_dims=(8, 16))
     gen = dbp_bc.make_generator(backbone, obs_dim=7, action_dim=3, obs_horizon=2, pred_horizon=8, **kw)
     obs = torch.randn(5, 2, 7)
     out1, out2 = gen(obs, torch.randn(5, 8, 3)), gen(obs, torch.randn(5, 8, 3))
@@ -448,7 +450,7 @@ def test_drift_covers_both_modes_mse_averages():
     out = {}
     for loss in ("drift", "mse"):
         torch.manual_seed(0)
-        gen = dbp_bc.MLPGenerator(1, 1, 1, 1, hidden_dim=64, depth=2)
+        gen = dbp_bc.MLPGenerator(1, 1, 1, 1, hidden_dim=64, num_layers=2)
         opt = torch.optim.Adam(gen.parameters(), lr=3e-3)
         for _ in range(600):
             idx = torch.randint(0, 2048, (64,))
@@ -921,6 +923,22 @@ def test_tensorboard_steps_strictly_increase_across_resume(d4rl_file, tmp_path):
         steps = [e.step for e in acc.Scalars(tag)]
         assert steps == sorted(set(steps)), (tag, steps)
     assert [e.step for e in acc.Scalars("losses/loss")] == list(range(5, 45, 5))
+
+
+def test_a_checkpoint_from_before_the_depth_rename_resumes_and_evaluates(d4rl_file, tmp_path):
+    """Older checkpoints store --num-layers as `depth` (args and generator_kwargs): TINY's 2 must be read back, not
+    missed (the resume check would call the flag changed; the default 3 layers would not fit the weights)."""
+    base = ["--env", "InvertedPendulum-v5", "--dataset-path", d4rl_file, *TINY, "--keep-checkpoints", "0"]
+    run([*base, "--total-steps", "10", "--eval-interval", "0", "--runs-dir", str(tmp_path / "runs")], tmp_path)
+    path = os.path.join(the_run_dir(tmp_path / "runs"), "dbp_bc.pt")
+    ckpt = torch.load(path, weights_only=False)
+    for d in (ckpt["args"], ckpt["generator_kwargs"]):
+        d["depth"] = d.pop("num_layers")
+    assert ckpt["args"]["depth"] == 2 and ckpt["generator_kwargs"]["depth"] == 2
+    torch.save(ckpt, path)
+    run(["--eval-only", "--checkpoint", path, "--eval-episodes", "1"], tmp_path)
+    run([*base, "--total-steps", "15", "--eval-interval", "0", "--resume", path], tmp_path)
+    assert torch.load(path, weights_only=False)["step"] == 15
 
 
 def test_robomimic_observations_put_object_first_and_the_env_follows_the_checkpoint(tmp_path):

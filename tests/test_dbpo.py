@@ -92,7 +92,7 @@ def run(*flags, cwd, check=True, timeout=300):
 
 def contract_checkpoint(D, obs_dim, act_dim, To=2, Tp=4, Ta=2, env_id="Hopper-v5", hidden=64):
     """A checkpoint in dbp_bc.py's format (keys: docs/dbpo.md, checkpoint contract) with a fresh MLP generator."""
-    kwargs = dict(obs_dim=obs_dim, action_dim=act_dim, obs_horizon=To, pred_horizon=Tp, hidden_dim=hidden, depth=2)
+    kwargs = dict(obs_dim=obs_dim, action_dim=act_dim, obs_horizon=To, pred_horizon=Tp, hidden_dim=hidden, num_layers=2)
     generator = D.make_generator("mlp", **kwargs)
     return {
         "format": "dbp-v1",
@@ -141,7 +141,7 @@ def train_dbp(tmp, *flags):
         "8",
         "--hidden-dim",
         "32",
-        "--depth",
+        "--num-layers",
         "2",
         "--obs-horizon",
         "2",

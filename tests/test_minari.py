@@ -35,7 +35,7 @@ TINY_DBP = [
     "mlp",
     "--hidden-dim",
     "32",
-    "--depth",
+    "--num-layers",
     "2",
     "--batch-size",
     "16",
