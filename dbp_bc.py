@@ -113,13 +113,13 @@ class Args:
     normalization: Literal["authors", "minmax"] = "authors"
     """authors: Robomimic obs / one global max|obs|, actions unscaled, else per-dim min-max; minmax: min-max for all"""
     num_hypotheses: int = 4
-    """G: hypotheses generated per observation in training (the paper's default 4; G=1 is much worse)"""
+    """G: hypotheses generated per observation in training (the paper uses 4; G=1 is much worse)"""
     drift_mode: Literal["chunk", "step"] = "chunk"
     """chunk: drift on the flattened Tp*da chunk (better); step: drift per time step, averaged"""
     drift_field: Literal["official", "gaussian"] = "official"
     """official: the published code's normalized multi-temperature loss (docs/algorithms.md §2); gaussian: §1"""
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
-    """temperatures R of the official loss (code default; the paper's tuned value is 0.2 alone)"""
+    """temperatures R of the official loss (the authors' code's; the paper's tuned value is 0.2 alone)"""
     bandwidth: float = 1.0
     """Gaussian kernel bandwidth h (normalized action units) for --drift-field gaussian"""
     num_epochs: int = 500

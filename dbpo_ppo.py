@@ -71,12 +71,13 @@ class Args:
     # Algorithm specific arguments
     checkpoint: str | None = None
     """(required) the DBP checkpoint to fine-tune: `dbp_bc.py --save-model` output, or a `dbpo_ppo.py` dbpo_ppo.pt"""
-    env_id: str | None = None
-    """the environment; default: the checkpoint's env (giving another one is refused)"""
+    env: str | None = None
+    """the environment (None: the checkpoint's env; giving another one is refused)"""
     max_episode_steps: int | None = None
-    """override the env's time limit (default: the checkpoint's, e.g. Robomimic 400, else the env's)"""
+    """override the env's time limit (None: the checkpoint's, e.g. Robomimic 400, else the env's)"""
     num_iterations: int = 1500
-    """iterations, evaluation iterations included (every --eval-interval-th, starting with iteration 0)"""
+    """PPO iterations (one: a rollout of --num-envs x --num-steps chunk decisions, then the update), evaluation
+    iterations included (every --eval-interval-th from iteration 0: an evaluation, no rollout or update)"""
     num_envs: int = 40
     """the number of parallel environments"""
     num_steps: int = 500
@@ -93,7 +94,7 @@ class Args:
     """schedules: linear warm-up min -> peak over this many iterations, then cosine back to min over the cycle (the
     actor's starts after the critic warm-up; a --*-min-lr equal to the peak keeps that lr constant)"""
     lr_cycle_iters: int | None = None
-    """length of one cosine cycle (it restarts after it); default: --num-iterations"""
+    """length of one cosine cycle (it restarts after it); None: --num-iterations"""
     weight_decay: float = 1e-6
     """AdamW weight decay of both optimizers"""
     gamma: float = 0.99
@@ -126,9 +127,9 @@ class Args:
     """rollout_std: r / (std(rewards of this rollout) + 1e-8) (authors' code); running: r / running std of the
     discounted return (CleanRL's NormalizeReward); none: the env's rewards"""
     bootstrap_timeouts: bool = False
-    """bootstrap time-limit ends with gamma * V(final obs); default: terminal (authors' code: gym's TimeLimit `done`)"""
+    """bootstrap time-limit ends with gamma * V(final obs); off: terminal (authors' code: gym's TimeLimit `done`)"""
     freeze_normalizer: bool = False
-    """keep the checkpoint's obs/action normalizer fixed; default: the actor's AdamW trains it (authors' code)"""
+    """keep the checkpoint's obs/action normalizer fixed; off: the actor's AdamW trains it (authors' code)"""
     logprob_min: float | None = -2.0
     """clamp the new and old (normalized) log-likelihoods below at this value before the ratio (authors' code)"""
     init_std: float = 0.03
@@ -146,7 +147,7 @@ class Args:
     eval_episodes: int = 100
     """episodes per evaluation; episode i has env seed --seed + 100000 + i and its own latent and noise stream"""
     eval_episodes_ends: int | None = None
-    """episodes of the first and the final evaluation and of --eval-only (default: --eval-episodes); on Hopper 1000
+    """episodes of the first and the final evaluation and of --eval-only (None: --eval-episodes); on Hopper 1000
     give a paired standard error of the start-to-end change of about 10"""
     eval_sampled: bool = False
     """also evaluate the sampled policy (the Gaussian PPO trains) on the same episodes, beside the mean path"""
@@ -159,7 +160,7 @@ class Args:
     runs_dir: str = "runs"
     """where run folders (tensorboard, state, model, videos) go"""
     run_name: str | None = None
-    """the run folder's name under --runs-dir (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
+    """the run folder's name under --runs-dir (None: <env_id>__<exp_name>__<seed>__<unix time>)"""
 
 
 # ---- the networks: a Gaussian actor around dbp_bc.py's generator, its frozen anchor copy, and the critic
@@ -441,9 +442,7 @@ def load_inputs(args: Args) -> tuple:
     )
     runs.check((bad := runs.nonfinite(ckpt)) is None, f"{path} contains NaN or infinite values ({bad}); retrain it")
     env_id = envs.resolve_env_id(ckpt["env_id"], gym_ids=envs.LOCOMOTION_ENVS)
-    runs.check(
-        args.env_id in (None, env_id), f"the checkpoint was trained on {env_id}, not {args.env_id}; drop --env-id"
-    )
+    runs.check(args.env in (None, env_id), f"the checkpoint was trained on {env_id}, not {args.env}; drop --env")
     if args.resume is None:
         return ckpt, env_id, None
     state = runs.load_checkpoint(

@@ -221,6 +221,17 @@ def hopper_checkpoint(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- unit tests
+def test_a_dbp_checkpoint_from_before_the_depth_rename_is_fine_tuned(D):
+    """Older dbp_bc.py checkpoints store --num-layers as generator_kwargs['depth']; build_agent reads it (its 2
+    layers; missed, the default 3 would not fit the weights and the load would stop with an error)."""
+    ckpt = contract_checkpoint(D, 3, 2)
+    reference = generator(D, ckpt)  # built under the new name
+    ckpt["generator_kwargs"]["depth"] = ckpt["generator_kwargs"].pop("num_layers")
+    agent, _, _ = D.build_agent(ckpt, None, D.Args(checkpoint="old.pt"))
+    obs, z = torch.randn(4, 2, 3), torch.randn(4, 4, 2)
+    torch.testing.assert_close(agent.dist_params(obs, z)[0], reference(obs, z))
+
+
 def test_log_std_head_starts_at_init_std_and_is_clamped(D):
     ckpt = contract_checkpoint(D, 3, 2)
     agent = make_agent(D, ckpt)
@@ -800,7 +811,7 @@ COMBINATIONS = [  # (flags, the error line's text): combinations of flags, and t
     (["--checkpoint", "@dims"], "obs/action dims 12/3"),
     (["--checkpoint", "@nan"], "NaN or infinite"),
     (["--checkpoint", "@misfit"], "does not match these networks"),
-    (["--env-id", "Walker2d-v5"], "trained on Hopper-v5"),
+    (["--env", "Walker2d-v5"], "trained on Hopper-v5"),
     (["--resume", "@notes"], "cannot read --resume"),
     (["--resume", "@good"], "is of another kind (format 'dbp-v1', expected 'dbpo-state-v1')"),
     (["--resume", "@partial_state"], "lacks rng"),
