@@ -43,7 +43,8 @@ ALIASES = {"dfp": "dfp_offline_to_online.py", "dbp": "dbp_bc.py", "dbpo": "dbpo_
 SHORT = {v: k for k, v in ALIASES.items()}
 CHECKPOINT = {"dfp_offline_to_online.py": "checkpoint.pt", "dbp_bc.py": "dbp_bc.pt", "dbpo_ppo.py": "state.pt"}
 RUN_FILE, LOG_FILE, DONE_FILE = "grid.json", "grid.log", "grid.done.json"
-GRID_FLAGS = {"seed", "env", "env-id", "runs-dir", "run-name", "resume"}  # set by the grid, not by --set
+GRID_FLAGS = {"seed", "env", "runs-dir", "run-name", "resume"}  # set by the grid, not by --set
+RENAMED = {"env_id": "env", "discount": "gamma", "depth": "num_layers", "horizon": "action_horizon"}  # old: new
 
 # Environment names the grid accepts (whether a script supports one, and has its data, is the script's check).
 ENV_PATTERNS = [
@@ -206,6 +207,8 @@ def flag_args(script: str, key: str, value: str) -> list:
     flags = script_flags(script)
     name = "--" + key.replace("_", "-")
     check(name[2:] not in GRID_FLAGS, f"--set {key}: the grid sets this itself (use --envs / --seeds)")
+    if name not in flags and RENAMED.get(key, "").replace("_", "-") in (n[2:] for n in flags):
+        fail(f"--set {key}: this flag of {script} is now --{RENAMED[key].replace('_', '-')}")
     if name not in flags:
         near = [f for f in flags if key.lower().replace("_", "-") in f.lower()]
         fail(
@@ -282,10 +285,9 @@ def build_grid(a) -> list:
         flags = {**vflags, **fixed, **combo}
         args = [w for k, v in flags.items() for w in flag_args(script, k, v)]
         known = script_flags(script)
-        env_flag = "--env" if "--env" in known else "--env-id" if "--env-id" in known else None
         for need in ("--seed", "--runs-dir", "--run-name"):
             check(need in known, f"{script} has no {need} flag; the grid needs --seed, --runs-dir and --run-name")
-        check(env_flag is not None, f"{script} has no --env or --env-id flag")
+        check("--env" in known, f"{script} has no --env flag")
         variant = "-".join([vname] + [slug(f"{k}{v}") for k, v in combo.items()])
         run_id = f"{variant}__{short_env(env)}__s{seed}"
         runs.append(
@@ -295,7 +297,7 @@ def build_grid(a) -> list:
                 variant=variant,
                 env=env,
                 seed=seed,
-                args=[env_flag, env, "--seed", str(seed), *args],
+                args=["--env", env, "--seed", str(seed), *args],
                 flags=flags,
                 threads="--num-threads" in known and "num_threads" not in flags,
                 checkpoint=CHECKPOINT.get(os.path.basename(script)),

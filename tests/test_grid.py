@@ -365,6 +365,11 @@ def test_ctrl_c_stops_the_grid_and_a_rerun_resumes_from_the_checkpoints(local_ra
         (["--script", "dfp", "--envs", "cube-single-play", "--set", "hiden_dim=8"], "unknown flag --hiden-dim"),
         (["--script", "dfp", "--envs", "cube-single-play", "--set", "online_mode=medium"], "choose from hard, soft"),
         (["--script", "dfp", "--envs", "cube-single-play", "--set", "seed=3"], "the grid sets this itself"),
+        (
+            ["--script", "dfp", "--envs", "cube-single-play", "--set", "discount=0.9"],
+            "dfp_offline_to_online.py is now --gamma",
+        ),
+        (["--script", "dbp", "--envs", "Hopper-v5", "--set", "depth=2"], "dbp_bc.py is now --num-layers"),
         (["--script", "dfp", "--envs"], "expected at least one argument"),  # a grid with no runs
         (["--script", "dfp", "--envs", "cube-single-play", "cube-single-play"], "would share a folder"),
         (["--script", "nope.py", "--envs", "cube-single-play"], "unknown script 'nope.py'"),
@@ -396,6 +401,9 @@ def test_flags_are_parsed_from_the_scripts_help():
     assert grid.flag_args("dfp_offline_to_online.py", "save_model", "false") == ["--no-save-model"]
     assert grid.flag_args("dfp_offline_to_online.py", "temperatures", "0.1 0.2") == ["--temperatures", "0.1", "0.2"]
     assert "--sweep" in grid.script_flags("scripts/grid.py run")
+    for script in grid.ALIASES.values():  # the one --env the grid passes, and no spelling of a renamed flag
+        flags = grid.script_flags(script)
+        assert "--env" in flags and not {f"--{old.replace('_', '-')}" for old in grid.RENAMED} & set(flags), script
 
 
 def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
