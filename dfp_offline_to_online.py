@@ -89,8 +89,8 @@ class Args:
     """if toggled, the exact (erf) GELU in actor and critic (off: the tanh approximation, as the ref code)"""
     num_critics: int = 2
     """critic ensemble size (aggregated by mean)"""
-    num_gen: int = 8
-    """generated samples per state for the drift losses"""
+    num_hypotheses: int = 8
+    """G: samples of pi_theta generated per state for the drift losses (DBP's name: hypotheses)"""
     temperatures: tuple[float, ...] = (0.1,)
     """drift kernel temperatures R (official field)"""
     drift_field: Literal["official", "gaussian"] = "official"
@@ -268,10 +268,10 @@ def critic_loss(args, actor, critic, target_critic, batch):
 
 
 def actor_loss(args, actor, ema_actor, critic, batch, online: bool):
-    """Offline: L = alpha * drift(gen, pos = the data chunk), gen = num_gen samples of pi_theta(.|s). Online:
+    """Offline: L = alpha * drift(gen, pos = the data chunk), gen = G samples of pi_theta(.|s). Online:
     L = lambda * drift(gen, pos = top-K of N ~ pi_old by Q) + bc_weight * drift(gen, pos = the data chunk)."""
     obs = batch["observations"]
-    gen = actor(obs, args.num_gen)  # fresh samples of pi_theta, reused by both terms online, [B, G, D]
+    gen = actor(obs, args.num_hypotheses)  # fresh samples of pi_theta, reused by both terms online, [B, G, D]
     loss_bc, scale, force = drift(args, gen, batch["actions"][:, None, :])
     if not online:
         return args.alpha * loss_bc, loss_bc, torch.zeros_like(loss_bc), scale, force
@@ -342,7 +342,7 @@ RANGES = {  # requirement: (test, flags); a NaN fails every comparison, so it is
             "hidden_dim",
             "num_layers",
             "num_critics",
-            "num_gen",
+            "num_hypotheses",
             "N",
             "q_best_of",
             "act_best_of",
@@ -429,7 +429,8 @@ EVAL_ONLY_ARGS = (
     "seed",
     "offline_steps",
 )
-RENAMED = {"horizon": "action_horizon", "discount": "gamma"}  # older checkpoints' args: old name -> new
+# older checkpoints' args: old name -> new
+RENAMED = {"horizon": "action_horizon", "discount": "gamma", "num_gen": "num_hypotheses"}
 
 
 # ---- the run: its state, and the steps of the loop

@@ -7,7 +7,7 @@ Training: updates/s of the offline and the online update (chunk sampling on the 
 --compile (and --cudagraphs, --compile --cudagraphs on CUDA), for 4x512 and 4x256 networks, batch 256, h = 5,
 cube-triple shapes (obs 46, action 5). The limit of one update is its matrix products alone (forward and backward
 GEMMs of the same shapes):
-  actor forward + backward on B x num_gen = 2048 rows, critic ensemble forward + backward on B = 256 rows,
+  actor forward + backward on B x num_hypotheses = 2048 rows, critic ensemble forward + backward on B = 256 rows,
   the TD target's best-of-16: actor + critic forwards on 4096 rows (+ target critic on 256 rows),
   online also: pi_old candidates, actor + critic forwards on B x N = 4096 rows.
 ratio = update time / limit time (1.0 = nothing but matrix products); the limit's timed blocks alternate with the
@@ -191,7 +191,7 @@ def main():
         args = dfp.Args(action_horizon=b.action_horizon, hidden_dim=H, num_layers=b.num_layers, batch_size=b.batch_size)
         net = f"{b.num_layers}x{H}"
         actor_dims, critic_dims = [obs_dim + D] + [H] * b.num_layers + [D], [obs_dim + D] + [H] * b.num_layers + [1]
-        E, B, G, N, Q = args.num_critics, b.batch_size, args.num_gen, args.N, args.q_best_of
+        E, B, G, N, Q = args.num_critics, b.batch_size, args.num_hypotheses, args.N, args.q_best_of
         # the limit: the update's matrix products alone (shapes in the module docstring)
         offline = [
             gemm_chain(actor_dims, 1, B * G, True, dev),

@@ -181,7 +181,7 @@ def stages(device: str, out: str, work: str, data: dict, cuda: bool) -> list:
                 "1",
                 "--batch-size",
                 "8",
-                "--num-gen",
+                "--num-hypotheses",
                 "4",
                 "--N",
                 "4",

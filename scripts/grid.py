@@ -44,7 +44,14 @@ SHORT = {v: k for k, v in ALIASES.items()}
 CHECKPOINT = {"dfp_offline_to_online.py": "checkpoint.pt", "dbp_bc.py": "dbp_bc.pt", "dbpo_ppo.py": "state.pt"}
 RUN_FILE, LOG_FILE, DONE_FILE = "grid.json", "grid.log", "grid.done.json"
 GRID_FLAGS = {"seed", "env", "runs-dir", "run-name", "resume"}  # set by the grid, not by --set
-RENAMED = {"env_id": "env", "discount": "gamma", "depth": "num_layers", "horizon": "action_horizon"}  # old: new
+# the flags renamed (old: new), for a --set with an old name
+RENAMED = {
+    "env_id": "env",
+    "discount": "gamma",
+    "depth": "num_layers",
+    "horizon": "action_horizon",
+    "num_gen": "num_hypotheses",
+}
 
 # Environment names the grid accepts (whether a script supports one, and has its data, is the script's check).
 ENV_PATTERNS = [
@@ -144,7 +151,7 @@ BUDGET = {
 SPEED = {
     "dfp_offline_to_online.py": dict(
         seconds={"offline_steps": 0.472, "online_steps": 0.775},
-        same=("hidden_dim", "num_layers", "batch_size", "num_gen", "N", "q_best_of", "act_best_of", "utd_ratio"),
+        same=("hidden_dim", "num_layers", "batch_size", "num_hypotheses", "N", "q_best_of", "act_best_of", "utd_ratio"),
         source="0.47 s per offline update, 0.77 s per online step at the default 4x512: bench/results/dfp_cpu.json",
     ),
 }

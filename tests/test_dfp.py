@@ -28,7 +28,7 @@ TINY = [
     "2",
     "--batch-size",
     "16",
-    "--num-gen",
+    "--num-hypotheses",
     "4",
     "--N",
     "8",
@@ -453,7 +453,9 @@ def test_exact_gelu_flag_selects_the_exact_gelu_in_every_network():
 def tiny_update_setup(seed=0, device="cpu", capturable=False):
     """Tiny nets, optimizer and batches for comparing update paths; identical for equal seeds."""
     torch.manual_seed(seed)
-    args = dfp.Args(action_horizon=2, hidden_dim=16, num_layers=2, batch_size=8, num_gen=4, N=6, K=2, q_best_of=3)
+    args = dfp.Args(
+        action_horizon=2, hidden_dim=16, num_layers=2, batch_size=8, num_hypotheses=4, N=6, K=2, q_best_of=3
+    )
     obs_dim, D = 5, 2 * 3
     actor, ema = dfp.Actor(obs_dim, D, 16, 2).to(device), dfp.Actor(obs_dim, D, 16, 2).to(device)
     critic, target = dfp.Critic(obs_dim, D, 16, 2, 2).to(device), dfp.Critic(obs_dim, D, 16, 2, 2).to(device)
@@ -552,7 +554,7 @@ def test_offline_actions_are_clipped_inside_the_bounds_as_the_ref_code():
 
 
 def test_top_k_positives_are_the_highest_q_candidates(monkeypatch):
-    args = dfp.Args(N=16, K=4, num_gen=3, online_mode="soft")
+    args = dfp.Args(N=16, K=4, num_hypotheses=3, online_mode="soft")
     actor, ema = dfp.Actor(3, 2, 16, 1), dfp.Actor(3, 2, 16, 1)
     seen = {}
 
@@ -650,7 +652,7 @@ def test_online_drift_moves_the_policy_toward_the_critic_optimum():
     def q_fn(s, a):  # Q(s, a) = -||a - a*(s)||^2: s [B, O], a [B, n, D] -> [B, n]
         return -(a - a_star(s)[:, None, :]).pow(2).sum(-1)
 
-    args = dfp.Args(N=16, K=4, num_gen=8, ema_tau=0.05)
+    args = dfp.Args(N=16, K=4, num_hypotheses=8, ema_tau=0.05)
     actor = dfp.Actor(obs_dim, D, 64, 2)
     opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
 

@@ -31,7 +31,7 @@ TINY = [
     "2",
     "--batch-size",
     "16",
-    "--num-gen",
+    "--num-hypotheses",
     "4",
     "--N",
     "8",

@@ -34,7 +34,7 @@ TINY = [
     "--set",
     "batch_size=16",
     "--set",
-    "num_gen=4",
+    "num_hypotheses=4",
     "--set",
     "N=8",
     "--set",

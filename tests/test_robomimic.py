@@ -288,7 +288,7 @@ def test_dfp_both_phases_eval_checkpoint_and_resume(short_lift_file, tmp_path):
         "2",
         "--batch-size",
         "16",
-        "--num-gen",
+        "--num-hypotheses",
         "4",
         "--N",
         "8",
