@@ -211,7 +211,7 @@ def actor_tols(tag: str, online: bool) -> dict:
     """Bounds of the actor's terms: samples through ACTOR_PATH, the drift scales, the drift losses (1 by construction
     with one temperature: the mean squared force normalized by its batch RMS; d log L / d log x and d log L / d log s
     are 0 in float64 on these inputs), and the relative error of d L / d gen, which the drift scale rescales."""
-    G, K = ref_args().num_gen, ref_args().K
+    G, K = ref_args().num_hypotheses, ref_args().K
     gen = ref(f"{tag}/actor/gen")
     names = [("drift_scale_tgt", 1, "actor_drift_loss_tgt"), ("drift_scale_pos", K, "actor_drift_loss_pos")]
     tol = {"gen": bound(amax(gen), *ACTOR_PATH)}
@@ -243,7 +243,7 @@ def grad_tol(tag: str, path: str, online: bool) -> float:
     plus the relative error of the upstream gradient (the drift scale's for the actor; q - y's for the critic)."""
     scale = amax(ref(f"grads/{tag}/{path}"))
     if path.startswith(ACTOR):
-        n = B * ref_args().num_gen
+        n = B * ref_args().num_hypotheses
         return bound(scale, *ACTOR_PATH, *ACTOR_PATH, n, D) + scale * actor_tols(tag, online)["ds_rel"]
     return bound(scale, *CRITIC_PATH, *CRITIC_PATH, E * B) + scale * critic_tols(tag)["dq_rel"]
 
@@ -311,7 +311,7 @@ def test_defaults_are_the_reference_config():
         "alpha": a.alpha,
         "alpha_pos": a.topk_weight,
         "alpha_target": a.bc_weight,
-        "gen_per_label": a.num_gen,
+        "gen_per_label": a.num_hypotheses,
         "online_n_samples": a.N,
         "online_pos_samples": a.K,
         "q_bon": a.q_best_of,
