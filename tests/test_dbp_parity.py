@@ -211,10 +211,27 @@ def state(ppo_ref, prefix, rename=ours):
     return {rename(k[len(prefix) :]): torch.as_tensor(v) for k, v in ppo_ref.items() if k.startswith(prefix)}
 
 
+def env_action_map(ppo_ref):
+    """(offset o, scale s) of our checkpoint's action normalizer u = (a - o) / s for the reference. Ours keeps the
+    Gaussian, its clamp and the anchor in u, theirs in their dataset units (D4RL-style data already in [-1, 1], mapped
+    to env units by their env wrapper): so u = their dataset units, and (o, s) is that env wrapper's map, which the
+    reference (no env) leaves free. Taken non-identity, actor_old's action (offset, scale), so that a term using the
+    wrong units shows."""
+    p = "actor_old/normalizer.params_dict.action"
+    return (torch.as_tensor(ppo_ref[f"{p}.{k}"]).double() for k in ("offset", "scale"))
+
+
 def reference_agent(ppo_ref):
-    """Our DBPOAgent holding their actor_old (anchor), actor_ft (generator, log-std head, normalizer), critic."""
+    """Our DBPOAgent holding their actor_old (anchor), actor_ft (generator, log-std head, normalizer), critic.
+
+    Their mean and anchor are unnormalized by their (non-identity) action normalizers, x_ds = (G - offset) / scale,
+    ours are in u (env_action_map): our anchor is their actor_old U-Net with its unnormalizer folded into the last
+    1x1 conv (W / scale, (b - offset) / scale per action channel), and our trainable (gain, bias) compose with the
+    fixed (o, s) to their fine-tuned normalizer: ((G - bias) / gain - o) / s = (G - offset_ft) / scale_ft, i.e.
+    gain = scale_ft / s, bias = offset_ft - o gain."""
     obs_dim, act_dim, To, Tp, Ta = (int(v) for v in ppo_ref["config/shapes"][:5])
     p = "actor_old/normalizer.params_dict"  # theirs x * scale + offset = ours (x - offset') / scale'
+    o, s = env_action_map(ppo_ref)
     kwargs = dict(
         obs_dim=obs_dim,
         action_dim=act_dim,
@@ -231,20 +248,20 @@ def reference_agent(ppo_ref):
         "obs_dim": obs_dim,
         "action_dim": act_dim,
         "loss": "drift",
-        "action_low": -np.ones(act_dim),
-        "action_high": np.ones(act_dim),  # their act_min, act_max
-        **{
-            f"{k}_{n}": v
-            for k in ("obs", "action")
-            for n, v in (
-                ("scale", 1 / ppo_ref[f"{p}.{k}.scale"]),
-                ("offset", -ppo_ref[f"{p}.{k}.offset"] / ppo_ref[f"{p}.{k}.scale"]),
-            )
-        },
+        "action_low": (o - s).numpy(),
+        "action_high": (o + s).numpy(),  # their act_min, act_max = -1, 1 in u
+        "obs_scale": 1 / ppo_ref[f"{p}.obs.scale"],
+        "obs_offset": -ppo_ref[f"{p}.obs.offset"] / ppo_ref[f"{p}.obs.scale"],
+        "action_scale": s.numpy(),
+        "action_offset": o.numpy(),
     }
     gens = [dbp_bc.UNetGenerator(**kwargs) for _ in range(2)]
     gens[0].load_state_dict(state(ppo_ref, "actor_ft/policy.model."))
-    gens[1].load_state_dict(state(ppo_ref, "actor_old/model."))
+    old = state(ppo_ref, "actor_old/model.")
+    scale0, offset0 = (torch.as_tensor(ppo_ref[f"{p}.action.{k}"]) for k in ("scale", "offset"))
+    old["final.1.weight"] = old["final.1.weight"] / scale0[:, None, None]  # [act_dim, C, 1]
+    old["final.1.bias"] = (old["final.1.bias"] - offset0) / scale0
+    gens[1].load_state_dict(old)
     agent = dbpo_ppo.DBPOAgent(ckpt, gens[0], gens[1])
     hidden = [int(h) for h in ppo_ref["config/critic_hidden_dims"]]  # theirs is smaller than our 3 x 256 here
     dims = [To * obs_dim, *hidden]
@@ -256,9 +273,11 @@ def reference_agent(ppo_ref):
     agent.log_std_head.load_state_dict(state(ppo_ref, "actor_ft/logstd_head.proj.", str))
     ft = "actor_ft/policy.normalizer.params_dict"
     with torch.no_grad():
-        for k in ("obs", "action"):
-            getattr(agent, f"{k}_gain").copy_(torch.as_tensor(ppo_ref[f"{ft}.{k}.scale"]))
-            getattr(agent, f"{k}_bias").copy_(torch.as_tensor(ppo_ref[f"{ft}.{k}.offset"]))
+        agent.obs_gain.copy_(torch.as_tensor(ppo_ref[f"{ft}.obs.scale"]))
+        agent.obs_bias.copy_(torch.as_tensor(ppo_ref[f"{ft}.obs.offset"]))
+        gain = torch.as_tensor(ppo_ref[f"{ft}.action.scale"]).double() / s
+        agent.action_gain.copy_(gain)
+        agent.action_bias.copy_(torch.as_tensor(ppo_ref[f"{ft}.action.offset"]).double() - o * gain)
     # their `state` is what their env wrapper hands over, already normalized to [-1, 1]; ours normalizes the raw
     # observation for the critic itself, so here the critic's normalizer is the identity
     agent.critic_obs_offset.zero_(), agent.critic_obs_scale.fill_(1.0)
@@ -297,11 +316,19 @@ def dbpo_bounds(ppo_ref, agent: dbpo_ppo.DBPOAgent) -> dict:
     a, raw = ppo_ref["batch/chains"][:, 1].astype(np.float64), ppo_ref["loss/newlogprobs_raw"].astype(np.float64)
     adv, n_exec, B = ppo_ref["loss/advantages_normalized"].astype(np.float64), 4 * r["mean"].shape[-1], len(raw)
     unet = fan_ins(agent.generator)
-    # mu = (G(obs_n, z) - bias) / gain: normalize (2), the U-Net, unnormalize (2), its terms at (|G| + |bias|) / gain
-    # with |G| <= |mu| gain + |bias|; mu_frozen = G0 * scale + offset likewise
-    gain, bias = agent.action_gain.detach().abs(), amax(agent.action_bias)
-    d_mu = bound((amax(r["mean"]) * float(gain.max()) + 2 * bias) / float(gain.min()), 2, *unet, 2)
-    d_mu0 = bound(amax(r["old_actions"]) + amax(agent.action_offset), 2, *unet, 2)
+    # mu = ((G(obs_n, z) - bias) / gain - o) / s: normalize (2), the U-Net, their unnormalize (G - offset) / scale
+    # (2) at terms (|G| + |offset|) / scale per action dimension, |G| <= |mu| scale + |offset|: |mu| + 2 |offset| /
+    # scale; our two more roundings at |mu| + |o / s|. mu_frozen: their unnormalize folded into the last conv, at the
+    # same terms with actor_old's (offset, scale)
+    ft, old = "actor_ft/policy.normalizer.params_dict", "actor_old/normalizer.params_dict"
+    o, s = env_action_map(ppo_ref)
+
+    def unnormalized_terms(x, prefix):  # max over the action dimensions of |x| + 2 |offset| / scale
+        offset, scale = (ppo_ref[f"{prefix}.action.{k}"].astype(np.float64) for k in ("offset", "scale"))
+        return float((np.abs(x).max(axis=(0, 1)) + 2 * np.abs(offset / scale)).max())
+
+    d_mu = bound(unnormalized_terms(r["mean"], ft), 2, *unet, 2) + bound(amax(r["mean"]) + amax(o / s), 2)
+    d_mu0 = bound(unnormalized_terms(r["old_actions"], old), 2, *unet, 2)
     # log std = head(flatten(obs_n)) (To * obs_dim terms, then clamped): an absolute error of log std is std's relative
     d_logstd = bound(amax(np.log(r["std"])), 2, *fan_ins(agent.log_std_head))
     # log pi = sum over the executed 12 of -0.5 ((a - mu) / std)^2 - log std - const, / 12: d/dmu = (a - mu) / std^2
@@ -403,16 +430,24 @@ def test_dbpo_loss_terms_and_gradients_parity_with_reference(ppo_ref):
         **{f"log_std_head.{k}": v for k, v in state(ppo_ref, "grad/actor_ft/logstd_head.proj.", str).items()},
         **{f"critic.{k}": v for k, v in state(ppo_ref, "grad/critic/net.", str).items()},
         **{
-            f"{k}_{n}": torch.as_tensor(ppo_ref[f"grad/actor_ft/policy.normalizer.params_dict.{k}.{t}"])
-            for k in ("obs", "action")
+            f"obs_{n}": torch.as_tensor(ppo_ref[f"grad/actor_ft/policy.normalizer.params_dict.obs.{t}"])
             for n, t in (("gain", "scale"), ("bias", "offset"))
         },
     }
+    # the action normalizer's, by the chain rule through scale_ft = gain s, offset_ft = bias + o gain
+    # (reference_agent): d/dgain = s d/dscale_ft + o d/doffset_ft, d/dbias = d/doffset_ft
+    o, s = env_action_map(ppo_ref)
+    g_scale, g_offset = (
+        torch.as_tensor(ppo_ref[f"grad/actor_ft/policy.normalizer.params_dict.action.{t}"]).double()
+        for t in ("scale", "offset")
+    )
+    theirs["action_gain"], theirs["action_bias"] = s * g_scale + o * g_offset, g_offset
     trained = {n: p for n, p in agent.named_parameters() if p.requires_grad}  # the anchor is frozen
     assert set(trained) == set(theirs)  # the normalizer is trained, as theirs (no --freeze-normalizer)
     gmax = max(amax(g) for g in theirs.values())
     for name, p in trained.items():
-        close(p.grad, theirs[name], tol["grad_rel"] * gmax)
+        scale = amax(s) + amax(o) if name == "action_gain" else 1.0  # the combination's operands
+        close(p.grad, theirs[name], tol["grad_rel"] * gmax * scale)
 
 
 def test_rollout_buffer_reward_scaling_and_gae_parity_with_reference(ppo_ref):

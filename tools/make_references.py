@@ -29,6 +29,14 @@ DFP_HIDDEN = (32, 32, 32)
 DFP_BATCH = 8
 DFP_SEED = 0  # agent seed (jax.random.PRNGKey(seed) as their main.py)
 DFP_DATA_SEED = 2026  # numpy seed for the synthetic dataset and the batches
+# Non-degenerate starting states (their code starts both copies equal to the originals, and pi_old := actor at the
+# switch, under which a wrong Polyak rate, pi_old's rate or the TD target's scoring network would not show): the
+# target critic and pi_old are moved off the critic and the actor by a seeded relative perturbation, as after a
+# while of training. The soft update takes K = 8 of N = 16 positives, so some lie below their row's Q midrange and
+# their weights clamp at 0 (with K = 4 all were positive).
+DFP_PERTURB = 0.1  # p + DFP_PERTURB * randn * (mean|p| + 1e-3), per tensor
+DFP_PERTURB_SEED = 2027
+DFP_SOFT_POS_SAMPLES = 8
 
 
 def _flat(tree, prefix):
@@ -147,7 +155,22 @@ def make_dfp(root, out_path):
     def params_of(a):
         return jax.tree_util.tree_map(np.asarray, a.network.params)
 
-    for k, v in _flat(params_of(agent), "params/init").items():  # target and EMA start as copies
+    perturb_rng = np.random.default_rng(DFP_PERTURB_SEED)
+
+    def with_perturbed_copy(a, name, source):
+        """The agent with module `name` replaced by a perturbed copy of module `source` (as their switch replaces
+        the EMA actor: a new params dict in the network)."""
+
+        def move(p):
+            p = np.asarray(p)
+            step = perturb_rng.standard_normal(p.shape).astype(np.float32) * (np.abs(p).mean() + 1e-3)
+            return jnp.asarray(p + DFP_PERTURB * step)
+
+        params = dict(a.network.params)
+        params[name] = jax.tree_util.tree_map(move, params[source])
+        return a.replace(network=a.network.replace(params=params))
+
+    for k, v in _flat(params_of(agent), "params/init").items():  # target and EMA start as copies in their create()
         if "/modules_target_critic/" in k or "/modules_actor_drift_ema/" in k:
             base = k.replace("modules_target_critic", "modules_critic").replace(
                 "modules_actor_drift_ema", "modules_actor_drift"
@@ -155,6 +178,9 @@ def make_dfp(root, out_path):
             _check(f"init copy {k}", v, _flat(params_of(agent), "params/init")[base], rtol=0, atol=0)
         else:
             rec[k] = v
+    # the offline update starts from a target critic apart from the critic (stored; the EMA actor stays a copy)
+    agent = with_perturbed_copy(agent, "modules_target_critic", "modules_critic")
+    rec.update(_flat(params_of(agent)["modules_target_critic"], "params/init/modules_target_critic"))
 
     def one_update(agent, batch, tag, scan):
         """One update of their agent (`update` offline as main.py, `batch_update` with utd 1 online),
@@ -345,12 +371,24 @@ def make_dfp(root, out_path):
     batch = data.sample_sequence(B, sequence_length=h, discount=config["discount"])
     off = one_update(agent, batch, "offline", scan=False)
     online_batch = data.sample_sequence(B, sequence_length=h, discount=config["discount"])
+    # pi_old apart from the actor: the EMA actor after the switch replaced by a perturbed copy (the same for both
+    # modes; the target critic is the offline update's, already apart from the critic)
+    ema_start = with_perturbed_copy(off, "modules_actor_drift_ema", "modules_actor_drift").network.params
+    ema_start = jax.tree_util.tree_map(np.asarray, ema_start["modules_actor_drift_ema"])
+    rec.update(_flat(ema_start, "params/online_start/modules_actor_drift_ema"))
     for mode in ("hard", "soft"):
-        start = off.replace(config=off.config.copy({"online_drift_mode": mode}))
+        overrides = {"online_drift_mode": mode}
+        if mode == "soft":
+            overrides["online_pos_samples"] = DFP_SOFT_POS_SAMPLES
+        start = off.replace(config=off.config.copy(overrides))
         start = start.switch_config_to_online()  # their offline -> online switch (EMA := actor)
         for k, v in _flat(params_of(start), "x").items():  # start = offline result with EMA := actor
             k2 = k.replace("modules_actor_drift_ema", "modules_actor_drift")
             _check(f"online start {k}", v, _flat(params_of(off), "x")[k2], rtol=0, atol=0)
+        params = dict(start.network.params)
+        params["modules_actor_drift_ema"] = jax.tree_util.tree_map(jnp.asarray, ema_start)
+        start = start.replace(network=start.network.replace(params=params))
+        rec[f"online_{mode}/online_pos_samples"] = np.asarray(start.config["online_pos_samples"])
         one_update(start, online_batch, f"online_{mode}", scan=True)
 
     # config values and model facts
@@ -385,7 +423,11 @@ DBP_TEMPS = [0.02, 0.05, 0.2]  # their model/default.yaml
 DBP_GEN = 4  # gen_per_label, their model/default.yaml
 DBP_BATCH = 6
 DBP_SEED = 2026
-PERTURB = 0.002  # relative size of the fine-tuned actor's drift from actor_old
+PERTURB = 0.004  # relative size of the fine-tuned actor's drift from actor_old
+# DBPO's actions in dataset units (theirs: D4RL-style data already in [-1, 1], each dimension over its own range), so
+# that their action normalizer is not the identity (with Robomimic's, abs_action False, it is)
+DBPO_ACT_RANGE = (np.array([0.6, 0.9, 0.3]), np.array([0.2, -0.05, -0.4]))  # dataset action = a * scale + shift
+DBPO_NORM_PERTURB = 0.005  # the fine-tuned actor's (trained) normalizer moved off actor_old's by this much
 
 
 def _dbpo_import(root):
@@ -440,6 +482,16 @@ def _pusht_normalizer(keypoint, state, act):
     ds.replay_buffer = {"keypoint": keypoint, "state": state, "action": act}
     ds.obs_key, ds.state_key, ds.action_key = "keypoint", "state", "action"
     return ds.get_normalizer(), ds._sample_to_data(ds.replay_buffer)
+
+
+def _limits_normalizer(obs, act):
+    """Their LinearNormalizer fitted in mode 'limits' (per dimension to [-1, 1]), as their PushT / D4RL-style
+    datasets' get_normalizer() does, on arrays."""
+    from dbpo.model.common.normalizer import LinearNormalizer
+
+    normalizer = LinearNormalizer()
+    normalizer.fit(data={"obs": obs, "action": act}, last_n_dims=1, mode="limits")
+    return normalizer
 
 
 def _windows(x, starts, length):
@@ -575,7 +627,8 @@ def make_dbpo(root, out_path):
 
     rng = np.random.default_rng(DBP_SEED + 10)
     obs, act, _, _, _ = _dbp_data(np.random.default_rng(DBP_SEED))
-    norm = _robomimic_normalizer(obs, act)
+    act = (act * DBPO_ACT_RANGE[0] + DBPO_ACT_RANGE[1]).astype(np.float32)
+    norm = _limits_normalizer(obs, act)  # non-identity: actions scaled and shifted per dimension
     torch.manual_seed(DBP_SEED + 10)
     actor = LowdimDBPPolicy(
         obs_dim=DBP_OBS_DIM,
@@ -634,6 +687,10 @@ def make_dbpo(root, out_path):
         head.bias.add_(
             torch.cat([torch.linspace(-0.05, 0.05, n_pre), torch.linspace(0.5, 1.5, head.bias.numel() - n_pre)])
         )
+        # their fine-tuned actor trains its (deep-copied) normalizer too: move it off actor_old's
+        for name, p_ in model.actor_ft.policy.normalizer.named_parameters():
+            if name.endswith(".scale") or name.endswith(".offset"):
+                p_.mul_(1 + DBPO_NORM_PERTURB * torch.randn(p_.shape, generator=g))
     chains = chains.clone()
     chains[2, 1] = -chains[2, 1].sign()  # one stored chunk far from the mean: its new log-prob hits -2
     rec.update(_state(model.actor_ft, "actor_ft"))
