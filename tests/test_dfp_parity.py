@@ -81,8 +81,10 @@ def drift_scale_error(gen: torch.Tensor, scale: float, n_targets: int) -> float:
 
 
 def ref_args(mode: str = "hard") -> dfp.Args:
-    """Our defaults, with the reference's small sizes (everything else is the authors' cube default)."""
-    return dfp.Args(hidden_dim=HIDDEN, num_layers=LAYERS, batch_size=B, online_mode=mode, cuda=False)
+    """Our defaults, with the reference's small sizes (everything else is the authors' cube default; the soft update
+    takes K = 8 positives of N = 16, so that some of their weights clamp at 0)."""
+    K = int(REF[f"online_{mode}/online_pos_samples"])
+    return dfp.Args(hidden_dim=HIDDEN, num_layers=LAYERS, batch_size=B, online_mode=mode, K=K, cuda=False)
 
 
 def flax_paths(modules: dict) -> list:
@@ -110,11 +112,13 @@ def flax_paths(modules: dict) -> list:
     return out
 
 
-def load(modules: dict, prefix: str, copies: dict = ()) -> None:
-    """The reference's parameters `prefix/<path>` into our networks; `copies` maps a module absent there to the one
-    it is a copy of (the fresh agent stores only actor and critic)."""
+def load(modules: dict, prefix: str, copies: dict = (), only: tuple = (ACTOR, CRITIC, TARGET, EMA)) -> None:
+    """The reference's parameters `prefix/<path>` of the modules `only` into our networks; `copies` maps a module
+    absent there to the one it is a copy of (the fresh agent's EMA actor is the actor)."""
     with torch.no_grad():
         for p, path, f in flax_paths(modules):
+            if path.split("/")[0] not in only:
+                continue
             for absent, source in dict(copies).items():
                 path = path.replace(absent, source)
             p.copy_(f(ref(f"{prefix}/{path}")))
@@ -162,14 +166,14 @@ def draws(tag: str, online: bool) -> dict:
 def fresh_modules() -> dict:
     """The script's own networks and Adam (build), holding the reference's initial parameters."""
     modules = dfp.build(ref_args(), OBS, A, "cpu", None)
-    load(modules, "params/init", copies={TARGET: CRITIC, EMA: ACTOR})
+    load(modules, "params/init", copies={EMA: ACTOR})  # the target critic apart from the critic, stored
     return modules
 
 
 def critic_tols(tag: str) -> dict:
     """Bounds of the critic's terms: Q through CRITIC_PATH, the TD target through the actor's chunk too, the loss."""
     prefix = "params/init" if tag == "offline" else "params/offline"  # the parameters the update starts from
-    d_next = bound(q_scale(tag, "critic/next_qs", prefix, CRITIC), *ACTOR_PATH, *CRITIC_PATH)  # Q(s', a'(actor))
+    d_next = bound(q_scale(tag, "critic/next_qs", prefix, TARGET), *ACTOR_PATH, *CRITIC_PATH)  # Q'(s', a'(actor))
     r, q, y = (ref(f"{tag}/{k}").double() for k in ("batch/rewards", "critic/q", "critic/target_q"))
     # y = r + gamma^h m Q': terms at |r| + |Q'|, 3 roundings
     d_y = d_next + bound(amax(r[:, -1]) + amax(ref(f"{tag}/critic/next_q")), 3)
@@ -211,7 +215,7 @@ def actor_tols(tag: str, online: bool) -> dict:
     """Bounds of the actor's terms: samples through ACTOR_PATH, the drift scales, the drift losses (1 by construction
     with one temperature: the mean squared force normalized by its batch RMS; d log L / d log x and d log L / d log s
     are 0 in float64 on these inputs), and the relative error of d L / d gen, which the drift scale rescales."""
-    G, K = ref_args().num_hypotheses, ref_args().K
+    G, K = ref_args().num_hypotheses, ref_args(tag.split("_")[-1] if online else "hard").K
     gen = ref(f"{tag}/actor/gen")
     names = [("drift_scale_tgt", 1, "actor_drift_loss_tgt"), ("drift_scale_pos", K, "actor_drift_loss_pos")]
     tol = {"gen": bound(amax(gen), *ACTOR_PATH)}
@@ -395,11 +399,14 @@ def test_offline_update_parity_with_reference(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_online_update_parity_with_reference(mode, after_offline, monkeypatch):
-    """From the offline update (our Adam state, the reference's parameters), the switch (pi_old := actor, Adam kept),
-    then one online update."""
+    """From the offline update (our Adam state, the reference's parameters), the switch (Adam kept) with pi_old apart
+    from the actor (the reference's stored start), then one online update."""
     tag, args, modules = f"online_{mode}", ref_args(mode), copy.deepcopy(after_offline)  # Adam's state included
     load(modules, "params/offline")
-    modules["ema_actor"].load_state_dict(modules["actor"].state_dict())  # the switch, as online_step
+    load(modules, "params/online_start", only=(EMA,))  # pi_old: a perturbed copy of the actor, not the actor
+    for copy_name, name in (("ema_actor", "actor"), ("target_critic", "critic")):  # non-degenerate starting state:
+        for p, q in zip(modules[copy_name].parameters(), modules[name].parameters(), strict=True):
+            assert not torch.equal(p, q), copy_name  # pi_old apart from the actor, the target critic from the critic
     check_critic_terms(args, modules, tag)
 
     calls, qs, q_mean = record_drift(monkeypatch), [], dfp.q_mean
@@ -415,7 +422,7 @@ def test_online_update_parity_with_reference(mode, after_offline, monkeypatch):
         actor_tols(tag, online=True),
         bound(q_scale(tag, "actor/cand_qs", "params/offline", CRITIC), *CRITIC_PATH),
     )
-    close(pool, f"{tag}/actor/sel_pool", tol["gen"])  # pi_old's N candidates (pi_old = actor: the same path)
+    close(pool, f"{tag}/actor/sel_pool", bound(amax(ref(f"{tag}/actor/sel_pool")), *ACTOR_PATH))  # pi_old's N
     d_q += bound(q_scale(tag, "actor/cand_qs", "params/offline", CRITIC), *ACTOR_PATH)  # the candidates' own error
     close(cand_q, f"{tag}/actor/cand_qs", d_q)  # scored by the current critic's mean
     bc, topk = calls
@@ -427,6 +434,8 @@ def test_online_update_parity_with_reference(mode, after_offline, monkeypatch):
         q_ref = ref(f"{tag}/actor/cand_qs").double()
         q_range = (q_ref.max(1).values - q_ref.min(1).values)[:, None]  # [B, 1]
         close(topk["weight"], f"{tag}/actor/weight_pos", 8 * d_q / q_range + bound(2.0, 4), map_ref=flip)
+        w_ref = ref(f"{tag}/actor/weight_pos")  # non-degenerate: some weights clamp at 0, some do not
+        assert (w_ref == 0).any() and (w_ref > 0).any()
     else:
         assert topk["weight"] is None
     close(args.topk_weight * ltop, f"{tag}/actor/actor_drift_loss_pos", tol["actor_drift_loss_pos"])
