@@ -199,7 +199,8 @@ def test_default_folder_then_bounded_download_then_one_error(tmp_path, monkeypat
         envs.resolve_robomimic_file("square-mh")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
-    assert "generate it with: python scripts/generate_robomimic_dataset.py --task square --kind mh\n" in err
+    path = tmp_path / ".robomimic" / "square" / "mh" / "low_dim_v15.hdf5"  # no scripted expert: the official file's URL
+    assert f"generate it with: curl -L --create-dirs -o {path} {envs.ROBOMIMIC_URL.format('square', 'mh')}\n" in err
     assert calls == [(envs.ROBOMIMIC_URL.format("square", "mh"), 30.0)]  # one bounded attempt
     assert os.listdir(tmp_path) == []  # the folders made for the download are gone again
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"hdf5 bytes"))
