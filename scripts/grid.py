@@ -68,7 +68,7 @@ ENV_HELP = (
 # ---- presets: the papers' tables ----
 DFP_CUBE = [f"cube-{n}-play-task{t}" for n in ("double", "triple", "quadruple") for t in (2, 3, 4)]
 DFP_TASKS = ["lift-mh", "can-mh", "square-mh", *DFP_CUBE]
-DFP_SWITCH = 14000  # dfp-online-vs-control: offline steps before the switch (the pilots flatten near 0.25 from 10k on)
+DFP_SWITCH = 20000  # dfp-online-vs-control: offline steps before the switch (both pilots' curves flat by 20k)
 PRESETS = {
     "dfp-table": dict(
         about="DFP main table: 12 tasks x 5 seeds, the script's defaults (1M offline + 1M online steps)",
