@@ -108,9 +108,17 @@ PRESETS = {
         seeds=[1, 2, 3, 4, 5],
         flags={
             "dataset_path": "~/.ogbench/data-100/cube-single-play-v0.npz",
-            **{"hidden_dim": "128", "num_layers": "3", "batch_size": "128", "q_best_of": "8", "act_best_of": "8"},
-            **{"start_training": "1000", "eval_interval": "2000", "eval_episodes": "100", "eval_envs": "1"},
-            **{"log_interval": "1000", "save_interval": "2000"},
+            "hidden_dim": "128",
+            "num_layers": "3",
+            "batch_size": "128",
+            "q_best_of": "8",
+            "act_best_of": "8",
+            "start_training": "1000",
+            "eval_interval": "2000",
+            "eval_episodes": "100",
+            "eval_envs": "1",
+            "log_interval": "1000",
+            "save_interval": "2000",
         },
         variants={
             "dfp-online": {"offline_steps": str(DFP_SWITCH), "online_steps": "5000"},
@@ -754,6 +762,11 @@ def mean_se(values: list) -> tuple:
     return m, se
 
 
+def last_step(curve: dict) -> int:
+    """The step of a run's last evaluation in a report curve {step: success, "_info": ...}."""
+    return max(k for k in curve if k != "_info")
+
+
 def paired_lines(curves: dict) -> list:
     """Where an env has exactly two variants A, B (in a preset's order), their final successes paired by seed:
     d_s = A_s - B_s, mean(d) +- s.e. (std(d) / sqrt(n)) and mean / s.e. (a gain 'beyond 3 s.e.': a ratio above 3)."""
@@ -764,7 +777,7 @@ def paired_lines(curves: dict) -> list:
             continue
         order = next((list(p["variants"]) for p in PRESETS.values() if set(pair) <= set(p["variants"])), pair)
         pair.sort(key=order.index)  # a preset's order: dfp-online - dfp-control, dbp-drift - dbp-mse
-        finals = [{r["_info"]["seed"]: r[max(k for k in r if k != "_info")] for r in curves[v, env]} for v in pair]
+        finals = [{r["_info"]["seed"]: r[last_step(r)] for r in curves[v, env]} for v in pair]
         seeds = sorted(set(finals[0]) & set(finals[1]))
         if len(seeds) < 2:
             continue
@@ -814,8 +827,8 @@ def cmd_report(a) -> int:
     ]
     kofn = {}
     for (variant, env), runs in sorted(curves.items()):
-        finals = [100 * r[max(k for k in r if k != "_info")] for r in runs]
-        steps = sorted({max(k for k in r if k != "_info") for r in runs})
+        finals = [100 * r[last_step(r)] for r in runs]
+        steps = sorted({last_step(r) for r in runs})
         m, se = mean_se(finals)
         info = runs[0]["_info"]
         paper = paper_number(variant, env, info)
