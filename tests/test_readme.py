@@ -185,6 +185,17 @@ def test_readme_is_a_page():
     assert len(readme().splitlines()) <= 200, "README.md is longer than 200 lines: move details to docs/"
 
 
+def test_make_quickstart_runs_the_readme_quick_start():
+    """`make quickstart` runs the README's quick-start commands, the same words (so the two cannot drift apart)."""
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        recipe = re.search(r"^quickstart:.*?\n((?:\t.*\n)+)", f.read(), re.M).group(1)
+    made = [
+        " ".join(cmd.replace("$(BIN)/python", "python").split()) for cmd in re.sub(r"\\\n\s*", " ", recipe).splitlines()
+    ]
+    quick = next(cmds for heading, cmds in bash_blocks(readme()) if heading.lower().startswith("quick start"))
+    assert made == [" ".join(c.split()) for c in quick]
+
+
 def stated_success_range(text: str):
     """(low, high) from the README's quick start: '... expect a final success between LOW and HIGH ...'."""
     section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
