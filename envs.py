@@ -29,11 +29,9 @@ import numpy as np
 
 from robomimic_tasks import (
     ROBOMIMIC_OBS_KEYS,
-    ROBOMIMIC_URL,  # noqa: F401
     RobomimicEnv,
     load_robomimic,
     resolve_robomimic_file,
-    robomimic_default_path,  # noqa: F401
 )
 from runs import atomic, bounded_download, check, fail, require, why, worker_signals
 
@@ -96,10 +94,8 @@ def generate_command(dataset_file: str) -> str:
     cmd += f" --out-dir {out_dir}" if out_dir != os.path.abspath(os.path.expanduser(OGBENCH_DATA_DIR)) else ""
     if m.group(3):
         return cmd  # expert demos stop once solved: minutes, not hours
-    steps, cores = (
-        int(CUBE_PLAY_EPISODES[m.group(1)] * 1.1) * 1001,
-        os.cpu_count() or 1,
-    )  # +10% val episodes of 1001 steps
+    steps = int(CUBE_PLAY_EPISODES[m.group(1)] * 1.1) * 1001  # +10% val episodes, 1001 steps each
+    cores = os.cpu_count() or 1
     minutes = steps / (ORACLE_STEPS_PER_SEC * cores) / 60
     return f"{cmd}  ({steps / 1e6:.1f}M oracle steps: about {minutes:.0f} min on {cores} CPU cores, faster with more)"
 

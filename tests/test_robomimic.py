@@ -25,6 +25,7 @@ from inprocess import run_main  # noqa: E402
 
 import dfp_offline_to_online as dfp  # noqa: E402
 import envs  # noqa: E402
+import robomimic_tasks  # noqa: E402
 
 GEN = os.path.join(ROOT, "scripts", "generate_robomimic_dataset.py")
 DFP, DBP, DBPO = (os.path.join(ROOT, f) for f in ("dfp_offline_to_online.py", "dbp_bc.py", "dbpo_ppo.py"))
@@ -200,8 +201,11 @@ def test_default_folder_then_bounded_download_then_one_error(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     path = tmp_path / ".robomimic" / "square" / "mh" / "low_dim_v15.hdf5"  # no scripted expert: the official file's URL
-    assert f"generate it with: curl -L --create-dirs -o {path} {envs.ROBOMIMIC_URL.format('square', 'mh')}\n" in err
-    assert calls == [(envs.ROBOMIMIC_URL.format("square", "mh"), 30.0)]  # one bounded attempt
+    assert (
+        f"generate it with: curl -L --create-dirs -o {path} {robomimic_tasks.ROBOMIMIC_URL.format('square', 'mh')}\n"
+        in err
+    )
+    assert calls == [(robomimic_tasks.ROBOMIMIC_URL.format("square", "mh"), 30.0)]  # one bounded attempt
     assert os.listdir(tmp_path) == []  # the folders made for the download are gone again
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"hdf5 bytes"))
     path = envs.resolve_robomimic_file("square-mh")
