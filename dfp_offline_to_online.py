@@ -9,7 +9,6 @@ replay buffer (replay.py) seeded by the offline data. Benchmarks and evaluation:
 """
 
 import copy
-import importlib.util
 import itertools
 import math
 import os
@@ -389,10 +388,6 @@ def rules(a: Args) -> list:
         *(
             (plain(v), f"--{k} must be a plain folder name (no '/'), got {v!r}")
             for k, v in (("run-name", a.run_name), ("exp-name", a.exp_name))
-        ),
-        *(
-            (not on or importlib.util.find_spec(m), f"{flag} needs {m}: pip install {m}")
-            for flag, on, m in (("--track", a.track, "wandb"), ("--capture-video", a.capture_video, "moviepy"))
         ),
     ]
 

@@ -1,8 +1,7 @@
 """The run plumbing the training scripts share: one-line refusals of bad input, the command line, the run folder,
 seeding and the tensorboard log, the CUDA-graph wrapper of an update, one signal design, atomic checkpoints (with the
-RNG states) and their checks, the non-finite stop, the printed resume command, and the one-line refusal of a missing
-optional package. No algorithm lives here, with one exception: CudaGraphUpdate, the --cudagraphs speed path of DFP's
-update (a wrapper of the update function that any script could use, not the update itself).
+RNG states) and their checks, the non-finite stop, the printed resume command, the refusal of a missing optional
+package. No algorithm: CudaGraphUpdate only wraps an update function (DFP's --cudagraphs), whatever it computes.
 
     args = runs.parse(Args, rules)                    # tyro; any parse error or broken rule: one `error:` line, exit 2
     run_dir = runs.plan_run_dir(args.runs_dir, name, "checkpoint.pt", resume=args.resume)  # checked, not created
@@ -20,6 +19,7 @@ torch in each of their worker processes.
 """
 
 import contextlib
+import importlib.util
 import io
 import itertools
 import multiprocessing
@@ -32,6 +32,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import tyro
@@ -52,9 +53,6 @@ def check(ok, msg: str) -> None:
 
 def require(module: str, purpose: str) -> None:
     """Refuse in one line when an optional module is missing, naming the requirements file that pins it."""
-    import importlib.util
-    from pathlib import Path
-
     if importlib.util.find_spec(module) is None:
         files = sorted(Path(__file__).resolve().parent.glob("requirements/*.txt"))
         extra = next((f.name for f in files if re.search(rf"^{module}\b", f.read_text(), re.M)), None)
@@ -67,10 +65,9 @@ def why(e: BaseException) -> str:
 
 
 def parse(args_class, rules: Callable | None = None, args: list | None = None):
-    """tyro.cli(args_class, args=args) (args: None reads sys.argv), with every parse error (a value of the wrong type,
-    a choice outside a Literal, an unknown flag, a missing value) as one `error:` line and exit 2 instead of tyro's
-    box. Then rules(parsed) yields (ok, message) pairs in order; the first that is not ok is refused the same way.
-    --help prints tyro's help and exits 0."""
+    """tyro.cli(args_class, args=args) (None: sys.argv), every parse error (a wrong type, a choice outside a Literal,
+    an unknown flag, a missing value) one `error:` line and exit 2; then rules(parsed)'s (ok, message) pairs, the first
+    not ok refused alike; then --track without wandb, --capture-video without moviepy. --help: tyro's help, exit 0."""
     buf = io.StringIO()
     try:
         with contextlib.redirect_stderr(buf):
@@ -83,6 +80,9 @@ def parse(args_class, rules: Callable | None = None, args: list | None = None):
     sys.stderr.write(buf.getvalue())  # tyro's warnings, if any
     for ok, msg in rules(parsed) if rules is not None else ():
         check(ok, msg)
+    for field, module in (("track", "wandb"), ("capture_video", "moviepy")):  # the common flags' optional packages
+        if getattr(parsed, field, False):
+            require(module, f"--{field.replace('_', '-')}")
     return parsed
 
 

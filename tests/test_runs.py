@@ -85,6 +85,28 @@ def test_parse_refuses_every_bad_command_line_in_one_line(capsys, argv, message)
     assert message in error_line(capsys, runs.parse, Args, rules, argv)
 
 
+@dataclass
+class VideoArgs:
+    capture_video: bool = False
+    """record videos"""
+    track: bool = False
+    """track with wandb"""
+
+
+@pytest.mark.parametrize(
+    "argv, missing, message",
+    [
+        (["--capture-video"], "moviepy", "error: --capture-video needs moviepy: pip install -r requirements/video.txt"),
+        (["--track"], "wandb", "error: --track needs wandb: pip install wandb"),  # in no requirements file
+    ],
+)
+def test_parse_refuses_a_flag_whose_optional_package_is_missing(capsys, monkeypatch, argv, missing, message):
+    find_spec = runs.importlib.util.find_spec
+    monkeypatch.setattr(runs.importlib.util, "find_spec", lambda m, *a: None if m == missing else find_spec(m, *a))
+    assert error_line(capsys, runs.parse, VideoArgs, None, argv).strip() == message
+    assert runs.parse(VideoArgs, None, []) == VideoArgs()  # off: the package is not needed
+
+
 def test_parse_returns_the_args_and_help_still_works(capsys):
     a = runs.parse(Args, rules, ["--lr", "1e-3", "--mode", "soft", "--temperatures", "0.2", "0.5", "--K", "3"])
     assert (a.lr, a.mode, a.temperatures, a.K, a.steps) == (1e-3, "soft", (0.2, 0.5), 3, 10)
