@@ -69,6 +69,7 @@ ENV_HELP = (
 DFP_CUBE = [f"cube-{n}-play-task{t}" for n in ("double", "triple", "quadruple") for t in (2, 3, 4)]
 DFP_TASKS = ["lift-mh", "can-mh", "square-mh", *DFP_CUBE]
 DFP_SWITCH = 20000  # dfp-online-vs-control: offline steps before the switch (both pilots' curves flat by 20k)
+DFP_ONLINE, DFP_START = 10000, 1000  # its online env steps, updates from env step 1000 on: 9000 updates
 PRESETS = {
     "dfp-table": dict(
         about="DFP main table: 12 tasks x 5 seeds, the script's defaults (1M offline + 1M online steps)",
@@ -101,9 +102,11 @@ PRESETS = {
         variants={"dbp-drift": {"temperatures": "0.2"}, "dbp-mse": {"loss": "mse"}},
     ),
     "dfp-online-vs-control": dict(
-        about="DFP's online phase against its control, the same run continued offline for as many updates (4000): "
+        about="DFP's online phase against its control, the same run continued offline for as many updates (9000): "
         "cube-single task 2, 100 play episodes, 3 x 128 networks, 5 seeds",
         script="dfp_offline_to_online.py",
+        data="python scripts/generate_ogbench_dataset.py --env cube-single-play --episodes 100 --out-dir "
+        "~/.ogbench/data-100",
         envs=["cube-single-play-task2"],
         seeds=[1, 2, 3, 4, 5],
         flags={
@@ -113,7 +116,7 @@ PRESETS = {
             "batch_size": "128",
             "q_best_of": "8",
             "act_best_of": "8",
-            "start_training": "1000",
+            "start_training": str(DFP_START),
             "eval_interval": "2000",
             "eval_episodes": "100",
             "eval_envs": "1",
@@ -121,8 +124,8 @@ PRESETS = {
             "save_interval": "2000",
         },
         variants={
-            "dfp-online": {"offline_steps": str(DFP_SWITCH), "online_steps": "5000"},
-            "dfp-control": {"offline_steps": str(DFP_SWITCH + 4000), "online_steps": "0"},
+            "dfp-online": {"offline_steps": str(DFP_SWITCH), "online_steps": str(DFP_ONLINE)},
+            "dfp-control": {"offline_steps": str(DFP_SWITCH + DFP_ONLINE - DFP_START), "online_steps": "0"},
         },
     ),
 }
@@ -281,13 +284,14 @@ def build_grid(a) -> list:
             [p["script"]],
             [(p["script"], n, {**p.get("flags", {}), **f}) for n, f in p["variants"].items()],
         )
-        envs, seeds = a.envs or p["envs"], a.seeds or p["seeds"]
+        envs, seeds, data = a.envs or p["envs"], a.seeds or p["seeds"], p.get("data")
     else:
         check(a.script, "give --preset NAME or --script SCRIPT [SCRIPT ...]")
         scripts = [resolve_script(s) for s in a.script]
         check(a.envs, "give --envs ENV [ENV ...]")
         envs, seeds = a.envs, a.seeds or [1]
         variants = [(s, SHORT.get(s, os.path.splitext(os.path.basename(s))[0]), {}) for s in scripts]
+        data = None
     fixed, sweep = parse_pairs(a.set, "--set"), parse_pairs(a.sweep, "--sweep")
     for env in envs:
         check(any(re.fullmatch(p, env) for p in ENV_PATTERNS), f"unknown env '{env}'; valid: {ENV_HELP}")
@@ -316,6 +320,7 @@ def build_grid(a) -> list:
                 flags=flags,
                 threads="--num-threads" in known and "num_threads" not in flags,
                 checkpoint=CHECKPOINT.get(os.path.basename(script)),
+                data=data,  # a preset's own command for its data (else the standard dataset's)
             )
         )
     check(runs, "the grid has no runs")
@@ -357,7 +362,7 @@ def missing_dataset(run: dict) -> tuple | None:
     if envs.family(env_id) == "ogbench":
         path = given or envs.ogbench_default_path(env_id)
         ok = os.path.isfile(path) and os.path.isfile(path.replace(".npz", "-val.npz"))
-        return None if ok else (path, envs.generate_command(path).split("  (")[0])
+        return None if ok else (path, run.get("data") or envs.generate_command(path).split("  (")[0])
     return None if given is None or os.path.isfile(given) else (given, "a D4RL-layout .npz (see docs/dbp.md)")
 
 
@@ -767,9 +772,10 @@ def last_step(curve: dict) -> int:
     return max(k for k in curve if k != "_info")
 
 
-def paired_lines(curves: dict) -> list:
+def paired_lines(curves: dict, last: int = 1) -> list:
     """Where an env has exactly two variants A, B (in a preset's order), their final successes paired by seed:
-    d_s = A_s - B_s, mean(d) +- s.e. (std(d) / sqrt(n)) and mean / s.e. (a gain 'beyond 3 s.e.': a ratio above 3)."""
+    d_s = A_s - B_s, mean(d) +- s.e. (std(d) / sqrt(n)) and mean / s.e. (a gain 'beyond 3 s.e.': a ratio above 3).
+    last > 1: a second line pairs each run's mean over its last `last` evaluations (steadier than one evaluation)."""
     lines = []
     for env in sorted({e for _, e in curves}):
         pair = sorted(v for v, e in curves if e == env)
@@ -777,21 +783,31 @@ def paired_lines(curves: dict) -> list:
             continue
         order = next((list(p["variants"]) for p in PRESETS.values() if set(pair) <= set(p["variants"])), pair)
         pair.sort(key=order.index)  # a preset's order: dfp-online - dfp-control, dbp-drift - dbp-mse
-        finals = [{r["_info"]["seed"]: r[last_step(r)] for r in curves[v, env]} for v in pair]
-        seeds = sorted(set(finals[0]) & set(finals[1]))
-        if len(seeds) < 2:
-            continue
-        m, se = mean_se([100 * (finals[0][s] - finals[1][s]) for s in seeds])
-        if not lines:
-            lines = ["", "| env | paired difference (final, by seed) | seeds | mean ± s.e. (points) | mean / s.e. |"]
-            lines.append("|---|---|---|---|---|")
-        lines.append(f"| {env} | {pair[0]} - {pair[1]} | {len(seeds)} | {m:+.1f} ± {se:.1f} | {m / se:+.1f} |")
+        for n in sorted({1, last}):
+            means = [{}, {}]  # per variant: seed -> the mean of its last n evaluations
+            for by_seed, v in zip(means, pair, strict=True):
+                for r in curves[v, env]:
+                    steps = sorted(k for k in r if k != "_info")
+                    if len(steps) >= n:
+                        by_seed[r["_info"]["seed"]] = sum(r[k] for k in steps[-n:]) / n
+            seeds = sorted(set(means[0]) & set(means[1]))
+            if len(seeds) < 2:
+                continue
+            m, se = mean_se([100 * (means[0][s] - means[1][s]) for s in seeds])
+            if not lines:
+                lines = ["", "| env | paired difference (by seed) | of | seeds | mean ± s.e. (points) | mean / s.e. |"]
+                lines.append("|---|---|---|---|---|---|")
+            of = "final" if n == 1 else f"mean of last {n}"
+            lines.append(
+                f"| {env} | {pair[0]} - {pair[1]} | {of} | {len(seeds)} | {m:+.1f} ± {se:.1f} | {m / se:+.1f} |"
+            )
     return lines
 
 
 def cmd_report(a) -> int:
     require("matplotlib", "scripts/grid.py report")
     check(os.path.isdir(a.runs_dir), f"{a.runs_dir} is not a folder")
+    check(a.last >= 1, f"--last {a.last}: give the number of evaluations to average, at least 1")
     run_dirs = sorted(
         {os.path.dirname(p) for p in glob.glob(os.path.join(a.runs_dir, "**", "events.out.tfevents.*"), recursive=True)}
     )
@@ -849,7 +865,7 @@ def cmd_report(a) -> int:
         lines += [
             f"| {k} | {len(v)} | {sum(v) / len(v):.1f} | {PAPER_DFP_KOFN.get(k, '')} |" for k, v in sorted(kofn.items())
         ]
-    lines += paired_lines(curves)
+    lines += paired_lines(curves, a.last)
     md_path = os.path.join(out_dir, f"{a.name}.md")
     with open(md_path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -958,6 +974,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("runs_dir", metavar="RUNS_DIR", help="a grid folder (or any folder of runs)")
     q.add_argument("--out", help="where to write (default RUNS_DIR)")
     q.add_argument("--name", default="results", help="file name stem: NAME.csv, NAME.md, NAME.png, NAME.json")
+    q.add_argument(
+        "--last", type=int, default=1, help="also pair two variants by their mean over the last N evaluations"
+    )
     return p
 
 

@@ -392,6 +392,9 @@ def test_report_refuses_a_folder_without_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         grid.main(["report", str(tmp_path)])
     assert e.value.code == 2 and "no tensorboard logs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        grid.main(["report", str(tmp_path), "--last", "0"])
+    assert e.value.code == 2 and "--last 0: give the number of evaluations" in capsys.readouterr().err
 
 
 def test_flags_are_parsed_from_the_scripts_help():
@@ -481,7 +484,12 @@ def test_report_pairs_two_variants_by_seed(tmp_path):
     assert grid.main(["report", str(tmp_path)]) == 0
     table = (tmp_path / "results.md").read_text().splitlines()
     # d = 10, 20, 20 points: mean 16.7, std 5.77, s.e. 3.33, ratio 5.0
-    assert "| cube-single-play-task2 | dfp-online - dfp-control | 3 | +16.7 ± 3.3 | +5.0 |" in table
+    assert "| cube-single-play-task2 | dfp-online - dfp-control | final | 3 | +16.7 ± 3.3 | +5.0 |" in table
+    assert not any("mean of last" in line for line in table)
+    # --last 2: each run's mean of its two evaluations (0 and the final): d = 5, 10, 10, mean 8.3, s.e. 1.7
+    assert grid.main(["report", str(tmp_path), "--last", "2"]) == 0
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert "| cube-single-play-task2 | dfp-online - dfp-control | mean of last 2 | 3 | +8.3 ± 1.7 | +5.0 |" in table
 
 
 def test_presets_expand_to_the_papers_grids(tmp_path, capsys, monkeypatch):
@@ -575,3 +583,13 @@ def test_dry_run_marks_runs_whose_dataset_is_missing(tmp_path, capsys, monkeypat
     assert grid.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("dataset missing:") == 2 and "lift" in out.split("dataset missing:")[1].splitlines()[0]
+
+
+def test_a_preset_with_its_own_data_names_the_command_that_makes_it(tmp_path, capsys, monkeypatch):
+    """dfp-online-vs-control reads a 100-episode play dataset: the missing-data line gives its --episodes 100 command
+    (the standard dataset's command would make 1000 episodes at that path)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert grid.main(["run", "--preset", "dfp-online-vs-control", "--out", str(tmp_path / "g"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("dataset missing:") == 10 and "[grid] 1 dataset(s) missing" in out
+    assert "  python scripts/generate_ogbench_dataset.py --env cube-single-play --episodes 100 --out-dir " in out
