@@ -27,16 +27,11 @@ if sys.platform == "linux" and not os.environ.get("DISPLAY"):
 import gymnasium as gym
 import numpy as np
 
-from robomimic_tasks import (
-    ROBOMIMIC_OBS_KEYS,
-    RobomimicEnv,
-    load_robomimic,
-    resolve_robomimic_file,
-)
+from robomimic_tasks import RobomimicEnv, load_robomimic, resolve_robomimic_file
 from runs import atomic, bounded_download, check, fail, require, why, worker_signals
 
 # ---- families: which benchmark an env id belongs to
-ROBOMIMIC_NAME = r"(lift|can|square)-(mh|ph)(-low_dim)?"  # the authors' spelling lift-mh-low_dim too
+ROBOMIMIC_NAME = r"((lift|can|square|transport)-(mh|ph)|tool_hang-ph)(-low_dim|-image)?"  # lift-mh-low_dim: lift-mh
 CUBE_NAME = r"(cube-(single|double|triple|quadruple)-play)(-singletask)?(-task([1-5]))?(-v0)?"
 OGBENCH_ID = r"(cube-(single|double|triple|quadruple)|scene|puzzle-(3x3|4x4|4x5|4x6))-play-singletask-task[1-5]-v0"
 LOCOMOTION_ENVS = ("Hopper-v5", "Walker2d-v5", "Ant-v5")  # gymnasium MuJoCo, as the authors' D4RL tasks
@@ -71,7 +66,7 @@ def resolve_env_id(env: str, task: int | None = None, gym_ids=(), minari: bool =
     gyms = ", a gymnasium id like Hopper-v5" if gym_ids is None else "".join(f", {g}" for g in gym_ids)
     fail(
         f"unknown env '{env}'; valid: {', '.join(f'cube-{k}-play' for k in CUBE_PLAY_EPISODES)} (or a full id like "
-        f"cube-double-play-singletask-task2-v0), Robomimic lift/can/square-mh/ph"
+        f"cube-double-play-singletask-task2-v0), Robomimic lift/can/square/transport-mh/ph or tool_hang-ph (+ -image)"
         + (f", Minari mujoco/hopper/medium-v0{gyms}" if minari else "")
     )
 
@@ -227,17 +222,22 @@ minari_env_spec = functools.lru_cache(maxsize=None)(lambda env_id, root: load_mi
 
 
 # ---- datasets of every family, checked against their env
-def load_dataset(
-    env_id: str, dataset_path: str | None = None, env=None, reward_shift=0.0, min_len=1, obs_keys=ROBOMIMIC_OBS_KEYS
-):
+def load_dataset(env_id: str, dataset_path: str | None = None, env=None, reward_shift=0.0, min_len=1, obs_keys=None):
     """(env, data, episode_ends [N] bool, env_args) of a resolved id, checked by check_dataset; data: observations
     [N, O], actions [N, A], and rewards, masks, terminals, next_observations (OGBench, Robomimic) or rewards, terminals,
-    timeouts (D4RL's layout: a Minari id's or a .npz). env_args: how to rebuild a Robomimic env (else None). env: reuse
-    this env."""
+    timeouts (D4RL's layout: a Minari id's or a .npz); a Robomimic image id's also images uint8 [N, C, H, W, 3] (or a
+    lazy reader) beside its low-dim observations. env_args: how to rebuild a Robomimic env (else None), with its
+    image_layout. env: reuse this env."""
     env_args = None
     if family(env_id) == "robomimic":  # data/demo_N of a low-dim file; the env from the file's env_args
         data, ends, env_args = load_robomimic(env_id, resolve_robomimic_file(env_id, dataset_path), obs_keys)
         env = env or RobomimicEnv(env_id, env_args, reward_shift)
+        want, have = getattr(env, "image_layout", None), env_args.get("image_layout")  # cameras and their size
+        check(
+            want == have,
+            f"--env {env_id}: the env observes {want} but the dataset holds {have}; pass a file rendered (or an env "
+            f"built) for the same cameras and image size",
+        )
     elif family(env_id) == "ogbench":
         env, data, _ = load_ogbench(env_id, dataset_path, env)
         ends = data["terminals"] > 0  # ogbench drops each episode's final state and marks the new last step
@@ -270,7 +270,8 @@ def load_dataset(
 def check_dataset(data: dict, env, name: str, min_len: int = 1) -> None:
     """Refuse (one line) a dataset that does not fit `env`: observations (and next_observations) [N, O] and actions
     [N, A] of the env's sizes, every array of the same length N >= min_len, no NaN or inf, actions within bounds."""
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    layout = getattr(env, "image_layout", None)  # an image env's observations: the low-dim part; images apart
+    obs_dim, act_dim = layout["low_dim"] if layout else env.observation_space.shape[0], env.action_space.shape[0]
     for k, d in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if k in data or k != "next_observations":  # next_observations: where the format has them
             got = tuple(data[k].shape) if k in data else "missing"

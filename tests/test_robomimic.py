@@ -149,8 +149,8 @@ def test_chunks_never_cross_demos(tmp_path):
     [
         ("no_data", "no 'data' group"),
         ("missing_key", "lacks ['obs/object', 'next_obs/object']"),
-        ("unknown_env", "robosuite env 'Spaceship' (not lift, can or square)"),
-        ("can_for_lift", "robosuite env 'PickPlaceCan' (can), but --env lift-mh needs Lift"),
+        ("unknown_env", "robosuite env 'Spaceship', not one of Robomimic's lift, can, square, transport, tool_hang"),
+        ("can_for_lift", "robosuite env 'PickPlaceCan' (can, 1 arm), but --env lift-mh needs Lift (1 arm)"),
         ("corrupt", "not a readable HDF5 file"),
     ],
 )
