@@ -57,12 +57,14 @@ RENAMED = {
 ENV_PATTERNS = [
     r"cube-(single|double|triple|quadruple)-play(-singletask)?(-task[1-5])?(-v0)?",  # OGBench cube
     r"(scene|puzzle-(3x3|4x4|4x5|4x6))-play(-singletask)?(-task[1-5])?(-v0)?",  # OGBench scene / puzzle
-    r"(lift|can|square|transport|tool_hang)-(mh|ph)(-low_dim)?",  # Robomimic
+    r"(lift|can|square|transport|tool_hang)-(mh|ph)(-low_dim|-image)?",  # Robomimic
     r"[A-Z][A-Za-z0-9]*-v[0-9]+",  # gymnasium ids (Hopper-v5, ...)
+    r"mujoco/[a-z0-9]+/[a-z-]+-v[0-9]+",  # Minari locomotion datasets (mujoco/hopper/medium-v0, ...)
 ]
 ENV_HELP = (
     "cube-{single,double,triple,quadruple}-play[-taskN], scene-play[-taskN], puzzle-4x4-play[-taskN], "
-    "Robomimic lift-mh / can-mh / square-mh, or a gymnasium id such as Hopper-v5"
+    "Robomimic lift-mh / can-mh / square-mh (-image: from cameras), a gymnasium id such as Hopper-v5, or a Minari "
+    "dataset id such as mujoco/hopper/medium-v0"
 )
 
 # ---- presets: the papers' tables ----
@@ -128,6 +130,31 @@ PRESETS = {
             "dfp-control": {"offline_steps": str(DFP_SWITCH + DFP_ONLINE - DFP_START), "online_steps": "0"},
         },
     ),
+    "dbpo-hopper": dict(
+        about="DBPO on Hopper medium (Minari id, made here) with its anchor loss (coefficient 1, the authors') and "
+        "without (0): 270 iterations, three critic settings changed for the budget (docs/dbpo.md), 1000 paired "
+        "episodes at the start and the end, mean path and sampled policy, 2 seeds",
+        script="dbpo_ppo.py",
+        data="python scripts/generate_locomotion_dataset.py --dataset-id mujoco/hopper/medium-v0 && python dbp_bc.py "
+        "--env mujoco/hopper/medium-v0 --backbone mlp --total-steps 30000 --warmup-epochs 0 --eval-interval 0 "
+        "--save-interval 0 --keep-checkpoints 0 --run-name hopper_medium_dbp_bc_mlp",
+        envs=["mujoco/hopper/medium-v0"],
+        seeds=[1, 2],
+        flags={
+            "checkpoint": "runs/hopper_medium_dbp_bc_mlp/dbp_bc.pt",
+            "num_iterations": "270",
+            "eval_interval": "90",
+            "eval_episodes": "100",
+            "eval_episodes_ends": "1000",
+            "eval_sampled": "true",
+            "eval_envs": "1",
+            "minibatch_size": "1000",
+            "critic_lr": "1e-3",
+            "critic_min_lr": "3e-4",
+            "critic_warmup_iters": "10",
+        },
+        variants={"dbpo-anchor": {"anchor_coef": "1.0"}, "dbpo-no-anchor": {"anchor_coef": "0"}},
+    ),
 }
 
 # ---- the papers' numbers (DFP, arXiv 2605.07727: success %, offline-to-online, mean of 5 seeds) ----
@@ -171,6 +198,7 @@ SPEED = {
 def short_env(env: str) -> str:
     """A short, canonical task name: cube-double-play-singletask-task2-v0 -> cube-double-play-task2."""
     env = re.sub(r"-v0$", "", env).replace("-singletask", "").replace("-low_dim", "")
+    env = re.sub(r"^mujoco/([a-z0-9]+)/", r"\1-", env)  # a Minari id: mujoco/hopper/medium -> hopper-medium
     if re.fullmatch(r"cube-(single|double|triple|quadruple)-play", env):
         env += "-task2"  # the scripts' default task
     return env
@@ -352,7 +380,10 @@ def missing_dataset(run: dict) -> tuple | None:
     import robomimic_tasks
 
     flags, env = run["flags"], run["args"][1]
-    if "dataset_dir" in flags or "dbpo" in run["script"]:
+    if "dbpo" in run["script"]:  # DBPO reads a DBP checkpoint, which the preset's data command makes
+        path = os.path.expanduser(flags.get("checkpoint", ""))
+        return None if not path or os.path.isfile(path) else (path, run.get("data") or "python dbp_bc.py ...")
+    if "dataset_dir" in flags:
         return None
     given = os.path.expanduser(flags["dataset_path"]) if "dataset_path" in flags else None
     env_id = envs.resolve_env_id(env, gym_ids=None)

@@ -593,3 +593,20 @@ def test_a_preset_with_its_own_data_names_the_command_that_makes_it(tmp_path, ca
     out = capsys.readouterr().out
     assert out.count("dataset missing:") == 10 and "[grid] 1 dataset(s) missing" in out
     assert "  python scripts/generate_ogbench_dataset.py --env cube-single-play --episodes 100 --out-dir " in out
+
+
+def test_dbpo_hopper_pairs_the_anchor_against_none_from_one_pretrained_checkpoint(tmp_path, capsys, monkeypatch):
+    """dbpo-hopper: 2 seeds x anchor 1 / 0, short run names, and until the DBP checkpoint exists a mark per run with
+    the commands that make its data and the checkpoint."""
+    monkeypatch.chdir(tmp_path)  # the preset's checkpoint path is relative: runs/hopper_medium_dbp_bc_mlp/dbp_bc.pt
+    assert grid.main(["run", "--preset", "dbpo-hopper", "--out", str(tmp_path / "g"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = [line.split(":")[0].split()[-1] for line in lines if line.startswith("new")]
+    assert runs == [f"dbpo-{v}__hopper-medium__s{s}" for v in ("anchor", "no-anchor") for s in (1, 2)]
+    assert sum("--anchor-coef 0 " in line for line in lines) == 2
+    assert sum("dataset missing: runs/hopper_medium_dbp_bc_mlp/dbp_bc.pt" in line for line in lines) == 4
+    assert any(line.startswith("  python scripts/generate_locomotion_dataset.py") for line in lines)
+    (tmp_path / "runs" / "hopper_medium_dbp_bc_mlp").mkdir(parents=True)
+    (tmp_path / "runs" / "hopper_medium_dbp_bc_mlp" / "dbp_bc.pt").write_bytes(b"")
+    assert grid.main(["run", "--preset", "dbpo-hopper", "--out", str(tmp_path / "g"), "--dry-run"]) == 0
+    assert "dataset missing" not in capsys.readouterr().out
