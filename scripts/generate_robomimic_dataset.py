@@ -17,6 +17,7 @@ Episodes end a few steps after the first success (rewards = success per step, do
 robomimic's done_mode 2) or, failing, after the task's episode length (lift 300, can 300).
 
 Example: python scripts/generate_robomimic_dataset.py --task lift --kind mh --episodes 300 --workers 2
+         (add --image to render image_v15.hdf5 beside it, for lift-mh-image)
 """
 
 import os
@@ -73,6 +74,9 @@ class Args:
     """keep finished episodes in a hidden folder beside --out, so rerunning an interrupted command continues it"""
     noise: float | None = None
     """one noise level for every episode instead of the --kind mix (0 = the noise-free expert)"""
+    image: bool = False
+    """then render the file's image observations into image_v15.hdf5 beside --out (the task's cameras, robomimic's
+    layout: scripts/render_robomimic_images.py on the finished file)"""
 
 
 NOISE_MIX = {"mh": (0.1, 0.5, 1.2), "ph": (0.05,)}  # per-episode translation-noise std, drawn in turn
@@ -131,6 +135,8 @@ def check_args(args: Args) -> dict:
     check(args.noise is None or args.noise >= 0, f"--noise must be >= 0, got {args.noise}")
     out = os.path.abspath(os.path.expanduser(args.out or robomimic_default_path(f"{args.task}-{args.kind}")))
     check(args.overwrite or not os.path.exists(out), f"{out} exists; pass --overwrite to replace it")
+    image = os.path.join(os.path.dirname(out), "image_v15.hdf5")
+    check(not args.image or args.overwrite or not os.path.exists(image), f"{image} exists; pass --overwrite")
     try:  # last, because it creates the folder
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with tempfile.TemporaryFile(dir=os.path.dirname(out)):
@@ -366,3 +372,7 @@ if __name__ == "__main__":
         sel = noise == level
         print(f"noise {level:g}: success {succ[sel].mean():.3f} ({succ[sel].sum()}/{sel.sum()} episodes)")
     print(f"success rate: {succ.mean():.3f} ({succ.sum()}/{len(succ)} episodes)")
+    if args.image:  # the renderer on the finished file: the same state replay as for an official file
+        from scripts.render_robomimic_images import render_file
+
+        render_file(run["out"], workers=args.workers, overwrite=args.overwrite)
