@@ -316,6 +316,7 @@ class RobomimicEnv(gym.Env):
 
         self.env_args = json.loads(env_args) if isinstance(env_args, str) else env_args
         self.image_layout = image_layout(env_id, self.env_args, self.env_args.get("obs_keys"))
+        self.keys = default_obs_keys(env_id)  # without env_args["obs_keys"]: robot0 (robot1), object
         kwargs = dict(self.env_args["env_kwargs"])
         if "controller_configs" in kwargs:  # robosuite <= 1.4 format (an OSC_POSE dict) -> 1.5 composite; 1.5 passes
             robots = kwargs.get("robots", ["Panda"])
@@ -347,7 +348,8 @@ class RobomimicEnv(gym.Env):
 
     def _obs(self, raw: dict) -> np.ndarray:
         layout = getattr(self, "image_layout", None)
-        keys = layout["low_dim_keys"] if layout else self.env_args.get("obs_keys", ROBOMIMIC_OBS_KEYS)
+        keys = layout["low_dim_keys"] if layout else self.env_args.get("obs_keys", getattr(self, "keys", None))
+        keys = keys or ROBOMIMIC_OBS_KEYS  # env_args of an older checkpoint (one arm)
         raw = {**raw, "object": raw["object-state"]}  # robomimic's name for robosuite's object-state
         low = np.concatenate([raw[k] for k in keys]).astype(np.float32)  # [D]
         if layout is None:
@@ -357,6 +359,9 @@ class RobomimicEnv(gym.Env):
     def render_cameras(self) -> np.ndarray:
         """The layout's cameras at the current sim state: uint8 [C, H, W, 3], upright as robomimic stores them."""
         layout = self.image_layout
+        # After a step MuJoCo's body poses lag qpos by one substep; robomimic renders its files after forward(), so
+        # forward here too: the env sees what a file holds for the same state (physics unchanged, checked bit-exact).
+        self.env.sim.forward()
         return np.stack(
             [
                 self.env.sim.render(width=layout["width"], height=layout["height"], camera_name=c)[::-1]

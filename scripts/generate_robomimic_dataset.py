@@ -7,7 +7,8 @@ and dbp_bc.py read exactly as an official file:
   data.attrs['env_args'] = JSON {env_name, env_version, type: 1, env_kwargs} (controller in the robosuite <= 1.4
                            OSC_POSE format, as in the official files, so the conversion to 1.5 is exercised)
   data/demo_N/{actions [T,7], rewards [T], dones [T], states [T,S], obs/<key> [T,d], next_obs/<key> [T,d]}
-  (keys robot0_eef_pos, robot0_eef_quat, robot0_gripper_qpos, object; demo attrs num_samples, noise, success)
+  (keys robot0_eef_pos, robot0_eef_quat, robot0_gripper_qpos, object; demo attrs num_samples, noise, success and
+  model_file, the episode's MuJoCo XML as in robomimic's files: robosuite draws e.g. lift's cube size per episode)
 
 Experts: lift = reach above the cube, descend, close, lift; can = the same grasp, carry over the target bin,
 lower, release, move away. Each episode draws a noise level (Gaussian noise added to the translation actions):
@@ -257,6 +258,7 @@ def run_episode(episode: int) -> dict:
         states=np.asarray(rec["states"], np.float64),
     )
     out.update(noise=np.float32(noise), success=np.bool_(first_success is not None))
+    out.update(model_file=np.str_(u.sim.model.get_xml()))  # this episode's MuJoCo model: lift's cube size is drawn
     return out
 
 
@@ -285,6 +287,8 @@ def write_hdf5(path: str, episodes: list, env_args: dict) -> None:
         for i, ep in enumerate(episodes):
             g = data.create_group(f"demo_{i}")
             g.attrs.update(num_samples=len(ep["actions"]), noise=float(ep["noise"]), success=bool(ep["success"]))
+            if "model_file" in ep:  # robomimic's attribute: replaying `states` needs the episode's own model
+                g.attrs["model_file"] = str(ep["model_file"])
             for k in ("actions", "rewards", "dones", "states"):
                 g.create_dataset(k, data=ep[k])
             for group in ("obs", "next_obs"):

@@ -123,15 +123,13 @@ def init_worker(src: str, task: str, env_args: dict) -> None:
 def render_demo(env: RobomimicEnv, g) -> np.ndarray:
     """A demo's frames: uint8 [T + 1, C, H, W, 3]; frame t < T at states[t], frame T after its last action."""
     u, states, actions = env.env, g["states"][()], g["actions"][()]
-    if "model_file" in g.attrs:  # robomimic's reset_to: the demo's own MuJoCo model (an official file's)
-        u.reset()
+    if "model_file" in g.attrs:  # robomimic's reset_to: the demo's own MuJoCo model (sizes a state does not hold)
         u.reset_from_xml_string(u.edit_model_xml(g.attrs["model_file"]))
         u.sim.reset()
     frames = []
     for state in states:
         u.sim.set_state_from_flattened(state)
-        u.sim.forward()  # positions -> the bodies' poses the cameras see
-        frames.append(env.render_cameras())  # [C, H, W, 3]
+        frames.append(env.render_cameras())  # [C, H, W, 3]; it calls forward(): qpos -> the poses the cameras see
     u.step(np.asarray(actions[-1], np.float64))  # the last next_obs: the last action played from the last state
     frames.append(env.render_cameras())
     return np.stack(frames)
