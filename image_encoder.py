@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 KINDS = ("resnet18", "spatial-softmax")
 NUM_KEYPOINTS = 32  # Diffusion Policy's SpatialSoftmax (robomimic's num_kp)
-DP_CROP_FRACTION = 0.9  # DP's random crop: 76 x 76 of an 84 x 84 image
+DP_CROP_FRACTION = 0.9  # DP's random crop: 76 x 76 of an 84 x 84 image (round(0.9 * 84) = 76)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,8 +160,9 @@ class ObsEncoder(nn.Module):
         O = D + C * H * W * 3.
     kind: "resnet18" (the authors') or "spatial-softmax" (Diffusion Policy's).
     crop: (height, width) of the crop; None: the kind's default, the whole image for "resnet18" (the authors' 84x84
-        on the 84x84 tasks; their center crop is built but never applied, so on tool_hang's 240x240 images they see
-        the whole image too), and 0.9 of each side for "spatial-softmax" (DP's 76x76 of 84x84).
+        on the 84x84 tasks; their MultiImageObsEncoder assigns its CenterCrop to a variable that the next line
+        overwrites, so on tool_hang's 240x240 images their encoder sees the whole image too), and 0.9 of each side
+        for "spatial-softmax" (DP's 76x76 of 84x84).
     """
 
     def __init__(

@@ -81,6 +81,15 @@ def test_cameras_have_separate_weights(encoder):
     assert len(encoder.nets) == 2 and not ptrs[0] & ptrs[1]
 
 
+@pytest.mark.parametrize("kind", ie.KINDS)
+def test_camera_initialization(kind):
+    """The authors deep-copy one random model per camera (equal start); robomimic initializes each on its own."""
+    torch.manual_seed(0)
+    first, second = (net.state_dict() for net in ie.ObsEncoder(LAYOUT, kind=kind).nets)
+    same = all(torch.equal(first[k], second[k]) for k in first)
+    assert same == (kind == "resnet18")
+
+
 def test_pixels_read_as_hwc_per_camera():
     """Camera c's block of the flat vector is its H x W x 3 image, channels last: the encoder must see that image."""
     torch.manual_seed(0)
