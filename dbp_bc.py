@@ -31,6 +31,7 @@ import torch.nn as nn
 import drift_field
 import envs
 import runs
+from robomimic_tasks import ROBOT_KEYS, is_image
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Args:
     capture_video: bool = False
     """record the first episode of the final evaluation to <run dir>/videos/"""
     env: str = "cube-single-play"
-    """OGBench cube-single-play, ... (or a singletask id), Robomimic {lift,can,square}-{mh,ph}, or a gymnasium id"""
+    """OGBench cube-single-play, ... (or a singletask id), Robomimic lift-mh, lift-mh-image (pixels) ..., a gym id"""
     task: int | None = None
     """OGBench singletask task 1..5 (None: the id's task, else 2)"""
     dataset_path: str | None = None
@@ -102,6 +103,8 @@ class Args:
     """U-Net convolution kernel size (odd)"""
     unet_groups: int = 8
     """U-Net GroupNorm groups (must divide every width; the final block keeps the authors' 8)"""
+    image_encoder: Literal["resnet18", "spatial-softmax"] = "resnet18"
+    """image envs: the authors' ResNet-18 per camera (avgpool), or Diffusion Policy's (spatial softmax, random crops)"""
     obs_horizon: int | None = None
     """To: observations in the history (None: by env family, OGBench 2, Robomimic and locomotion 1)"""
     pred_horizon: int | None = None
@@ -236,15 +239,42 @@ class UNetGenerator(nn.Module):
         return self.final(x).transpose(1, 2)  # [B, Tp, act_dim]
 
 
-def make_generator(backbone: str, **kwargs) -> nn.Module:
-    """Rebuild a generator from a checkpoint: make_generator(ckpt["backbone"], **ckpt["generator_kwargs"])."""
+class EncodedGenerator(nn.Module):
+    """mu = backbone(encoder(obs_hist), z): an image env's observation (low-dim, then pixels, normalized) becomes
+    features per step, [B, To, O] -> [B, To, F], which condition the backbone as a low-dim observation would."""
+
+    def __init__(self, encoder: nn.Module, backbone: nn.Module):
+        super().__init__()
+        self.encoder, self.backbone = encoder, backbone
+        self.action_dim, self.pred_horizon = backbone.action_dim, backbone.pred_horizon
+        self.obs_horizon, self.cond_dim = backbone.obs_horizon, backbone.cond_dim  # cond_dim = To * F
+
+    def forward(self, obs_hist: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.encoder(obs_hist), z)  # [B, Tp, act_dim]
+
+
+def parts(gen: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(encoder, backbone) with gen(obs_hist, z) = backbone(encoder(obs_hist), z); a low-dim one's encoder: identity."""
+    return (gen.encoder, gen.backbone) if isinstance(gen, EncodedGenerator) else (nn.Identity(), gen)
+
+
+def make_generator(backbone: str, image_layout: dict | None = None, image_encoder="resnet18", **kwargs) -> nn.Module:
+    """Rebuild a generator from a checkpoint: make_generator(ckpt["backbone"], **ckpt["generator_kwargs"]); with an
+    image_layout (envs' image ids) the backbone reads the features of an image_encoder.ObsEncoder of that kind."""
     kwargs = {RENAMED.get(k, k): v for k, v in kwargs.items()}  # a checkpoint from before the rename: --depth
-    return {"mlp": MLPGenerator, "unet": UNetGenerator}[backbone](**kwargs)
+    net = {"mlp": MLPGenerator, "unet": UNetGenerator}[backbone]
+    if image_layout is None:
+        return net(**kwargs)
+    from image_encoder import ObsEncoder  # (imported where needed: low-dim runs never load it)
+
+    encoder = ObsEncoder(image_layout, kind=image_encoder)
+    return EncodedGenerator(encoder, net(**{**kwargs, "obs_dim": encoder.out_dim}))
 
 
 # ---- the deployed policy
 STATS = ("obs_offset", "obs_scale", "action_offset", "action_scale")  # the normalization a Policy and a checkpoint hold
 ROBOMIMIC_OBS_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")  # the authors' order
+PIXEL = 127.5  # an image env's pixels 0..255: x_n = (x - PIXEL) / PIXEL in [-1, 1] (obs_offset = obs_scale = PIXEL)
 
 
 class Policy(nn.Module):
@@ -275,10 +305,11 @@ def load_policy(ckpt: dict) -> Policy:
 
 # ---- data: scaling, episodes, the 2% hold-out, the samples and their padded chunks
 def compute_normalization(
-    observations: np.ndarray, actions: np.ndarray, robomimic: bool = False, range_eps=1e-4
+    observations: np.ndarray, actions: np.ndarray, robomimic: bool = False, range_eps=1e-4, image_keys=None
 ) -> dict:
     """x_n = (x - offset) / scale: per-dim min-max to [-1, 1] (the authors' "limits": offset (max + min) / 2, scale
-    (max - min) / 2; range < range_eps: 1, min); robomimic (their loader): obs / ONE global max|obs|, actions as is."""
+    (max - min) / 2; range < range_eps: 1, min); robomimic (their loader): obs / ONE global max|obs|, actions as is;
+    image_keys (an image env's low-dim keys; their image configs, Diffusion Policy's): quaternions, actions as is."""
     stats = {}
     for name, x in (("obs", observations), ("action", actions)):
         lo, hi = x.min(0).astype(np.float64), x.max(0).astype(np.float64)
@@ -288,6 +319,10 @@ def compute_normalization(
         if robomimic:  # obs: x_n = x / max|obs| (one number for every dimension); actions: x_n = x
             offset = np.zeros_like(lo)
             scale = np.full_like(lo, (np.abs(x).max() or 1.0) if name == "obs" else 1.0)
+        if image_keys is not None:  # x_n = x on the quaternions' dims (ROBOT_KEYS: each key's size) and the actions'
+            quaternions = np.repeat([k.endswith("quat") for k in image_keys], [ROBOT_KEYS[k[7:]] for k in image_keys])
+            as_is = quaternions if name == "obs" else np.ones_like(const)
+            offset, scale = np.where(as_is, 0.0, offset), np.where(as_is, 1.0, scale)
         stats[f"{name}_offset"] = torch.as_tensor(offset, dtype=torch.float32)
         stats[f"{name}_scale"] = torch.as_tensor(scale, dtype=torch.float32)
     return stats
@@ -356,7 +391,8 @@ def compute_loss(
         return mse, {"chunk_mse": mse.detach()}
     G = num_hypotheses
     z = torch.randn(B * G, Tp, da, device=chunk.device) if noise is None else noise  # z ~ N(0, I), one per hypothesis
-    x = gen(obs_hist.repeat_interleave(G, dim=0), z).view(B, G, Tp, da)  # G hypotheses per observation
+    encoder, backbone = parts(gen)  # an image observation is encoded once for its G hypotheses, as the authors'
+    x = backbone(encoder(obs_hist).repeat_interleave(G, dim=0), z).view(B, G, Tp, da)  # G hypotheses per observation
     info = {"chunk_mse": (x[:, 0] - chunk).pow(2).mean().detach(), "hypothesis_std": x.std(dim=1).mean().detach()}
     if drift_mode == "chunk":  # one drift on the flattened chunk (S = Tp * da)
         gens, poss = [x.reshape(B, G, Tp * da)], [chunk.reshape(B, 1, Tp * da)]
@@ -497,14 +533,14 @@ def rules(args: Args):
     plain = args.run_name not in ("", ".", "..") and "/" not in (args.run_name or "")
     yield plain, f"--run-name must be a plain folder name, got {args.run_name!r}"
     args.eval_envs = min(args.eval_envs or os.cpu_count() or 1, args.eval_episodes)
-    # the authors' Robomimic low-dim and D4RL configs: (To, Tp, Ta) 1/4/4, Robomimic max_steps 400; OGBench is not in
-    # their code: their PushT-style 2/16/8
+    # the authors' Robomimic (low-dim and image) and D4RL configs: (To, Tp, Ta) 1/4/4, Robomimic max_steps 400 (700:
+    # transport, tool_hang); OGBench is not in their code: their PushT-style 2/16/8
     fam = envs.family(envs.resolve_env_id(args.env, args.task, gym_ids=None))  # an unknown env is refused here
     for name, default in zip(HORIZONS, (2, 16, 8) if fam == "ogbench" else (1, 4, 4), strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
     if args.max_episode_steps is None and fam == "robomimic":
-        args.max_episode_steps = 400
+        args.max_episode_steps = 700 if args.env.split("-")[0] in ("transport", "tool_hang") else 400
     if args.val_ratio is None:  # the authors' D4RL loader holds nothing out
         args.val_ratio = 0.0 if fam == "gym" else 0.02
     To, Tp, Ta = args.obs_horizon, args.pred_horizon, args.action_horizon
@@ -537,7 +573,7 @@ TRAIN_STATE = ("train_model", "optimizer", "rng", "wall_time")  # what dbp_bc.pt
 NETWORK_FLAGS = ("backbone", "hidden_dim", "num_layers", "unet_dims", "unet_kernel_size", "unet_groups", *HORIZONS)
 DATA_FLAGS = ("env", "task", "dataset_path", "seed", "val_ratio", "batch_size", "normalization")
 RENAMED = {"depth": "num_layers"}  # old name -> new, in the args and generator_kwargs of older checkpoints
-RESUME_KEYS = (*NETWORK_FLAGS, "loss", "num_hypotheses", "drift_mode", "drift_field", *DATA_FLAGS)
+RESUME_KEYS = (*NETWORK_FLAGS, "image_encoder", "loss", "num_hypotheses", "drift_mode", "drift_field", *DATA_FLAGS)
 HINT = "pass a run's dbp_bc.pt (a dbp_bc_<step>.pt snapshot holds only a policy: it can be evaluated, not resumed)"
 
 
@@ -582,7 +618,9 @@ class Run:
     env_args: str | None = field(init=False)  # Robomimic: how to rebuild the env (json), saved in the checkpoint
     action_space: object = field(init=False)  # the env's action bounds, which the policy clips to
     stats: dict = field(init=False)  # the normalization (STATS)
-    obs_n: torch.Tensor = field(init=False)  # [N, O] normalized observations
+    obs_n: torch.Tensor = field(init=False)  # [N, D] normalized observations (an image env's low-dim part)
+    layout: dict | None = field(init=False)  # an image env's observation layout (env_args["image_layout"])
+    images: object = field(init=False)  # an image env's pixels, uint8 [N, C, H, W, 3] (a tensor, or a lazy reader)
     act_n: torch.Tensor = field(init=False)  # [N, A] normalized actions
     samples: torch.Tensor = field(init=False)  # [3, S]: each sample's chunk start, its episode's first and last step
     train: torch.Tensor = field(init=False)  # [S_train] the training samples (columns of `samples`)
@@ -611,10 +649,13 @@ def load_data(run: Run) -> str:
     """The demonstrations (envs.load_dataset checks them), normalized, on the device, and the samples (sample_chunks,
     by the authors' padding); returns a summary for the start line."""
     a, dev = run.args, run.device
-    env, data, ends, env_args = envs.load_dataset(run.env_id, a.dataset_path, obs_keys=ROBOMIMIC_OBS_KEYS)
-    obs = data["observations"].astype(np.float32)  # [N, O]
+    obs_keys = None if is_image(run.env_id) else ROBOMIMIC_OBS_KEYS  # image ids: their robot keys
+    env, data, ends, env_args = envs.load_dataset(run.env_id, a.dataset_path, obs_keys=obs_keys)
+    obs = data["observations"].astype(np.float32)  # [N, D]: an image env's low-dim part (O = D without images)
     actions = data["actions"].astype(np.float32)  # [N, A]
-    dims = (obs.shape[1], actions.shape[1])
+    run.layout = (env_args or {}).get("image_layout")  # an image env's: low-dim keys, cameras, height, width
+    pixels = 0 if run.layout is None else data["images"][0].size  # C * H * W * 3 values per step
+    dims = (obs.shape[1] + pixels, actions.shape[1])
     saved = (run.ckpt["obs_dim"], run.ckpt["action_dim"]) if run.ckpt else dims
     runs.check(saved == dims, f"--resume: the checkpoint has obs/action dims {saved}, the data {dims}")
     run.action_space = env.action_space
@@ -628,9 +669,17 @@ def load_data(run: Run) -> str:
     run.steps_per_epoch = max(1, len(train) // a.batch_size)  # the authors drop the last partial batch
     run.total_steps = a.total_steps or a.num_epochs * run.steps_per_epoch
     run.num_epochs = math.ceil(run.total_steps / run.steps_per_epoch)
-    robomimic_scaling = a.normalization == "authors" and envs.family(run.env_id) == "robomimic"
-    run.stats = compute_normalization(obs, actions, robomimic_scaling)
-    run.obs_n = ((torch.as_tensor(obs) - run.stats["obs_offset"]) / run.stats["obs_scale"]).to(dev)
+    authors = a.normalization == "authors" and envs.family(run.env_id) == "robomimic"
+    image_keys = run.layout["low_dim_keys"] if run.layout is not None and authors else None  # their image recipe
+    run.stats = compute_normalization(obs, actions, authors and run.layout is None, image_keys=image_keys)
+    run.obs_n = ((torch.as_tensor(obs) - run.stats["obs_offset"]) / run.stats["obs_scale"]).to(dev)  # [N, D]
+    run.images = data.get("images")  # uint8 [N, C, H, W, 3] or a lazy reader: normalized per batch (batch())
+    if run.layout is not None:  # the pixels' part of the stats: x_n = (x - 127.5) / 127.5 in [-1, 1]
+        for k in ("obs_offset", "obs_scale"):
+            run.stats[k] = torch.cat([run.stats[k], torch.full((pixels,), PIXEL)])
+        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else math.inf  # bytes
+        if isinstance(run.images, np.ndarray) and run.images.nbytes < free / 2:  # on the device when it fits
+            run.images = torch.from_numpy(run.images).to(dev)  # (else read on the CPU, batch by batch)
     run.act_n = ((torch.as_tensor(actions) - run.stats["action_offset"]) / run.stats["action_scale"]).to(dev)
     run.samples = torch.as_tensor(np.stack([start, first[episode], last[episode]]), device=dev)
     run.train = torch.as_tensor(train, device=dev)
@@ -644,7 +693,13 @@ def load_data(run: Run) -> str:
 def batch(run: Run, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The samples `rows` [B]: normalized histories [B, To, O] and chunks [B, Tp, A], padded in their episodes."""
     obs_idx, act_idx = chunk_indices(*run.samples[:, rows], run.args.obs_horizon, run.args.pred_horizon)
-    return run.obs_n[obs_idx], run.act_n[act_idx]
+    obs_hist = run.obs_n[obs_idx]  # [B, To, D]
+    if run.images is not None:  # the batch's pixels, normalized here: the data stays uint8
+        idx = obs_idx.flatten()  # [B * To]
+        px = run.images[idx] if torch.is_tensor(run.images) else torch.from_numpy(run.images[idx.cpu().numpy()])
+        px = (px.to(run.device).float() - PIXEL) / PIXEL  # x_n = (x - 127.5) / 127.5; [B * To, C, H, W, 3]
+        obs_hist = torch.cat([obs_hist, px.view(*obs_idx.shape, -1)], dim=-1)  # [B, To, D + C*H*W*3] = [B, To, O]
+    return obs_hist, run.act_n[act_idx]
 
 
 def build(run: Run) -> None:
@@ -654,7 +709,9 @@ def build(run: Run) -> None:
         arch = dict(hidden_dim=a.hidden_dim, num_layers=a.num_layers)
     else:
         arch = dict(down_dims=list(a.unet_dims), kernel_size=a.unet_kernel_size, n_groups=a.unet_groups)
-    shapes = dict(obs_dim=run.obs_n.shape[1], action_dim=run.act_n.shape[1], obs_horizon=a.obs_horizon)
+    if run.layout is not None:  # the encoder, rebuilt from the checkpoint by make_generator
+        arch |= dict(image_layout=run.layout, image_encoder=a.image_encoder)
+    shapes = dict(obs_dim=len(run.stats["obs_offset"]), action_dim=run.act_n.shape[1], obs_horizon=a.obs_horizon)
     run.gen_kwargs = dict(**shapes, pred_horizon=a.pred_horizon, **arch)
     run.gen, run.ema_gen = (make_generator(a.backbone, **run.gen_kwargs).to(run.device) for _ in range(2))
     run.ema_gen.requires_grad_(False).load_state_dict(run.gen.state_dict())  # the EMA starts as a copy
@@ -759,8 +816,7 @@ def save(run: Run, step: int) -> None:
         "format": "dbp-v1",
         "args": json.loads(json.dumps(asdict(a))),
         "env_id": run.env_id,
-        "obs_dim": run.gen_kwargs["obs_dim"],
-        "action_dim": run.gen_kwargs["action_dim"],
+        **{k: run.gen_kwargs[k] for k in ("obs_dim", "action_dim")},
         "generator_kwargs": run.gen_kwargs,
         "env_args": run.env_args,
         "model": {k: v.cpu() for k, v in run.ema_gen.state_dict().items()},
@@ -796,7 +852,7 @@ def main() -> None:
         ckpt = runs.load_checkpoint(args.resume, "--resume", "dbp-v1", CKPT_KEYS + TRAIN_STATE, HINT)
         old = {RENAMED.get(k, k): v for k, v in ckpt.get("args", {}).items()}
         now = json.loads(json.dumps(asdict(args)))  # json: tuples -> lists, as saved
-        diff = {k: (old.get(k), now[k]) for k in RESUME_KEYS if old.get(k) != now[k]}
+        diff = {k: (old.get(k), now[k]) for k in RESUME_KEYS if old.get(k, now[k]) != now[k]}  # a newer flag: as now
         runs.check(not diff, f"--resume: these flags differ from the checkpoint's run (checkpoint, now): {diff}")
     name = args.run_name or runs.run_name(env_id, args.exp_name, args.seed)
     run_dir = runs.plan_run_dir(args.runs_dir, name, "dbp_bc.pt", args.resume)
@@ -821,14 +877,10 @@ def main() -> None:
             done = step + 1
             if done % args.log_interval == 0 or done == run.total_steps:
                 log(run, done, loss, grad_norm, info)
-            if args.eval_interval > 0 and done % args.eval_interval == 0 and done != run.total_steps:
+            periodic = done != run.total_steps  # the last step is evaluated and saved after the loop
+            if periodic and args.eval_interval > 0 and done % args.eval_interval == 0:
                 evaluation(run, done)
-            if (
-                args.save_model
-                and args.save_interval > 0
-                and done % args.save_interval == 0
-                and done != run.total_steps
-            ):
+            if periodic and args.save_model and args.save_interval > 0 and done % args.save_interval == 0:
                 save(run, done)
         if args.save_model:
             save(run, done)

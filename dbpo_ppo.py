@@ -12,6 +12,7 @@ mean path, 1 NFE.
 
 import copy
 import functools
+import itertools
 import math
 import os
 import time
@@ -27,7 +28,7 @@ from torch.distributions import Normal
 
 import envs
 import runs
-from dbp_bc import CKPT_KEYS, make_generator  # the dbp-v1 format and its networks
+from dbp_bc import CKPT_KEYS, make_generator, parts  # the dbp-v1 format and its networks
 
 STATE_FORMAT = "dbpo-state-v1"  # <run dir>/state.pt; the model, dbpo_ppo.pt, keeps dbp_bc.py's format dbp-v1
 STATE_KEYS = (
@@ -193,25 +194,23 @@ class DBPOAgent(nn.Module):
         super().__init__()
         self.obs_horizon, self.pred_horizon = ckpt["obs_horizon"], ckpt["pred_horizon"]
         self.action_horizon, self.action_dim = ckpt["action_horizon"], ckpt["action_dim"]
-        cond_dim = ckpt["obs_horizon"] * ckpt["obs_dim"]  # f(s) = flatten(obs_n)
-        self.generator = generator  # mu_theta(s, z), trainable
-        self.anchor = anchor.requires_grad_(False)  # mu_frozen(s, z): the pretrained weights, never updated
-        # log sigma(s) = W f(s) + b with W = 0, b = log init_std: starts state-independent at init_std
-        self.log_std_head = nn.Linear(cond_dim, self.pred_horizon * self.action_dim)
+        # mu_theta(s, z), trainable; mu_frozen(s, z): the pretrained weights, never updated. Both in eval mode: an
+        # image encoder's crop is then fixed, so mu is a function of (s, z) and the PPO ratio exact
+        self.generator, self.anchor = generator.eval(), anchor.requires_grad_(False).eval()
+        # log sigma(s) = W f(s) + b with W = 0, b = log init_std: starts state-independent at init_std; f(s) the
+        # generator's condition, as the authors': flatten(obs_n), or an image policy's flattened encoder features
+        self.log_std_head = nn.Linear(generator.cond_dim, self.pred_horizon * self.action_dim)
         nn.init.zeros_(self.log_std_head.weight)
         nn.init.constant_(self.log_std_head.bias, math.log(init_std))
         self.log_std_min, self.log_std_max = math.log(min_std), math.log(max_std)
-        # critic V(s): MLP 3x256 Mish on the observation history normalized by the checkpoint's fixed normalizer,
-        # as the authors' env wrappers hand it to their critic (dataset min/max to [-1, 1])
-        self.critic = nn.Sequential(
-            nn.Linear(cond_dim, 256),
-            nn.Mish(),
-            nn.Linear(256, 256),
-            nn.Mish(),
-            nn.Linear(256, 256),
-            nn.Mish(),
-            nn.Linear(256, 1),
-        )
+        # critic V(s): MLP 3x256 Mish on the low-dim observation history normalized by the checkpoint's fixed
+        # normalizer, as the authors' env wrappers hand it to their critic (dataset min/max to [-1, 1]); an image
+        # policy's critic reads the low-dim part only (the authors' critic reads low-dim state; no pixels)
+        layout = ckpt.get("generator_kwargs", {}).get("image_layout")
+        self.critic_dim = ckpt["obs_dim"] if layout is None else layout["low_dim"]  # the obs dims it reads
+        dims = [self.obs_horizon * self.critic_dim, 256, 256, 256]
+        layers = [m for d_in, d_out in itertools.pairwise(dims) for m in (nn.Linear(d_in, d_out), nn.Mish())]
+        self.critic = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
         # an mse-trained DBP ignores z (it was trained with z = 0): keep z = 0 so mu is what was trained
         self.zero_latent = ckpt.get("loss") == "mse"
         tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
@@ -244,15 +243,18 @@ class DBPOAgent(nn.Module):
         return (torch.zeros if self.zero_latent else torch.randn)(shape, device=self.obs_offset.device)
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(((obs - self.critic_obs_offset) / self.critic_obs_scale).flatten(1)).squeeze(-1)  # [B]
+        low_dim = (obs - self.critic_obs_offset) / self.critic_obs_scale  # [B, To, obs_dim]
+        return self.critic(low_dim[..., : self.critic_dim].flatten(1)).squeeze(-1)  # [B]
 
     def dist_params(self, obs: torch.Tensor, z: torch.Tensor):
-        """mu(s, z) [B, Tp, act_dim] in u from one generator pass; std(s) = exp(clamp(log-std head(f(s)))), f(s) =
-        flatten(obs_n). obs: raw [B, To, obs_dim]."""
+        """mu(s, z) [B, Tp, act_dim] in u from one generator pass; std(s) = exp(clamp(log-std head(f(s)))), f(s) the
+        generator's condition (an image policy's encoder features, computed once). obs: raw [B, To, obs_dim]."""
         obs_n = self.normalize_obs(obs)
-        a = (self.generator(obs_n, z) - self.action_bias) / self.action_gain  # env units: the actor's a_n -> a
+        encoder, backbone = parts(self.generator)  # generator(obs_n, z) = backbone(encoder(obs_n), z)
+        features = encoder(obs_n)  # [B, To, F]: an image policy's encoder features, else obs_n
+        a = (backbone(features, z) - self.action_bias) / self.action_gain  # env units: the actor's a_n -> a
         mu = (a - self.action_offset) / self.action_scale  # u = (a - offset) / scale: the fixed normalizer's
-        log_std = self.log_std_head(obs_n.flatten(1)).view_as(mu)
+        log_std = self.log_std_head(features.flatten(1)).view_as(mu)
         return mu, log_std.clamp(self.log_std_min, self.log_std_max).exp()
 
     def anchor_mean(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
