@@ -3,11 +3,12 @@
 # (DFP offline -> online with evaluations, eager and --cudagraphs, --resume; DBP U-Net and MLP train + save +
 # --eval-only, --resume; DBPO 2 updates from that checkpoint, --resume), the CUDA tests, and the speed benchmarks
 # (DFP's update in eager / compile / cudagraphs / compile+cudagraphs against its matrix products alone, acting at batch
-# 1, DBP's U-Net training step, DBPO's update on 20,000 decisions). Each stage is bounded by a timeout; a failed one is
-# reported in the final markdown table, never fatal. The stages: bench/gpu_check.py.
+# 1, DBP's U-Net training step, DBPO's update on 20,000 decisions, the image encoders' training step and acting at
+# batch 1). Each stage is bounded by a timeout; a failed one is reported in the final markdown table, never fatal. The
+# stages: bench/gpu_check.py.
 #
 #   bench/gpu.sh --fetch-wheels       # here, with PyPI: .whl/ (git-ignored), the packages a bare GPU image lacks
-#   bench/gpu.sh --out DIR            # on the GPU machine: DIR/{gpu,dfp,dbp,dbpo}_cuda.json, DIR/gpu_cuda.log
+#   bench/gpu.sh --out DIR            # on the GPU machine: DIR/{gpu,dfp,dbp,dbpo,image}_cuda.json, DIR/gpu_cuda.log
 #   bench/gpu.sh --cpu                # (or DEVICE=cpu bench/gpu.sh) the same stages, tiny, on the CPU (CI's check)
 #
 # Other flags go to bench/gpu_check.py (--budget S, --jobs N, --only STAGE ..., --out DIR). CUDA mode writes to

@@ -12,11 +12,12 @@ Stages (a group's stages run in order; --jobs groups run side by side, the bench
   mlp    dbp_mlp (Hopper-v5, D4RL layout), dbp_mlp_eval_only
   tests  pytest -k "cuda or compile or cudagraph" (on the CPU without the torch.compile tests: minutes of C++ builds)
   bench  bench_dbp (U-Net 512-1024-2048 training step at batch 64, latency at batch 1), bench_dbpo (ppo_update on
-         20,000 decisions), bench_dfp (4x512 and 4x256, offline and online: eager, compile, cudagraphs,
-         compile+cudagraphs against the matrix products alone; acting at batch 1: 1 NFE, best-of-16, 10- and
-         100-step samplers), the longest last
+         20,000 decisions), bench_image (image_encoder.py's two kinds in a DBP pixel policy, 2 cameras at 84x84:
+         training step at batch 64, acting at batch 1, peak memory), bench_dfp (4x512 and 4x256, offline and
+         online: eager, compile, cudagraphs, compile+cudagraphs against the matrix products alone; acting at batch 1:
+         1 NFE, best-of-16, 10- and 100-step samplers), the longest last
 Writes <out>/gpu_<device>.json (machine, command, every stage's status, seconds, result and log tail), the benchmarks'
-<out>/{dfp,dbp,dbpo}_<device>.json, all logs in <out>/gpu_<device>.log, and prints one markdown table.
+<out>/{dfp,dbp,dbpo,image}_<device>.json, all logs in <out>/gpu_<device>.log, and prints one markdown table.
 """
 
 import argparse
@@ -127,6 +128,18 @@ def dbpo_rows(res):
             f"{r['backbone']} ppo_update, {r['decisions']} decisions",
             f"{r['ms_per_update']:.1f} ms ({r['epochs']} "
             f"epochs), {r['decisions_per_s']:.0f} decisions/s, {r['env_steps_per_s']:.0f} env steps/s",
+        )
+        for r in res["rows"]
+    ]
+
+
+def image_rows(res):
+    return [
+        (
+            f"{r['kind']} {r['phase']}",
+            f"{r['ms']:.2f} ms"
+            + (" (batch 1)" if r["phase"] == "act" else f" per step at batch {res['config']['batch_size']}")
+            + f", peak {r['peak_mib']:.0f} MiB, encoder {r['encoder_params'] / 1e6:.1f}M params",
         )
         for r in res["rows"]
     ]
@@ -328,9 +341,30 @@ def stages(device: str, out: str, work: str, data: dict, cuda: bool) -> list:
             "1",
         ]
     )
+    bench_image = (
+        ["--device", "cuda", "--warmup", "10", "--iters", "100", "--train-iters", "10", "--blocks", "3"]
+        if big
+        else [
+            "--image-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--phases",
+            "act",
+            "train",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+            "--train-iters",
+            "1",
+            "--blocks",
+            "1",
+        ]
+    )
     t = 1.0 if big else 0.5  # timeouts (s), scaled
     final = r"^final\b"
-    res = {k: os.path.join(out, f"{k}_{device}.json") for k in ("dfp", "dbp", "dbpo")}
+    res = {k: os.path.join(out, f"{k}_{device}.json") for k in ("dfp", "dbp", "dbpo", "image")}
     return [
         Stage(
             "dfp_eager",
@@ -458,6 +492,13 @@ def stages(device: str, out: str, work: str, data: dict, cuda: bool) -> list:
             ["bench/bench_dbpo.py", "--update-only", *bench_dbpo, "--out", res["dbpo"]],
             120 * t,
             result=json_rows(res["dbpo"], dbpo_rows),
+        ),
+        Stage(
+            "bench_image",
+            "bench",
+            ["bench/bench_image.py", *bench_image, "--out", res["image"]],
+            240 * t,  # on the CPU a fresh process per row (4 torch imports)
+            result=json_rows(res["image"], image_rows),
         ),
         Stage(
             "bench_dfp",

@@ -33,6 +33,7 @@ STAGES = [
     "pytest",
     "bench_dbp",
     "bench_dbpo",
+    "bench_image",
     "bench_dfp",
 ]
 CUDA_ONLY = {"dfp_cudagraphs", "dfp_cudagraphs_resume"}
@@ -101,7 +102,12 @@ def test_the_benchmarks_wrote_their_rows_and_the_machine(cpu_run):
     assert [r["backbone"] for r in dbp["rows"]] == ["mlp", "unet 8-16"]
     assert all(r["train_ms_per_step"] > 0 for r in dbp["rows"])
     assert [(r["backbone"], r["decisions"], r["epochs"]) for r in dbpo["rows"]] == [("mlp", 64, 2), ("unet", 64, 2)]
-    for res in (dfp, dbp, dbpo):
+    image = json.loads((out / "image_cpu.json").read_text())
+    assert [(r["kind"], r["phase"]) for r in image["rows"]] == [
+        (kind, phase) for kind in ("resnet18", "spatial-softmax") for phase in ("act", "train")
+    ]
+    assert all(r["ms"] > 0 and r["peak_mib"] > 0 for r in image["rows"])
+    for res in (dfp, dbp, dbpo, image):
         assert res["machine"]["python"] and res["machine"]["numpy"] != "missing" and "bench/bench_" in res["command"]
 
 
