@@ -11,7 +11,6 @@ policy snapshot about 90 MB.
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -30,6 +29,7 @@ from test_dbp import EVAL_RE, run  # noqa: E402  (dbp_bc.py in a subprocess; its
 import dbp_bc  # noqa: E402
 import dbpo_ppo  # noqa: E402
 import envs  # noqa: E402
+import runs  # noqa: E402
 
 DBP, DBPO = (os.path.join(ROOT, f) for f in ("dbp_bc.py", "dbpo_ppo.py"))
 SIZE = 16  # pixels per side: 9 low-dim values + 2 cameras x 16 x 16 x 3 = 1545 observation values
@@ -72,6 +72,22 @@ TINY = [
 ]
 
 
+def leave(code, *resources, track=False):
+    """runs.leave without its os._exit, so that a run can finish inside the test process."""
+    for r in resources:
+        r.close()
+    raise SystemExit(code)
+
+
+def run_here(script, argv, cwd) -> str:
+    """A run of `script` in this process (no second import of torch and robosuite): its stdout."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(runs, "leave", leave)
+        code, out, err = run_main(script, argv, cwd)
+    assert code == 0, out[-2000:] + err[-3000:]
+    return out
+
+
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -98,13 +114,14 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(files, tmp_path_factory):
-    """A 4-step run (its final checkpoint and stdout) and a 2-step run of the same flags, resumed to 4 steps."""
+    """A 4-step run in a real process (its final checkpoint and stdout), and in this process a 2-step run of the same
+    flags, resumed to 4 steps."""
     cwd = tmp_path_factory.mktemp("runs")
     flags = [*TINY, "--dataset-path", files[1], "--runs-dir", str(cwd)]
     straight = run([*flags, "--total-steps", "4", "--run-name", "straight"], cwd)
-    run([*flags, "--total-steps", "2", "--run-name", "resumed"], cwd)
-    resumed = run([*flags, "--total-steps", "4", "--resume", str(cwd / "resumed" / "dbp_bc.pt")], cwd)
-    return SimpleNamespace(cwd=cwd, stdout=straight.stdout, resumed_stdout=resumed.stdout)
+    run_here(DBP, [*flags, "--total-steps", "2", "--run-name", "resumed"], cwd)
+    resumed = run_here(DBP, [*flags, "--total-steps", "4", "--resume", str(cwd / "resumed" / "dbp_bc.pt")], cwd)
+    return SimpleNamespace(cwd=cwd, stdout=straight.stdout, resumed_stdout=resumed)
 
 
 def test_batches_normalize_pixels_as_the_deployed_policy(files, monkeypatch):
@@ -156,10 +173,8 @@ def test_train_eval_only_reproduces_and_resume_continues(trained):
     # --eval-only on the final snapshot reproduces the run's final evaluation, line for line
     final = EVAL_RE.findall(trained.stdout)[-1]
     snapshot = str(trained.cwd / "straight" / "dbp_bc_4.pt")
-    q = run(
-        ["--eval-only", "--checkpoint", snapshot, "--eval-episodes", "1", "--eval-envs", "1", "--no-cuda"], trained.cwd
-    )
-    assert EVAL_RE.findall(q.stdout)[-1] == final, q.stdout
+    out = run_here(DBP, ["--eval-only", "--checkpoint", snapshot, "--eval-episodes", "1", "--no-cuda"], trained.cwd)
+    assert EVAL_RE.findall(out)[-1] == final, out
     # 2 steps + 2 resumed steps == 4 straight steps, bit for bit (encoder and backbone, EMA and trained weights)
     assert "resuming resumed at step 2" in trained.resumed_stdout
     other = torch.load(trained.cwd / "resumed" / "dbp_bc.pt", weights_only=False)
@@ -174,9 +189,8 @@ def test_dbpo_fine_tunes_the_image_checkpoint(trained):
     flags = ["--checkpoint", ckpt_path, "--num-iterations", "2", "--num-envs", "1", "--num-steps", "2"]
     flags += ["--minibatch-size", "4", "--update-epochs", "1", "--critic-warmup-iters", "0", "--eval-episodes", "1"]
     flags += ["--eval-envs", "1", "--num-threads", "1", "--no-cuda", "--run-name", "dbpo", "--runs-dir", "runs"]
-    p = subprocess.run([sys.executable, DBPO, *flags], cwd=trained.cwd, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert "iter 1/2" in p.stdout and "actor+critic" in p.stdout and p.stdout.splitlines()[-1].startswith("final: 2")
+    out = run_here(DBPO, flags, trained.cwd)
+    assert "iter 1/2" in out and "actor+critic" in out and out.splitlines()[-1].startswith("final: 2")
     model = torch.load(trained.cwd / "runs" / "dbpo" / "dbpo_ppo.pt", weights_only=False)
     original = torch.load(ckpt_path, weights_only=False)["model"]
     changed = [k for k in original if not torch.equal(model["model"][k], original[k])]
