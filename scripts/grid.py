@@ -777,7 +777,7 @@ def run_info(run_dir: str) -> dict:
     return dict(script="?", variant="?", env="?", seed=None, flags={})
 
 
-def read_scalars(run_dir: str) -> dict:
+def read_scalars(run_dir: str, tags: tuple = REPORT_TAGS) -> dict:
     """{tag: {step: value}} over the run's event files; a later file (a resumed run) wins a shared step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -785,7 +785,7 @@ def read_scalars(run_dir: str) -> dict:
     for f in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")), key=os.path.getmtime):
         acc = EventAccumulator(f, size_guidance={"scalars": 0})
         acc.Reload()
-        for tag in REPORT_TAGS:
+        for tag in tags:
             if tag in acc.Tags()["scalars"]:
                 out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     return out
@@ -839,15 +839,17 @@ def cmd_report(a) -> int:
     require("matplotlib", "scripts/grid.py report")
     check(os.path.isdir(a.runs_dir), f"{a.runs_dir} is not a folder")
     check(a.last >= 1, f"--last {a.last}: give the number of evaluations to average, at least 1")
+    check(a.tags or not a.after, "--after sets the steps of the --tags table; give --tags TAG [TAG ...] with it")
     run_dirs = sorted(
         {os.path.dirname(p) for p in glob.glob(os.path.join(a.runs_dir, "**", "events.out.tfevents.*"), recursive=True)}
     )
     check(run_dirs, f"no tensorboard logs (events.out.tfevents.*) under {a.runs_dir}")
     out_dir = a.out or a.runs_dir
     os.makedirs(out_dir, exist_ok=True)
-    rows, curves = [], {}  # curves: (variant, env) -> [{step: success}] one per seed
+    rows, curves, logged = [], {}, {}  # curves: (variant, env) -> [{step: success}] one per seed; logged: [scalars]
     for d in run_dirs:
-        info, scalars = run_info(d), read_scalars(d)
+        info, scalars = run_info(d), read_scalars(d, (*REPORT_TAGS, *a.tags))
+        logged.setdefault((info["variant"], info["env"]), []).append(scalars)
         name = os.path.relpath(d, a.runs_dir)
         for tag, series in scalars.items():
             rows += [
@@ -897,6 +899,15 @@ def cmd_report(a) -> int:
             f"| {k} | {len(v)} | {sum(v) / len(v):.1f} | {PAPER_DFP_KOFN.get(k, '')} |" for k, v in sorted(kofn.items())
         ]
     lines += paired_lines(curves, a.last)
+    if a.tags:  # each run's mean of a logged tag over its steps after --after, then mean +- s.e. over the seeds
+        lines += ["", f"| variant | env | tag | seeds | mean over steps > {a.after} (mean ± s.e. over seeds) |"]
+        lines.append("|---|---|---|---|---|")
+        for (variant, env), runs in sorted(logged.items()):
+            for tag in a.tags:
+                per_run = [[v for s, v in r.get(tag, {}).items() if s > a.after] for r in runs]
+                m, se = mean_se([sum(v) / len(v) for v in per_run if v] or [math.nan])
+                n = sum(map(bool, per_run))
+                lines.append(f"| {variant} | {env} | {tag} | {n} | {m:.4g}{f' ± {se:.2g}' if n > 1 else ''} |")
     md_path = os.path.join(out_dir, f"{a.name}.md")
     with open(md_path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -1008,6 +1019,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--last", type=int, default=1, help="also pair two variants by their mean over the last N evaluations"
     )
+    q.add_argument(
+        "--tags",
+        nargs="+",
+        default=[],
+        metavar="TAG",
+        help="tensorboard tags (e.g. losses/critic charts/success) added to the CSV, with a table of each run's mean",
+    )
+    q.add_argument("--after", type=int, default=0, help="the --tags table averages the steps after this one")
     return p
 
 

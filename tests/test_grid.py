@@ -492,6 +492,32 @@ def test_report_pairs_two_variants_by_seed(tmp_path):
     assert "| cube-single-play-task2 | dfp-online - dfp-control | mean of last 2 | 3 | +8.3 ± 1.7 | +5.0 |" in table
 
 
+def test_report_averages_extra_tags_after_a_step(tmp_path, capsys):
+    """--tags: each run's mean of the tag over the steps after --after, then mean +- s.e. over seeds, and the tag's
+    values in the CSV; a tag that no run logged gets nan, and --after without --tags is refused."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for seed, (before, late) in {1: (9.0, (1.0, 3.0)), 2: (9.0, (3.0, 5.0))}.items():
+        d = tmp_path / f"dfp-online__cube-single-play-task2__s{seed}"
+        d.mkdir()
+        spec = dict(id=d.name, script="dfp_offline_to_online.py", variant="dfp-online", seed=seed, args=[], flags={})
+        grid.write_json(str(d / grid.RUN_FILE), dict(spec, env="cube-single-play-task2"))
+        w = SummaryWriter(str(d))
+        w.add_scalar("eval/success", 0.5, 30)
+        for step, v in zip((10, 20, 30), (before, *late), strict=True):
+            w.add_scalar("losses/critic", v, step)
+        w.close()
+    assert grid.main(["report", str(tmp_path), "--tags", "losses/critic", "stats/none", "--after", "10"]) == 0
+    table = (tmp_path / "results.md").read_text().splitlines()
+    # run means over steps 20, 30: 2 and 4 -> mean 3, s.e. 1
+    assert "| dfp-online | cube-single-play-task2 | losses/critic | 2 | 3 ± 1 |" in table
+    assert "| dfp-online | cube-single-play-task2 | stats/none | 0 | nan |" in table
+    assert (tmp_path / "results.csv").read_text().count("losses/critic") == 6
+    with pytest.raises(SystemExit) as e:
+        grid.main(["report", str(tmp_path), "--after", "10"])
+    assert e.value.code == 2 and "--after" in capsys.readouterr().err
+
+
 def test_presets_expand_to_the_papers_grids(tmp_path, capsys, monkeypatch):
     """--dry-run lists every run with its command and writes nothing."""
     monkeypatch.setenv("HOME", str(tmp_path))  # no datasets here: each run is marked (tested below)
