@@ -5,6 +5,7 @@ improvement mechanism on a contextual bandit with a known critic, and resume aft
 import copy
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,6 +276,26 @@ def test_offline_resume_continues_with_identical_losses(dataset, tmp_path):
     for tag in ("losses/critic", "losses/drift_bc", "stats/q_mean", "stats/drift_scale", "stats/drift_bc_force_sq"):
         whole, part = (scalars(str(tmp_path / "runs" / name), tag) for name in ("whole", "part"))
         assert sorted(whole) == [5, 10, 15, 20] and part == whole, (tag, whole, part)
+
+
+def test_an_offline_run_resumed_with_online_steps_is_the_offline_to_online_run(dataset, tmp_path):
+    """Branching at the switch is exact: an offline run of 10 steps, resumed with --online-steps 10, logs the online
+    losses of one uninterrupted 10 + 10 run, and a control branch continues offline (docs/dfp.md's experiment makes
+    both arms this way)."""
+    base = [*ENV, *TINY, "--dataset-path", dataset, "--save-interval", "10", "--start-training", "2"]
+    whole = run([*base, "--offline-steps", "10", "--online-steps", "10", "--run-name", "whole"], tmp_path)
+    branch = run([*base, "--offline-steps", "10", "--online-steps", "0", "--run-name", "branch"], tmp_path)
+    assert whole.returncode == branch.returncode == 0, whole.stderr[-3000:] + branch.stderr[-3000:]
+    ckpt = str(tmp_path / "runs" / "branch" / "checkpoint.pt")
+    shutil.copytree(tmp_path / "runs" / "branch", tmp_path / "runs" / "control")
+    online = run([*base, "--offline-steps", "10", "--online-steps", "10", "--resume", ckpt], tmp_path)
+    assert online.returncode == 0 and "step 20/20 [online]" in online.stdout, online.stderr[-3000:]
+    for tag in ("losses/critic", "losses/drift_topk", "stats/q_mean"):
+        a, b = (scalars(str(tmp_path / "runs" / name), tag) for name in ("whole", "branch"))
+        assert sorted(a) == [5, 10, 15, 20] and a == b, (tag, a, b)
+    control = str(tmp_path / "runs" / "control" / "checkpoint.pt")
+    more = run([*base, "--offline-steps", "15", "--online-steps", "0", "--resume", control], tmp_path)
+    assert more.returncode == 0 and "step 15/15 [offline]" in more.stdout, more.stderr[-3000:]
 
 
 def test_resume_takes_adam_capturable_from_the_flags_not_the_checkpoint(dataset, tmp_path):
