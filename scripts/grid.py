@@ -812,7 +812,7 @@ def paired_lines(curves: dict, last: int = 1) -> list:
         pair = sorted(v for v, e in curves if e == env)
         if len(pair) != 2:
             continue
-        order = next((list(p["variants"]) for p in PRESETS.values() if set(pair) <= set(p["variants"])), pair)
+        order = next((list(p["variants"]) for p in PRESETS.values() if set(pair) <= set(p["variants"])), list(pair))
         pair.sort(key=order.index)  # a preset's order: dfp-online - dfp-control, dbp-drift - dbp-mse
         for n in sorted({1, last}):
             means = [{}, {}]  # per variant: seed -> the mean of its last n evaluations

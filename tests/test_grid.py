@@ -486,6 +486,16 @@ def test_report_pairs_two_variants_by_seed(tmp_path):
     # d = 10, 20, 20 points: mean 16.7, std 5.77, s.e. 3.33, ratio 5.0
     assert "| cube-single-play-task2 | dfp-online - dfp-control | final | 3 | +16.7 ± 3.3 | +5.0 |" in table
     assert not any("mean of last" in line for line in table)
+    # two variants of no preset: paired in name order (sorting a list by its own index would empty it first)
+    controls = [tmp_path / f"dfp-control__cube-single-play-task2__s{seed}" / grid.RUN_FILE for seed in (1, 2, 3)]
+    specs = [json.loads(f.read_text()) for f in controls]
+    for f, spec in zip(controls, specs, strict=True):
+        grid.write_json(str(f), dict(spec, variant="dfp-online-K1"))
+    assert grid.main(["report", str(tmp_path), "--out", str(tmp_path / "k")]) == 0
+    table = (tmp_path / "k" / "results.md").read_text().splitlines()
+    assert "| cube-single-play-task2 | dfp-online - dfp-online-K1 | final | 3 | +16.7 ± 3.3 | +5.0 |" in table
+    for f, spec in zip(controls, specs, strict=True):
+        grid.write_json(str(f), spec)
     # --last 2: each run's mean of its two evaluations (0 and the final): d = 5, 10, 10, mean 8.3, s.e. 1.7
     assert grid.main(["report", str(tmp_path), "--last", "2"]) == 0
     table = (tmp_path / "results.md").read_text().splitlines()
