@@ -13,7 +13,6 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import importlib.util
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,21 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402  (bench/, above)
+from bench_robomimic import gen  # noqa: E402  (scripts/generate_robomimic_dataset.py, loaded there)
 
-from robomimic_tasks import RobomimicEnv  # noqa: E402  (the repository root, above)
-
-spec = importlib.util.spec_from_file_location(
-    "generate_robomimic_dataset", os.path.join(ROOT, "scripts", "generate_robomimic_dataset.py")
-)
-gen = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gen)
-ENVS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare", "transport": "TwoArmTransport"}
-ENVS["tool_hang"] = "ToolHang"
+from robomimic_tasks import ROBOMIMIC_TASKS, RobomimicEnv  # noqa: E402  (the repository root, above)
 
 
 @dataclass
 class Args:
-    tasks: list[str] = field(default_factory=lambda: ["lift", "can", "square", "transport", "tool_hang"])
+    tasks: list[str] = field(default_factory=lambda: list(ROBOMIMIC_TASKS))
     """robomimic tasks, each rendered with its image id's cameras and size (<task>-ph-image)"""
     states: int = 30
     """timed states per task (after one untimed warm-up)"""
@@ -48,12 +40,12 @@ class Args:
 
 
 def make_env(task: str) -> RobomimicEnv:
-    """The task's image env, from the env_args our generator writes (transport: two arms, opposed)."""
-    args = gen.make_env_args("lift", 400)
+    """The task's image env, from the env_args our generator writes (two arms: opposed, as robomimic's transport)."""
+    args, spec = gen.make_env_args("lift", 400), ROBOMIMIC_TASKS[task]
     kw = {k: v for k, v in args["env_kwargs"].items() if k != "horizon"}
-    if task == "transport":
+    if spec.arms == 2:
         kw.update(robots=["Panda", "Panda"], env_configuration="single-arm-opposed")
-    return RobomimicEnv(f"{task}-ph-image", {**args, "env_name": ENVS[task], "env_kwargs": kw})
+    return RobomimicEnv(f"{task}-ph-image", {**args, "env_name": spec.env, "env_kwargs": kw})
 
 
 def main():

@@ -904,10 +904,11 @@ def cmd_report(a) -> int:
         lines.append("|---|---|---|---|---|")
         for (variant, env), runs in sorted(logged.items()):
             for tag in a.tags:
-                per_run = [[v for s, v in r.get(tag, {}).items() if s > a.after] for r in runs]
-                m, se = mean_se([sum(v) / len(v) for v in per_run if v] or [math.nan])
-                n = sum(map(bool, per_run))
-                lines.append(f"| {variant} | {env} | {tag} | {n} | {m:.4g}{f' ± {se:.2g}' if n > 1 else ''} |")
+                late = ([v for s, v in r.get(tag, {}).items() if s > a.after] for r in runs)
+                means = [sum(v) / len(v) for v in late if v]  # one per run that logged the tag after --after
+                m, se = mean_se(means or [math.nan])
+                value = f"{m:.4g} ± {se:.2g}" if len(means) > 1 else f"{m:.4g}"
+                lines.append(f"| {variant} | {env} | {tag} | {len(means)} | {value} |")
     md_path = os.path.join(out_dir, f"{a.name}.md")
     with open(md_path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
